@@ -1,0 +1,216 @@
+//! HTTP/1.1 + HTTP/2 echo server and a client that measures latency.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Serves every connection with HTTP/1.1 or HTTP/2, whichever the client speaks (HTTP/2 is
+/// recognised by its connection preface).
+pub(crate) async fn server(listener: TcpListener, name: String) -> Result<()> {
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let local = stream.local_addr()?;
+        let name = name.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| answer(req, name.clone(), peer, local));
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                println!("http connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    name: String,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let version = format!("{:?}", req.version());
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in req.headers() {
+        let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+        headers
+            .entry(k.as_str().to_string())
+            .and_modify(|e| {
+                e.push_str(", ");
+                e.push_str(&v);
+            })
+            .or_insert(v);
+    }
+    if let Some(auth) = req.uri().authority() {
+        headers
+            .entry(":authority".into())
+            .or_insert(auth.to_string());
+    }
+    let body_bytes = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes().len(),
+        Err(_) => 0,
+    };
+    let mut status = StatusCode::OK;
+    let route: Vec<&str> = path.split('?').next().unwrap_or("").split('/').collect();
+    match route.as_slice() {
+        ["", "status", code] => {
+            if let Some(s) = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok()) {
+                status = s;
+            }
+        }
+        ["", "delay", ms] => {
+            if let Ok(ms) = ms.parse::<u64>() {
+                tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+            }
+        }
+        _ => {}
+    }
+    let body = json!({
+        "pod": name,
+        "method": method,
+        "path": path,
+        "version": version,
+        "headers": headers,
+        "peer": peer.to_string(),
+        "local": local.to_string(),
+        "body_bytes": body_bytes,
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+pub(crate) struct ClientOptions {
+    pub(crate) url: Uri,
+    pub(crate) requests: usize,
+    pub(crate) http2: bool,
+    pub(crate) method: Method,
+    pub(crate) headers: Vec<String>,
+    pub(crate) expect_status: Option<u16>,
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+/// Sends the requests one after the other on one connection and prints a JSON summary.
+pub(crate) async fn client(opts: ClientOptions) -> Result<()> {
+    let authority = opts
+        .url
+        .authority()
+        .ok_or_else(|| anyhow!("URL {} has no host:port", opts.url))?
+        .clone();
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = TcpStream::connect((authority.host(), port))
+        .await
+        .with_context(|| format!("cannot connect to {authority}"))?;
+    let local = stream.local_addr()?;
+    let io = TokioIo::new(stream);
+    let mut sender = if opts.http2 {
+        let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        Sender::H2(s)
+    } else {
+        let (s, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        Sender::H1(s)
+    };
+    let mut extra = Vec::new();
+    for h in &opts.headers {
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| anyhow!("header {h:?} is not `name: value`"))?;
+        extra.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let mut latencies = Vec::with_capacity(opts.requests);
+    let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+    let mut last_body = Value::Null;
+    for _ in 0..opts.requests {
+        let mut builder = Request::builder().method(opts.method.clone());
+        builder = match sender {
+            // HTTP/2 carries scheme and authority as pseudo-headers; HTTP/1.1 uses the
+            // origin form plus Host.
+            Sender::H2(_) => builder.uri(opts.url.clone()),
+            Sender::H1(_) => builder
+                .uri(opts.url.path_and_query().map_or("/", |p| p.as_str()))
+                .header(hyper::header::HOST, authority.as_str()),
+        };
+        for (k, v) in &extra {
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+        let req = builder.body(Full::new(Bytes::new()))?;
+        let start = Instant::now();
+        // A connection takes the next request only once it has finished the previous
+        // exchange; `ready` waits for that (or reports the connection's death).
+        let resp = match &mut sender {
+            Sender::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+            Sender::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+        };
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        latencies.push(start.elapsed());
+        *statuses.entry(status).or_default() += 1;
+        last_body = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    }
+    latencies.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let pct = |p: f64| {
+        let idx = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1;
+        ms(latencies[idx])
+    };
+    let mean = latencies.iter().map(|d| ms(*d)).sum::<f64>() / latencies.len().max(1) as f64;
+    let summary = if latencies.is_empty() {
+        json!({"requests": 0})
+    } else {
+        json!({
+            "requests": latencies.len(),
+            "local": local.to_string(),
+            "statuses": statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "latency_ms": {"min": ms(latencies[0]), "p50": pct(0.5), "p90": pct(0.9),
+                           "p99": pct(0.99), "max": ms(latencies[latencies.len() - 1]), "mean": mean},
+            "last_body": last_body,
+        })
+    };
+    println!("{summary}");
+    if let Some(want) = opts.expect_status {
+        let wrong: usize = statuses
+            .iter()
+            .filter(|(s, _)| **s != want)
+            .map(|(_, n)| n)
+            .sum();
+        if wrong > 0 {
+            bail!(
+                "{wrong} of {} responses did not have status {want}: {statuses:?}",
+                opts.requests
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! `trellis-testapp`: the workload the end-to-end tests run in pods.
+//!
+//! - `serve`: a TCP echo server and an HTTP/1.1 + HTTP/2 (cleartext, prior knowledge)
+//!   server that answers with what it saw: method, path, headers, the peer address, its own
+//!   pod name. `/status/CODE` answers with that status, `/delay/MS` answers after a delay.
+//! - `tcp`: a client that sends a message or N pseudo-random bytes to an echo server and
+//!   checks that exactly those bytes come back.
+//! - `http`: a client that sends N requests over one connection and prints the status
+//!   counts, latency percentiles and the last response.
+//!
+//! Results are printed as one JSON object on stdout; the exit status is non-zero when the
+//! check asked for fails, so tests can assert on either.
+
+mod http;
+mod tcp;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "trellis-testapp",
+    about = "Test workload for Trellis end-to-end tests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve TCP echo and/or HTTP until SIGTERM.
+    Serve {
+        /// The name it reports (its pod name).
+        #[arg(long, env = "POD_NAME", default_value = "testapp")]
+        name: String,
+        /// Address of a TCP echo listener (repeatable).
+        #[arg(long = "tcp-echo")]
+        tcp_echo: Vec<SocketAddr>,
+        /// Address of an HTTP/1.1 + HTTP/2 listener (repeatable).
+        #[arg(long)]
+        http: Vec<SocketAddr>,
+    },
+    /// Talk to a TCP echo server.
+    Tcp {
+        /// Server address.
+        addr: SocketAddr,
+        /// Send this text and print what comes back.
+        #[arg(long, conflicts_with = "bytes")]
+        message: Option<String>,
+        /// Send this many pseudo-random bytes and verify the echo.
+        #[arg(long)]
+        bytes: Option<u64>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Send HTTP requests over one connection.
+    Http {
+        /// `http://IP:PORT/path?query`.
+        url: hyper::Uri,
+        /// Number of requests, sent one after the other.
+        #[arg(long, default_value_t = 1)]
+        requests: usize,
+        /// Use HTTP/2 (prior knowledge) instead of HTTP/1.1.
+        #[arg(long)]
+        http2: bool,
+        /// Request method.
+        #[arg(long, default_value = "GET")]
+        method: hyper::Method,
+        /// Extra request header `name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// Fail (exit 1) unless every response has this status.
+        #[arg(long)]
+        expect_status: Option<u16>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("trellis-testapp: cannot start the runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("trellis-testapp: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Serve {
+            name,
+            tcp_echo,
+            http,
+        } => serve(name, tcp_echo, http).await,
+        Cmd::Tcp {
+            addr,
+            message,
+            bytes,
+            timeout,
+        } => {
+            let work = async {
+                match bytes {
+                    Some(n) => tcp::verify_echo(addr, n).await,
+                    None => tcp::send_message(addr, message.as_deref().unwrap_or("hello")).await,
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(timeout), work)
+                .await
+                .map_err(|_| anyhow::anyhow!("no answer from {addr} within {timeout}s"))?
+        }
+        Cmd::Http {
+            url,
+            requests,
+            http2,
+            method,
+            headers,
+            expect_status,
+            timeout,
+        } => {
+            let opts = http::ClientOptions {
+                url,
+                requests,
+                http2,
+                method,
+                headers,
+                expect_status,
+            };
+            tokio::time::timeout(Duration::from_secs(timeout), http::client(opts))
+                .await
+                .map_err(|_| anyhow::anyhow!("HTTP requests did not finish within {timeout}s"))?
+        }
+    }
+}
+
+async fn serve(name: String, tcp_echo: Vec<SocketAddr>, http: Vec<SocketAddr>) -> Result<()> {
+    if tcp_echo.is_empty() && http.is_empty() {
+        anyhow::bail!("nothing to serve: give --tcp-echo and/or --http");
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for addr in tcp_echo {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        println!("listening tcp-echo {}", listener.local_addr()?);
+        tasks.spawn(tcp::echo_server(listener));
+    }
+    for addr in http {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        println!("listening http {}", listener.local_addr()?);
+        tasks.spawn(http::server(listener, name.clone()));
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {
+            println!("stopping on SIGTERM");
+            Ok(())
+        }
+        Some(res) = tasks.join_next() => res?,
+    }
+}

@@ -1,0 +1,122 @@
+//! TCP echo server and clients.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Echoes every byte back until the client closes its side, then closes ours.
+pub(crate) async fn echo_server(listener: TcpListener) -> Result<()> {
+    loop {
+        let (mut stream, peer) = listener.accept().await?;
+        tokio::spawn(async move {
+            let (mut r, mut w) = stream.split();
+            match tokio::io::copy(&mut r, &mut w).await {
+                Ok(n) => println!("echoed {n} bytes to {peer}"),
+                Err(e) => println!("echo to {peer} failed: {e}"),
+            }
+            let _ = w.shutdown().await;
+        });
+    }
+}
+
+/// Sends `message`, half-closes, and prints everything the server sends back.
+pub(crate) async fn send_message(addr: SocketAddr, message: &str) -> Result<()> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    let local = stream.local_addr()?;
+    stream.write_all(message.as_bytes()).await?;
+    stream.shutdown().await?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).await?;
+    println!(
+        "{}",
+        json!({"local": local.to_string(), "peer": addr.to_string(),
+               "reply": String::from_utf8_lossy(&reply)})
+    );
+    Ok(())
+}
+
+/// A deterministic byte stream (xorshift64), so the reader can regenerate what the writer
+/// sent without buffering it.
+struct Pattern(u64);
+
+impl Pattern {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+const SEED: u64 = 0x7472_656c_6c69_7321;
+const CHUNK: usize = 64 * 1024;
+
+/// Sends `total` pattern bytes while reading the echo back, and checks every byte.
+pub(crate) async fn verify_echo(addr: SocketAddr, total: u64) -> Result<()> {
+    let start = Instant::now();
+    let stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    let (mut r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut pattern = Pattern(SEED);
+        let mut buf = vec![0u8; CHUNK];
+        let mut left = total;
+        while left > 0 {
+            let n = usize::try_from(left.min(CHUNK as u64)).unwrap_or(CHUNK);
+            pattern.fill(&mut buf[..n]);
+            w.write_all(&buf[..n]).await?;
+            left -= n as u64;
+        }
+        w.shutdown().await?;
+        anyhow::Ok(())
+    });
+    let mut expected = Pattern(SEED);
+    let mut want = vec![0u8; CHUNK];
+    let mut got = vec![0u8; CHUNK];
+    let mut received: u64 = 0;
+    let mut first_mismatch: Option<u64> = None;
+    loop {
+        let n = r.read(&mut got).await?;
+        if n == 0 {
+            break;
+        }
+        // Compare in pattern-sized steps: `read` may return any split of the stream.
+        let mut off = 0;
+        while off < n {
+            let pos = usize::try_from(received % CHUNK as u64).unwrap_or(0);
+            if pos == 0 {
+                expected.fill(&mut want);
+            }
+            let take = (CHUNK - pos).min(n - off);
+            if first_mismatch.is_none() && got[off..off + take] != want[pos..pos + take] {
+                first_mismatch = Some(received);
+            }
+            off += take;
+            received += take as u64;
+        }
+    }
+    writer.await??;
+    let secs = start.elapsed().as_secs_f64();
+    let intact = received == total && first_mismatch.is_none();
+    println!(
+        "{}",
+        json!({"sent": total, "received": received, "intact": intact,
+               "first_mismatch": first_mismatch, "seconds": secs,
+               "mbit_per_s": (total as f64 * 8.0 / 1e6) / secs.max(1e-9)})
+    );
+    if !intact {
+        bail!(
+            "echo from {addr} was not intact: sent {total} bytes, received {received}, first mismatch at {first_mismatch:?}"
+        );
+    }
+    Ok(())
+}
