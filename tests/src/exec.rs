@@ -4,6 +4,7 @@ use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -50,6 +51,9 @@ pub(crate) fn run_with_timeout(
     stdin: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<Output> {
+    // Its own process group: Ctrl-C in a terminal, `timeout` and test runners signal a whole
+    // group, and the teardown that signal triggers must not lose its own `ip` commands.
+    cmd.process_group(0);
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
     } else {

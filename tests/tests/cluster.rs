@@ -333,3 +333,48 @@ fn clusters_of_a_killed_test_process_are_swept() {
     );
     let _ = std::fs::remove_dir_all(log_dir);
 }
+
+/// Set in the child half of [`sigterm_tears_the_cluster_down`].
+const SIGNAL_CHILD: &str = "TRELLIS_E2E_SIGNAL_CHILD";
+
+#[test]
+fn sigterm_tears_the_cluster_down() {
+    if std::env::var_os(SIGNAL_CHILD).is_some() {
+        // Child: a test process in the middle of its work, as nextest's timeout or Ctrl-C
+        // finds it.
+        let c = Cluster::builder("sigterm-child").nodes(1).build().unwrap();
+        let pod = c.add_pod(&c.nodes()[0], "default", "p", "default", &[]).unwrap();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("600");
+        let _p = c.spawn(&pod, "sleeper", cmd).unwrap();
+        println!("cluster-id {}", c.id());
+        std::thread::sleep(Duration::from_secs(600));
+        unreachable!("the parent sends SIGTERM long before");
+    }
+    use std::io::BufRead;
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "sigterm_tears_the_cluster_down", "--nocapture", "--test-threads=1"])
+        .env(SIGNAL_CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let id = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        // libtest prints "test NAME ... " before the test's own output on the same line.
+        .find_map(|l| l.split("cluster-id ").nth(1).map(str::to_string))
+        .expect("child printed its cluster id");
+    assert!(
+        trellis_e2e::our_netns().unwrap().iter().any(|n| n.starts_with(&id)),
+        "the child's cluster exists before the signal"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 15), "exit status after SIGTERM: {status}");
+    assert_gone(&id);
+}

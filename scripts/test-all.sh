@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Runs every Trellis test: formatting and lints, unit, integration and end-to-end tests
+# (network-namespace cluster, real CNI plugins). Needs root; installs the OS packages it
+# needs when they are missing. `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+fail() { echo "test-all: $*" >&2; exit 1; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  fail "must run as root: the end-to-end tests create network namespaces, veth links and
+run CNI plugins. Run: sudo $0   (the end-to-end tests are never skipped)"
+fi
+
+# OS packages: what the tests run (ip, sysctl, the CNI reference plugins) and what later
+# tests use for capture (iptables, nft).
+need=()
+command -v ip >/dev/null        || need+=(iproute2)
+command -v sysctl >/dev/null    || need+=(procps)
+command -v iptables >/dev/null  || need+=(iptables)
+command -v nft >/dev/null       || need+=(nftables)
+[ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || need+=(containernetworking-plugins)
+command -v cc >/dev/null        || need+=(gcc)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "test-all: installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+
+command -v cargo >/dev/null || fail "cargo not found: install a Rust toolchain (1.95 or newer)"
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "test-all: installing cargo-nextest"
+  cargo install cargo-nextest --locked
+fi
+for c in clippy rustfmt; do
+  if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$c" || fail "cargo $c is missing and could not be installed"
+  fi
+done
+
+# Logs of failed end-to-end tests stay here (the failure message prints the path).
+export TRELLIS_E2E_LOG_DIR="${TRELLIS_E2E_LOG_DIR:-$PWD/target/e2e-logs}"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== tests (unit, integration, end-to-end)"
+cargo nextest run --workspace --all-targets --locked --no-fail-fast
+echo "== doc tests"
+cargo test --workspace --doc --locked
+
+# Nothing of ours may outlive the run.
+left=$(ip netns list | awk '{print $1}' | grep '^trl-' || true)
+[ -z "$left" ] || fail "network namespaces left behind: $left"
+if [ -d /run/trellis-e2e ] && [ -n "$(ls -A /run/trellis-e2e)" ]; then
+  fail "cluster state left behind in /run/trellis-e2e: $(ls /run/trellis-e2e)"
+fi
+echo "test-all: all tests passed"
