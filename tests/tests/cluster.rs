@@ -343,7 +343,9 @@ fn sigterm_tears_the_cluster_down() {
         // Child: a test process in the middle of its work, as nextest's timeout or Ctrl-C
         // finds it.
         let c = Cluster::builder("sigterm-child").nodes(1).build().unwrap();
-        let pod = c.add_pod(&c.nodes()[0], "default", "p", "default", &[]).unwrap();
+        let pod = c
+            .add_pod(&c.nodes()[0], "default", "p", "default", &[])
+            .unwrap();
         let mut cmd = Command::new("sleep");
         cmd.arg("600");
         let _p = c.spawn(&pod, "sleeper", cmd).unwrap();
@@ -353,7 +355,12 @@ fn sigterm_tears_the_cluster_down() {
     }
     use std::io::BufRead;
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "sigterm_tears_the_cluster_down", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "sigterm_tears_the_cluster_down",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(SIGNAL_CHILD, "1")
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -366,7 +373,10 @@ fn sigterm_tears_the_cluster_down() {
         .find_map(|l| l.split("cluster-id ").nth(1).map(str::to_string))
         .expect("child printed its cluster id");
     assert!(
-        trellis_e2e::our_netns().unwrap().iter().any(|n| n.starts_with(&id)),
+        trellis_e2e::our_netns()
+            .unwrap()
+            .iter()
+            .any(|n| n.starts_with(&id)),
         "the child's cluster exists before the signal"
     );
     nix::sys::signal::kill(
@@ -375,6 +385,10 @@ fn sigterm_tears_the_cluster_down() {
     )
     .unwrap();
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(128 + 15), "exit status after SIGTERM: {status}");
+    assert_eq!(
+        status.code(),
+        Some(128 + 15),
+        "exit status after SIGTERM: {status}"
+    );
     assert_gone(&id);
 }
