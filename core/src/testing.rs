@@ -1,0 +1,118 @@
+//! Test helpers for this and other crates' tests: an in-process CA that issues workload
+//! certificates, including the malformed ones the verifiers must refuse. It is a test double
+//! of the control plane's CA, not a CA: no CSR, no authorization.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+
+use crate::identity::SpiffeId;
+use crate::tls::{TrustBundle, WorkloadCert};
+
+/// A root CA held in memory.
+pub struct TestCa {
+    trust_domain: String,
+    root: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    /// A new self-signed root for `trust_domain`, with a subject name of its own.
+    pub fn new(trust_domain: &str) -> TestCa {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        TestCa::named(trust_domain, &format!("Trellis test root {n}"))
+    }
+
+    /// A new self-signed root with the given common name (two CAs with one name model an
+    /// impostor CA).
+    pub fn named(trust_domain: &str, common_name: &str) -> TestCa {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, trust_domain);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::from_secs(86_400);
+        params.not_after = now + Duration::from_secs(10 * 365 * 86_400);
+        let root = params.self_signed(&key).expect("self-signed root");
+        TestCa {
+            trust_domain: trust_domain.to_string(),
+            root: root.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// The root certificate.
+    pub fn root(&self) -> CertificateDer<'static> {
+        self.root.clone()
+    }
+
+    /// A trust bundle holding only this root.
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        Arc::new(TrustBundle::new(&self.trust_domain, vec![self.root()]).expect("bundle"))
+    }
+
+    /// A valid certificate (one hour back, one day ahead) for `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    pub fn issue(&self, ns: &str, sa: &str) -> WorkloadCert {
+        let id = SpiffeId::new(&self.trust_domain, ns, sa).expect("identity");
+        self.issue_for(&id)
+    }
+
+    /// A valid certificate for `id` (any trust domain).
+    pub fn issue_for(&self, id: &SpiffeId) -> WorkloadCert {
+        let now = OffsetDateTime::now_utc();
+        let (chain, key) = self.issue_raw(
+            &[&id.to_string()],
+            now - Duration::from_secs(3600),
+            now + Duration::from_secs(86_400),
+        );
+        WorkloadCert::new(chain, key).expect("valid workload certificate")
+    }
+
+    /// A certificate with exactly these URI SANs and validity, valid or not.
+    pub fn issue_raw(
+        &self,
+        uris: &[&str],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI(u.to_string().try_into().expect("IA5 URI")))
+            .collect();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+}
