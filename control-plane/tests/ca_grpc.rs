@@ -18,6 +18,8 @@ use trellis_proto::istio::v1::auth::istio_certificate_service_client::IstioCerti
 
 struct Harness {
     client: IstioCertificateServiceClient<Channel>,
+    addr: std::net::SocketAddr,
+    root_pem: String,
     node1: String,
     node2: String,
     waypoint: String,
@@ -62,7 +64,7 @@ async fn start() -> Harness {
         .unwrap();
     });
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(root_pem))
+        .ca_certificate(Certificate::from_pem(root_pem.clone()))
         .domain_name("localhost");
     let channel = Channel::from_shared(format!("https://{addr}"))
         .unwrap()
@@ -73,6 +75,8 @@ async fn start() -> Harness {
         .unwrap();
     Harness {
         client: IstioCertificateServiceClient::new(channel),
+        addr,
+        root_pem,
         node1,
         node2,
         waypoint,
@@ -218,5 +222,32 @@ async fn bad_requests_get_invalid_argument_with_the_reason() {
         status.message().contains("invalid CSR"),
         "{}",
         status.message()
+    );
+}
+
+#[tokio::test]
+async fn a_ztunnel_certificate_manager_gets_its_pods_certificates_and_no_others() {
+    use trellis_core::cert::{CertConfig, CertError, CertManager, GrpcCaClient, GrpcCaConfig};
+    let h = start().await;
+    let client = GrpcCaClient::new(&GrpcCaConfig {
+        endpoint: format!("https://{}", h.addr),
+        root_pem: h.root_pem.clone(),
+        server_name: "localhost".into(),
+        credential: h.node1.clone(),
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(5),
+    })
+    .unwrap();
+    let mgr = CertManager::new(client, CertConfig::default());
+    let cert = mgr.fetch(&id(CART)).await.unwrap();
+    assert_eq!(cert.identity(), &id(CART));
+    // The chain verifies against the mesh root: usable as an HBONE server certificate.
+    let bundle =
+        Arc::new(trellis_core::tls::TrustBundle::from_pem("cluster.local", &h.root_pem).unwrap());
+    trellis_core::tls::server_config(&cert, bundle).unwrap();
+    let err = mgr.fetch(&id(PAYMENTS)).await.unwrap_err();
+    assert!(
+        matches!(&err, CertError::Refused { reason, .. } if reason.contains("PermissionDenied")),
+        "{err}"
     );
 }

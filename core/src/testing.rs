@@ -19,6 +19,7 @@ use crate::tls::{TrustBundle, WorkloadCert};
 pub struct TestCa {
     trust_domain: String,
     root: CertificateDer<'static>,
+    root_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -54,6 +55,7 @@ impl TestCa {
         TestCa {
             trust_domain: trust_domain.to_string(),
             root: root.der().clone(),
+            root_pem: root.pem(),
             issuer: Issuer::new(params, key),
         }
     }
@@ -114,5 +116,26 @@ impl TestCa {
             vec![cert.der().clone()],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         )
+    }
+
+    /// Signs a PEM CSR as the control plane's CA would, minus validation and authorization,
+    /// valid from a minute ago for `ttl` (negative lifetimes make expired certificates).
+    /// Returns the PEM chain, leaf first, root last.
+    pub fn sign_csr(&self, csr_pem: &str, not_after_from_now: i64) -> Result<Vec<String>, String> {
+        let csr =
+            rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| e.to_string())?;
+        let mut params = csr.params;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::from_secs(60);
+        params.not_after = now + time::Duration::seconds(not_after_from_now);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|e| e.to_string())?;
+        Ok(vec![leaf.pem(), self.root_pem.clone()])
     }
 }

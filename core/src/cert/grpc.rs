@@ -1,0 +1,116 @@
+//! The CA client over gRPC: `IstioCertificateService/CreateCertificate` on TLS, with the
+//! proxy's credential as a bearer token and the identity it acts for in Istio's
+//! `ImpersonatedIdentity` request metadata.
+
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use trellis_proto::istio::v1::auth::IstioCertificateRequest;
+use trellis_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+
+use super::{CaClient, CertError};
+use crate::identity::SpiffeId;
+
+/// Where the CA is and how to reach it.
+#[derive(Clone)]
+pub struct GrpcCaConfig {
+    /// `https://host:port` of the CA.
+    pub endpoint: String,
+    /// PEM root(s) that sign the CA's serving certificate (the mesh's trust bundle).
+    pub root_pem: String,
+    /// The name the CA's serving certificate carries (DNS name or IP).
+    pub server_name: String,
+    /// This proxy's credential (local mode: the node credential issued when it joined).
+    pub credential: String,
+    /// Deadline of connection establishment.
+    pub connect_timeout: Duration,
+    /// Deadline of one request.
+    pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for GrpcCaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The credential is a secret.
+        f.debug_struct("GrpcCaConfig")
+            .field("endpoint", &self.endpoint)
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`CaClient`] talking to the control plane's CA.
+#[derive(Clone, Debug)]
+pub struct GrpcCaClient {
+    client: IstioCertificateServiceClient<Channel>,
+    endpoint: String,
+    authorization: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl GrpcCaClient {
+    /// A client; the connection is made on first use and re-made after failures.
+    pub fn new(config: &GrpcCaConfig) -> Result<GrpcCaClient, CertError> {
+        let unreachable = |reason: String| CertError::Unreachable {
+            endpoint: config.endpoint.clone(),
+            reason,
+        };
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&config.root_pem))
+            .domain_name(config.server_name.clone());
+        let channel = Channel::from_shared(config.endpoint.clone())
+            .map_err(|e| unreachable(format!("invalid endpoint: {e}")))?
+            .tls_config(tls)
+            .map_err(|e| unreachable(format!("TLS configuration: {e}")))?
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .connect_lazy();
+        let authorization = format!("Bearer {}", config.credential)
+            .parse()
+            .map_err(|_| CertError::Local("the credential is not printable ASCII".into()))?;
+        Ok(GrpcCaClient {
+            client: IstioCertificateServiceClient::new(channel),
+            endpoint: config.endpoint.clone(),
+            authorization,
+        })
+    }
+}
+
+impl CaClient for GrpcCaClient {
+    async fn sign(
+        &self,
+        identity: &SpiffeId,
+        csr_pem: String,
+        ttl: Duration,
+    ) -> Result<Vec<String>, CertError> {
+        let metadata = prost_types::Struct {
+            fields: [(
+                "ImpersonatedIdentity".to_string(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(identity.to_string())),
+                },
+            )]
+            .into(),
+        };
+        let mut req = tonic::Request::new(IstioCertificateRequest {
+            csr: csr_pem,
+            validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+            metadata: Some(metadata),
+        });
+        req.metadata_mut()
+            .insert("authorization", self.authorization.clone());
+        match self.client.clone().create_certificate(req).await {
+            Ok(resp) => Ok(resp.into_inner().cert_chain),
+            Err(status) => match status.code() {
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
+                    Err(CertError::Unreachable {
+                        endpoint: self.endpoint.clone(),
+                        reason: status.message().to_string(),
+                    })
+                }
+                _ => Err(CertError::Refused {
+                    identity: identity.to_string(),
+                    reason: format!("{:?}: {}", status.code(), status.message()),
+                }),
+            },
+        }
+    }
+}
