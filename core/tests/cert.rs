@@ -234,3 +234,81 @@ async fn issuance_and_expiry_are_exported_as_metrics() {
         1
     );
 }
+
+async fn ping(
+    s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> std::io::Result<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"p").await?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await?;
+    Ok(b[0])
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewal_keeps_open_connections_and_new_ones_use_the_new_certificate() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use trellis_core::tls;
+    let (fake, mgr) = setup();
+    let bundle = Arc::new(tls::TrustBundle::new("cluster.local", vec![fake.ca.root()]).unwrap());
+    let server_id = id("server");
+    let client_id = id("client");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+
+    // A server that answers each connection with the certificate the manager holds now,
+    // as ztunnel's inbound listener does, echoing bytes.
+    let (m, b) = (mgr.clone(), bundle.clone());
+    let sid = server_id.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let cert = m.fetch(&sid).await.unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+                tls::server_config(&cert, b.clone()).unwrap(),
+            ));
+            tokio::spawn(async move {
+                let mut s = acceptor.accept(tcp).await.unwrap();
+                let mut buf = [0u8; 1];
+                while s.read_exact(&mut buf).await.is_ok() {
+                    s.write_all(&buf).await.unwrap();
+                }
+            });
+        }
+    });
+    let connect = || async {
+        let cert = mgr.fetch(&client_id).await.unwrap();
+        let config = tls::client_config(&cert, bundle.clone(), server_id.clone()).unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+                tcp,
+            )
+            .await
+            .unwrap()
+    };
+    let mut old = connect().await;
+    assert_eq!(ping(&mut old).await.unwrap(), b'p');
+    let before = old.get_ref().1.peer_certificates().unwrap()[0].clone();
+
+    advance(15 * HOUR).await; // both certificates renewed
+    assert_eq!(
+        calls(&fake),
+        4,
+        "server and client certificates renewed once each"
+    );
+
+    assert_eq!(
+        ping(&mut old).await.unwrap(),
+        b'p',
+        "the open connection keeps working"
+    );
+    let mut new = connect().await;
+    assert_eq!(ping(&mut new).await.unwrap(), b'p');
+    let after = new.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_ne!(
+        before, after,
+        "a new connection gets the renewed server certificate"
+    );
+}

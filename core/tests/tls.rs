@@ -314,49 +314,83 @@ async fn a_client_without_a_certificate_is_rejected() {
     assert!(client.is_err());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_rotation_fails_no_connection() {
-    // Both sides share one bundle object each, as a ztunnel does for all its configs.
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    // Both sides share one bundle object each, as a ztunnel does for all its configs, and
+    // build each connection's configuration from the certificate they hold at that moment.
     let old = TestCa::new(TD);
     let new = TestCa::new(TD);
     let server_bundle = Arc::new(TrustBundle::new(TD, vec![old.root()]).unwrap());
     let client_bundle = Arc::new(TrustBundle::new(TD, vec![old.root()]).unwrap());
-    let connect = |server_ca: &TestCa, client_ca: &TestCa| {
-        let s = tls::server_config(&server_ca.issue("ns-b", "b"), server_bundle.clone()).unwrap();
-        let c = tls::client_config(
-            &client_ca.issue("ns-a", "a"),
-            client_bundle.clone(),
-            id("ns-b", "b"),
-        )
-        .unwrap();
-        handshake(s, c)
+    let server_cert = Arc::new(Mutex::new(Arc::new(old.issue("ns-b", "b"))));
+    let client_cert = Arc::new(Mutex::new(Arc::new(old.issue("ns-a", "a"))));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let traffic = {
+        let (sb, cb) = (server_bundle.clone(), client_bundle.clone());
+        let (sc, cc) = (server_cert.clone(), client_cert.clone());
+        let (ok, failures, stop) = (ok.clone(), failures.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let s_cert = sc.lock().unwrap().clone();
+                let c_cert = cc.lock().unwrap().clone();
+                let s = tls::server_config(&s_cert, sb.clone()).unwrap();
+                let c = tls::client_config(&c_cert, cb.clone(), id("ns-b", "b")).unwrap();
+                match handshake(s, c).await {
+                    (Ok(_), Ok(_)) => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => failures.lock().unwrap().push(format!("{other:?}")),
+                }
+            }
+        })
     };
-    let mut failures = Vec::new();
-    let mut check = |step: &str, r: (Result<SpiffeId, String>, Result<SpiffeId, String>)| {
-        if r.0.is_err() || r.1.is_err() {
-            failures.push(format!("{step}: {r:?}"));
+    // Each step lets at least five more connections through before the next.
+    let settle = || async {
+        let target = ok.load(Ordering::SeqCst) + 5;
+        while ok.load(Ordering::SeqCst) < target && failures.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
         }
     };
-    // 1. Everyone trusts old and uses certificates from old.
-    check("before", connect(&old, &old).await);
-    // 2. The new root is added everywhere; certificates still from old.
+    settle().await;
+    // 1. The new root is added everywhere.
     server_bundle.add_root(new.root()).unwrap();
     client_bundle.add_root(new.root()).unwrap();
-    check("both roots, old certs", connect(&old, &old).await);
-    // 3. Re-issue: a mix of old and new certificates while both roots are trusted.
-    check("server re-issued", connect(&new, &old).await);
-    check("client re-issued", connect(&old, &new).await);
-    check("both re-issued", connect(&new, &new).await);
-    // 4. The old root is removed.
+    settle().await;
+    // 2. Certificates are re-issued from the new root, one side after the other.
+    *server_cert.lock().unwrap() = Arc::new(new.issue("ns-b", "b"));
+    settle().await;
+    *client_cert.lock().unwrap() = Arc::new(new.issue("ns-a", "a"));
+    settle().await;
+    // 3. The old root is removed.
     server_bundle.remove_root(&old.root()).unwrap();
     client_bundle.remove_root(&old.root()).unwrap();
-    check("after", connect(&new, &new).await);
+    settle().await;
+    stop.store(true, Ordering::SeqCst);
+    traffic.await.unwrap();
+    let failures = failures.lock().unwrap().clone();
     assert!(
         failures.is_empty(),
         "connections failed during rotation: {failures:#?}"
     );
-    // And the old root is really gone: an old certificate is refused now.
-    let (server, _) = connect(&new, &old).await;
+    assert!(
+        ok.load(Ordering::SeqCst) >= 25,
+        "too few connections to tell"
+    );
+
+    // The old root is really gone: an old certificate is refused now.
+    let s = tls::server_config(&new.issue("ns-b", "b"), server_bundle.clone()).unwrap();
+    let c = tls::client_config(
+        &old.issue("ns-a", "a"),
+        client_bundle.clone(),
+        id("ns-b", "b"),
+    )
+    .unwrap();
+    let (server, _) = handshake(s, c).await;
     assert_rejected(&server, "UnknownIssuer");
     // The last root cannot be removed.
     assert!(server_bundle.remove_root(&new.root()).is_err());
