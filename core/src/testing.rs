@@ -94,12 +94,34 @@ impl TestCa {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.subject_alt_names = uris
+        let sans = uris
             .iter()
             .map(|u| SanType::URI(u.to_string().try_into().expect("IA5 URI")))
             .collect();
+        self.issue_sans(sans, not_before, not_after)
+    }
+
+    /// A valid certificate naming a DNS host, as ordinary web PKI uses: the baseline of
+    /// comparisons with stock verifiers.
+    pub fn issue_dns(&self, host: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let now = OffsetDateTime::now_utc();
+        let san = SanType::DnsName(host.to_string().try_into().expect("IA5 host"));
+        self.issue_sans(
+            vec![san],
+            now - Duration::from_secs(3600),
+            now + Duration::from_secs(86_400),
+        )
+    }
+
+    fn issue_sans(
+        &self,
+        sans: Vec<SanType>,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.subject_alt_names = sans;
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
