@@ -1,0 +1,5 @@
+//! Configuration: the objects users write and the cluster state Trellis reads, whatever
+//! their source (a directory of YAML manifests, later the Kubernetes API).
+
+pub mod istio;
+pub mod load;

@@ -1,0 +1,244 @@
+//! Reading manifests: multi-document YAML into typed objects.
+//!
+//! Each document is judged alone: a broken one is an error that names the file, the object
+//! (kind namespace/name, or the document's position when it has none), the field and the
+//! reason; the other documents of the file still load. Fields Trellis does not know are
+//! warnings (the object loads without them); a field of the wrong type is an error. Kinds
+//! Trellis does not read (Deployments and the like) are skipped with a note.
+
+use std::fmt;
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::Value;
+
+use super::istio::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+
+/// An object Trellis reads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+    ServiceAccount(Box<ServiceAccount>),
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
+    PeerAuthentication(Box<PeerAuthentication>),
+    RequestAuthentication(Box<RequestAuthentication>),
+}
+
+/// Which object, for messages: `AuthorizationPolicy foo/httpbin`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    /// The kind.
+    pub kind: String,
+    /// The namespace (empty for cluster-scoped objects).
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// One document that loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// Which object.
+    pub id: ObjectRef,
+    /// The object.
+    pub object: Object,
+    /// Unknown fields, as `file: object: field: reason` lines.
+    pub warnings: Vec<String>,
+}
+
+/// A document that did not load.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {object}: {field}: {reason}")]
+pub struct ConfigError {
+    /// The file.
+    pub file: String,
+    /// The object (`Kind ns/name`), or `document N` (1-based) when it cannot be named.
+    pub object: String,
+    /// The field path (`spec.rules[0].from`), or `-` for the document as a whole.
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// What one document turned out to be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Document {
+    /// An object Trellis reads.
+    Loaded(Loaded),
+    /// A kind Trellis does not read (with a note saying so).
+    Skipped(String),
+    /// A broken document.
+    Invalid(ConfigError),
+}
+
+/// Parses every document of `text`, read from `file`.
+pub fn parse_file(file: &Path, text: &str) -> Vec<Document> {
+    let file_name = file.display().to_string();
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let position = format!("document {}", i + 1);
+        let err = |object: &str, field: &str, reason: String| {
+            Document::Invalid(ConfigError {
+                file: file_name.clone(),
+                object: object.to_string(),
+                field: field.to_string(),
+                reason,
+            })
+        };
+        let value = match Value::deserialize(doc) {
+            Ok(v) => v,
+            Err(e) => {
+                out.push(err(&position, "-", format!("not valid YAML: {e}")));
+                // The YAML stream cannot be resumed after a syntax error.
+                break;
+            }
+        };
+        if value.is_null() {
+            continue; // an empty document (`---` at the end of a file)
+        }
+        out.push(parse_document(&file_name, &position, value));
+    }
+    out
+}
+
+fn parse_document(file: &str, position: &str, mut value: Value) -> Document {
+    let invalid = |object: String, field: &str, reason: String| {
+        Document::Invalid(ConfigError {
+            file: file.to_string(),
+            object,
+            field: field.to_string(),
+            reason,
+        })
+    };
+    let Some(map) = value.as_mapping() else {
+        return invalid(
+            position.into(),
+            "-",
+            "a manifest must be a mapping with apiVersion, kind and metadata".into(),
+        );
+    };
+    let text = |key: &str| map.get(key).and_then(Value::as_str).map(str::to_string);
+    let (Some(api_version), Some(kind)) = (text("apiVersion"), text("kind")) else {
+        return invalid(
+            position.into(),
+            "apiVersion",
+            "apiVersion and kind are required strings".into(),
+        );
+    };
+    let meta = map.get("metadata");
+    let meta_text = |key: &str| {
+        meta.and_then(|m| m.get(key))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let id = ObjectRef {
+        kind: kind.clone(),
+        namespace: meta_text("namespace"),
+        name: meta_text("name"),
+    };
+    let object_name = if id.name.is_empty() {
+        format!("{kind} ({position})")
+    } else {
+        id.to_string()
+    };
+    if id.name.is_empty() {
+        return invalid(object_name, "metadata.name", "is required".into());
+    }
+    let group = api_version.split_once('/').map_or("", |(g, _)| g);
+    let version = api_version.rsplit('/').next().unwrap_or_default();
+    let mut warnings = Vec::new();
+    let result = match (group, version, kind.as_str()) {
+        ("", "v1", "Namespace") => {
+            typed(value, &mut warnings).map(|o| Object::Namespace(Box::new(o)))
+        }
+        ("", "v1", "Pod") => typed(value, &mut warnings).map(|o| Object::Pod(Box::new(o))),
+        ("", "v1", "Service") => typed(value, &mut warnings).map(|o| Object::Service(Box::new(o))),
+        ("", "v1", "ServiceAccount") => {
+            typed(value, &mut warnings).map(|o| Object::ServiceAccount(Box::new(o)))
+        }
+        (
+            "security.istio.io",
+            "v1" | "v1beta1",
+            k @ ("AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication"),
+        ) => {
+            // Our CRD structs hold metadata and spec; apiVersion and kind were read above.
+            if let Some(m) = value.as_mapping_mut() {
+                m.remove("apiVersion");
+                m.remove("kind");
+            }
+            match k {
+                "AuthorizationPolicy" => {
+                    typed(value, &mut warnings).map(|o| Object::AuthorizationPolicy(Box::new(o)))
+                }
+                "PeerAuthentication" => {
+                    typed(value, &mut warnings).map(|o| Object::PeerAuthentication(Box::new(o)))
+                }
+                _ => {
+                    typed(value, &mut warnings).map(|o| Object::RequestAuthentication(Box::new(o)))
+                }
+            }
+        }
+        _ => {
+            return Document::Skipped(format!(
+                "{file}: {object_name}: apiVersion {api_version} kind {kind} is not read by Trellis; skipped"
+            ));
+        }
+    };
+    match result {
+        Ok(object) => Document::Loaded(Loaded {
+            warnings: warnings
+                .into_iter()
+                .map(|field| format!("{file}: {object_name}: {field}: unknown field, ignored"))
+                .collect(),
+            id,
+            object,
+        }),
+        Err((field, reason)) => invalid(object_name, &field, reason),
+    }
+}
+
+/// Deserializes `value` into `T`, collecting unknown fields into `warnings`; an error comes
+/// back as (field path, reason).
+fn typed<T: DeserializeOwned>(
+    value: Value,
+    warnings: &mut Vec<String>,
+) -> Result<T, (String, String)> {
+    let mut unknown = Vec::new();
+    let mut track = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let de = serde_ignored::Deserializer::new(value, &mut track);
+    let result = serde_path_to_error::deserialize(de);
+    warnings.extend(unknown.iter().map(|p| clean_path(p)));
+    result.map_err(|e| {
+        let path = clean_path(&e.path().to_string());
+        let field = if path.is_empty() {
+            "-".to_string()
+        } else {
+            path
+        };
+        (field, e.into_inner().to_string())
+    })
+}
+
+/// A field path as users write it: the adapters mark `Option` layers with `?` segments and
+/// the root with `.`; neither means anything to the person fixing the file.
+fn clean_path(path: &str) -> String {
+    path.split('.')
+        .filter(|seg| !seg.is_empty() && *seg != "?")
+        .collect::<Vec<_>>()
+        .join(".")
+}

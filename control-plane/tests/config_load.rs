@@ -1,0 +1,224 @@
+//! Loading manifests: the seed articles' examples as written, and what a user sees for a
+//! broken document (file, object, field, reason) while the rest of the file still loads.
+
+use std::path::Path;
+
+use trellis_control_plane::config::istio::{Action, MtlsMode};
+use trellis_control_plane::config::load::{Document, Object, parse_file};
+
+const SEED: &str = include_str!("../../../shared/examples/seed-policies.yaml");
+
+fn loaded(docs: &[Document]) -> Vec<&trellis_control_plane::config::load::Loaded> {
+    docs.iter()
+        .filter_map(|d| match d {
+            Document::Loaded(l) => Some(l),
+            _ => None,
+        })
+        .collect()
+}
+
+fn errors(docs: &[Document]) -> Vec<String> {
+    docs.iter()
+        .filter_map(|d| match d {
+            Document::Invalid(e) => Some(e.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_seed_examples_load_as_written() {
+    let docs = parse_file(Path::new("seed-policies.yaml"), SEED);
+    assert!(errors(&docs).is_empty(), "{:?}", errors(&docs));
+    let objs = loaded(&docs);
+    assert_eq!(objs.len(), 3);
+    for o in &objs {
+        assert!(o.warnings.is_empty(), "{}: {:?}", o.id, o.warnings);
+    }
+
+    let Object::PeerAuthentication(pa) = &objs[0].object else {
+        panic!("first is {:?}", objs[0].id)
+    };
+    assert_eq!(objs[0].id.to_string(), "PeerAuthentication foo/default");
+    assert_eq!(pa.spec.mtls.unwrap().mode, MtlsMode::Strict);
+    assert!(pa.spec.selector.is_none());
+
+    let Object::RequestAuthentication(ra) = &objs[1].object else {
+        panic!("second is {:?}", objs[1].id)
+    };
+    assert_eq!(
+        ra.spec.selector.as_ref().unwrap().match_labels["app"],
+        "my-app"
+    );
+    assert_eq!(ra.spec.jwt_rules[0].issuer, "https://issuer.example.com");
+    assert_eq!(
+        ra.spec.jwt_rules[0].jwks_uri.as_deref(),
+        Some("https://issuer.example.com/keys")
+    );
+
+    let Object::AuthorizationPolicy(ap) = &objs[2].object else {
+        panic!("third is {:?}", objs[2].id)
+    };
+    assert_eq!(objs[2].id.to_string(), "AuthorizationPolicy foo/httpbin");
+    assert_eq!(ap.spec.action, Action::Deny);
+    assert_eq!(ap.spec.rules[0].from[0].source.namespaces, ["dev"]);
+    assert_eq!(ap.spec.rules[0].to[0].operation.methods, ["POST"]);
+}
+
+#[test]
+fn a_wrong_type_names_file_object_and_field_and_the_rest_still_loads() {
+    let text = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bad, namespace: foo}
+spec:
+  rules:
+  - from:
+    - source:
+        namespaces: dev
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: foo, labels: {istio.io/dataplane-mode: ambient}}
+"#;
+    let docs = parse_file(Path::new("/etc/trellis/policies.yaml"), text);
+    let errs = errors(&docs);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with(
+            "/etc/trellis/policies.yaml: AuthorizationPolicy foo/bad: spec.rules[0].from[0].source.namespaces: invalid type"
+        ),
+        "{}",
+        errs[0]
+    );
+    let ok = loaded(&docs);
+    assert_eq!(ok.len(), 1);
+    assert_eq!(ok[0].id.to_string(), "Namespace foo");
+}
+
+#[test]
+fn unknown_fields_warn_and_the_object_loads() {
+    let text = r#"
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: p, namespace: foo}
+spec:
+  mtls: {mode: PERMISSIVE}
+  mtlsMode: STRICT
+"#;
+    let docs = parse_file(Path::new("pa.yaml"), text);
+    let ok = loaded(&docs);
+    assert_eq!(ok.len(), 1, "{docs:?}");
+    assert_eq!(
+        ok[0].warnings,
+        ["pa.yaml: PeerAuthentication foo/p: spec.mtlsMode: unknown field, ignored"]
+    );
+}
+
+#[test]
+fn pods_and_services_use_the_kubernetes_types() {
+    let text = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: cart-0
+  namespace: shop
+  labels: {app: cart}
+spec:
+  nodeName: node1
+  serviceAccountName: cart
+  containers: [{name: app, image: cart:1}]
+  colour: blue
+status:
+  podIP: 10.244.1.5
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: cart}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: broken, namespace: shop}
+spec:
+  containers: "not a list"
+"#;
+    let docs = parse_file(Path::new("shop.yaml"), text);
+    let ok = loaded(&docs);
+    assert_eq!(ok.len(), 2);
+    let Object::Pod(pod) = &ok[0].object else {
+        panic!()
+    };
+    assert_eq!(
+        pod.spec.as_ref().unwrap().node_name.as_deref(),
+        Some("node1")
+    );
+    assert_eq!(
+        pod.status.as_ref().unwrap().pod_ip.as_deref(),
+        Some("10.244.1.5")
+    );
+    assert_eq!(
+        ok[0].warnings,
+        ["shop.yaml: Pod shop/cart-0: spec.colour: unknown field, ignored"]
+    );
+    let Object::Service(svc) = &ok[1].object else {
+        panic!()
+    };
+    assert_eq!(
+        svc.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.0.10")
+    );
+    let errs = errors(&docs);
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with("shop.yaml: Pod shop/broken: spec.containers: invalid type"),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn documents_that_cannot_be_named_or_parsed_say_where_they_are() {
+    let docs = parse_file(
+        Path::new("x.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {}\n---\n- a list\n",
+    );
+    let errs = errors(&docs);
+    assert_eq!(
+        errs,
+        [
+            "x.yaml: Namespace (document 1): metadata.name: is required",
+            "x.yaml: document 2: -: a manifest must be a mapping with apiVersion, kind and metadata",
+        ]
+    );
+    let docs = parse_file(Path::new("y.yaml"), "apiVersion: v1\nkind: [unclosed\n");
+    let errs = errors(&docs);
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with("y.yaml: document 1: -: not valid YAML"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[0].contains("line"),
+        "the position is given: {}",
+        errs[0]
+    );
+}
+
+#[test]
+fn kinds_trellis_does_not_read_are_skipped_with_a_note() {
+    let docs = parse_file(
+        Path::new("d.yaml"),
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n",
+    );
+    assert_eq!(
+        docs,
+        [Document::Skipped(
+            "d.yaml: Deployment shop/web: apiVersion apps/v1 kind Deployment is not read by Trellis; skipped".into()
+        )]
+    );
+}
