@@ -1,5 +1,6 @@
 //! Configuration: the objects users write and the cluster state Trellis reads, whatever
 //! their source (a directory of YAML manifests, later the Kubernetes API).
 
+pub mod authz;
 pub mod istio;
 pub mod load;
