@@ -4,3 +4,4 @@
 pub mod authz;
 pub mod istio;
 pub mod load;
+pub mod model;

@@ -1,0 +1,395 @@
+//! The model: the objects currently known, from whichever source, and what they mean for
+//! the mesh: which pods are enrolled, and the `istio.workload.Address` resources (workloads
+//! and services) ztunnel receives.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use trellis_proto::istio::workload as wl;
+
+use super::istio::{
+    AuthorizationPolicy, PeerAuthentication, RequestAuthentication, WorkloadSelector,
+};
+use super::load::{Object, ObjectRef};
+
+/// The enrollment label (namespace or pod).
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+
+/// Mesh-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// Trust domain of identities.
+    pub trust_domain: String,
+    /// Namespace whose policies apply mesh-wide.
+    pub root_namespace: String,
+    /// Cluster id, part of workload uids.
+    pub cluster_id: String,
+    /// DNS suffix of service hostnames.
+    pub domain_suffix: String,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            trust_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            cluster_id: "Kubernetes".into(),
+            domain_suffix: "cluster.local".into(),
+        }
+    }
+}
+
+type Key = (String, String);
+
+/// Everything known now. Objects are replaced whole on update.
+#[derive(Debug, Default, Clone)]
+pub struct Model {
+    namespaces: BTreeMap<String, Namespace>,
+    pods: BTreeMap<Key, Pod>,
+    services: BTreeMap<Key, Service>,
+    service_accounts: BTreeMap<Key, ServiceAccount>,
+    authorization_policies: BTreeMap<Key, AuthorizationPolicy>,
+    peer_authentications: BTreeMap<Key, PeerAuthentication>,
+    request_authentications: BTreeMap<Key, RequestAuthentication>,
+}
+
+fn key(id: &ObjectRef) -> Key {
+    (id.namespace.clone(), id.name.clone())
+}
+
+impl Model {
+    /// Adds or replaces an object.
+    pub fn apply(&mut self, id: &ObjectRef, object: Object) {
+        let k = key(id);
+        match object {
+            Object::Namespace(o) => {
+                self.namespaces.insert(id.name.clone(), *o);
+            }
+            Object::Pod(o) => {
+                self.pods.insert(k, *o);
+            }
+            Object::Service(o) => {
+                self.services.insert(k, *o);
+            }
+            Object::ServiceAccount(o) => {
+                self.service_accounts.insert(k, *o);
+            }
+            Object::AuthorizationPolicy(o) => {
+                self.authorization_policies.insert(k, *o);
+            }
+            Object::PeerAuthentication(o) => {
+                self.peer_authentications.insert(k, *o);
+            }
+            Object::RequestAuthentication(o) => {
+                self.request_authentications.insert(k, *o);
+            }
+        }
+    }
+
+    /// Removes an object; removing an unknown object is not an error.
+    pub fn delete(&mut self, id: &ObjectRef) {
+        let k = key(id);
+        match id.kind.as_str() {
+            "Namespace" => {
+                self.namespaces.remove(&id.name);
+            }
+            "Pod" => {
+                self.pods.remove(&k);
+            }
+            "Service" => {
+                self.services.remove(&k);
+            }
+            "ServiceAccount" => {
+                self.service_accounts.remove(&k);
+            }
+            "AuthorizationPolicy" => {
+                self.authorization_policies.remove(&k);
+            }
+            "PeerAuthentication" => {
+                self.peer_authentications.remove(&k);
+            }
+            "RequestAuthentication" => {
+                self.request_authentications.remove(&k);
+            }
+            _ => {}
+        }
+    }
+
+    /// The authorization policies, by (namespace, name).
+    pub fn authorization_policies(&self) -> impl Iterator<Item = (&Key, &AuthorizationPolicy)> {
+        self.authorization_policies.iter()
+    }
+
+    /// Whether a pod is in the mesh: it or its namespace says
+    /// `istio.io/dataplane-mode=ambient` and the pod does not say `none`; host-network
+    /// pods never are (their traffic cannot be captured without capturing the node's).
+    pub fn is_enrolled(&self, pod: &Pod) -> bool {
+        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+            return false;
+        }
+        let pod_mode = label(&pod.metadata.labels, DATAPLANE_MODE);
+        match pod_mode {
+            Some("ambient") => true,
+            Some("none") => false,
+            _ => {
+                let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+                self.namespaces
+                    .get(ns)
+                    .and_then(|n| label(&n.metadata.labels, DATAPLANE_MODE))
+                    == Some("ambient")
+            }
+        }
+    }
+
+    /// One `Workload` per pod that has an IP: enrolled pods speak HBONE, others plain TCP.
+    pub fn workloads(&self, mesh: &MeshConfig) -> Vec<wl::Workload> {
+        self.pods
+            .values()
+            .filter_map(|pod| self.workload(pod, mesh))
+            .collect()
+    }
+
+    fn workload(&self, pod: &Pod, mesh: &MeshConfig) -> Option<wl::Workload> {
+        let ns = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = pod.metadata.name.clone()?;
+        let addresses = pod_ips(pod);
+        if addresses.is_empty() {
+            return None; // not running yet: nothing to route to
+        }
+        let spec = pod.spec.as_ref();
+        let host_network = spec.and_then(|s| s.host_network) == Some(true);
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let enrolled = self.is_enrolled(pod);
+        let mut services = std::collections::HashMap::new();
+        for ((sns, sname), svc) in &self.services {
+            if *sns != ns || !selects(svc, &labels) {
+                continue;
+            }
+            let ports = service_ports(svc, Some(pod));
+            services.insert(
+                format!("{sns}/{}", hostname(sname, sns, mesh)),
+                wl::PortList { ports },
+            );
+        }
+        let authorization_policies = self
+            .authorization_policies
+            .iter()
+            .filter(|((pns, _), p)| {
+                (*pns == ns || *pns == mesh.root_namespace)
+                    && p.spec.target_ref.is_none()
+                    && p.spec.target_refs.is_empty()
+                    && p.spec
+                        .selector
+                        .as_ref()
+                        .is_some_and(|s| matches_selector(s, &labels))
+            })
+            .map(|((pns, pname), _)| format!("{pns}/{pname}"))
+            .collect();
+        Some(wl::Workload {
+            uid: format!("{}//Pod/{ns}/{name}", mesh.cluster_id),
+            name: name.clone(),
+            namespace: ns,
+            addresses,
+            tunnel_protocol: if enrolled {
+                wl::TunnelProtocol::Hbone as i32
+            } else {
+                wl::TunnelProtocol::None as i32
+            },
+            trust_domain: mesh.trust_domain.clone(),
+            service_account: spec
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".into()),
+            node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+            canonical_name: first_label(
+                &labels,
+                &[
+                    "service.istio.io/canonical-name",
+                    "app.kubernetes.io/name",
+                    "app",
+                ],
+            )
+            .unwrap_or(&name)
+            .to_string(),
+            canonical_revision: first_label(
+                &labels,
+                &[
+                    "service.istio.io/canonical-revision",
+                    "app.kubernetes.io/version",
+                    "version",
+                ],
+            )
+            .unwrap_or("latest")
+            .to_string(),
+            workload_type: wl::WorkloadType::Pod as i32,
+            workload_name: workload_name(pod, &name),
+            services,
+            authorization_policies,
+            status: if pod_ready(pod) {
+                wl::WorkloadStatus::Healthy as i32
+            } else {
+                wl::WorkloadStatus::Unhealthy as i32
+            },
+            cluster_id: mesh.cluster_id.clone(),
+            network_mode: if host_network {
+                wl::NetworkMode::HostNetwork as i32
+            } else {
+                wl::NetworkMode::Standard as i32
+            },
+            ..Default::default()
+        })
+    }
+
+    /// One `Service` per Kubernetes Service.
+    pub fn services(&self, mesh: &MeshConfig) -> Vec<wl::Service> {
+        self.services
+            .iter()
+            .map(|((ns, name), svc)| {
+                let spec = svc.spec.as_ref();
+                let mut ips: Vec<String> =
+                    spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
+                if ips.is_empty()
+                    && let Some(ip) = spec.and_then(|s| s.cluster_ip.clone())
+                {
+                    ips.push(ip);
+                }
+                let addresses = ips
+                    .iter()
+                    .filter_map(|ip| ip.parse::<IpAddr>().ok()) // "None" for headless
+                    .map(|ip| wl::NetworkAddress {
+                        network: String::new(),
+                        address: ip_bytes(ip),
+                    })
+                    .collect();
+                wl::Service {
+                    name: name.clone(),
+                    namespace: ns.clone(),
+                    hostname: hostname(name, ns, mesh),
+                    addresses,
+                    ports: service_ports(svc, None),
+                    ..Default::default()
+                }
+            })
+            .collect()
+    }
+}
+
+fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    labels.as_ref().and_then(|l| l.get(key)).map(String::as_str)
+}
+
+fn first_label<'a>(labels: &'a BTreeMap<String, String>, keys: &[&str]) -> Option<&'a str> {
+    keys.iter().find_map(|k| labels.get(*k)).map(String::as_str)
+}
+
+fn hostname(name: &str, ns: &str, mesh: &MeshConfig) -> String {
+    format!("{name}.{ns}.svc.{}", mesh.domain_suffix)
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+fn pod_ips(pod: &Pod) -> Vec<Vec<u8>> {
+    let status = pod.status.as_ref();
+    let mut ips: Vec<String> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|v| v.iter().map(|p| p.ip.clone()).collect())
+        .unwrap_or_default();
+    if ips.is_empty()
+        && let Some(ip) = status.and_then(|s| s.pod_ip.clone())
+    {
+        ips.push(ip);
+    }
+    ips.iter()
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .map(ip_bytes)
+        .collect()
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    let Some(status) = pod.status.as_ref() else {
+        return false;
+    };
+    // A pod with no conditions reported yet (a manifest written by hand) counts as ready
+    // when it is running or its phase is unknown: the directory source has no kubelet.
+    match &status.conditions {
+        Some(conds) if !conds.is_empty() => conds
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True"),
+        _ => matches!(status.phase.as_deref(), None | Some("Running")),
+    }
+}
+
+/// The owning workload's name: a Deployment's pods are owned by a ReplicaSet named
+/// `<deployment>-<hash>`.
+fn workload_name(pod: &Pod, name: &str) -> String {
+    let owner = pod
+        .metadata
+        .owner_references
+        .as_ref()
+        .and_then(|o| o.iter().find(|r| r.controller == Some(true)).or(o.first()));
+    match owner {
+        Some(o) if o.kind == "ReplicaSet" => o
+            .name
+            .rsplit_once('-')
+            .map_or(o.name.clone(), |(base, _)| base.to_string()),
+        Some(o) => o.name.clone(),
+        None => name.to_string(),
+    }
+}
+
+fn selects(svc: &Service, labels: &BTreeMap<String, String>) -> bool {
+    let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
+    match selector {
+        // A Service without a selector has its endpoints managed elsewhere.
+        None => false,
+        Some(sel) if sel.is_empty() => false,
+        Some(sel) => sel.iter().all(|(k, v)| labels.get(k) == Some(v)),
+    }
+}
+
+fn matches_selector(sel: &WorkloadSelector, labels: &BTreeMap<String, String>) -> bool {
+    sel.match_labels
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Service ports with their target ports; a named target port is resolved against `pod`'s
+/// container ports (0 when there is no pod or no such port: "same as the service port").
+fn service_ports(svc: &Service, pod: Option<&Pod>) -> Vec<wl::Port> {
+    let Some(ports) = svc.spec.as_ref().and_then(|s| s.ports.as_ref()) else {
+        return Vec::new();
+    };
+    ports
+        .iter()
+        .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
+        .map(|p| {
+            let service_port = u32::try_from(p.port).unwrap_or(0);
+            let target_port = match &p.target_port {
+                None => service_port,
+                Some(IntOrString::Int(n)) => u32::try_from(*n).unwrap_or(0),
+                Some(IntOrString::String(name)) => pod
+                    .and_then(|pod| pod.spec.as_ref())
+                    .into_iter()
+                    .flat_map(|s| s.containers.iter())
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+                    .and_then(|cp| u32::try_from(cp.container_port).ok())
+                    .unwrap_or(0),
+            };
+            wl::Port {
+                service_port,
+                target_port,
+            }
+        })
+        .collect()
+}
