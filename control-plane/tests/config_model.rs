@@ -198,3 +198,117 @@ fn deleting_objects_updates_the_result() {
     });
     assert!(m.workloads(&mesh).is_empty());
 }
+
+const SEED: &str = include_str!("../../../shared/examples/seed-policies.yaml");
+
+fn pa(ns: &str, name: &str, body: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{body}\n"
+    )
+}
+
+fn policies_of(m: &Model, name: &str) -> Vec<String> {
+    m.workloads(&MeshConfig::default())
+        .into_iter()
+        .find(|w| w.name == name)
+        .unwrap_or_else(|| panic!("no workload {name}"))
+        .authorization_policies
+}
+
+#[test]
+fn the_seed_strict_peer_authentication_denies_plaintext_in_foo() {
+    use trellis_proto::istio::security::{Action, Scope, string_match::MatchType};
+    let yaml = [
+        SEED.to_string(),
+        "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: foo, labels: {istio.io/dataplane-mode: ambient}}\n".into(),
+        "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: bar, labels: {istio.io/dataplane-mode: ambient}}\n".into(),
+        pod("foo", "httpbin", "10.244.1.9", "app: httpbin", ""),
+        pod("bar", "other", "10.244.1.10", "app: other", ""),
+    ]
+    .concat();
+    let m = model(&yaml);
+    assert_eq!(
+        policies_of(&m, "httpbin"),
+        ["istio-system/istio_converted_static_strict"]
+    );
+    assert!(
+        policies_of(&m, "other").is_empty(),
+        "bar has no PeerAuthentication"
+    );
+    let policies = m.peer_authentication_policies(&MeshConfig::default());
+    assert_eq!(policies.len(), 1);
+    let p = &policies[0];
+    assert_eq!(
+        (p.namespace.as_str(), p.name.as_str()),
+        ("istio-system", "istio_converted_static_strict")
+    );
+    assert_eq!(p.action, Action::Deny as i32);
+    assert_eq!(p.scope, Scope::WorkloadSelector as i32);
+    let m0 = &p.rules[0].clauses[0].matches[0];
+    assert_eq!(
+        m0.not_principals[0].match_type,
+        Some(MatchType::Presence(())),
+        "no peer identity"
+    );
+}
+
+#[test]
+fn peer_authentication_precedence_mesh_namespace_workload_port() {
+    let base = [
+        NAMESPACES.to_string(),
+        pod("mesh", "a", "10.244.1.2", "app: a", ""),
+        pod("mesh", "b", "10.244.1.3", "app: b", ""),
+        pod("plain", "outside", "10.244.1.4", "app: c", ""),
+    ]
+    .concat();
+    let strict_key = "istio-system/istio_converted_static_strict";
+    // Mesh-wide STRICT reaches enrolled pods only.
+    let m = model(
+        &[
+            base.clone(),
+            pa("istio-system", "default", "  mtls: {mode: STRICT}"),
+        ]
+        .concat(),
+    );
+    assert_eq!(policies_of(&m, "a"), [strict_key]);
+    assert!(
+        policies_of(&m, "outside").is_empty(),
+        "not enrolled: ztunnel never sees it"
+    );
+    // The namespace relaxes it.
+    let m = model(
+        &[
+            base.clone(),
+            pa("istio-system", "default", "  mtls: {mode: STRICT}"),
+            pa("mesh", "relaxed", "  mtls: {mode: PERMISSIVE}"),
+        ]
+        .concat(),
+    );
+    assert!(policies_of(&m, "a").is_empty());
+    // A workload tightens it again, except on one port.
+    let m = model(
+        &[
+            base,
+            pa("mesh", "relaxed", "  mtls: {mode: PERMISSIVE}"),
+            pa(
+                "mesh",
+                "a-strict",
+                "  selector: {matchLabels: {app: a}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    8080: {mode: PERMISSIVE}",
+            ),
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        policies_of(&m, "a"),
+        ["mesh/converted_peer_authentication_a-strict"]
+    );
+    assert!(policies_of(&m, "b").is_empty());
+    let converted = m.peer_authentication_policies(&MeshConfig::default());
+    assert_eq!(converted.len(), 1);
+    let m0 = &converted[0].rules[0].clauses[0].matches[0];
+    assert_eq!(
+        m0.not_destination_ports,
+        vec![8080],
+        "plaintext still accepted on 8080"
+    );
+}

@@ -9,10 +9,16 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use trellis_proto::istio::workload as wl;
 
+use trellis_proto::istio::security as sec;
+
 use super::istio::{
-    AuthorizationPolicy, PeerAuthentication, RequestAuthentication, WorkloadSelector,
+    AuthorizationPolicy, MtlsMode, PeerAuthentication, RequestAuthentication, WorkloadSelector,
 };
 use super::load::{Object, ObjectRef};
+
+/// Name of the shared policy that denies connections without a peer identity (the
+/// STRICT mode of PeerAuthentication), in the root namespace; Istio's name.
+pub const STATIC_STRICT: &str = "istio_converted_static_strict";
 
 /// The enrollment label (namespace or pod).
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
@@ -190,7 +196,14 @@ impl Model {
                         .is_some_and(|s| matches_selector(s, &labels))
             })
             .map(|((pns, pname), _)| format!("{pns}/{pname}"))
-            .collect();
+            .collect::<Vec<_>>();
+        let mut authorization_policies = authorization_policies;
+        if enrolled {
+            let mtls = self.effective_mtls(&ns, &labels, mesh);
+            if let Some(key) = mtls.policy_key(mesh) {
+                authorization_policies.push(key);
+            }
+        }
         Some(wl::Workload {
             uid: format!("{}//Pod/{ns}/{name}", mesh.cluster_id),
             name: name.clone(),
@@ -243,6 +256,91 @@ impl Model {
             },
             ..Default::default()
         })
+    }
+
+    /// The mTLS mode in force for a workload: mesh < namespace < workload < port, the
+    /// oldest PeerAuthentication winning a tie at one level; PERMISSIVE when nothing says.
+    pub fn effective_mtls(
+        &self,
+        ns: &str,
+        labels: &BTreeMap<String, String>,
+        mesh: &MeshConfig,
+    ) -> EffectiveMtls {
+        let level = |in_ns: &str, with_selector: bool| {
+            oldest(
+                self.peer_authentications
+                    .iter()
+                    .filter(|((pns, _), pa)| {
+                        pns == in_ns
+                            && match (&pa.spec.selector, with_selector) {
+                                (None, false) => true,
+                                (Some(sel), true) => {
+                                    !sel.match_labels.is_empty() && matches_selector(sel, labels)
+                                }
+                                _ => false,
+                            }
+                    })
+                    .collect(),
+            )
+        };
+        let mode_of = |pa: Option<(&Key, &PeerAuthentication)>| {
+            pa.and_then(|(_, p)| p.spec.mtls)
+                .map(|m| m.mode)
+                .unwrap_or_default()
+        };
+        let mut mode = MtlsMode::Permissive;
+        for m in [
+            mode_of(level(&mesh.root_namespace, false)),
+            mode_of(level(ns, false)),
+        ] {
+            if m != MtlsMode::Unset {
+                mode = m;
+            }
+        }
+        let workload_pa = level(ns, true);
+        let w = mode_of(workload_pa);
+        if w != MtlsMode::Unset {
+            mode = w;
+        }
+        let mut ports = BTreeMap::new();
+        if let Some((key, pa)) = workload_pa {
+            for (port, m) in &pa.spec.port_level_mtls {
+                if m.mode != MtlsMode::Unset && strict(m.mode) != strict(mode) {
+                    ports.insert(*port, strict(m.mode));
+                }
+            }
+            if !ports.is_empty() {
+                return EffectiveMtls {
+                    strict: strict(mode),
+                    port_exceptions: ports,
+                    from: Some(key.clone()),
+                };
+            }
+        }
+        EffectiveMtls {
+            strict: strict(mode),
+            port_exceptions: ports,
+            from: None,
+        }
+    }
+
+    /// The L4 policies PeerAuthentication turns into: the shared STRICT policy, and one per
+    /// workload-level PeerAuthentication with port exceptions that some workload uses.
+    pub fn peer_authentication_policies(&self, mesh: &MeshConfig) -> Vec<sec::Authorization> {
+        let mut out = BTreeMap::new();
+        for pod in self.pods.values().filter(|p| self.is_enrolled(p)) {
+            let ns = pod
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            let mtls = self.effective_mtls(&ns, &labels, mesh);
+            if let Some(key) = mtls.policy_key(mesh) {
+                out.entry(key).or_insert_with(|| mtls.policy(mesh));
+            }
+        }
+        out.into_values().collect()
     }
 
     /// One `Service` per Kubernetes Service.
@@ -392,4 +490,76 @@ fn service_ports(svc: &Service, pod: Option<&Pod>) -> Vec<wl::Port> {
             }
         })
         .collect()
+}
+
+/// The oldest of several PeerAuthentications at one level (Istio's tie rule); objects
+/// without a creation time (hand-written manifests) count as newest, then by name.
+fn oldest<'a>(
+    candidates: Vec<(&'a Key, &'a PeerAuthentication)>,
+) -> Option<(&'a Key, &'a PeerAuthentication)> {
+    candidates.into_iter().min_by(|(ka, a), (kb, b)| {
+        let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        (ta.is_none(), ta, *ka).cmp(&(tb.is_none(), tb, *kb))
+    })
+}
+
+fn strict(mode: MtlsMode) -> bool {
+    // In ambient mode HBONE is always mTLS: DISABLE only means plaintext is accepted too.
+    mode == MtlsMode::Strict
+}
+
+/// The mTLS requirement of one workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EffectiveMtls {
+    /// Whether connections without a peer identity are refused (on ports not excepted).
+    pub strict: bool,
+    /// Ports whose requirement differs: `true` = strict there.
+    pub port_exceptions: BTreeMap<u32, bool>,
+    /// The workload PeerAuthentication that set the exceptions.
+    pub from: Option<Key>,
+}
+
+impl EffectiveMtls {
+    /// The policy the workload references, as `namespace/name`, if any.
+    pub fn policy_key(&self, mesh: &MeshConfig) -> Option<String> {
+        match &self.from {
+            Some((ns, name)) => Some(format!("{ns}/converted_peer_authentication_{name}")),
+            None if self.strict => Some(format!("{}/{STATIC_STRICT}", mesh.root_namespace)),
+            None => None,
+        }
+    }
+
+    /// The policy itself: DENY connections that carry no peer identity.
+    pub fn policy(&self, mesh: &MeshConfig) -> sec::Authorization {
+        let no_identity = sec::StringMatch {
+            match_type: Some(sec::string_match::MatchType::Presence(())),
+        };
+        let mut m = sec::Match {
+            not_principals: vec![no_identity],
+            ..Default::default()
+        };
+        let (namespace, name) = match &self.from {
+            Some((ns, name)) => {
+                let exceptions: Vec<u32> = self.port_exceptions.keys().copied().collect();
+                if self.strict {
+                    m.not_destination_ports = exceptions; // permissive there
+                } else {
+                    m.destination_ports = exceptions; // strict only there
+                }
+                (ns.clone(), format!("converted_peer_authentication_{name}"))
+            }
+            None => (mesh.root_namespace.clone(), STATIC_STRICT.to_string()),
+        };
+        sec::Authorization {
+            name,
+            namespace,
+            scope: sec::Scope::WorkloadSelector as i32,
+            action: sec::Action::Deny as i32,
+            rules: vec![sec::Rule {
+                clauses: vec![sec::Clause { matches: vec![m] }],
+            }],
+            dry_run: false,
+        }
+    }
 }
