@@ -197,9 +197,10 @@ impl CertificateAuthority {
                 self.config.trust_domain
             )));
         }
-        // rcgen re-parses the request for the public key it will certify.
-        let params = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| invalid(format!("{e}")))?;
+        // The key certified is taken from the very DER validated above (a PEM may hold
+        // other blocks before it; re-reading the PEM could pick another request).
+        let params =
+            CertificateSigningRequestParams::from_der(&der).map_err(|e| invalid(format!("{e}")))?;
         Ok(ValidCsr {
             identity,
             public_key: params.public_key,
@@ -214,6 +215,8 @@ impl CertificateAuthority {
             .unwrap_or(self.config.default_ttl)
             .min(self.config.max_ttl);
         let now = OffsetDateTime::now_utc();
+        // A leaf never outlives the certificate that signs it.
+        let not_after = (now + ttl).min(self.root.not_after());
         let mut params = CertificateParams::default();
         // Workload certificates name their subject only in the SAN (as Istio's do).
         params.distinguished_name = DistinguishedName::new();
@@ -224,7 +227,7 @@ impl CertificateAuthority {
             .map_err(|e| CaError::Signing(format!("{e}")))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.not_before = now - self.config.clock_skew;
-        params.not_after = now + ttl;
+        params.not_after = not_after;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -249,7 +252,8 @@ impl CertificateAuthority {
         Ok(Issued {
             chain,
             serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
-            not_after: SystemTime::now() + ttl,
+            not_after: SystemTime::UNIX_EPOCH
+                + Duration::from_secs(u64::try_from(not_after.unix_timestamp()).unwrap_or(0)),
         })
     }
 }

@@ -79,12 +79,7 @@ impl WorkloadCert {
     /// From a PEM chain (leaf first) and a PEM private key; the identity is the leaf's
     /// SPIFFE ID.
     pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<WorkloadCert, TlsError> {
-        let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::Pem {
-                what: "certificate chain",
-                reason: e.to_string(),
-            })?;
+        let chain = parse_pem_certs(chain_pem, "certificate chain")?;
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| TlsError::Pem {
             what: "private key",
             reason: e.to_string(),
@@ -186,18 +181,30 @@ impl TrustBundle {
 
     /// Adds a root (the first step of a root rotation); a root already present is kept once.
     pub fn add_root(&self, root: CertificateDer<'static>) -> Result<(), TlsError> {
-        let mut certs = self.roots();
-        if !certs.contains(&root) {
-            certs.push(root);
-        }
-        self.replace(certs)
+        self.update(|certs| {
+            if !certs.contains(&root) {
+                certs.push(root);
+            }
+        })
     }
 
     /// Removes a root (the last step of a root rotation). Removing the last root is refused:
     /// an empty bundle would fail every connection.
     pub fn remove_root(&self, root: &CertificateDer<'_>) -> Result<(), TlsError> {
-        let certs: Vec<_> = self.roots().into_iter().filter(|c| c != root).collect();
-        self.replace(certs)
+        self.update(|certs| certs.retain(|c| c != root))
+    }
+
+    /// Read-modify-write under the write lock, so concurrent rotation steps never lose one
+    /// another's change.
+    fn update(
+        &self,
+        change: impl FnOnce(&mut Vec<CertificateDer<'static>>),
+    ) -> Result<(), TlsError> {
+        let mut guard = self.roots.write().unwrap_or_else(|e| e.into_inner());
+        let mut certs = guard.certs.clone();
+        change(&mut certs);
+        *guard = Arc::new(Roots::build(certs)?);
+        Ok(())
     }
 
     pub(crate) fn current(&self) -> Arc<Roots> {

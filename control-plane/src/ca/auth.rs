@@ -135,12 +135,13 @@ impl LocalCredentials {
         {
             return Err(CaError::Store(format!("invalid node name {node:?}")));
         }
-        self.issue(&format!("node-{node}"), Caller::Node(node.to_string()))
+        // '_' never occurs in Kubernetes names, so file names cannot collide.
+        self.issue(&format!("node_{node}"), Caller::Node(node.to_string()))
     }
 
     /// Issues a credential for the waypoint running as `id`.
     pub fn issue_waypoint(&self, id: &SpiffeId) -> Result<String, CaError> {
-        let file = format!("waypoint-{}-{}", id.namespace(), id.service_account());
+        let file = format!("waypoint_{}_{}", id.namespace(), id.service_account());
         self.issue(&file, Caller::Waypoint(id.clone()))
     }
 
@@ -156,8 +157,12 @@ impl LocalCredentials {
             Caller::Waypoint(id) => format!("waypoint {id}"),
         };
         let path = self.dir.join(format!("{file}.sha256"));
+        let tmp = self.dir.join(format!(".{file}.sha256.tmp"));
         let text = format!("{} {who}\n", hex(&digest));
-        std::fs::write(&path, text)
+        // Written aside and renamed: a crash leaves the old credential or the new, never a
+        // truncated file that would stop the CA from starting.
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| CaError::Store(format!("cannot write {}: {e}", path.display())))?;
         let mut map = self.digests.write().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, c| *c != caller);
@@ -206,7 +211,7 @@ fn read_credential(path: &Path) -> Result<([u8; 32], Caller), CaError> {
     let (Some(digest), Some(kind), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(bad("expected `<sha256 hex> node|waypoint <name>`"));
     };
-    if digest.len() != 64 {
+    if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad("digest is not 64 hex digits"));
     }
     let mut out = [0u8; 32];

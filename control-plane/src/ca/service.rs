@@ -51,7 +51,7 @@ impl CaService {
         &self,
         caller: &Caller,
         req: &IstioCertificateRequest,
-    ) -> Result<(String, IstioCertificateResponse), (Option<String>, CaError)> {
+    ) -> Result<IstioCertificateResponse, (Option<String>, CaError)> {
         let csr = self.ca.validate_csr(&req.csr).map_err(|e| (None, e))?;
         let identity = csr.identity.to_string();
         let impersonated = req
@@ -86,12 +86,9 @@ impl CaService {
             serial = %issued.serial,
             "issued certificate"
         );
-        Ok((
-            identity,
-            IstioCertificateResponse {
-                cert_chain: issued.chain,
-            },
-        ))
+        Ok(IstioCertificateResponse {
+            cert_chain: issued.chain,
+        })
     }
 }
 
@@ -124,7 +121,7 @@ impl IstioCertificateService for CaService {
             }
         };
         match self.handle(&caller, request.get_ref()) {
-            Ok((_, resp)) => Ok(Response::new(resp)),
+            Ok(resp) => Ok(Response::new(resp)),
             Err((identity, e)) => {
                 tracing::warn!(
                     target: "trellis::ca::audit",

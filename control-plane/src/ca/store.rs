@@ -102,33 +102,53 @@ impl CaStore for DirStore {
     }
 
     fn save(&self, files: &CaFiles) -> Result<(), CaError> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let err = |p: &Path, e: std::io::Error| {
             CaError::Store(format!("cannot write {}: {e}", p.display()))
         };
-        std::fs::create_dir_all(&self.dir).map_err(|e| err(&self.dir, e))?;
-        for (name, text) in FILES.iter().zip([
+        // The set is written into a fresh private directory, then renamed into place in one
+        // step: a crash never leaves half a set, and of two replicas generating at once one
+        // wins and the other finds the directory taken (and loads it).
+        let parent = self.dir.parent().unwrap_or(Path::new("."));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| err(parent, e))?;
+        let name = self
+            .dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("cacerts");
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(|e| err(&tmp, e))?;
+        for (file, text) in FILES.iter().zip([
             &files.ca_cert,
             &files.ca_key,
             &files.root_cert,
             &files.cert_chain,
         ]) {
-            let path = self.dir.join(name);
-            let tmp = self.dir.join(format!(".{name}.tmp"));
-            {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                // The key is readable by its owner only, from the moment it exists.
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(|e| err(&tmp, e))?;
-                f.write_all(text.as_bytes()).map_err(|e| err(&tmp, e))?;
-                f.sync_all().map_err(|e| err(&tmp, e))?;
-            }
-            std::fs::rename(&tmp, &path).map_err(|e| err(&path, e))?;
+            let path = tmp.join(file);
+            // create_new: never reuse (or follow a symlink at) an existing path; 0600 from
+            // the moment the key exists.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| err(&path, e))?;
+            f.write_all(text.as_bytes()).map_err(|e| err(&path, e))?;
+            f.sync_all().map_err(|e| err(&path, e))?;
+        }
+        // rename(2) replaces an empty directory and fails on a non-empty one.
+        if let Err(e) = std::fs::rename(&tmp, &self.dir) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(err(&self.dir, e));
         }
         Ok(())
     }
@@ -140,6 +160,7 @@ pub struct RootOfTrust {
     issuer: Issuer<'static, KeyPair>,
     chain: Vec<String>,
     roots: String,
+    not_after: OffsetDateTime,
 }
 
 impl std::fmt::Debug for RootOfTrust {
@@ -161,19 +182,23 @@ impl RootOfTrust {
             return Ok((RootOfTrust::from_files(&files)?, false));
         }
         let files = generate_root(trust_domain)?;
-        store.save(&files)?;
+        if let Err(e) = store.save(&files) {
+            // Another replica may have saved its root first: use that one.
+            if let Some(theirs) = store.load()? {
+                return Ok((RootOfTrust::from_files(&theirs)?, false));
+            }
+            return Err(e);
+        }
         Ok((RootOfTrust::from_files(&files)?, true))
     }
 
-    /// From the four files; checks that the key belongs to the CA certificate and that the
-    /// certificate may sign.
+    /// From the four files; checks that the key belongs to the CA certificate, that the
+    /// certificate may sign and is valid now, and that `cert-chain.pem` leads, signature by
+    /// signature, to a root of `root-cert.pem`.
     pub fn from_files(files: &CaFiles) -> Result<RootOfTrust, CaError> {
         let bad = |file: &str, reason: String| CaError::Store(format!("{file}: {reason}"));
         let key = KeyPair::from_pem(&files.ca_key).map_err(|e| bad("ca-key.pem", e.to_string()))?;
-        let ca_der = pem_certs(&files.ca_cert, "ca-cert.pem")?
-            .into_iter()
-            .next()
-            .ok_or_else(|| bad("ca-cert.pem", "no certificate".into()))?;
+        let ca_der = pem_certs(&files.ca_cert, "ca-cert.pem")?.swap_remove(0);
         let (_, ca) =
             X509Certificate::from_der(&ca_der).map_err(|e| bad("ca-cert.pem", e.to_string()))?;
         if !ca.is_ca() {
@@ -188,17 +213,53 @@ impl RootOfTrust {
                 "does not belong to the certificate in ca-cert.pem".into(),
             ));
         }
-        let roots = pem_certs(&files.root_cert, "root-cert.pem")?;
-        if roots.is_empty() {
-            return Err(bad("root-cert.pem", "no certificate".into()));
+        if !ca.validity().is_valid() {
+            return Err(bad(
+                "ca-cert.pem",
+                format!(
+                    "not valid now (valid {} to {})",
+                    ca.validity().not_before,
+                    ca.validity().not_after
+                ),
+            ));
         }
+        let not_after = OffsetDateTime::from_unix_timestamp(ca.validity().not_after.timestamp())
+            .map_err(|e| bad("ca-cert.pem", e.to_string()))?;
+        let roots = pem_certs(&files.root_cert, "root-cert.pem")?;
         let mut chain = pem_certs(&files.cert_chain, "cert-chain.pem")?;
         if chain.first() != Some(&ca_der) {
             chain.insert(0, ca_der.clone());
         }
-        // The chain ends at a root the workloads trust: append it when the file stops short.
-        if !chain.last().is_some_and(|last| roots.contains(last)) {
-            chain.push(roots[0].clone());
+        for (i, pair) in chain.windows(2).enumerate() {
+            let (child, parent) = (
+                parse_x509(&pair[0], "cert-chain.pem")?,
+                parse_x509(&pair[1], "cert-chain.pem")?,
+            );
+            child
+                .verify_signature(Some(parent.public_key()))
+                .map_err(|_| {
+                    bad(
+                        "cert-chain.pem",
+                        format!("certificate {i} is not signed by certificate {}", i + 1),
+                    )
+                })?;
+        }
+        let last = chain.last().cloned().unwrap_or_default();
+        if !roots.contains(&last) {
+            let tail = parse_x509(&last, "cert-chain.pem")?;
+            let issuer = roots
+                .iter()
+                .find(|r| {
+                    parse_x509(r, "root-cert.pem")
+                        .is_ok_and(|root| tail.verify_signature(Some(root.public_key())).is_ok())
+                })
+                .ok_or_else(|| {
+                    bad(
+                        "cert-chain.pem",
+                        "the chain does not lead to a root in root-cert.pem".into(),
+                    )
+                })?;
+            chain.push(issuer.clone());
         }
         let issuer = Issuer::from_ca_cert_der(&ca_der.clone().into(), key)
             .map_err(|e| bad("ca-cert.pem", e.to_string()))?;
@@ -206,7 +267,13 @@ impl RootOfTrust {
             issuer,
             chain: chain.iter().map(|d| to_pem(d)).collect(),
             roots: files.root_cert.clone(),
+            not_after,
         })
+    }
+
+    /// End of validity of the signing certificate; no leaf outlives it.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
     }
 
     pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
@@ -255,13 +322,17 @@ pub fn generate_root(trust_domain: &str) -> Result<CaFiles, CaError> {
     })
 }
 
-fn pem_certs(text: &str, file: &str) -> Result<Vec<Vec<u8>>, CaError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    CertificateDer::pem_slice_iter(text.as_bytes())
-        .map(|c| c.map(|c| c.to_vec()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CaError::Store(format!("{file}: malformed PEM: {e}")))
+fn parse_x509<'a>(der: &'a [u8], file: &str) -> Result<X509Certificate<'a>, CaError> {
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c)
+        .map_err(|e| CaError::Store(format!("{file}: {e}")))
+}
+
+/// DER certificates of a PEM file (at least one), the error naming the file.
+fn pem_certs(text: &str, file: &'static str) -> Result<Vec<Vec<u8>>, CaError> {
+    trellis_core::tls::parse_pem_certs(text, file)
+        .map(|certs| certs.into_iter().map(|c| c.to_vec()).collect())
+        .map_err(|e| CaError::Store(e.to_string()))
 }
 
 fn to_pem(der: &[u8]) -> String {

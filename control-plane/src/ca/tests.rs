@@ -11,6 +11,7 @@ use trellis_core::tls::WorkloadCert;
 use super::auth::{Authenticator, Caller, LocalCredentials};
 use super::store::{CaFiles, CaStore, DirStore, generate_root};
 use super::*;
+use x509_parser::prelude::{FromDer, X509CertificationRequest};
 
 const TD: &str = "cluster.local";
 
@@ -309,4 +310,117 @@ fn local_credentials_authenticate_persist_and_rotate() {
     let newer = reopened.issue_node("node1").unwrap();
     assert!(reopened.authenticate(&bearer(&token)).is_err());
     assert!(reopened.authenticate(&bearer(&newer)).is_ok());
+}
+
+#[test]
+fn the_key_certified_is_the_key_of_the_request_validated() {
+    // A PEM whose first block (under another label) is a request the CA would refuse
+    // (Ed25519), followed by an acceptable one: the acceptable one's key is certified.
+    let ca = ca();
+    let id = "spiffe://cluster.local/ns/shop/sa/cart";
+    let refused = csr_with(vec![uri(id)], &PKCS_ED25519).0;
+    let refused_der =
+        rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(refused.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec();
+    let (accepted, _) = csr(id);
+    let pem = format!(
+        "{}{accepted}",
+        pem::encode(&pem::Pem::new("X", refused_der))
+    );
+    let valid = ca.validate_csr(&pem).unwrap();
+    let issued = ca.issue(&valid, None).unwrap();
+    let leaf = CertificateDer::from_pem_slice(issued.chain[0].as_bytes()).unwrap();
+    let (_, x509) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
+    let accepted_der =
+        rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(accepted.as_bytes())
+            .unwrap();
+    let (_, req) = X509CertificationRequest::from_der(accepted_der.as_ref()).unwrap();
+    assert_eq!(
+        x509.public_key().raw,
+        req.certification_request_info.subject_pki.raw,
+        "certified the validated request's key"
+    );
+}
+
+#[test]
+fn a_cacerts_chain_must_lead_to_root_cert_and_be_valid_now() {
+    // cert-chain.pem and root-cert.pem from different organisations.
+    let (mut files, _) = intermediate_files();
+    let (other, other_root) = intermediate_files();
+    files.root_cert = other_root;
+    files.cert_chain = files.ca_cert.clone();
+    let e = RootOfTrust::from_files(&files).unwrap_err().to_string();
+    assert!(
+        e.contains("cert-chain.pem") && e.contains("does not lead to a root"),
+        "{e}"
+    );
+    drop(other);
+
+    // A chain whose links do not sign each other.
+    let (mut files, _) = intermediate_files();
+    let (stranger, _) = intermediate_files();
+    files.cert_chain = format!("{}{}", files.ca_cert, stranger.ca_cert);
+    let e = RootOfTrust::from_files(&files).unwrap_err().to_string();
+    assert!(
+        e.contains("certificate 0 is not signed by certificate 1"),
+        "{e}"
+    );
+
+    // An expired CA certificate.
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.not_before = time::OffsetDateTime::now_utc() - Duration::from_secs(3 * 86_400);
+    params.not_after = time::OffsetDateTime::now_utc() - Duration::from_secs(86_400);
+    let cert = params.self_signed(&key).unwrap();
+    let files = CaFiles {
+        ca_cert: cert.pem(),
+        ca_key: key.serialize_pem(),
+        root_cert: cert.pem(),
+        cert_chain: cert.pem(),
+    };
+    let e = RootOfTrust::from_files(&files).unwrap_err().to_string();
+    assert!(e.contains("ca-cert.pem: not valid now"), "{e}");
+}
+
+#[test]
+fn no_leaf_outlives_the_ca_certificate() {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    params.not_after = time::OffsetDateTime::now_utc() + Duration::from_secs(2 * 3600);
+    let cert = params.self_signed(&key).unwrap();
+    let files = CaFiles {
+        ca_cert: cert.pem(),
+        ca_key: key.serialize_pem(),
+        root_cert: cert.pem(),
+        cert_chain: cert.pem(),
+    };
+    let ca = CertificateAuthority::new(
+        CaConfig::default(),
+        RootOfTrust::from_files(&files).unwrap(),
+    );
+    let (pem, k) = csr("spiffe://cluster.local/ns/shop/sa/cart");
+    let issued = ca.issue(&ca.validate_csr(&pem).unwrap(), None).unwrap();
+    let leaf = WorkloadCert::from_pem(&issued.chain.concat(), &k).unwrap();
+    let left = leaf.not_after().duration_since(SystemTime::now()).unwrap();
+    assert!(
+        left <= Duration::from_secs(2 * 3600),
+        "leaf outlives its CA: {left:?}"
+    );
+}
+
+#[test]
+fn a_corrupt_credential_file_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("node_x.sha256"),
+        format!("{} node x\n", "é".repeat(32)),
+    )
+    .unwrap();
+    let e = LocalCredentials::open(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("not 64 hex digits"), "{e}");
 }

@@ -53,6 +53,13 @@ impl GrpcCaClient {
             endpoint: config.endpoint.clone(),
             reason,
         };
+        // tonic runs TLS only for https URIs and ignores the TLS settings otherwise: an
+        // http endpoint would send the node credential in the clear. Refuse it.
+        if !config.endpoint.starts_with("https://") {
+            return Err(unreachable(
+                "the CA endpoint must be https://: the credential and certificates never travel unencrypted".into(),
+            ));
+        }
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&config.root_pem))
             .domain_name(config.server_name.clone());
@@ -112,5 +119,24 @@ impl CaClient for GrpcCaClient {
                 }),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_without_tls_is_refused() {
+        let config = GrpcCaConfig {
+            endpoint: "http://10.96.0.1:15012".into(),
+            root_pem: String::new(),
+            server_name: "ca".into(),
+            credential: "secret".into(),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        };
+        let err = GrpcCaClient::new(&config).unwrap_err().to_string();
+        assert!(err.contains("must be https://"), "{err}");
     }
 }
