@@ -238,13 +238,12 @@ async fn a_ztunnel_certificate_manager_gets_its_pods_certificates_and_no_others(
         request_timeout: Duration::from_secs(5),
     })
     .unwrap();
-    let mgr = CertManager::new(client, CertConfig::default());
-    let cert = mgr.fetch(&id(CART)).await.unwrap();
-    assert_eq!(cert.identity(), &id(CART));
-    // The chain verifies against the mesh root: usable as an HBONE server certificate.
+    // The manager accepts only chains that lead to the mesh root (it verifies each answer).
     let bundle =
         Arc::new(trellis_core::tls::TrustBundle::from_pem("cluster.local", &h.root_pem).unwrap());
-    trellis_core::tls::server_config(&cert, bundle).unwrap();
+    let mgr = CertManager::new(client, bundle, CertConfig::default());
+    let cert = mgr.fetch(&id(CART)).await.unwrap();
+    assert_eq!(cert.identity(), &id(CART));
     let err = mgr.fetch(&id(PAYMENTS)).await.unwrap_err();
     assert!(
         matches!(&err, CertError::Refused { reason, .. } if reason.contains("PermissionDenied")),

@@ -17,12 +17,12 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType};
 use ring::rand::SecureRandom;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::identity::SpiffeId;
-use crate::tls::{TlsError, WorkloadCert, parse_pem_certs};
+use crate::tls::{TlsError, TrustBundle, WorkloadCert, parse_pem_certs};
 
 pub use grpc::{GrpcCaClient, GrpcCaConfig};
 
@@ -84,6 +84,9 @@ struct Slot {
     current: Mutex<Option<Arc<WorkloadCert>>>,
     /// Held while a request to the CA is in flight: the single flight.
     fetching: tokio::sync::Mutex<()>,
+    /// The last failed request, so callers that waited on it share its outcome instead of
+    /// each asking the CA again.
+    last_failure: Mutex<Option<(tokio::time::Instant, CertError)>>,
     renewer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -94,6 +97,7 @@ pub struct CertManager<C: CaClient> {
 
 struct Inner<C> {
     ca: C,
+    bundle: Arc<TrustBundle>,
     config: CertConfig,
     slots: Mutex<HashMap<SpiffeId, Arc<Slot>>>,
     rng: ring::rand::SystemRandom,
@@ -108,11 +112,12 @@ impl<C: CaClient> Clone for CertManager<C> {
 }
 
 impl<C: CaClient> CertManager<C> {
-    /// A manager asking `ca`.
-    pub fn new(ca: C, config: CertConfig) -> CertManager<C> {
+    /// A manager asking `ca`; every certificate it accepts must chain to `bundle`.
+    pub fn new(ca: C, bundle: Arc<TrustBundle>, config: CertConfig) -> CertManager<C> {
         CertManager {
             inner: Arc::new(Inner {
                 ca,
+                bundle,
                 config,
                 slots: Mutex::new(HashMap::new()),
                 rng: ring::rand::SystemRandom::new(),
@@ -127,15 +132,42 @@ impl<C: CaClient> CertManager<C> {
         if let Some(c) = valid(&slot) {
             return Ok(c);
         }
+        let asked = tokio::time::Instant::now();
         let _flight = slot.fetching.lock().await;
-        // Whoever held the flight before us may have just stored a certificate.
+        // Whoever held the flight before us may have just stored a certificate, or failed:
+        // either way their answer is ours too.
         if let Some(c) = valid(&slot) {
             return Ok(c);
         }
-        let cert = self.inner.request(id).await?;
-        *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(cert.clone());
-        self.ensure_renewer(id, &slot);
+        if let Some((at, e)) = lock(&slot.last_failure).clone()
+            && at >= asked
+        {
+            return Err(e);
+        }
+        let cert = match self.inner.request(id).await {
+            Ok(c) => c,
+            Err(e) => {
+                *lock(&slot.last_failure) = Some((tokio::time::Instant::now(), e.clone()));
+                return Err(e);
+            }
+        };
+        // `forget` may have run while we waited on the CA: then the certificate is handed to
+        // this caller but not kept or renewed.
+        if self.inner.holds(id, &slot) {
+            *lock(&slot.current) = Some(cert.clone());
+            self.ensure_renewer(id, &slot);
+        }
         Ok(cert)
+    }
+
+    /// Stops every renewal task (the manager's users are going away).
+    pub fn shutdown(&self) {
+        let slots: Vec<Arc<Slot>> = lock(&self.inner.slots).drain().map(|(_, s)| s).collect();
+        for slot in slots {
+            if let Some(task) = lock(&slot.renewer).take() {
+                task.abort();
+            }
+        }
     }
 
     /// The certificate held for `id`, if it is valid now; never asks the CA.
@@ -178,6 +210,7 @@ impl<C: CaClient> CertManager<C> {
                 Arc::new(Slot {
                     current: Mutex::new(None),
                     fetching: tokio::sync::Mutex::new(()),
+                    last_failure: Mutex::new(None),
                     renewer: Mutex::new(None),
                 })
             })
@@ -189,12 +222,11 @@ impl<C: CaClient> CertManager<C> {
         if renewer.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
         }
-        let inner = self.inner.clone();
+        // The task holds the manager weakly: once every handle is dropped it ends.
+        let inner = Arc::downgrade(&self.inner);
         let slot = slot.clone();
         let id = id.clone();
-        *renewer = Some(tokio::spawn(
-            async move { inner.renew_loop(id, slot).await },
-        ));
+        *renewer = Some(tokio::spawn(renew_loop(inner, id, slot)));
     }
 }
 
@@ -236,14 +268,32 @@ impl<C: CaClient> Inner<C> {
             reason: e.to_string(),
         };
         let chain = parse_pem_certs(&chain_pem.concat(), "CA response").map_err(bad)?;
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let cert = WorkloadCert::new(chain, key).map_err(bad)?;
-        if cert.not_after() <= SystemTime::now() {
+        let (_, not_after) = crate::tls::validity_of(&chain[0]).map_err(bad)?;
+        if not_after <= SystemTime::now() {
             return Err(CertError::BadResponse {
                 identity: id.to_string(),
                 reason: "the certificate has already expired; is the CA's clock right?".into(),
             });
         }
+        // The CA's answer is checked before it is used: the key it certified is ours, and
+        // the chain leads to our trust bundle. Otherwise every handshake would fail with it.
+        let leaf_spki = x509_parser::parse_x509_certificate(chain[0].as_ref())
+            .map(|(_, c)| c.public_key().raw.to_vec())
+            .map_err(|e| bad(TlsError::BadCertificate(e.to_string())))?;
+        if leaf_spki != key.subject_public_key_info() {
+            return Err(CertError::BadResponse {
+                identity: id.to_string(),
+                reason: "the certificate does not certify the key of our request".into(),
+            });
+        }
+        self.bundle
+            .verify_chain(&chain)
+            .map_err(|e| CertError::BadResponse {
+                identity: id.to_string(),
+                reason: format!("the chain does not lead to the trust bundle: {e}"),
+            })?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let cert = WorkloadCert::new(chain, key).map_err(bad)?;
         if cert.identity() != id {
             return Err(CertError::BadResponse {
                 identity: id.to_string(),
@@ -253,60 +303,90 @@ impl<C: CaClient> Inner<C> {
         Ok(Arc::new(cert))
     }
 
-    async fn renew_loop(self: Arc<Self>, id: SpiffeId, slot: Arc<Slot>) {
-        use tokio::time::{Instant, sleep, sleep_until};
-        loop {
-            let Some(cert) = slot
-                .current
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-            else {
-                return;
-            };
-            // The schedule runs on the runtime's clock, fixed once per certificate.
-            let deadline = Instant::now() + self.renew_delay(&cert);
-            while Instant::now() < deadline {
-                sleep_until((Instant::now() + self.config.metric_refresh).min(deadline)).await;
-                set_expiry_metric(&id, &cert);
-            }
-            let mut backoff = self.config.initial_backoff;
-            loop {
-                let flight = slot.fetching.lock().await;
-                match self.request(&id).await {
-                    Ok(new) => {
-                        *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(new);
-                        break;
-                    }
-                    Err(_) => {
-                        drop(flight);
-                        // The current certificate stays in service while it is valid.
-                        set_expiry_metric(&id, &cert);
-                        sleep(backoff).await;
-                        backoff = (backoff * 2).min(self.config.max_backoff);
-                    }
-                }
-            }
-        }
+    /// Whether `slot` is still the one held for `id` (not forgotten meanwhile).
+    fn holds(&self, id: &SpiffeId, slot: &Arc<Slot>) -> bool {
+        lock(&self.slots)
+            .get(id)
+            .is_some_and(|s| Arc::ptr_eq(s, slot))
     }
 
-    /// Time until renewal is due: half the lifetime, ±10% of the lifetime, from notBefore.
+    /// Time until renewal is due: half the lifetime, ±10% of it, counted from when the
+    /// certificate became usable here (a CA backdates notBefore for clock skew, which must
+    /// not shorten the schedule), and never less than the first backoff step.
     fn renew_delay(&self, cert: &WorkloadCert) -> Duration {
-        let lifetime = cert
-            .not_after()
-            .duration_since(cert.not_before())
-            .unwrap_or_default();
+        let start = cert.not_before().max(SystemTime::now());
+        let lifetime = cert.not_after().duration_since(start).unwrap_or_default();
         let mut r = [0u8; 4];
         let unit = match self.rng.fill(&mut r) {
             Ok(()) => f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX),
             Err(_) => 0.5,
         };
-        let fraction = 0.4 + 0.2 * unit;
-        let renew_at = cert.not_before() + lifetime.mul_f64(fraction);
-        renew_at
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
+        lifetime
+            .mul_f64(0.4 + 0.2 * unit)
+            .max(self.config.initial_backoff)
     }
+}
+
+/// Renews the certificate of `slot` for as long as the manager and the slot live.
+async fn renew_loop<C: CaClient>(inner: std::sync::Weak<Inner<C>>, id: SpiffeId, slot: Arc<Slot>) {
+    use tokio::time::{Instant, sleep, sleep_until};
+    loop {
+        let Some(cert) = lock(&slot.current).clone() else {
+            return;
+        };
+        let (deadline, refresh, initial_backoff, max_backoff) = {
+            let Some(inner) = inner.upgrade() else { return };
+            if !inner.holds(&id, &slot) {
+                return;
+            }
+            let c = &inner.config;
+            (
+                Instant::now() + inner.renew_delay(&cert),
+                c.metric_refresh,
+                c.initial_backoff,
+                c.max_backoff,
+            )
+        };
+        // The schedule runs on the runtime's clock, fixed once per certificate.
+        while Instant::now() < deadline {
+            sleep_until((Instant::now() + refresh).min(deadline)).await;
+            set_expiry_metric(&id, &cert);
+        }
+        let mut backoff = initial_backoff;
+        loop {
+            let Some(inner) = inner.upgrade() else { return };
+            if !inner.holds(&id, &slot) {
+                return;
+            }
+            let flight = slot.fetching.lock().await;
+            // A caller may have obtained a newer certificate meanwhile.
+            if lock(&slot.current)
+                .as_ref()
+                .is_some_and(|c| !Arc::ptr_eq(c, &cert))
+            {
+                break;
+            }
+            match inner.request(&id).await {
+                Ok(new) => {
+                    *lock(&slot.current) = Some(new);
+                    break;
+                }
+                Err(e) => {
+                    *lock(&slot.last_failure) = Some((Instant::now(), e));
+                    drop(flight);
+                    drop(inner);
+                    // The current certificate stays in service while it is valid.
+                    set_expiry_metric(&id, &cert);
+                    sleep(backoff).await;
+                    backoff = (backoff * 2).min(max_backoff);
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn set_expiry_metric(id: &SpiffeId, cert: &WorkloadCert) {

@@ -207,6 +207,17 @@ impl TrustBundle {
         Ok(())
     }
 
+    /// Checks that `chain` (leaf first) leads to a root of the bundle and is valid now, as
+    /// a peer would check it.
+    pub fn verify_chain(&self, chain: &[CertificateDer<'_>]) -> Result<(), TlsError> {
+        let (leaf, intermediates) = chain.split_first().ok_or(TlsError::NoPeerCertificate)?;
+        self.current()
+            .client_verifier
+            .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+            .map(|_| ())
+            .map_err(TlsError::Config)
+    }
+
     pub(crate) fn current(&self) -> Arc<Roots> {
         self.roots.read().unwrap_or_else(|e| e.into_inner()).clone()
     }

@@ -24,6 +24,8 @@ const DAY: i64 = 24 * 3600;
 
 struct FakeCa {
     ca: TestCa,
+    /// Signs with a CA the manager does not trust when set.
+    impostor: Option<TestCa>,
     calls: AtomicUsize,
     down: AtomicBool,
     lifetime_secs: std::sync::atomic::AtomicI64,
@@ -49,7 +51,9 @@ impl CaClient for Shared {
             });
         }
         self.0
-            .ca
+            .impostor
+            .as_ref()
+            .unwrap_or(&self.0.ca)
             .sign_csr(&csr_pem, self.0.lifetime_secs.load(Ordering::SeqCst))
             .map_err(|reason| CertError::Refused {
                 identity: "?".into(),
@@ -59,13 +63,22 @@ impl CaClient for Shared {
 }
 
 fn setup() -> (Arc<FakeCa>, CertManager<Shared>) {
+    setup_with(None)
+}
+
+fn setup_with(impostor: Option<TestCa>) -> (Arc<FakeCa>, CertManager<Shared>) {
     let fake = Arc::new(FakeCa {
         ca: TestCa::new("cluster.local"),
+        impostor,
         calls: AtomicUsize::new(0),
         down: AtomicBool::new(false),
         lifetime_secs: std::sync::atomic::AtomicI64::new(DAY),
     });
-    let mgr = CertManager::new(Shared(fake.clone()), CertConfig::default());
+    let mgr = CertManager::new(
+        Shared(fake.clone()),
+        fake.ca.bundle(),
+        CertConfig::default(),
+    );
     (fake, mgr)
 }
 
@@ -311,4 +324,72 @@ async fn renewal_keeps_open_connections_and_new_ones_use_the_new_certificate() {
         before, after,
         "a new connection gets the renewed server certificate"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_waiting_on_a_failed_request_share_its_failure() {
+    let (fake, mgr) = setup();
+    fake.down.store(true, Ordering::SeqCst);
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let mgr = mgr.clone();
+            tokio::spawn(async move { mgr.fetch(&id("cart")).await })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap().is_err());
+    }
+    assert_eq!(
+        calls(&fake),
+        1,
+        "one request to a CA that is down, not ten in a row"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forgotten_identity_fetched_meanwhile_is_not_kept_or_renewed() {
+    let (fake, mgr) = setup();
+    let m = mgr.clone();
+    let pending = tokio::spawn(async move { m.fetch(&id("cart")).await });
+    tokio::task::yield_now().await; // the request is now with the CA
+    mgr.forget(&id("cart"));
+    assert!(
+        pending.await.unwrap().is_ok(),
+        "the caller still gets its certificate"
+    );
+    assert!(mgr.cached(&id("cart")).is_none());
+    advance(30 * HOUR).await;
+    assert_eq!(calls(&fake), 1, "no renewal for a forgotten identity");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_certificate_from_an_untrusted_ca_is_refused() {
+    let (_, mgr) = setup_with(Some(TestCa::new("cluster.local")));
+    let err = mgr.fetch(&id("cart")).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("does not lead to the trust bundle"),
+        "{err}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn short_lifetimes_do_not_renew_in_a_tight_loop() {
+    let (fake, mgr) = setup();
+    // Five minutes, backdated one minute by the CA: renewal 2-3 minutes after receipt.
+    fake.lifetime_secs.store(300, Ordering::SeqCst);
+    mgr.fetch(&id("cart")).await.unwrap();
+    advance(Duration::from_secs(100)).await;
+    assert_eq!(calls(&fake), 1, "renewed before 40% of the usable lifetime");
+    advance(Duration::from_secs(100)).await;
+    assert_eq!(calls(&fake), 2, "not renewed by 60% of the usable lifetime");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_stops_renewal() {
+    let (fake, mgr) = setup();
+    mgr.fetch(&id("cart")).await.unwrap();
+    mgr.shutdown();
+    advance(30 * HOUR).await;
+    assert_eq!(calls(&fake), 1);
 }
