@@ -41,6 +41,23 @@ done
 # Logs of failed end-to-end tests stay here (the failure message prints the path).
 export TRELLIS_E2E_LOG_DIR="${TRELLIS_E2E_LOG_DIR:-$PWD/target/e2e-logs}"
 
+# Nothing of ours may outlive the run, also when tests fail (that is when leaks happen).
+leak_check() {
+  local status=$?
+  left=$(ip netns list | awk '{print $1}' | grep -E '^trl-[0-9a-f]{6}-' || true)
+  if [ -n "$left" ]; then
+    echo "test-all: network namespaces left behind: $left" >&2
+    status=1
+  fi
+  if [ -d /run/trellis-e2e ] && [ -n "$(ls -A /run/trellis-e2e)" ]; then
+    echo "test-all: cluster state left behind in /run/trellis-e2e: $(ls /run/trellis-e2e)" >&2
+    status=1
+  fi
+  [ $status -eq 0 ] && echo "test-all: all tests passed"
+  exit $status
+}
+trap leak_check EXIT
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
@@ -49,11 +66,3 @@ echo "== tests (unit, integration, end-to-end)"
 cargo nextest run --workspace --all-targets --locked --no-fail-fast
 echo "== doc tests"
 cargo test --workspace --doc --locked
-
-# Nothing of ours may outlive the run.
-left=$(ip netns list | awk '{print $1}' | grep '^trl-' || true)
-[ -z "$left" ] || fail "network namespaces left behind: $left"
-if [ -d /run/trellis-e2e ] && [ -n "$(ls -A /run/trellis-e2e)" ]; then
-  fail "cluster state left behind in /run/trellis-e2e: $(ls /run/trellis-e2e)"
-fi
-echo "test-all: all tests passed"

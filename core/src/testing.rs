@@ -113,11 +113,38 @@ impl TestCa {
         )
     }
 
+    /// A valid certificate for `uri`, then changed by `adjust` (key usages, CA flag, ...):
+    /// for tests of what verifiers refuse.
+    pub fn issue_custom(
+        &self,
+        uri: &str,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let now = OffsetDateTime::now_utc();
+        let san = SanType::URI(uri.to_string().try_into().expect("IA5 URI"));
+        self.issue_params(
+            vec![san],
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3600),
+            adjust,
+        )
+    }
+
     fn issue_sans(
         &self,
         sans: Vec<SanType>,
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        self.issue_params(sans, not_before, not_after, |_| {})
+    }
+
+    fn issue_params(
+        &self,
+        sans: Vec<SanType>,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+        adjust: impl FnOnce(&mut CertificateParams),
     ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
@@ -133,6 +160,7 @@ impl TestCa {
         params.use_authority_key_identifier_extension = true;
         params.not_before = not_before;
         params.not_after = not_after;
+        adjust(&mut params);
         let cert = params.signed_by(&key, &self.issuer).expect("sign");
         (
             vec![cert.der().clone()],

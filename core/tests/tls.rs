@@ -353,6 +353,8 @@ async fn root_rotation_fails_no_connection() {
     let settle = || async {
         let target = ok.load(Ordering::SeqCst) + 5;
         while ok.load(Ordering::SeqCst) < target && failures.lock().unwrap().is_empty() {
+            // A dead traffic task fails the test below instead of hanging it here.
+            assert!(!traffic.is_finished(), "the traffic loop stopped");
             tokio::task::yield_now().await;
         }
     };
@@ -394,4 +396,29 @@ async fn root_rotation_fails_no_connection() {
     assert_rejected(&server, "UnknownIssuer");
     // The last root cannot be removed.
     assert!(server_bundle.remove_root(&new.root()).is_err());
+}
+
+#[tokio::test]
+async fn a_client_certificate_not_for_client_auth_is_rejected() {
+    let ca = TestCa::new(TD);
+    let (chain, key) = ca.issue_custom(&id("ns-a", "a").to_string(), |p| {
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    });
+    let s = tls::server_config(&ca.issue("ns-b", "b"), ca.bundle()).unwrap();
+    let (server, _) = handshake(s, raw_client(chain, key)).await;
+    assert_rejected(&server, "invalid peer certificate");
+}
+
+#[tokio::test]
+async fn a_ca_certificate_is_not_a_workload_certificate() {
+    let ca = TestCa::new(TD);
+    let (chain, key) = ca.issue_custom(&id("ns-b", "b").to_string(), |p| {
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    });
+    let c = tls::client_config(&ca.issue("ns-a", "a"), ca.bundle(), id("ns-b", "b")).unwrap();
+    let (_, client) = handshake(raw_server(chain.clone(), key.clone_key()), c).await;
+    assert_rejected(&client, "invalid peer certificate");
+    let s = tls::server_config(&ca.issue("ns-c", "c"), ca.bundle()).unwrap();
+    let (server, _) = handshake(s, raw_client(chain, key)).await;
+    assert_rejected(&server, "invalid peer certificate");
 }

@@ -79,26 +79,30 @@ pub(crate) fn install_signal_handler() -> Result<()> {
 pub(crate) fn write_owner(dir: &Path) -> Result<()> {
     let pid = std::process::id();
     let start = start_time(pid).context("cannot read our own start time")?;
-    std::fs::write(dir.join("owner"), format!("{pid} {start}\n"))?;
+    // Written aside and renamed, so a concurrent sweep never reads a half-written owner.
+    let tmp = dir.join("owner.tmp");
+    std::fs::write(&tmp, format!("{pid} {start}\n"))?;
+    std::fs::rename(tmp, dir.join("owner"))?;
     Ok(())
 }
 
 fn owner_alive(dir: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(dir.join("owner")) else {
-        // A directory without an owner file is being created right now (the owner is
-        // written first thing) or is debris; the age decides.
-        return dir
+    let owner = std::fs::read_to_string(dir.join("owner"))
+        .ok()
+        .and_then(|text| {
+            let mut parts = text.split_whitespace();
+            let pid = parts.next()?.parse::<u32>().ok()?;
+            let start = parts.next()?.parse::<u64>().ok()?;
+            Some((pid, start))
+        });
+    match owner {
+        Some((pid, start)) => start_time(pid) == Some(start),
+        // No readable owner: the directory is being created right now (the owner is
+        // written first thing) or is debris; its age decides.
+        None => dir
             .metadata()
             .and_then(|m| m.modified())
-            .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(60));
-    };
-    let mut parts = text.split_whitespace();
-    let (Some(pid), Some(start)) = (parts.next(), parts.next()) else {
-        return false;
-    };
-    match (pid.parse::<u32>(), start.parse::<u64>()) {
-        (Ok(pid), Ok(start)) => start_time(pid) == Some(start),
-        _ => false,
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(60)),
     }
 }
 
@@ -148,15 +152,36 @@ pub(crate) fn netns_pids(ns: &str) -> Result<Vec<u32>> {
         .collect())
 }
 
+fn netns_inode(ns: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/run/netns/{ns}"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// The inode of a process's network namespace (`/proc/PID/ns/net` reads `net:[INODE]`).
+fn pid_netns_inode(pid: u32) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    let text = link.to_string_lossy();
+    text.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
 /// Sends `sig` to every process in the namespaces `nss`, then waits up to `grace` for them
 /// to go; returns those still running.
 pub(crate) fn signal_all(nss: &[String], sig: Signal, grace: Duration) -> Result<Vec<u32>> {
     let mut pids = Vec::new();
     for ns in nss {
-        pids.extend(netns_pids(ns)?);
-    }
-    for &pid in &pids {
-        signal(pid, sig);
+        let Some(inode) = netns_inode(ns) else {
+            continue; // gone already
+        };
+        for pid in netns_pids(ns)? {
+            // Re-checked just before the signal: a pid that exited and was reused by a
+            // process outside the namespace is left alone.
+            if pid_netns_inode(pid) == Some(inode) {
+                signal(pid, sig);
+                pids.push(pid);
+            }
+        }
     }
     let deadline = Instant::now() + grace;
     loop {
@@ -203,8 +228,16 @@ pub fn sweep_stale() -> Result<Vec<String>> {
     let namespaces = our_netns()?;
     let mut swept = Vec::new();
     let mut known = BTreeSet::new();
-    if let Ok(entries) = std::fs::read_dir(STATE_ROOT) {
-        for entry in entries.flatten() {
+    // Only a missing state root means "no clusters": any other error aborts the sweep,
+    // which would otherwise take every live cluster for debris.
+    let entries = match std::fs::read_dir(STATE_ROOT) {
+        Ok(e) => Some(e),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("cannot list {STATE_ROOT}")),
+    };
+    if let Some(entries) = entries {
+        for entry in entries {
+            let entry = entry.with_context(|| format!("cannot list {STATE_ROOT}"))?;
             let id = entry.file_name().to_string_lossy().into_owned();
             if !id.starts_with(NAME_PREFIX) {
                 continue;
@@ -220,11 +253,28 @@ pub fn sweep_stale() -> Result<Vec<String>> {
     // A state directory is created before any namespace and removed after all of them, so a
     // namespace whose cluster has no state directory is debris.
     for ns in namespaces {
-        let id = ns.splitn(3, '-').take(2).collect::<Vec<_>>().join("-");
+        // Only names of exactly our shape: trl-<6 hex>-...
+        let Some(id) = cluster_id_of(&ns) else {
+            continue;
+        };
         if !known.contains(&id) && !swept.contains(&id) {
             destroy(&id).with_context(|| format!("sweeping orphan namespace {ns}"))?;
             swept.push(id);
         }
     }
     Ok(swept)
+}
+
+/// The cluster id in a namespace name of ours (`trl-<6 hex digits>-...`).
+fn cluster_id_of(ns: &str) -> Option<String> {
+    let rest = ns.strip_prefix(NAME_PREFIX)?;
+    let (hex, tail) = rest.split_at_checked(6)?;
+    if !hex
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        || !tail.starts_with('-')
+    {
+        return None;
+    }
+    Some(format!("{NAME_PREFIX}{hex}"))
 }

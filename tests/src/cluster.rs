@@ -196,14 +196,20 @@ impl ClusterBuilder {
             }
         };
         let state_dir = cleanup::state_dir(&id);
-        cleanup::write_owner(&state_dir)?;
+        if let Err(e) = cleanup::write_owner(&state_dir) {
+            let _ = std::fs::remove_dir_all(&state_dir);
+            return Err(e);
+        }
         cleanup::register(&id);
 
         let log_root = std::env::var_os("TRELLIS_E2E_LOG_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| std::env::temp_dir().join("trellis-e2e-logs"));
         let log_dir = log_root.join(format!("{}-{id}", sanitize(&self.test_name)));
-        std::fs::create_dir_all(&log_dir)?;
+        if let Err(e) = std::fs::create_dir_all(&log_dir) {
+            let _ = cleanup::destroy(&id);
+            return Err(e).with_context(|| format!("cannot create {}", log_dir.display()));
+        }
 
         let nodes = (1..=self.nodes)
             .map(|i| {
@@ -547,7 +553,7 @@ impl Cluster {
     /// SIGKILL), removes every pod with CNI DEL, deletes every namespace and the state
     /// directory, and verifies nothing is left. Idempotent; `Drop` calls it too.
     pub fn teardown(&self) -> Result<()> {
-        if self.torn_down.swap(true, Ordering::SeqCst) {
+        if self.torn_down.load(Ordering::SeqCst) {
             return Ok(());
         }
         let mut errors = Vec::new();
@@ -572,6 +578,8 @@ impl Cluster {
             errors.push(format!("{e:#}"));
         }
         if errors.is_empty() {
+            // Only a complete teardown counts: after a failure, Drop tries again.
+            self.torn_down.store(true, Ordering::SeqCst);
             Ok(())
         } else {
             Err(anyhow!(

@@ -75,12 +75,16 @@ pub(crate) fn run_with_timeout(
         }
         _ => None,
     };
-    let out_reader = spawn_reader(child.stdout.take());
-    let err_reader = spawn_reader(child.stderr.take());
+    let (tx, rx) = std::sync::mpsc::channel();
+    spawn_reader(child.stdout.take(), 0, tx.clone());
+    spawn_reader(child.stderr.take(), 1, tx);
+    // The command leads its own process group: a deadline kills the whole group, so no
+    // helper it started survives it.
+    let group = child.id();
     let status = match wait_deadline(&mut child, timeout)? {
         Some(status) => status,
         None => {
-            let _ = child.kill();
+            signal_group(group, Signal::SIGKILL);
             let _ = child.wait();
             bail!("`{}` did not finish within {timeout:?}", describe(cmd));
         }
@@ -88,21 +92,49 @@ pub(crate) fn run_with_timeout(
     if let Some(w) = writer {
         let _ = w.join();
     }
+    // The pipes close when every holder exits; a leftover helper holding them is killed
+    // after a grace period instead of hanging the test.
+    let mut outputs = [Vec::new(), Vec::new()];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for _ in 0..2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (which, data) = match rx.recv_timeout(left) {
+            Ok(r) => r,
+            Err(_) => {
+                signal_group(group, Signal::SIGKILL);
+                rx.recv_timeout(Duration::from_secs(5))
+                    .context("output pipes still open after killing the process group")?
+            }
+        };
+        outputs[which] = data;
+    }
+    let [stdout, stderr] = outputs;
     Ok(Output {
         status,
-        stdout: out_reader.join().unwrap_or_default(),
-        stderr: err_reader.join().unwrap_or_default(),
+        stdout,
+        stderr,
     })
 }
 
-fn spawn_reader<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+fn spawn_reader<R: Read + Send + 'static>(
+    pipe: Option<R>,
+    which: usize,
+    done: std::sync::mpsc::Sender<(usize, Vec<u8>)>,
+) {
     thread::spawn(move || {
         let mut buf = Vec::new();
         if let Some(mut p) = pipe {
             let _ = p.read_to_end(&mut buf);
         }
-        buf
-    })
+        let _ = done.send((which, buf));
+    });
+}
+
+/// Sends `sig` to the process group `pgid`, ignoring one that is gone.
+fn signal_group(pgid: u32, sig: Signal) {
+    if let Ok(raw) = i32::try_from(pgid) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(raw), sig);
+    }
 }
 
 /// Waits for `child` until `timeout`; `None` when it is still running then.
