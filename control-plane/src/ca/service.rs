@@ -175,8 +175,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let identity = tonic::transport::Identity::from_pem(cert_pem, key_pem);
+    // Bounded everywhere (DESIGN §5): a slow or silent client cannot hold a handshake, a
+    // request or a connection's streams for long.
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(identity)
+        .timeout(Duration::from_secs(10));
     tonic::transport::Server::builder()
-        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
+        .tls_config(tls)?
+        .timeout(Duration::from_secs(30))
+        .max_concurrent_streams(64)
+        .concurrency_limit_per_connection(32)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
         .add_service(IstioCertificateServiceServer::new(service))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
