@@ -2,6 +2,7 @@
 //! their source (a directory of YAML manifests, later the Kubernetes API).
 
 pub mod authz;
+pub mod dir;
 pub mod istio;
 pub mod load;
 pub mod model;

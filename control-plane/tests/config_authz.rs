@@ -9,7 +9,7 @@ use trellis_proto::istio::security::{
     Action, Clause, Match, Rule, Scope, StringMatch, string_match::MatchType,
 };
 
-const SEED: &str = include_str!("../../../shared/examples/seed-policies.yaml");
+const SEED: &str = include_str!("../../examples/seed-policies.yaml");
 
 fn translate(yaml: &str) -> ZtunnelPolicy {
     let docs = parse_file(Path::new("test.yaml"), yaml);

@@ -6,7 +6,7 @@ use std::path::Path;
 use trellis_control_plane::config::istio::{Action, MtlsMode};
 use trellis_control_plane::config::load::{Document, Object, parse_file};
 
-const SEED: &str = include_str!("../../../shared/examples/seed-policies.yaml");
+const SEED: &str = include_str!("../../examples/seed-policies.yaml");
 
 fn loaded(docs: &[Document]) -> Vec<&trellis_control_plane::config::load::Loaded> {
     docs.iter()

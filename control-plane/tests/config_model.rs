@@ -199,7 +199,7 @@ fn deleting_objects_updates_the_result() {
     assert!(m.workloads(&mesh).is_empty());
 }
 
-const SEED: &str = include_str!("../../../shared/examples/seed-policies.yaml");
+const SEED: &str = include_str!("../../examples/seed-policies.yaml");
 
 fn pa(ns: &str, name: &str, body: &str) -> String {
     format!(

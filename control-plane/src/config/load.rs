@@ -72,6 +72,8 @@ pub struct ConfigError {
     pub field: String,
     /// What is wrong.
     pub reason: String,
+    /// The object, when the document names one (so its last good version can be kept).
+    pub id: Option<ObjectRef>,
 }
 
 /// What one document turned out to be.
@@ -97,6 +99,7 @@ pub fn parse_file(file: &Path, text: &str) -> Vec<Document> {
                 object: object.to_string(),
                 field: field.to_string(),
                 reason,
+                id: None,
             })
         };
         let value = match Value::deserialize(doc) {
@@ -122,6 +125,7 @@ fn parse_document(file: &str, position: &str, mut value: Value) -> Document {
             object,
             field: field.to_string(),
             reason,
+            id: None,
         })
     };
     let Some(map) = value.as_mapping() else {
@@ -208,7 +212,13 @@ fn parse_document(file: &str, position: &str, mut value: Value) -> Document {
             id,
             object,
         }),
-        Err((field, reason)) => invalid(object_name, &field, reason),
+        Err((field, reason)) => Document::Invalid(ConfigError {
+            file: file.to_string(),
+            object: object_name,
+            field,
+            reason,
+            id: Some(id),
+        }),
     }
 }
 
