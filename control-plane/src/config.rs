@@ -6,3 +6,4 @@ pub mod dir;
 pub mod istio;
 pub mod load;
 pub mod model;
+pub mod snapshot;
