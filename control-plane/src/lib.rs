@@ -8,3 +8,4 @@
 
 pub mod ca;
 pub mod config;
+pub mod xds;

@@ -1,0 +1,283 @@
+//! The delta xDS server: `DeltaAggregatedResources`, as Istio's ztunnel speaks it.
+//!
+//! Per stream and per type URL the server keeps what the proxy has (name → version, as
+//! ACKed, or as announced in `initial_resource_versions` when it reconnects), what it
+//! subscribed to (wildcard, or names), and at most one response in flight: the next one is
+//! computed after the proxy ACKs or NACKs, from the snapshot of that moment, so a proxy that
+//! falls behind gets one catch-up delta instead of a queue of stale ones.
+//!
+//! A NACK is logged with the proxy's id and error; the proxy keeps its previous versions and
+//! the server records them as such. [`AckTracker`] keeps, per proxy, what it has ACKed:
+//! the basis for "is my policy in effect everywhere?".
+//!
+//! State-of-the-world ADS is refused with UNIMPLEMENTED: Trellis's proxies speak delta only.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use trellis_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use trellis_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+
+use crate::config::snapshot::Snapshot;
+
+/// Resource name → version.
+pub type Versions = BTreeMap<String, String>;
+
+/// What each connected proxy has ACKed, per type URL.
+#[derive(Debug, Default)]
+pub struct AckTracker {
+    /// Proxy id → type URL → versions.
+    proxies: Mutex<BTreeMap<String, BTreeMap<String, Versions>>>,
+}
+
+impl AckTracker {
+    fn record(&self, proxy: &str, type_url: &str, known: &BTreeMap<String, String>) {
+        let mut p = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        p.entry(proxy.to_string())
+            .or_default()
+            .insert(type_url.to_string(), known.clone());
+    }
+
+    fn forget(&self, proxy: &str) {
+        let mut p = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        p.remove(proxy);
+    }
+
+    /// The versions `proxy` has ACKed for `type_url`.
+    pub fn acked(&self, proxy: &str, type_url: &str) -> Option<BTreeMap<String, String>> {
+        let p = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        p.get(proxy).and_then(|t| t.get(type_url)).cloned()
+    }
+
+    /// The connected proxies.
+    pub fn proxies(&self) -> Vec<String> {
+        let p = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        p.keys().cloned().collect()
+    }
+
+    /// The connected proxies that have not ACKed `version` of `name` (type `type_url`).
+    pub fn lagging(&self, type_url: &str, name: &str, version: &str) -> Vec<String> {
+        let p = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        p.iter()
+            .filter(|(_, types)| {
+                types
+                    .get(type_url)
+                    .is_some_and(|known| known.get(name).map(String::as_str) != Some(version))
+            })
+            .map(|(proxy, _)| proxy.clone())
+            .collect()
+    }
+}
+
+/// The xDS service, serving the latest snapshot published on `snapshots`.
+#[derive(Debug, Clone)]
+pub struct XdsServer {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    acks: Arc<AckTracker>,
+}
+
+impl XdsServer {
+    /// A server publishing what `snapshots` holds.
+    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, acks: Arc<AckTracker>) -> XdsServer {
+        XdsServer { snapshots, acks }
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "Trellis serves incremental xDS only: use DeltaAggregatedResources",
+        ))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        // Bounded: a proxy that stops reading stalls only its own stream.
+        let (tx, rx) = mpsc::channel(16);
+        let stream = Stream {
+            inbound: request.into_inner(),
+            tx,
+            snapshots: self.snapshots.clone(),
+            acks: self.acks.clone(),
+            proxy: String::new(),
+            types: BTreeMap::new(),
+            next_nonce: 0,
+        };
+        tokio::spawn(stream.run());
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the proxy has, as far as it has told us (ACKs, initial versions).
+    known: BTreeMap<String, String>,
+    /// The response in flight: its nonce and what the proxy will have once it ACKs.
+    pending: Option<(String, BTreeMap<String, String>)>,
+    /// Whether any response was sent (the first one is sent even when empty: it tells the
+    /// proxy it is in sync).
+    answered: bool,
+}
+
+struct Stream {
+    inbound: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    acks: Arc<AckTracker>,
+    proxy: String,
+    types: BTreeMap<String, TypeState>,
+    next_nonce: u64,
+}
+
+impl Stream {
+    async fn run(mut self) {
+        loop {
+            tokio::select! {
+                msg = self.inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        if self.on_request(req).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(proxy = %self.proxy, error = %e, "xDS stream ended");
+                        break;
+                    }
+                },
+                changed = self.snapshots.changed() => {
+                    if changed.is_err() || self.push_all().await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        if !self.proxy.is_empty() {
+            self.acks.forget(&self.proxy);
+        }
+    }
+
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), ()> {
+        if self.proxy.is_empty()
+            && let Some(node) = &req.node
+        {
+            self.proxy = node.id.clone();
+        }
+        let type_url = req.type_url.clone();
+        let first = !self.types.contains_key(&type_url);
+        let state = self.types.entry(type_url.clone()).or_default();
+        if !req.response_nonce.is_empty() {
+            match state.pending.take() {
+                Some((nonce, after)) if nonce == req.response_nonce => {
+                    if let Some(err) = &req.error_detail {
+                        tracing::warn!(
+                            proxy = %self.proxy, type_url = %type_url, nonce = %nonce,
+                            code = err.code, error = %err.message,
+                            "proxy rejected (NACK) the update; it keeps its previous config"
+                        );
+                    } else {
+                        state.known = after;
+                        self.acks.record(&self.proxy, &type_url, &state.known);
+                    }
+                }
+                // An answer to an older response: ours is still in flight.
+                other => state.pending = other,
+            }
+        }
+        if first {
+            // Resume: the proxy tells what it already has.
+            state.known = req.initial_resource_versions.into_iter().collect();
+            state.wildcard = req.resource_names_subscribe.is_empty()
+                || req.resource_names_subscribe.iter().any(|n| n == "*");
+        }
+        for name in req.resource_names_subscribe {
+            if name == "*" {
+                state.wildcard = true;
+            } else {
+                state.names.insert(name);
+            }
+        }
+        for name in req.resource_names_unsubscribe {
+            if name == "*" {
+                state.wildcard = false;
+            } else {
+                state.names.remove(&name);
+                // The proxy drops it itself.
+                state.known.remove(&name);
+            }
+        }
+        self.push(&type_url).await
+    }
+
+    async fn push_all(&mut self) -> Result<(), ()> {
+        let types: Vec<String> = self.types.keys().cloned().collect();
+        for t in types {
+            self.push(&t).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends what the proxy lacks for `type_url`, unless a response is in flight.
+    async fn push(&mut self, type_url: &str) -> Result<(), ()> {
+        let snap = self.snapshots.borrow().clone();
+        let Some(state) = self.types.get_mut(type_url) else {
+            return Ok(());
+        };
+        if state.pending.is_some() {
+            return Ok(());
+        }
+        let (wildcard, names) = (state.wildcard, &state.names);
+        let delta = snap.delta_from(type_url, &state.known, |n| wildcard || names.contains(n));
+        if state.answered && delta.updated.is_empty() && delta.removed.is_empty() {
+            return Ok(());
+        }
+        let mut after = state.known.clone();
+        for name in &delta.removed {
+            after.remove(name);
+        }
+        let resources = delta
+            .updated
+            .into_iter()
+            .map(|(name, r)| {
+                after.insert(name.clone(), r.version.clone());
+                Resource {
+                    name,
+                    version: r.version,
+                    resource: Some(r.body),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        self.next_nonce += 1;
+        let nonce = self.next_nonce.to_string();
+        state.pending = Some((nonce.clone(), after));
+        state.answered = true;
+        let resp = DeltaDiscoveryResponse {
+            type_url: type_url.to_string(),
+            resources,
+            removed_resources: delta.removed,
+            nonce,
+            ..Default::default()
+        };
+        self.tx.send(Ok(resp)).await.map_err(|_| ())
+    }
+}
