@@ -9,6 +9,7 @@
 pub mod cert;
 pub mod identity;
 pub mod tls;
+pub mod xds;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -1,0 +1,423 @@
+//! The delta xDS client of ztunnel and waypoint, and the typed store it fills.
+//!
+//! One stream to the control plane carries every subscribed type. Each response is checked
+//! whole before anything is applied: a resource that does not decode, or of a type we did
+//! not ask for, NACKs the response (logged, the store unchanged), never crashes. While the
+//! control plane is away the store keeps serving its last good content; the client
+//! reconnects with exponential backoff and resumes with the versions it holds, so only
+//! changes are sent again. `synced` turns true once every subscribed type has had its
+//! first response, and stays true across reconnects.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use prost::{Message, Name};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use trellis_proto::envoy::config::core::v3::Node;
+use trellis_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use trellis_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use trellis_proto::google::rpc::Status as RpcStatus;
+use trellis_proto::istio::security::{Authorization, Scope};
+use trellis_proto::istio::workload::{Address, Service, Workload, address};
+
+/// What the data plane knows: workloads, services and L4 policies.
+#[derive(Debug, Default, Clone)]
+pub struct Store {
+    workloads: HashMap<String, Workload>,
+    workload_by_ip: HashMap<IpAddr, String>,
+    services: HashMap<String, Service>,
+    service_by_vip: HashMap<IpAddr, String>,
+    policies: BTreeMap<String, Authorization>,
+    /// Type URL → resource name → version: what we hold, sent on resume.
+    versions: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Store {
+    /// The workload with this uid.
+    pub fn workload(&self, uid: &str) -> Option<&Workload> {
+        self.workloads.get(uid)
+    }
+
+    /// The workload that owns `ip`.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workload_by_ip
+            .get(&ip)
+            .and_then(|u| self.workloads.get(u))
+    }
+
+    /// The service named `namespace/hostname`.
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.get(name)
+    }
+
+    /// The service whose VIP is `ip`.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
+        self.service_by_vip
+            .get(&ip)
+            .and_then(|n| self.services.get(n))
+    }
+
+    /// The policies that apply to `w`: global, its namespace's, and the workload-selector
+    /// policies the control plane attached to it.
+    pub fn policies_for(&self, w: &Workload) -> Vec<&Authorization> {
+        self.policies
+            .iter()
+            .filter(|(name, p)| match Scope::try_from(p.scope) {
+                Ok(Scope::Global) => true,
+                Ok(Scope::Namespace) => p.namespace == w.namespace,
+                Ok(Scope::WorkloadSelector) => w.authorization_policies.contains(name),
+                Err(_) => false,
+            })
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    /// Counts: (workloads, services, policies).
+    pub fn len(&self) -> (usize, usize, usize) {
+        (
+            self.workloads.len(),
+            self.services.len(),
+            self.policies.len(),
+        )
+    }
+
+    /// Whether the store holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == (0, 0, 0)
+    }
+
+    /// Checks a whole response, then applies it; on error nothing is applied and the
+    /// reason is what the NACK says.
+    pub fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
+        enum Decoded {
+            Address(Box<Address>),
+            Policy(Authorization),
+        }
+        let mut decoded = Vec::with_capacity(resp.resources.len());
+        for r in &resp.resources {
+            let any = r
+                .resource
+                .as_ref()
+                .ok_or_else(|| format!("resource {:?} has no body", r.name))?;
+            if any.type_url != resp.type_url {
+                return Err(format!(
+                    "resource {:?} is a {} in a {} response",
+                    r.name, any.type_url, resp.type_url
+                ));
+            }
+            let d = if resp.type_url == Address::type_url() {
+                Decoded::Address(Box::new(
+                    Address::decode(any.value.as_slice())
+                        .map_err(|e| format!("resource {:?} does not decode: {e}", r.name))?,
+                ))
+            } else if resp.type_url == Authorization::type_url() {
+                Decoded::Policy(
+                    Authorization::decode(any.value.as_slice())
+                        .map_err(|e| format!("resource {:?} does not decode: {e}", r.name))?,
+                )
+            } else {
+                return Err(format!("type {} was not subscribed", resp.type_url));
+            };
+            decoded.push((r.name.clone(), r.version.clone(), d));
+        }
+        for name in &resp.removed_resources {
+            self.remove(&resp.type_url, name);
+        }
+        for (name, version, d) in decoded {
+            self.remove(&resp.type_url, &name);
+            match d {
+                Decoded::Address(a) => match a.r#type {
+                    Some(address::Type::Workload(w)) => {
+                        for ip in w.addresses.iter().filter_map(|b| ip_of(b)) {
+                            self.workload_by_ip.insert(ip, name.clone());
+                        }
+                        self.workloads.insert(name.clone(), w);
+                    }
+                    Some(address::Type::Service(s)) => {
+                        for ip in s.addresses.iter().filter_map(|a| ip_of(&a.address)) {
+                            self.service_by_vip.insert(ip, name.clone());
+                        }
+                        self.services.insert(name.clone(), s);
+                    }
+                    None => {}
+                },
+                Decoded::Policy(p) => {
+                    self.policies.insert(name.clone(), p);
+                }
+            }
+            self.versions
+                .entry(resp.type_url.clone())
+                .or_default()
+                .insert(name, version);
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, type_url: &str, name: &str) {
+        if let Some(v) = self.versions.get_mut(type_url) {
+            v.remove(name);
+        }
+        if let Some(w) = self.workloads.remove(name) {
+            for ip in w.addresses.iter().filter_map(|b| ip_of(b)) {
+                if self.workload_by_ip.get(&ip).is_some_and(|n| n == name) {
+                    self.workload_by_ip.remove(&ip);
+                }
+            }
+        }
+        if let Some(s) = self.services.remove(name) {
+            for ip in s.addresses.iter().filter_map(|a| ip_of(&a.address)) {
+                if self.service_by_vip.get(&ip).is_some_and(|n| n == name) {
+                    self.service_by_vip.remove(&ip);
+                }
+            }
+        }
+        if type_url == Authorization::type_url() {
+            self.policies.remove(name);
+        }
+    }
+}
+
+fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
+        _ => None,
+    }
+}
+
+/// Settings of the xDS client.
+#[derive(Debug, Clone)]
+pub struct XdsConfig {
+    /// This proxy's id (Istio: `sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`).
+    pub node_id: String,
+    /// Type URLs to subscribe to (wildcard).
+    pub types: Vec<String>,
+    /// First reconnect delay; doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    /// Longest reconnect delay.
+    pub max_backoff: Duration,
+}
+
+/// A running client: the store it fills and whether it is synced.
+#[derive(Debug, Clone)]
+pub struct XdsClient {
+    store: Arc<RwLock<Store>>,
+    synced: watch::Receiver<bool>,
+}
+
+impl XdsClient {
+    /// Starts the client on `channel` (reconnecting on its own) and returns its handle.
+    pub fn start(channel: Channel, config: XdsConfig) -> XdsClient {
+        let store = Arc::new(RwLock::new(Store::default()));
+        let (synced_tx, synced) = watch::channel(false);
+        tokio::spawn(run(channel, config, store.clone(), synced_tx));
+        XdsClient { store, synced }
+    }
+
+    /// A read view of the store (never held across an await).
+    pub fn store(&self) -> std::sync::RwLockReadGuard<'_, Store> {
+        self.store.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether every subscribed type has had its first response.
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Waits until synced.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.synced.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+async fn run(
+    channel: Channel,
+    config: XdsConfig,
+    store: Arc<RwLock<Store>>,
+    synced: watch::Sender<bool>,
+) {
+    let mut backoff = config.initial_backoff;
+    loop {
+        match stream_once(&channel, &config, &store, &synced).await {
+            Ok(()) => tracing::info!("xDS stream closed by the control plane; reconnecting"),
+            Err(e) => {
+                tracing::warn!(error = %e, "xDS stream failed; serving the last good config and reconnecting")
+            }
+        }
+        if synced.is_closed() {
+            return; // nobody listens any more
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(config.max_backoff);
+    }
+}
+
+async fn stream_once(
+    channel: &Channel,
+    config: &XdsConfig,
+    store: &Arc<RwLock<Store>>,
+    synced: &watch::Sender<bool>,
+) -> Result<(), tonic::Status> {
+    let (tx, rx) = mpsc::channel(16);
+    for type_url in &config.types {
+        // Resume: tell the server what we hold so only changes come back.
+        let initial = store
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .versions
+            .get(type_url)
+            .cloned()
+            .unwrap_or_default();
+        let req = DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: config.node_id.clone(),
+                ..Default::default()
+            }),
+            type_url: type_url.clone(),
+            initial_resource_versions: initial.into_iter().collect(),
+            ..Default::default()
+        };
+        tx.send(req)
+            .await
+            .map_err(|_| tonic::Status::internal("request queue closed"))?;
+    }
+    let mut client = AggregatedDiscoveryServiceClient::new(channel.clone());
+    let mut inbound = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut answered = std::collections::BTreeSet::new();
+    while let Some(resp) = inbound.message().await? {
+        let result = store
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(&resp);
+        let error_detail = match result {
+            Ok(()) => None,
+            Err(reason) => {
+                tracing::warn!(type_url = %resp.type_url, nonce = %resp.nonce, %reason, "rejecting (NACK) an xDS response; keeping the previous config");
+                Some(RpcStatus {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message: reason,
+                    details: vec![],
+                })
+            }
+        };
+        let nacked = error_detail.is_some();
+        let ack = DeltaDiscoveryRequest {
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            error_detail,
+            ..Default::default()
+        };
+        tx.send(ack)
+            .await
+            .map_err(|_| tonic::Status::internal("request queue closed"))?;
+        if !nacked && config.types.contains(&resp.type_url) {
+            answered.insert(resp.type_url.clone());
+            if answered.len() == config.types.len() {
+                synced.send_replace(true);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost_types::Any;
+    use trellis_proto::envoy::service::discovery::v3::Resource;
+
+    fn workload_resource(name: &str, ip: [u8; 4]) -> Resource {
+        let a = Address {
+            r#type: Some(address::Type::Workload(Workload {
+                uid: name.into(),
+                name: "web".into(),
+                namespace: "foo".into(),
+                addresses: vec![ip.to_vec()],
+                ..Default::default()
+            })),
+        };
+        Resource {
+            name: name.into(),
+            version: "1".into(),
+            resource: Some(Any::from_msg(&a).unwrap()),
+            ..Default::default()
+        }
+    }
+
+    fn response(resources: Vec<Resource>, removed: Vec<String>) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: Address::type_url(),
+            resources,
+            removed_resources: removed,
+            nonce: "1".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn workloads_are_found_by_uid_and_ip_and_removed_cleanly() {
+        let mut s = Store::default();
+        s.apply(&response(
+            vec![workload_resource("w1", [10, 0, 0, 1])],
+            vec![],
+        ))
+        .unwrap();
+        let ip = IpAddr::from([10, 0, 0, 1]);
+        assert_eq!(s.workload_by_ip(ip).unwrap().uid, "w1");
+        // The workload moves to another IP: the old IP no longer resolves.
+        s.apply(&response(
+            vec![workload_resource("w1", [10, 0, 0, 2])],
+            vec![],
+        ))
+        .unwrap();
+        assert!(s.workload_by_ip(ip).is_none());
+        assert!(s.workload_by_ip(IpAddr::from([10, 0, 0, 2])).is_some());
+        s.apply(&response(vec![], vec!["w1".into()])).unwrap();
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn bad_input_is_refused_whole_and_nothing_is_applied() {
+        let mut s = Store::default();
+        s.apply(&response(
+            vec![workload_resource("w1", [10, 0, 0, 1])],
+            vec![],
+        ))
+        .unwrap();
+        let garbage = Resource {
+            name: "bad".into(),
+            resource: Some(Any {
+                type_url: Address::type_url(),
+                value: vec![0xff, 0xff, 0xff],
+            }),
+            ..Default::default()
+        };
+        // A good resource and a removal in the same response as garbage: none applied.
+        let err = s
+            .apply(&response(
+                vec![workload_resource("w2", [10, 0, 0, 2]), garbage],
+                vec!["w1".into()],
+            ))
+            .unwrap_err();
+        assert!(err.contains("\"bad\" does not decode"), "{err}");
+        assert_eq!(s.len(), (1, 0, 0));
+        assert!(s.workload("w1").is_some());
+
+        let mut wrong = response(vec![workload_resource("w3", [10, 0, 0, 3])], vec![]);
+        wrong.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
+        let err = s.apply(&wrong).unwrap_err();
+        assert!(
+            err.contains("in a type.googleapis.com/envoy.config.cluster.v3.Cluster response"),
+            "{err}"
+        );
+        assert_eq!(s.len(), (1, 0, 0));
+    }
+}
