@@ -207,6 +207,7 @@ pub struct XdsConfig {
 pub struct XdsClient {
     store: Arc<RwLock<Store>>,
     synced: watch::Receiver<bool>,
+    generation: watch::Receiver<u64>,
 }
 
 impl XdsClient {
@@ -214,8 +215,23 @@ impl XdsClient {
     pub fn start(channel: Channel, config: XdsConfig) -> XdsClient {
         let store = Arc::new(RwLock::new(Store::default()));
         let (synced_tx, synced) = watch::channel(false);
-        tokio::spawn(run(channel, config, store.clone(), synced_tx));
-        XdsClient { store, synced }
+        let (generation_tx, generation) = watch::channel(0);
+        let notify = Notify {
+            synced: synced_tx,
+            generation: generation_tx,
+        };
+        tokio::spawn(run(channel, config, store.clone(), notify));
+        XdsClient {
+            store,
+            synced,
+            generation,
+        }
+    }
+
+    /// Counts applied responses: it changes each time the store does, so users (listeners,
+    /// the admin dump, benchmarks) can wait for a change instead of polling.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.generation.clone()
     }
 
     /// A read view of the store (never held across an await).
@@ -235,21 +251,21 @@ impl XdsClient {
     }
 }
 
-async fn run(
-    channel: Channel,
-    config: XdsConfig,
-    store: Arc<RwLock<Store>>,
+struct Notify {
     synced: watch::Sender<bool>,
-) {
+    generation: watch::Sender<u64>,
+}
+
+async fn run(channel: Channel, config: XdsConfig, store: Arc<RwLock<Store>>, notify: Notify) {
     let mut backoff = config.initial_backoff;
     loop {
-        match stream_once(&channel, &config, &store, &synced).await {
+        match stream_once(&channel, &config, &store, &notify).await {
             Ok(()) => tracing::info!("xDS stream closed by the control plane; reconnecting"),
             Err(e) => {
                 tracing::warn!(error = %e, "xDS stream failed; serving the last good config and reconnecting")
             }
         }
-        if synced.is_closed() {
+        if notify.synced.is_closed() {
             return; // nobody listens any more
         }
         tokio::time::sleep(backoff).await;
@@ -261,7 +277,7 @@ async fn stream_once(
     channel: &Channel,
     config: &XdsConfig,
     store: &Arc<RwLock<Store>>,
-    synced: &watch::Sender<bool>,
+    notify: &Notify,
 ) -> Result<(), tonic::Status> {
     let (tx, rx) = mpsc::channel(16);
     for type_url in &config.types {
@@ -309,6 +325,9 @@ async fn stream_once(
             }
         };
         let nacked = error_detail.is_some();
+        if !nacked {
+            notify.generation.send_modify(|g| *g += 1);
+        }
         let ack = DeltaDiscoveryRequest {
             type_url: resp.type_url.clone(),
             response_nonce: resp.nonce.clone(),
@@ -321,7 +340,7 @@ async fn stream_once(
         if !nacked && config.types.contains(&resp.type_url) {
             answered.insert(resp.type_url.clone());
             if answered.len() == config.types.len() {
-                synced.send_replace(true);
+                notify.synced.send_replace(true);
             }
         }
     }
