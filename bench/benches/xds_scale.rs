@@ -18,12 +18,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
 use tonic::transport::Channel;
 use trellis_control_plane::config::load::{Document, parse_file};
 use trellis_control_plane::config::model::{MeshConfig, Model};
 use trellis_control_plane::config::snapshot::Snapshot;
-use trellis_control_plane::xds::{AckTracker, XdsServer};
+use trellis_control_plane::xds::{AckTracker, Publisher, XdsServer};
 use trellis_core::xds::{XdsClient, XdsConfig};
 use trellis_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use trellis_proto::type_url::{ADDRESS, AUTHORIZATION};
@@ -119,7 +118,7 @@ fn control_plane() {
         let t = Instant::now();
         let snap = Snapshot::build(&model, &mesh);
         let built = t.elapsed();
-        let (publish, snaps) = watch::channel(Arc::new(snap));
+        let (publish, snaps) = Publisher::new(snap);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -153,7 +152,7 @@ fn control_plane() {
             };
             let t = Instant::now();
             apply(&mut model, &pod(0, &format!("extra-{n}"), 0, 20_000 + n));
-            publish.send_replace(Arc::new(Snapshot::build(&model, &mesh)));
+            publish.publish(Snapshot::build(&model, &mesh));
             println!("rebuilt_us {}", t.elapsed().as_micros());
         }
     });

@@ -44,6 +44,16 @@ impl AckTracker {
             .insert(type_url.to_string(), known.clone());
     }
 
+    fn record_patch(&self, proxy: &str, type_url: &str, patch: &Patch) {
+        let mut p = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        let versions = p
+            .entry(proxy.to_string())
+            .or_default()
+            .entry(type_url.to_string())
+            .or_default();
+        patch.apply(versions);
+    }
+
     fn forget(&self, proxy: &str) {
         let mut p = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
         p.remove(proxy);
@@ -75,7 +85,29 @@ impl AckTracker {
     }
 }
 
-/// The xDS service, serving the latest snapshot published on `snapshots`.
+/// Publishes snapshots to the xDS server: numbers them and computes what changed since the
+/// previous one, once, for all streams.
+#[derive(Debug)]
+pub struct Publisher {
+    tx: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Publisher {
+    /// A publisher starting with `initial`, and the receiver the server reads.
+    pub fn new(initial: Snapshot) -> (Publisher, watch::Receiver<Arc<Snapshot>>) {
+        let (tx, rx) = watch::channel(Arc::new(initial));
+        (Publisher { tx }, rx)
+    }
+
+    /// Makes `next` the snapshot every stream serves.
+    pub fn publish(&self, mut next: Snapshot) {
+        let prev = self.tx.borrow().clone();
+        next.follow(&prev);
+        self.tx.send_replace(Arc::new(next));
+    }
+}
+
+/// The xDS service, serving the latest snapshot a [`Publisher`] published.
 #[derive(Debug, Clone)]
 pub struct XdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
@@ -125,14 +157,43 @@ impl AggregatedDiscoveryService for XdsServer {
     }
 }
 
+/// What one response changes in what the proxy has.
+#[derive(Debug, Default)]
+struct Patch {
+    updated: Vec<(String, String)>,
+    removed: Vec<String>,
+}
+
+impl Patch {
+    fn apply(&self, versions: &mut BTreeMap<String, String>) {
+        for name in &self.removed {
+            versions.remove(name);
+        }
+        for (name, version) in &self.updated {
+            versions.insert(name.clone(), version.clone());
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Pending {
+    nonce: String,
+    patch: Patch,
+    /// The snapshot the proxy will be in sync with once it ACKs.
+    generation: u64,
+}
+
 #[derive(Debug, Default)]
 struct TypeState {
     wildcard: bool,
     names: BTreeSet<String>,
     /// What the proxy has, as far as it has told us (ACKs, initial versions).
     known: BTreeMap<String, String>,
-    /// The response in flight: its nonce and what the proxy will have once it ACKs.
-    pending: Option<(String, BTreeMap<String, String>)>,
+    /// The snapshot `known` matches (for this subscription), when it does: then the next
+    /// snapshot's change set is all there is to send.
+    synced_generation: Option<u64>,
+    /// The response in flight.
+    pending: Option<Pending>,
     /// Whether any response was sent (the first one is sent even when empty: it tells the
     /// proxy it is in sync).
     answered: bool,
@@ -187,16 +248,22 @@ impl Stream {
         let state = self.types.entry(type_url.clone()).or_default();
         if !req.response_nonce.is_empty() {
             match state.pending.take() {
-                Some((nonce, after)) if nonce == req.response_nonce => {
+                Some(p) if p.nonce == req.response_nonce => {
                     if let Some(err) = &req.error_detail {
                         tracing::warn!(
-                            proxy = %self.proxy, type_url = %type_url, nonce = %nonce,
+                            proxy = %self.proxy, type_url = %type_url, nonce = %p.nonce,
                             code = err.code, error = %err.message,
                             "proxy rejected (NACK) the update; it keeps its previous config"
                         );
+                        state.synced_generation = None;
                     } else {
-                        state.known = after;
-                        self.acks.record(&self.proxy, &type_url, &state.known);
+                        p.patch.apply(&mut state.known);
+                        if state.synced_generation.is_some() {
+                            self.acks.record_patch(&self.proxy, &type_url, &p.patch);
+                        } else {
+                            self.acks.record(&self.proxy, &type_url, &state.known);
+                        }
+                        state.synced_generation = Some(p.generation);
                     }
                 }
                 // An answer to an older response: ours is still in flight.
@@ -208,6 +275,10 @@ impl Stream {
             state.known = req.initial_resource_versions.into_iter().collect();
             state.wildcard = req.resource_names_subscribe.is_empty()
                 || req.resource_names_subscribe.iter().any(|n| n == "*");
+        }
+        if !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty() {
+            // The subscription changed: the next response is computed in full.
+            state.synced_generation = None;
         }
         for name in req.resource_names_subscribe {
             if name == "*" {
@@ -245,20 +316,47 @@ impl Stream {
         if state.pending.is_some() {
             return Ok(());
         }
-        let (wildcard, names) = (state.wildcard, &state.names);
-        let delta = snap.delta_from(type_url, &state.known, |n| wildcard || names.contains(n));
-        if state.answered && delta.updated.is_empty() && delta.removed.is_empty() {
+        if state.synced_generation == Some(snap.generation) {
             return Ok(());
         }
-        let mut after = state.known.clone();
-        for name in &delta.removed {
-            after.remove(name);
+        let (wildcard, names) = (state.wildcard, &state.names);
+        let wanted = |n: &str| wildcard || names.contains(n);
+        let empty = BTreeMap::new();
+        let current = snap.of_type(type_url).unwrap_or(&empty);
+        let delta = match (state.synced_generation, snap.changes.get(type_url)) {
+            // In sync with the previous snapshot: its change set is the whole delta.
+            (Some(g), Some(changes)) if g + 1 == snap.generation => {
+                crate::config::snapshot::Delta {
+                    updated: changes
+                        .updated
+                        .iter()
+                        .filter(|n| wanted(n))
+                        .filter_map(|n| current.get(n).map(|r| (n.clone(), r.clone())))
+                        .collect(),
+                    removed: changes
+                        .removed
+                        .iter()
+                        .filter(|n| state.known.contains_key(*n))
+                        .cloned()
+                        .collect(),
+                }
+            }
+            _ => snap.delta_from(type_url, &state.known, wanted),
+        };
+        if state.answered && delta.updated.is_empty() && delta.removed.is_empty() {
+            // Nothing for this proxy in this snapshot: what it has matches it.
+            state.synced_generation = Some(snap.generation);
+            return Ok(());
         }
+        let mut patch = Patch {
+            updated: Vec::with_capacity(delta.updated.len()),
+            removed: delta.removed.clone(),
+        };
         let resources = delta
             .updated
             .into_iter()
             .map(|(name, r)| {
-                after.insert(name.clone(), r.version.clone());
+                patch.updated.push((name.clone(), r.version.clone()));
                 Resource {
                     name,
                     version: r.version,
@@ -269,7 +367,11 @@ impl Stream {
             .collect();
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
-        state.pending = Some((nonce.clone(), after));
+        state.pending = Some(Pending {
+            nonce: nonce.clone(),
+            patch,
+            generation: snap.generation,
+        });
         state.answered = true;
         let resp = DeltaDiscoveryResponse {
             type_url: type_url.to_string(),

@@ -6,13 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use trellis_control_plane::config::load::{Document, parse_file};
 use trellis_control_plane::config::model::{MeshConfig, Model};
 use trellis_control_plane::config::snapshot::Snapshot;
-use trellis_control_plane::xds::{AckTracker, XdsServer};
+use trellis_control_plane::xds::{AckTracker, Publisher, XdsServer};
 use trellis_proto::envoy::config::core::v3::Node;
 use trellis_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use trellis_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
@@ -20,7 +20,7 @@ use trellis_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaD
 use trellis_proto::google::rpc::Status as RpcStatus;
 use trellis_proto::type_url::{ADDRESS, AUTHORIZATION};
 
-fn cluster(pod_ip: &str, with_service: bool) -> Arc<Snapshot> {
+fn cluster(pod_ip: &str, with_service: bool) -> Snapshot {
     let mut yaml = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: foo, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: foo, labels: {{app: web}}}}\nspec: {{nodeName: node1, containers: [{{name: a, image: b}}]}}\nstatus: {{podIP: {pod_ip}}}\n"
     );
@@ -33,7 +33,7 @@ fn cluster(pod_ip: &str, with_service: bool) -> Arc<Snapshot> {
             m.apply(&l.id, l.object);
         }
     }
-    Arc::new(Snapshot::build(&m, &MeshConfig::default()))
+    Snapshot::build(&m, &MeshConfig::default())
 }
 
 const WORKLOAD: &str = "Kubernetes//Pod/foo/web";
@@ -115,10 +115,8 @@ fn subscribe(
     }
 }
 
-async fn start(
-    snapshot: Arc<Snapshot>,
-) -> (Channel, watch::Sender<Arc<Snapshot>>, Arc<AckTracker>) {
-    let (pub_tx, pub_rx) = watch::channel(snapshot);
+async fn start(snapshot: Snapshot) -> (Channel, Publisher, Arc<AckTracker>) {
+    let (pub_tx, pub_rx) = Publisher::new(snapshot);
     let acks = Arc::new(AckTracker::default());
     let server = XdsServer::new(pub_rx, acks.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -150,14 +148,14 @@ async fn subscribe_ack_update_delete() {
     proxy.ack(ADDRESS, &first.nonce).await;
 
     // The pod moves: only the workload is sent again.
-    publish.send(cluster("10.244.1.3", true)).unwrap();
+    publish.publish(cluster("10.244.1.3", true));
     let update = proxy.recv().await;
     assert_eq!(names(&update), [WORKLOAD]);
     assert!(update.removed_resources.is_empty());
     proxy.ack(ADDRESS, &update.nonce).await;
 
     // The service is deleted.
-    publish.send(cluster("10.244.1.3", false)).unwrap();
+    publish.publish(cluster("10.244.1.3", false));
     let removal = proxy.recv().await;
     assert_eq!(removal.removed_resources, [SERVICE]);
     // The workload no longer lists the service: it changed too.
@@ -182,7 +180,7 @@ async fn a_nack_keeps_the_previous_version_and_nothing_is_sent_until_it_is_answe
     let mut proxy = Proxy::connect(channel, subscribe(ADDRESS, &["*"], BTreeMap::new())).await;
     let first = proxy.recv().await;
     // One response in flight: a new snapshot waits for the answer.
-    publish.send(cluster("10.244.1.3", true)).unwrap();
+    publish.publish(cluster("10.244.1.3", true));
     proxy.nothing_for(Duration::from_millis(200)).await;
     proxy.ack(ADDRESS, &first.nonce).await;
     let update = proxy.recv().await;
@@ -235,7 +233,7 @@ async fn subscription_by_name_and_resume_after_reconnect() {
     drop(proxy);
 
     // Something changed while it was away: only that is sent on resume.
-    publish.send(cluster("10.244.1.2", false)).unwrap();
+    publish.publish(cluster("10.244.1.2", false));
     let mut proxy = Proxy::connect(channel, subscribe(ADDRESS, &[SERVICE], known)).await;
     let resumed = proxy.recv().await;
     assert!(resumed.resources.is_empty());

@@ -11,14 +11,14 @@ use tonic::transport::Channel;
 use trellis_control_plane::config::load::{Document, parse_file};
 use trellis_control_plane::config::model::{MeshConfig, Model};
 use trellis_control_plane::config::snapshot::Snapshot;
-use trellis_control_plane::xds::{AckTracker, XdsServer};
+use trellis_control_plane::xds::{AckTracker, Publisher, XdsServer};
 use trellis_core::xds::{XdsClient, XdsConfig};
 use trellis_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use trellis_proto::type_url::{ADDRESS, AUTHORIZATION};
 
 const SEED: &str = include_str!("../../examples/seed-policies.yaml");
 
-fn snapshot(pod_ip: &str) -> Arc<Snapshot> {
+fn snapshot(pod_ip: &str) -> Snapshot {
     let yaml = format!(
         "{SEED}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: foo, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: httpbin, namespace: foo, labels: {{app: httpbin}}}}\nspec: {{nodeName: node1, containers: [{{name: a, image: b}}]}}\nstatus: {{podIP: {pod_ip}}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: httpbin, namespace: foo}}\nspec: {{clusterIP: 10.96.0.7, selector: {{app: httpbin}}, ports: [{{port: 8000}}]}}\n"
     );
@@ -28,7 +28,7 @@ fn snapshot(pod_ip: &str) -> Arc<Snapshot> {
             m.apply(&l.id, l.object);
         }
     }
-    Arc::new(Snapshot::build(&m, &MeshConfig::default()))
+    Snapshot::build(&m, &MeshConfig::default())
 }
 
 fn serve(
@@ -74,7 +74,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 async fn syncs_follows_updates_and_survives_a_control_plane_restart() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (publish, snaps) = watch::channel(snapshot("10.244.1.9"));
+    let (publish, snaps) = Publisher::new(snapshot("10.244.1.9"));
     let server = serve(listener, snaps.clone());
     let xds = client(addr);
     assert!(!xds.is_synced(), "not synced before the first responses");
@@ -103,7 +103,7 @@ async fn syncs_follows_updates_and_survives_a_control_plane_restart() {
         );
     }
 
-    publish.send(snapshot("10.244.1.10")).unwrap();
+    publish.publish(snapshot("10.244.1.10"));
     eventually("the pod's new IP reaches the store", || {
         xds.store()
             .workload_by_ip(IpAddr::from([10, 244, 1, 10]))
@@ -123,7 +123,7 @@ async fn syncs_follows_updates_and_survives_a_control_plane_restart() {
     );
 
     // It comes back (same address) with a change made meanwhile: the client resumes.
-    publish.send(snapshot("10.244.1.11")).unwrap();
+    publish.publish(snapshot("10.244.1.11"));
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let _server = serve(listener, snaps);
     eventually(

@@ -173,8 +173,8 @@ impl Model {
         let labels = pod.metadata.labels.clone().unwrap_or_default();
         let enrolled = self.is_enrolled(pod);
         let mut services = std::collections::HashMap::new();
-        for ((sns, sname), svc) in &self.services {
-            if *sns != ns || !selects(svc, &labels) {
+        for ((sns, sname), svc) in in_namespace(&self.services, &ns) {
+            if !selects(svc, &labels) {
                 continue;
             }
             let ports = service_ports(svc, Some(pod));
@@ -183,12 +183,21 @@ impl Model {
                 wl::PortList { ports },
             );
         }
-        let authorization_policies = self
-            .authorization_policies
-            .iter()
-            .filter(|((pns, _), p)| {
-                (*pns == ns || *pns == mesh.root_namespace)
-                    && p.spec.target_ref.is_none()
+        let in_scope = in_namespace(&self.authorization_policies, &ns);
+        let mesh_wide = if ns == mesh.root_namespace {
+            None
+        } else {
+            Some(in_namespace(
+                &self.authorization_policies,
+                &mesh.root_namespace,
+            ))
+        };
+        let authorization_policies = mesh_wide
+            .into_iter()
+            .flatten()
+            .chain(in_scope)
+            .filter(|(_, p)| {
+                p.spec.target_ref.is_none()
                     && p.spec.target_refs.is_empty()
                     && p.spec
                         .selector
@@ -268,17 +277,13 @@ impl Model {
     ) -> EffectiveMtls {
         let level = |in_ns: &str, with_selector: bool| {
             oldest(
-                self.peer_authentications
-                    .iter()
-                    .filter(|((pns, _), pa)| {
-                        pns == in_ns
-                            && match (&pa.spec.selector, with_selector) {
-                                (None, false) => true,
-                                (Some(sel), true) => {
-                                    !sel.match_labels.is_empty() && matches_selector(sel, labels)
-                                }
-                                _ => false,
-                            }
+                in_namespace(&self.peer_authentications, in_ns)
+                    .filter(|(_, pa)| match (&pa.spec.selector, with_selector) {
+                        (None, false) => true,
+                        (Some(sel), true) => {
+                            !sel.match_labels.is_empty() && matches_selector(sel, labels)
+                        }
+                        _ => false,
                     })
                     .collect(),
             )
@@ -562,4 +567,15 @@ impl EffectiveMtls {
             dry_run: false,
         }
     }
+}
+
+/// The entries of `map` (keyed by namespace, name) in namespace `ns`: a range lookup, so
+/// per-pod translation costs what the pod's namespace holds, not what the mesh holds.
+fn in_namespace<'a, V>(
+    map: &'a BTreeMap<Key, V>,
+    ns: &str,
+) -> impl Iterator<Item = (&'a Key, &'a V)> + 'a {
+    let ns = ns.to_string();
+    map.range((ns.clone(), String::new())..)
+        .take_while(move |((n, _), _)| *n == ns)
 }

@@ -29,10 +29,24 @@ pub struct Resource {
 /// All resources of one build.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
+    /// Builds since the first (0).
+    pub generation: u64,
     /// Type URL → name → resource.
     pub resources: BTreeMap<String, BTreeMap<String, Resource>>,
     /// Status of every AuthorizationPolicy.
     pub statuses: BTreeMap<ObjectRef, PolicyStatus>,
+    /// What changed since generation − 1, per type URL: computed once here, so the many
+    /// streams that are in sync do not each compare every resource.
+    pub changes: BTreeMap<String, ChangeSet>,
+}
+
+/// Names updated and removed between two consecutive snapshots of one type.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChangeSet {
+    /// Added or changed.
+    pub updated: Vec<String>,
+    /// Gone.
+    pub removed: Vec<String>,
 }
 
 /// What changed for one type between two snapshots.
@@ -82,6 +96,33 @@ impl Snapshot {
         snap.resources
             .insert(Authorization::type_url(), authorizations);
         snap
+    }
+
+    /// Records in `self` the generation after `prev` and what changed since it.
+    pub(crate) fn follow(&mut self, prev: &Snapshot) {
+        self.generation = prev.generation + 1;
+        let empty = BTreeMap::new();
+        let types: std::collections::BTreeSet<&String> =
+            prev.resources.keys().chain(self.resources.keys()).collect();
+        let mut changes = BTreeMap::new();
+        for t in types {
+            let old = prev.resources.get(t).unwrap_or(&empty);
+            let new = self.resources.get(t).unwrap_or(&empty);
+            let set = ChangeSet {
+                updated: new
+                    .iter()
+                    .filter(|(n, r)| old.get(*n).map(|o| &o.version) != Some(&r.version))
+                    .map(|(n, _)| n.clone())
+                    .collect(),
+                removed: old
+                    .keys()
+                    .filter(|n| !new.contains_key(*n))
+                    .cloned()
+                    .collect(),
+            };
+            changes.insert(t.clone(), set);
+        }
+        self.changes = changes;
     }
 
     /// The resources of `type_url` (empty when none).
