@@ -116,9 +116,10 @@ fn control_plane() {
         apply(&mut model, &manifests());
         let parsed = t.elapsed();
         let t = Instant::now();
-        let snap = Snapshot::build(&model, &mesh);
+        let mut snap = Arc::new(Snapshot::build(&model, &mesh));
+        model.take_dirty();
         let built = t.elapsed();
-        let (publish, snaps) = Publisher::new(snap);
+        let (publish, snaps) = Publisher::new((*snap).clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -152,7 +153,10 @@ fn control_plane() {
             };
             let t = Instant::now();
             apply(&mut model, &pod(0, &format!("extra-{n}"), 0, 20_000 + n));
-            publish.publish(Snapshot::build(&model, &mesh));
+            let dirty = model.take_dirty();
+            let next = Snapshot::rebuild(&snap, &model, &mesh, &dirty);
+            publish.publish(next);
+            snap = publish.current();
             println!("rebuilt_us {}", t.elapsed().as_micros());
         }
     });

@@ -99,6 +99,11 @@ impl Publisher {
         (Publisher { tx }, rx)
     }
 
+    /// The snapshot served now.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
     /// Makes `next` the snapshot every stream serves.
     pub fn publish(&self, mut next: Snapshot) {
         let prev = self.tx.borrow().clone();

@@ -111,3 +111,72 @@ fn deltas_carry_only_what_changed() {
     });
     assert_eq!(delta.updated.len(), 1);
 }
+
+fn apply(m: &mut Model, yaml: &str) {
+    for d in parse_file(Path::new("x.yaml"), yaml) {
+        match d {
+            Document::Loaded(l) => m.apply(&l.id, l.object),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+fn delete(m: &mut Model, kind: &str, ns: &str, name: &str) {
+    m.delete(&trellis_control_plane::config::load::ObjectRef {
+        kind: kind.into(),
+        namespace: ns.into(),
+        name: name.into(),
+    });
+}
+
+fn ns_fixture(ns: &str, ip: u8) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: {ns}, labels: {{app: a}}}}\nspec: {{nodeName: n1, containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: 10.244.0.{ip}}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: {ns}}}\nspec: {{clusterIP: 10.96.0.{ip}, selector: {{app: a}}, ports: [{{port: 80}}]}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: allow, namespace: {ns}}}\nspec: {{selector: {{matchLabels: {{app: a}}}}, rules: [{{}}]}}\n"
+    )
+}
+
+#[test]
+fn an_incremental_rebuild_equals_a_full_build() {
+    let mesh = MeshConfig::default();
+    let mut m = Model::default();
+    apply(
+        &mut m,
+        &[ns_fixture("a", 1), ns_fixture("b", 2), ns_fixture("c", 3)].concat(),
+    );
+    m.take_dirty();
+    let mut snap = Snapshot::build(&m, &mesh);
+    type Step = Box<dyn Fn(&mut Model)>;
+    let steps: Vec<Step> = vec![
+        Box::new(|m| apply(m, &ns_fixture("a", 9))),
+        Box::new(|m| delete(m, "Service", "b", "s")),
+        Box::new(|m| {
+            apply(
+                m,
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: c}\nspec: {mtls: {mode: STRICT}}\n",
+            )
+        }),
+        Box::new(|m| apply(m, "apiVersion: v1\nkind: Namespace\nmetadata: {name: c}\n")),
+        Box::new(|m| {
+            apply(
+                m,
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: mesh, namespace: istio-system}\nspec: {selector: {matchLabels: {app: a}}, action: DENY, rules: [{}]}\n",
+            )
+        }),
+        Box::new(|m| delete(m, "Pod", "a", "p")),
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        step(&mut m);
+        let dirty = m.take_dirty();
+        let incremental = Snapshot::rebuild(&snap, &m, &mesh, &dirty);
+        let full = Snapshot::build(&m, &mesh);
+        assert_eq!(
+            incremental.resources, full.resources,
+            "step {i}: resources differ"
+        );
+        assert_eq!(
+            incremental.statuses, full.statuses,
+            "step {i}: statuses differ"
+        );
+        snap = incremental;
+    }
+}

@@ -59,6 +59,8 @@ pub struct Model {
     authorization_policies: BTreeMap<Key, AuthorizationPolicy>,
     peer_authentications: BTreeMap<Key, PeerAuthentication>,
     request_authentications: BTreeMap<Key, RequestAuthentication>,
+    /// Namespaces whose objects changed since [`Model::take_dirty`] was last called.
+    dirty: std::collections::BTreeSet<String>,
 }
 
 fn key(id: &ObjectRef) -> Key {
@@ -68,6 +70,7 @@ fn key(id: &ObjectRef) -> Key {
 impl Model {
     /// Adds or replaces an object.
     pub fn apply(&mut self, id: &ObjectRef, object: Object) {
+        self.touch(id);
         let k = key(id);
         match object {
             Object::Namespace(o) => {
@@ -96,6 +99,7 @@ impl Model {
 
     /// Removes an object; removing an unknown object is not an error.
     pub fn delete(&mut self, id: &ObjectRef) {
+        self.touch(id);
         let k = key(id);
         match id.kind.as_str() {
             "Namespace" => {
@@ -121,6 +125,53 @@ impl Model {
             }
             _ => {}
         }
+    }
+
+    fn touch(&mut self, id: &ObjectRef) {
+        let ns = if id.kind == "Namespace" {
+            &id.name
+        } else {
+            &id.namespace
+        };
+        self.dirty.insert(ns.clone());
+    }
+
+    /// The namespaces touched by changes since the last call (and forgets them).
+    pub fn take_dirty(&mut self) -> std::collections::BTreeSet<String> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Every namespace that holds pods, services or policies.
+    pub fn namespaces_in_use(&self) -> std::collections::BTreeSet<String> {
+        self.pods
+            .keys()
+            .chain(self.services.keys())
+            .chain(self.authorization_policies.keys())
+            .chain(self.peer_authentications.keys())
+            .map(|(ns, _)| ns.clone())
+            .collect()
+    }
+
+    /// The authorization policies of namespace `ns`.
+    pub fn authorization_policies_in<'a>(
+        &'a self,
+        ns: &str,
+    ) -> impl Iterator<Item = (&'a Key, &'a AuthorizationPolicy)> + 'a {
+        in_namespace(&self.authorization_policies, ns)
+    }
+
+    /// The workloads of the pods in namespace `ns`.
+    pub fn workloads_in(&self, ns: &str, mesh: &MeshConfig) -> Vec<wl::Workload> {
+        in_namespace(&self.pods, ns)
+            .filter_map(|(_, pod)| self.workload(pod, mesh))
+            .collect()
+    }
+
+    /// The services of namespace `ns`.
+    pub fn services_in(&self, ns: &str, mesh: &MeshConfig) -> Vec<wl::Service> {
+        in_namespace(&self.services, ns)
+            .map(|((ns, name), svc)| service(ns, name, svc, mesh))
+            .collect()
     }
 
     /// The authorization policies, by (namespace, name).
@@ -352,32 +403,7 @@ impl Model {
     pub fn services(&self, mesh: &MeshConfig) -> Vec<wl::Service> {
         self.services
             .iter()
-            .map(|((ns, name), svc)| {
-                let spec = svc.spec.as_ref();
-                let mut ips: Vec<String> =
-                    spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
-                if ips.is_empty()
-                    && let Some(ip) = spec.and_then(|s| s.cluster_ip.clone())
-                {
-                    ips.push(ip);
-                }
-                let addresses = ips
-                    .iter()
-                    .filter_map(|ip| ip.parse::<IpAddr>().ok()) // "None" for headless
-                    .map(|ip| wl::NetworkAddress {
-                        network: String::new(),
-                        address: ip_bytes(ip),
-                    })
-                    .collect();
-                wl::Service {
-                    name: name.clone(),
-                    namespace: ns.clone(),
-                    hostname: hostname(name, ns, mesh),
-                    addresses,
-                    ports: service_ports(svc, None),
-                    ..Default::default()
-                }
-            })
+            .map(|((ns, name), svc)| service(ns, name, svc, mesh))
             .collect()
     }
 }
@@ -578,4 +604,31 @@ fn in_namespace<'a, V>(
     let ns = ns.to_string();
     map.range((ns.clone(), String::new())..)
         .take_while(move |((n, _), _)| *n == ns)
+}
+
+/// The `Service` resource of one Kubernetes Service.
+fn service(ns: &str, name: &str, svc: &Service, mesh: &MeshConfig) -> wl::Service {
+    let spec = svc.spec.as_ref();
+    let mut ips: Vec<String> = spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
+    if ips.is_empty()
+        && let Some(ip) = spec.and_then(|s| s.cluster_ip.clone())
+    {
+        ips.push(ip);
+    }
+    let addresses = ips
+        .iter()
+        .filter_map(|ip| ip.parse::<IpAddr>().ok()) // "None" for headless
+        .map(|ip| wl::NetworkAddress {
+            network: String::new(),
+            address: ip_bytes(ip),
+        })
+        .collect();
+    wl::Service {
+        name: name.to_string(),
+        namespace: ns.to_string(),
+        hostname: hostname(name, ns, mesh),
+        addresses,
+        ports: service_ports(svc, None),
+        ..Default::default()
+    }
 }

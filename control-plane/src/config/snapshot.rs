@@ -15,7 +15,7 @@ use trellis_proto::istio::workload::{Address, address};
 
 use super::authz::{PolicyStatus, for_ztunnel};
 use super::load::ObjectRef;
-use super::model::{MeshConfig, Model};
+use super::model::{MeshConfig, Model, STATIC_STRICT};
 
 /// One resource as sent.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,40 +62,88 @@ impl Snapshot {
     /// Builds the snapshot of `model`.
     pub fn build(model: &Model, mesh: &MeshConfig) -> Snapshot {
         let mut snap = Snapshot::default();
-        let addresses = snap.resources.entry(Address::type_url()).or_default();
-        for w in model.workloads(mesh) {
+        snap.resources.insert(Address::type_url(), BTreeMap::new());
+        snap.resources
+            .insert(Authorization::type_url(), BTreeMap::new());
+        for ns in model.namespaces_in_use() {
+            snap.add_namespace(model, mesh, &ns);
+        }
+        snap.add_peer_authentication(model, mesh);
+        snap
+    }
+
+    /// Builds the snapshot of `model` from `prev`, re-translating only the namespaces in
+    /// `dirty` (from [`Model::take_dirty`]); a change in the root namespace, whose policies
+    /// reach every namespace, rebuilds everything.
+    pub fn rebuild(
+        prev: &Snapshot,
+        model: &Model,
+        mesh: &MeshConfig,
+        dirty: &std::collections::BTreeSet<String>,
+    ) -> Snapshot {
+        if dirty.contains(&mesh.root_namespace) {
+            return Snapshot::build(model, mesh);
+        }
+        let mut snap = Snapshot {
+            generation: prev.generation,
+            resources: prev.resources.clone(),
+            statuses: prev.statuses.clone(),
+            changes: BTreeMap::new(),
+        };
+        for map in snap.resources.values_mut() {
+            map.retain(|name, _| !namespace_of(name).is_some_and(|ns| dirty.contains(ns)));
+        }
+        snap.statuses.retain(|id, _| !dirty.contains(&id.namespace));
+        // PeerAuthentication policies depend on pods everywhere: recomputed whole (cheap).
+        if let Some(authz) = snap.resources.get_mut(&Authorization::type_url()) {
+            let strict = format!("/{STATIC_STRICT}");
+            authz.retain(|name, _| {
+                !name.contains("/converted_peer_authentication_") && !name.ends_with(&strict)
+            });
+        }
+        for ns in dirty {
+            snap.add_namespace(model, mesh, ns);
+        }
+        snap.add_peer_authentication(model, mesh);
+        snap
+    }
+
+    fn add_namespace(&mut self, model: &Model, mesh: &MeshConfig, ns: &str) {
+        let addresses = self.resources.entry(Address::type_url()).or_default();
+        for w in model.workloads_in(ns, mesh) {
             let name = w.uid.clone();
             let addr = Address {
                 r#type: Some(address::Type::Workload(w)),
             };
             addresses.insert(name, resource(&addr));
         }
-        for s in model.services(mesh) {
+        for s in model.services_in(ns, mesh) {
             let name = format!("{}/{}", s.namespace, s.hostname);
             let addr = Address {
                 r#type: Some(address::Type::Service(s)),
             };
             addresses.insert(name, resource(&addr));
         }
-        let mut authorizations = BTreeMap::new();
-        for ((ns, name), policy) in model.authorization_policies() {
+        let authorizations = self.resources.entry(Authorization::type_url()).or_default();
+        for ((pns, name), policy) in model.authorization_policies_in(ns) {
             let t = for_ztunnel(policy, &mesh.root_namespace);
             if let Some(a) = &t.authorization {
-                authorizations.insert(format!("{ns}/{name}"), resource(a));
+                authorizations.insert(format!("{pns}/{name}"), resource(a));
             }
             let id = ObjectRef {
                 kind: "AuthorizationPolicy".into(),
-                namespace: ns.clone(),
+                namespace: pns.clone(),
                 name: name.clone(),
             };
-            snap.statuses.insert(id, t.status);
+            self.statuses.insert(id, t.status);
         }
+    }
+
+    fn add_peer_authentication(&mut self, model: &Model, mesh: &MeshConfig) {
+        let authorizations = self.resources.entry(Authorization::type_url()).or_default();
         for a in model.peer_authentication_policies(mesh) {
             authorizations.insert(format!("{}/{}", a.namespace, a.name), resource(&a));
         }
-        snap.resources
-            .insert(Authorization::type_url(), authorizations);
-        snap
     }
 
     /// Records in `self` the generation after `prev` and what changed since it.
@@ -152,6 +200,16 @@ impl Snapshot {
             .collect();
         Delta { updated, removed }
     }
+}
+
+/// The namespace a resource belongs to, from its name: `<cluster>//Pod/<ns>/<name>` for a
+/// workload, `<ns>/<rest>` for services and policies.
+fn namespace_of(name: &str) -> Option<&str> {
+    let rest = match name.split_once("//Pod/") {
+        Some((_, rest)) => rest,
+        None => name,
+    };
+    rest.split_once('/').map(|(ns, _)| ns)
 }
 
 fn resource<M: Message + Name>(m: &M) -> Resource {
