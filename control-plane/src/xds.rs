@@ -364,8 +364,8 @@ impl Stream {
                 patch.updated.push((name.clone(), r.version.clone()));
                 Resource {
                     name,
-                    version: r.version,
-                    resource: Some(r.body),
+                    version: r.version.clone(),
+                    resource: Some(r.body.clone()),
                     ..Default::default()
                 }
             })

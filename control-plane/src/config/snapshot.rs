@@ -7,6 +7,7 @@
 //! an unchanged resource keeps its version across rebuilds and is never re-sent.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use prost::{Message, Name};
 use prost_types::Any;
@@ -31,8 +32,9 @@ pub struct Resource {
 pub struct Snapshot {
     /// Builds since the first (0).
     pub generation: u64,
-    /// Type URL → name → resource.
-    pub resources: BTreeMap<String, BTreeMap<String, Resource>>,
+    /// Type URL → name → resource; shared between snapshots, so carrying unchanged
+    /// resources into the next snapshot copies no bodies.
+    pub resources: BTreeMap<String, BTreeMap<String, Arc<Resource>>>,
     /// Status of every AuthorizationPolicy.
     pub statuses: BTreeMap<ObjectRef, PolicyStatus>,
     /// What changed since generation − 1, per type URL: computed once here, so the many
@@ -53,7 +55,7 @@ pub struct ChangeSet {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Delta {
     /// Resources added or changed.
-    pub updated: Vec<(String, Resource)>,
+    pub updated: Vec<(String, Arc<Resource>)>,
     /// Names removed.
     pub removed: Vec<String>,
 }
@@ -174,7 +176,7 @@ impl Snapshot {
     }
 
     /// The resources of `type_url` (empty when none).
-    pub fn of_type(&self, type_url: &str) -> Option<&BTreeMap<String, Resource>> {
+    pub fn of_type(&self, type_url: &str) -> Option<&BTreeMap<String, Arc<Resource>>> {
         self.resources.get(type_url)
     }
 
@@ -212,18 +214,18 @@ fn namespace_of(name: &str) -> Option<&str> {
     rest.split_once('/').map(|(ns, _)| ns)
 }
 
-fn resource<M: Message + Name>(m: &M) -> Resource {
+fn resource<M: Message + Name>(m: &M) -> Arc<Resource> {
     let bytes = m.encode_to_vec();
     let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
     let version = digest.as_ref()[..8]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    Resource {
+    Arc::new(Resource {
         version,
         body: Any {
             type_url: M::type_url(),
             value: bytes,
         },
-    }
+    })
 }
