@@ -73,6 +73,11 @@ impl DirSource {
         let mut change = Change::default();
         let mut seen = BTreeMap::new();
         collect_yaml(&self.root, &mut seen)?;
+        // The common case of a poll: nothing added, changed or removed. Return before any
+        // object is looked at.
+        if seen == self.stamps {
+            return Ok(change);
+        }
         let before = self.effective();
 
         // Files gone.
