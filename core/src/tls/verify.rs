@@ -60,6 +60,22 @@ fn reject(e: TlsError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
+/// The peer's SPIFFE ID, once its chain has been verified: exactly one URI SAN, of the
+/// bundle's trust domain. Both directions of HBONE check the same.
+fn peer_id(
+    end_entity: &CertificateDer<'_>,
+    bundle: &TrustBundle,
+) -> Result<SpiffeId, rustls::Error> {
+    let id = spiffe_id_of(end_entity).map_err(reject)?;
+    if id.trust_domain() != bundle.trust_domain() {
+        return Err(reject(TlsError::WrongTrustDomain {
+            got: Box::new(id),
+            want: bundle.trust_domain().to_string(),
+        }));
+    }
+    Ok(id)
+}
+
 fn algorithms() -> WebPkiSupportedAlgorithms {
     provider().signature_verification_algorithms
 }
@@ -105,13 +121,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         roots
             .client_verifier
             .verify_client_cert(end_entity, intermediates, now)?;
-        let id = spiffe_id_of(end_entity).map_err(reject)?;
-        if id.trust_domain() != self.bundle.trust_domain() {
-            return Err(reject(TlsError::WrongTrustDomain {
-                got: Box::new(id),
-                want: self.bundle.trust_domain().to_string(),
-            }));
-        }
+        peer_id(end_entity, &self.bundle)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -176,13 +186,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.algs.all,
         )?;
-        let id = spiffe_id_of(end_entity).map_err(reject)?;
-        if id.trust_domain() != self.bundle.trust_domain() {
-            return Err(reject(TlsError::WrongTrustDomain {
-                got: Box::new(id),
-                want: self.bundle.trust_domain().to_string(),
-            }));
-        }
+        let id = peer_id(end_entity, &self.bundle)?;
         if id != self.expected {
             return Err(reject(TlsError::IdentityMismatch {
                 got: Box::new(id),
