@@ -3,6 +3,7 @@
 
 pub mod authz;
 pub mod dir;
+pub mod gateway;
 pub mod istio;
 pub mod load;
 pub mod model;

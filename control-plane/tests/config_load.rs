@@ -222,3 +222,139 @@ fn kinds_trellis_does_not_read_are_skipped_with_a_note() {
         )]
     );
 }
+
+const ROUTES: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - matches:
+    - path: {type: PathPrefix, value: /api}
+      headers: [{name: x-canary, value: "yes"}]
+      method: GET
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-route, value: canary}]}
+    backendRefs:
+    - {name: reviews-v2, port: 9080, weight: 90}
+    - {name: reviews-v1, port: 9080, weight: 10}
+    timeouts: {request: 5s}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: echo, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo}]
+  rules:
+  - matches: [{method: {service: echo.Echo, method: Say}}]
+    backendRefs: [{name: echo, port: 50051}]
+"#;
+
+#[test]
+fn gateway_api_routes_load_typed() {
+    let docs = parse_file(Path::new("r.yaml"), ROUTES);
+    assert!(errors(&docs).is_empty(), "{:?}", errors(&docs));
+    let l = loaded(&docs);
+    assert_eq!(l.len(), 2);
+    let Object::HttpRoute(r) = &l[0].object else {
+        panic!("{:?}", l[0].object)
+    };
+    assert!(r.spec.parent_refs[0].is_service());
+    let rule = &r.spec.rules[0];
+    assert_eq!(rule.backend_refs[0].weight, Some(90));
+    assert_eq!(rule.backend_refs[1].name, "reviews-v1");
+    assert_eq!(
+        rule.filters[0]
+            .request_header_modifier
+            .as_ref()
+            .map(|h| h.set[0].value.as_str()),
+        Some("canary")
+    );
+    assert_eq!(
+        rule.timeouts.as_ref().and_then(|t| t.request.as_deref()),
+        Some("5s")
+    );
+    let Object::GrpcRoute(g) = &l[1].object else {
+        panic!("{:?}", l[1].object)
+    };
+    let m = g.spec.rules[0].matches[0].method.as_ref().unwrap();
+    assert_eq!(m.service.as_deref(), Some("echo.Echo"));
+}
+
+#[test]
+fn broken_routes_and_gateways_name_the_field() {
+    let cases = [
+        (
+            ROUTES.replace("method: GET", "method: FETCH"),
+            "r.yaml: HTTPRoute shop/reviews: spec.rules[0].matches[0].method: unknown variant `FETCH`",
+        ),
+        (
+            ROUTES.replace("value: /api", "value: api"),
+            "r.yaml: HTTPRoute shop/reviews: spec.rules[0].matches[0].path.value: \"api\" must start with /",
+        ),
+        (
+            ROUTES.replace("      requestHeaderModifier: {set: [{name: x-route, value: canary}]}\n", ""),
+            "r.yaml: HTTPRoute shop/reviews: spec.rules[0].filters[0].requestHeaderModifier: is required for a filter of type RequestHeaderModifier",
+        ),
+        (
+            ROUTES.replace("{name: reviews-v1, port: 9080, weight: 10}", "{name: reviews-v1, weight: 10}"),
+            "r.yaml: HTTPRoute shop/reviews: spec.rules[0].backendRefs[1].port: is required when the backend is a Service",
+        ),
+        (
+            ROUTES.replace("{service: echo.Echo, method: Say}", "{type: Exact}"),
+            "r.yaml: GRPCRoute shop/echo: spec.rules[0].matches[0].method: needs a service, a method, or both",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: shop}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}, {name: mesh, port: 15009, protocol: HBONE}]\n".to_string(),
+            "r.yaml: Gateway shop/wp: spec.listeners[1].name: \"mesh\" is used by an earlier listener",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let errs = errors(&parse_file(Path::new("r.yaml"), &yaml));
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "want {want}\ngot {errs:?}"
+        );
+    }
+}
+
+#[test]
+fn the_mesh_config_file_sets_trust_domain_and_root_namespace() {
+    use trellis_control_plane::config::load::parse_mesh_config;
+    let (mesh, warnings) = parse_mesh_config(
+        Path::new("mesh.yaml"),
+        "trustDomain: example.org\nrootNamespace: trellis-system\ndefaultConfig: {}\n",
+    )
+    .unwrap();
+    assert_eq!(mesh.trust_domain, "example.org");
+    assert_eq!(mesh.root_namespace, "trellis-system");
+    assert_eq!(mesh.cluster_id, "Kubernetes", "default kept");
+    assert_eq!(
+        warnings,
+        ["mesh.yaml: mesh config: defaultConfig: unknown field, ignored"]
+    );
+    let (empty, _) = parse_mesh_config(Path::new("mesh.yaml"), "").unwrap();
+    assert_eq!(empty.trust_domain, "cluster.local");
+
+    for (text, want) in [
+        (
+            "trustDomain: Example.ORG\n",
+            "mesh.yaml: mesh config: trustDomain: \"Example.ORG\" is not a trust domain",
+        ),
+        (
+            "rootNamespace: a.b\n",
+            "mesh.yaml: mesh config: rootNamespace: \"a.b\" is not a namespace name",
+        ),
+        (
+            "trustDomain: [x]\n",
+            "mesh.yaml: mesh config: trustDomain: invalid type",
+        ),
+    ] {
+        let e = parse_mesh_config(Path::new("mesh.yaml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(want), "want {want}\ngot {e}");
+    }
+}

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
+use super::gateway::{Gateway, GrpcRoute, HttpRoute};
 use super::istio::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 
 /// An object Trellis reads.
@@ -26,6 +27,9 @@ pub enum Object {
     AuthorizationPolicy(Box<AuthorizationPolicy>),
     PeerAuthentication(Box<PeerAuthentication>),
     RequestAuthentication(Box<RequestAuthentication>),
+    Gateway(Box<Gateway>),
+    HttpRoute(Box<HttpRoute>),
+    GrpcRoute(Box<GrpcRoute>),
 }
 
 /// Which object, for messages: `AuthorizationPolicy foo/httpbin`.
@@ -197,6 +201,24 @@ fn parse_document(file: &str, position: &str, mut value: Value) -> Document {
                 }
             }
         }
+        (
+            "gateway.networking.k8s.io",
+            "v1" | "v1beta1",
+            k @ ("Gateway" | "HTTPRoute" | "GRPCRoute"),
+        ) => {
+            if let Some(m) = value.as_mapping_mut() {
+                m.remove("apiVersion");
+                m.remove("kind");
+            }
+            match k {
+                "Gateway" => typed::<Gateway>(value, &mut warnings)
+                    .and_then(|g| g.validate().map(|()| Object::Gateway(Box::new(g)))),
+                "HTTPRoute" => typed::<HttpRoute>(value, &mut warnings)
+                    .and_then(|r| r.validate().map(|()| Object::HttpRoute(Box::new(r)))),
+                _ => typed::<GrpcRoute>(value, &mut warnings)
+                    .and_then(|r| r.validate().map(|()| Object::GrpcRoute(Box::new(r)))),
+            }
+        }
         _ => {
             return Document::Skipped(format!(
                 "{file}: {object_name}: apiVersion {api_version} kind {kind} is not read by Trellis; skipped"
@@ -220,6 +242,81 @@ fn parse_document(file: &str, position: &str, mut value: Value) -> Document {
             id: Some(id),
         }),
     }
+}
+
+/// Reads the mesh config file: a YAML mapping with `trustDomain`, `rootNamespace`,
+/// `clusterId` and `domainSuffix`, each optional (defaults: `cluster.local`, `istio-system`,
+/// `Kubernetes`, `cluster.local`). Unknown keys come back as warnings; a value that is not a
+/// valid trust domain or namespace name is an error naming the field.
+pub fn parse_mesh_config(
+    file: &Path,
+    text: &str,
+) -> Result<(super::model::MeshConfig, Vec<String>), Box<ConfigError>> {
+    let file_name = file.display().to_string();
+    let err = |field: &str, reason: String| {
+        Box::new(ConfigError {
+            file: file_name.clone(),
+            object: "mesh config".into(),
+            field: field.into(),
+            reason,
+            id: None,
+        })
+    };
+    let value: Value =
+        serde_yaml_ng::from_str(text).map_err(|e| err("-", format!("not valid YAML: {e}")))?;
+    let value = if value.is_null() {
+        Value::Mapping(Default::default())
+    } else {
+        value
+    };
+    let mut warnings = Vec::new();
+    let mesh: super::model::MeshConfig =
+        typed(value, &mut warnings).map_err(|(field, reason)| err(&field, reason))?;
+    let dns_name = |v: &str, max: usize, dots: bool| {
+        !v.is_empty()
+            && v.len() <= max
+            && v.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            })
+            && (dots || !v.contains('.'))
+    };
+    if !dns_name(&mesh.trust_domain, 255, true) {
+        return Err(err(
+            "trustDomain",
+            format!(
+                "{:?} is not a trust domain (lowercase letters, digits, '-' and '.')",
+                mesh.trust_domain
+            ),
+        ));
+    }
+    if !dns_name(&mesh.root_namespace, 63, false) {
+        return Err(err(
+            "rootNamespace",
+            format!("{:?} is not a namespace name", mesh.root_namespace),
+        ));
+    }
+    if !dns_name(&mesh.domain_suffix, 253, true) {
+        return Err(err(
+            "domainSuffix",
+            format!("{:?} is not a DNS suffix", mesh.domain_suffix),
+        ));
+    }
+    if mesh.cluster_id.is_empty() || mesh.cluster_id.contains('/') {
+        return Err(err(
+            "clusterId",
+            format!("{:?} must be non-empty and contain no '/'", mesh.cluster_id),
+        ));
+    }
+    let warnings = warnings
+        .into_iter()
+        .map(|field| format!("{file_name}: mesh config: {field}: unknown field, ignored"))
+        .collect();
+    Ok((mesh, warnings))
 }
 
 /// Deserializes `value` into `T`, collecting unknown fields into `warnings`; an error comes

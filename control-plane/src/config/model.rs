@@ -11,6 +11,7 @@ use trellis_proto::istio::workload as wl;
 
 use trellis_proto::istio::security as sec;
 
+use super::gateway::{Gateway, GrpcRoute, HttpRoute};
 use super::istio::{
     AuthorizationPolicy, MtlsMode, PeerAuthentication, RequestAuthentication, WorkloadSelector,
 };
@@ -23,8 +24,27 @@ pub const STATIC_STRICT: &str = "istio_converted_static_strict";
 /// The enrollment label (namespace or pod).
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 
-/// Mesh-wide settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Binds a namespace, service or pod to a waypoint (a `Gateway` of class
+/// `istio-waypoint`) by name; `none` opts out of the namespace's waypoint.
+pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+
+/// The namespace of the waypoint named by [`USE_WAYPOINT`], when it is not the object's.
+pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+
+/// On a waypoint `Gateway`: which traffic it takes, `service` (default), `workload`, `all`
+/// or `none`.
+pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+
+/// Label of the pods and Service that implement a Gateway (set by whoever deploys it).
+pub const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// Port of a waypoint's HBONE listener.
+pub const HBONE_PORT: u32 = 15008;
+
+/// Mesh-wide settings (the `--mesh-config` file; Istio's MeshConfig field names where
+/// Istio has them).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct MeshConfig {
     /// Trust domain of identities.
     pub trust_domain: String,
@@ -59,6 +79,11 @@ pub struct Model {
     authorization_policies: BTreeMap<Key, AuthorizationPolicy>,
     peer_authentications: BTreeMap<Key, PeerAuthentication>,
     request_authentications: BTreeMap<Key, RequestAuthentication>,
+    gateways: BTreeMap<Key, Gateway>,
+    http_routes: BTreeMap<Key, HttpRoute>,
+    grpc_routes: BTreeMap<Key, GrpcRoute>,
+    /// A change reached across namespaces (a waypoint moved): every namespace is dirty.
+    dirty_all: bool,
     /// Namespaces whose objects changed since [`Model::take_dirty`] was last called.
     dirty: std::collections::BTreeSet<String>,
 }
@@ -94,6 +119,15 @@ impl Model {
             Object::RequestAuthentication(o) => {
                 self.request_authentications.insert(k, *o);
             }
+            Object::Gateway(o) => {
+                self.gateways.insert(k, *o);
+            }
+            Object::HttpRoute(o) => {
+                self.http_routes.insert(k, *o);
+            }
+            Object::GrpcRoute(o) => {
+                self.grpc_routes.insert(k, *o);
+            }
         }
     }
 
@@ -123,6 +157,15 @@ impl Model {
             "RequestAuthentication" => {
                 self.request_authentications.remove(&k);
             }
+            "Gateway" => {
+                self.gateways.remove(&k);
+            }
+            "HTTPRoute" => {
+                self.http_routes.remove(&k);
+            }
+            "GRPCRoute" => {
+                self.grpc_routes.remove(&k);
+            }
             _ => {}
         }
     }
@@ -133,12 +176,118 @@ impl Model {
         } else {
             &id.namespace
         };
+        // Objects in other namespaces may use a waypoint: a change to a Gateway, or to the
+        // Service that fronts one, can change their resources.
+        if id.kind == "Gateway" || (id.kind == "Service" && self.gateways.contains_key(&key(id))) {
+            self.dirty_all = true;
+        }
         self.dirty.insert(ns.clone());
     }
 
     /// The namespaces touched by changes since the last call (and forgets them).
     pub fn take_dirty(&mut self) -> std::collections::BTreeSet<String> {
-        std::mem::take(&mut self.dirty)
+        let mut dirty = std::mem::take(&mut self.dirty);
+        if std::mem::take(&mut self.dirty_all) {
+            dirty.extend(self.namespaces_in_use());
+        }
+        dirty
+    }
+
+    /// The Gateways, by (namespace, name).
+    pub fn gateways(&self) -> impl Iterator<Item = (&Key, &Gateway)> {
+        self.gateways.iter()
+    }
+
+    /// The HTTPRoutes, by (namespace, name).
+    pub fn http_routes(&self) -> impl Iterator<Item = (&Key, &HttpRoute)> {
+        self.http_routes.iter()
+    }
+
+    /// The GRPCRoutes, by (namespace, name).
+    pub fn grpc_routes(&self) -> impl Iterator<Item = (&Key, &GrpcRoute)> {
+        self.grpc_routes.iter()
+    }
+
+    /// The waypoint that fronts an object of namespace `ns` with `labels`, for traffic
+    /// `kind` (`service` or `workload`): the object's own `istio.io/use-waypoint` label, else
+    /// its namespace's; `none` opts out. The named Gateway must exist, be of class
+    /// `istio-waypoint`, and take that kind of traffic (its `istio.io/waypoint-for`);
+    /// otherwise there is no waypoint. The pods and Service implementing a waypoint never
+    /// get one.
+    pub fn waypoint_of(
+        &self,
+        ns: &str,
+        labels: &BTreeMap<String, String>,
+        kind: &str,
+        mesh: &MeshConfig,
+    ) -> Option<wl::GatewayAddress> {
+        if let Some(gw) = labels.get(GATEWAY_NAME)
+            && self
+                .gateways
+                .get(&(ns.to_string(), gw.clone()))
+                .is_some_and(Gateway::is_waypoint)
+        {
+            return None;
+        }
+        let ns_labels = self
+            .namespaces
+            .get(ns)
+            .and_then(|n| n.metadata.labels.as_ref());
+        let (name, gw_ns) = match labels.get(USE_WAYPOINT) {
+            Some(name) => (name, labels.get(USE_WAYPOINT_NAMESPACE)),
+            None => {
+                let l = ns_labels?;
+                (l.get(USE_WAYPOINT)?, l.get(USE_WAYPOINT_NAMESPACE))
+            }
+        };
+        if name == "none" {
+            return None;
+        }
+        let gw_ns = gw_ns.map_or(ns, String::as_str);
+        let gw_key = (gw_ns.to_string(), name.clone());
+        let gw = self.gateways.get(&gw_key).filter(|g| g.is_waypoint())?;
+        let takes = label(&gw.metadata.labels, WAYPOINT_FOR).unwrap_or("service");
+        if !(takes == kind || takes == "all") {
+            return None;
+        }
+        let reported = gw
+            .status
+            .iter()
+            .flat_map(|s| s.addresses.iter())
+            .chain(gw.spec.addresses.iter())
+            .next();
+        let destination = match reported {
+            Some(a) if a.type_.as_deref().is_none_or(|t| t == "IPAddress") => a
+                .value
+                .parse::<IpAddr>()
+                .ok()
+                .map(|ip| wl::gateway_address::Destination::Address(network_address(ip))),
+            Some(a) => Some(wl::gateway_address::Destination::Hostname(
+                wl::NamespacedHostname {
+                    namespace: gw_ns.to_string(),
+                    hostname: a.value.clone(),
+                },
+            )),
+            None => None,
+        };
+        // Not reported: the waypoint's Service (named after the Gateway) by its VIP, else by
+        // hostname for the data plane to resolve.
+        let destination = destination.or_else(|| {
+            self.services
+                .get(&gw_key)
+                .and_then(|svc| service_ips(svc).first().copied())
+                .map(|ip| wl::gateway_address::Destination::Address(network_address(ip)))
+        });
+        let destination = destination.unwrap_or_else(|| {
+            wl::gateway_address::Destination::Hostname(wl::NamespacedHostname {
+                namespace: gw_ns.to_string(),
+                hostname: hostname(name, gw_ns, mesh),
+            })
+        });
+        Some(wl::GatewayAddress {
+            destination: Some(destination),
+            hbone_mtls_port: HBONE_PORT,
+        })
     }
 
     /// Every namespace that holds pods, services or policies.
@@ -170,7 +319,7 @@ impl Model {
     /// The services of namespace `ns`.
     pub fn services_in(&self, ns: &str, mesh: &MeshConfig) -> Vec<wl::Service> {
         in_namespace(&self.services, ns)
-            .map(|((ns, name), svc)| service(ns, name, svc, mesh))
+            .map(|((ns, name), svc)| self.service(ns, name, svc, mesh))
             .collect()
     }
 
@@ -264,8 +413,14 @@ impl Model {
                 authorization_policies.push(key);
             }
         }
+        let waypoint = if enrolled {
+            self.waypoint_of(&ns, &labels, "workload", mesh)
+        } else {
+            None
+        };
         Some(wl::Workload {
             uid: format!("{}//Pod/{ns}/{name}", mesh.cluster_id),
+            waypoint,
             name: name.clone(),
             namespace: ns,
             addresses,
@@ -403,7 +558,7 @@ impl Model {
     pub fn services(&self, mesh: &MeshConfig) -> Vec<wl::Service> {
         self.services
             .iter()
-            .map(|((ns, name), svc)| service(ns, name, svc, mesh))
+            .map(|((ns, name), svc)| self.service(ns, name, svc, mesh))
             .collect()
     }
 }
@@ -606,8 +761,15 @@ fn in_namespace<'a, V>(
         .take_while(move |((n, _), _)| *n == ns)
 }
 
-/// The `Service` resource of one Kubernetes Service.
-fn service(ns: &str, name: &str, svc: &Service, mesh: &MeshConfig) -> wl::Service {
+fn network_address(ip: IpAddr) -> wl::NetworkAddress {
+    wl::NetworkAddress {
+        network: String::new(),
+        address: ip_bytes(ip),
+    }
+}
+
+/// A Service's cluster IPs ("None", headless, gives none).
+fn service_ips(svc: &Service) -> Vec<IpAddr> {
     let spec = svc.spec.as_ref();
     let mut ips: Vec<String> = spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
     if ips.is_empty()
@@ -615,20 +777,21 @@ fn service(ns: &str, name: &str, svc: &Service, mesh: &MeshConfig) -> wl::Servic
     {
         ips.push(ip);
     }
-    let addresses = ips
-        .iter()
-        .filter_map(|ip| ip.parse::<IpAddr>().ok()) // "None" for headless
-        .map(|ip| wl::NetworkAddress {
-            network: String::new(),
-            address: ip_bytes(ip),
-        })
-        .collect();
-    wl::Service {
-        name: name.to_string(),
-        namespace: ns.to_string(),
-        hostname: hostname(name, ns, mesh),
-        addresses,
-        ports: service_ports(svc, None),
-        ..Default::default()
+    ips.iter().filter_map(|ip| ip.parse().ok()).collect()
+}
+
+impl Model {
+    /// The `Service` resource of one Kubernetes Service.
+    fn service(&self, ns: &str, name: &str, svc: &Service, mesh: &MeshConfig) -> wl::Service {
+        let labels = svc.metadata.labels.clone().unwrap_or_default();
+        wl::Service {
+            name: name.to_string(),
+            namespace: ns.to_string(),
+            hostname: hostname(name, ns, mesh),
+            addresses: service_ips(svc).into_iter().map(network_address).collect(),
+            ports: service_ports(svc, None),
+            waypoint: self.waypoint_of(ns, &labels, "service", mesh),
+            ..Default::default()
+        }
     }
 }
