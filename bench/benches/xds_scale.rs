@@ -173,6 +173,7 @@ fn client(addr: &str) -> XdsClient {
             types: vec![ADDRESS.into(), AUTHORIZATION.into()],
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(1),
+            credential: None,
         },
     )
 }

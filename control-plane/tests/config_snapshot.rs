@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use trellis_control_plane::config::authz::PolicyState;
-use trellis_control_plane::config::load::{Document, parse_file};
+use trellis_control_plane::config::load::{Document, ObjectRef, parse_file};
 use trellis_control_plane::config::model::{MeshConfig, Model};
 use trellis_control_plane::config::snapshot::Snapshot;
 use trellis_proto::istio::security::Authorization;
@@ -74,8 +74,28 @@ fn the_seed_examples_become_named_resources_with_statuses() {
     );
     let deny = authz["foo/httpbin"].body.to_msg::<Authorization>().unwrap();
     assert_eq!(deny.rules.len(), 1);
-    let status = snap.statuses.values().next().unwrap();
-    assert_eq!(status.state, PolicyState::AcceptedWithWarnings);
+    let status_of = |kind: &str, name: &str| {
+        let id = ObjectRef {
+            kind: kind.into(),
+            namespace: "foo".into(),
+            name: name.into(),
+        };
+        snap.statuses
+            .get(&id)
+            .unwrap_or_else(|| panic!("no status for {id}"))
+            .clone()
+    };
+    let deny = status_of("AuthorizationPolicy", "httpbin");
+    assert_eq!(deny.state, PolicyState::AcceptedWithWarnings);
+    assert!(deny.reasons[0].contains("methods"), "{:?}", deny.reasons);
+    assert_eq!(
+        status_of("PeerAuthentication", "default").state,
+        PolicyState::Accepted
+    );
+    let jwt = status_of("RequestAuthentication", "jwt-example");
+    assert_eq!(jwt.state, PolicyState::AcceptedWithWarnings);
+    assert!(jwt.reasons[0].contains("waypoint"), "{:?}", jwt.reasons);
+    assert_eq!(snap.statuses.len(), 3, "every policy has a status");
 }
 
 #[test]

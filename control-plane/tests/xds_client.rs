@@ -56,6 +56,7 @@ fn client(addr: SocketAddr) -> XdsClient {
             types: vec![ADDRESS.into(), AUTHORIZATION.into()],
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_millis(200),
+            credential: None,
         },
     )
 }

@@ -200,6 +200,9 @@ pub struct XdsConfig {
     pub initial_backoff: Duration,
     /// Longest reconnect delay.
     pub max_backoff: Duration,
+    /// Bearer credential presented on every stream (the node's or waypoint's, as for the
+    /// CA); `None` for a control plane that does not authenticate its clients.
+    pub credential: Option<String>,
 }
 
 /// A running client: the store it fills and whether it is synced.
@@ -303,8 +306,15 @@ async fn stream_once(
             .map_err(|_| tonic::Status::internal("request queue closed"))?;
     }
     let mut client = AggregatedDiscoveryServiceClient::new(channel.clone());
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(credential) = &config.credential {
+        let value = format!("Bearer {credential}").parse().map_err(|_| {
+            tonic::Status::invalid_argument("the credential is not valid header text")
+        })?;
+        request.metadata_mut().insert("authorization", value);
+    }
     let mut inbound = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .delta_aggregated_resources(request)
         .await?
         .into_inner();
     let mut answered = std::collections::BTreeSet::new();

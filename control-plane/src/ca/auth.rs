@@ -79,6 +79,11 @@ impl NodeWorkloads {
         let mut map = self.by_node.write().unwrap_or_else(|e| e.into_inner());
         map.insert(node.to_string(), ids.into_iter().collect());
     }
+
+    /// Replaces everything known: nodes absent from `all` have no pods.
+    pub fn replace_all(&self, all: BTreeMap<String, BTreeSet<SpiffeId>>) {
+        *self.by_node.write().unwrap_or_else(|e| e.into_inner()) = all;
+    }
 }
 
 impl Placement for NodeWorkloads {
@@ -97,6 +102,10 @@ impl Placement for NodeWorkloads {
 pub struct LocalCredentials {
     dir: PathBuf,
     digests: RwLock<BTreeMap<[u8; 32], Caller>>,
+    /// The directory's modification time when it was last read: credentials issued by
+    /// another process (`trellis-control-plane credential ...`) are picked up on the next
+    /// unknown token once it changed.
+    read_at: std::sync::Mutex<Option<std::time::SystemTime>>,
     rng: ring::rand::SystemRandom,
 }
 
@@ -108,22 +117,33 @@ impl LocalCredentials {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)
             .map_err(|e| CaError::Store(format!("cannot create {}: {e}", dir.display())))?;
-        let mut digests = BTreeMap::new();
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| CaError::Store(format!("cannot read {}: {e}", dir.display())))?;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|x| x != "sha256") {
-                continue;
-            }
-            let (digest, caller) = read_credential(&path)?;
-            digests.insert(digest, caller);
-        }
+        let read_at = dir_mtime(&dir);
+        let digests = read_all(&dir)?;
         Ok(LocalCredentials {
             dir,
             digests: RwLock::new(digests),
+            read_at: std::sync::Mutex::new(read_at),
             rng: ring::rand::SystemRandom::new(),
         })
+    }
+
+    /// Re-reads the directory if it changed since it was last read; a file that cannot be
+    /// read is reported and the credentials held stay as they were.
+    fn refresh(&self) {
+        let now = dir_mtime(&self.dir);
+        let mut read_at = self.read_at.lock().unwrap_or_else(|e| e.into_inner());
+        if now.is_none() || now == *read_at {
+            return;
+        }
+        match read_all(&self.dir) {
+            Ok(digests) => {
+                *self.digests.write().unwrap_or_else(|e| e.into_inner()) = digests;
+                *read_at = now;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-read the credentials; keeping those held")
+            }
+        }
     }
 
     /// Issues a credential for the ztunnel of `node` (replacing an earlier one).
@@ -184,13 +204,39 @@ impl Authenticator for LocalCredentials {
         // Looking up the digest of the presented token compares digests, not tokens: timing
         // reveals nothing about a valid token.
         let digest = sha256(token.trim().as_bytes());
-        self.digests
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&digest)
-            .cloned()
+        let lookup = || {
+            self.digests
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&digest)
+                .cloned()
+        };
+        lookup()
+            .or_else(|| {
+                self.refresh();
+                lookup()
+            })
             .ok_or_else(|| CaError::Unauthenticated("unknown credential".into()))
     }
+}
+
+fn dir_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(dir).and_then(|m| m.modified()).ok()
+}
+
+fn read_all(dir: &Path) -> Result<BTreeMap<[u8; 32], Caller>, CaError> {
+    let mut digests = BTreeMap::new();
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| CaError::Store(format!("cannot read {}: {e}", dir.display())))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|x| x != "sha256") {
+            continue;
+        }
+        let (digest, caller) = read_credential(&path)?;
+        digests.insert(digest, caller);
+    }
+    Ok(digests)
 }
 
 fn sha256(data: &[u8]) -> [u8; 32] {

@@ -397,3 +397,46 @@ fn condition_match(
     };
     Some(m)
 }
+
+/// The status of a `PeerAuthentication`: accepted, with a warning for settings Istio
+/// ignores (per-port modes without a selector).
+pub fn peer_authentication_status(pa: &super::istio::PeerAuthentication) -> PolicyStatus {
+    let mut reasons = Vec::new();
+    if pa.spec.selector.is_none() && !pa.spec.port_level_mtls.is_empty() {
+        reasons.push(
+            "spec.portLevelMtls: applies only to a policy with a selector; ignored".to_string(),
+        );
+    }
+    status_from(reasons)
+}
+
+/// The status of a `RequestAuthentication`: JWTs are checked by waypoints; a policy that
+/// selects pods by label is not enforced in ambient mode (there is no sidecar), which the
+/// status says, as Istio does.
+pub fn request_authentication_status(ra: &super::istio::RequestAuthentication) -> PolicyStatus {
+    let mut reasons = Vec::new();
+    let has_targets = ra.spec.target_ref.is_some() || !ra.spec.target_refs.is_empty();
+    if has_targets && ra.spec.selector.is_some() {
+        return PolicyStatus {
+            state: PolicyState::Rejected,
+            reasons: vec!["spec: selector and targetRefs cannot both be set".into()],
+        };
+    }
+    if ra.spec.selector.is_some() {
+        reasons.push(
+            "spec.selector: JWTs are checked only by a waypoint serving the selected workloads (ztunnel does not inspect requests); without one the policy has no effect".to_string(),
+        );
+    }
+    status_from(reasons)
+}
+
+fn status_from(reasons: Vec<String>) -> PolicyStatus {
+    PolicyStatus {
+        state: if reasons.is_empty() {
+            PolicyState::Accepted
+        } else {
+            PolicyState::AcceptedWithWarnings
+        },
+        reasons,
+    }
+}

@@ -29,6 +29,9 @@ pub struct Change {
     pub errors: Vec<ConfigError>,
     /// Unknown fields, skipped kinds, duplicate definitions.
     pub warnings: Vec<String>,
+    /// Every error in the directory now, from this scan or earlier ones (files not fixed
+    /// yet): what a status report shows.
+    pub outstanding: Vec<ConfigError>,
 }
 
 impl Change {
@@ -51,6 +54,8 @@ pub struct DirSource {
     stamps: BTreeMap<PathBuf, Stamp>,
     /// The objects each file provides now (last good versions included).
     by_file: BTreeMap<PathBuf, BTreeMap<ObjectRef, Loaded>>,
+    /// The errors each file had when it was last read.
+    errors_by_file: BTreeMap<PathBuf, Vec<ConfigError>>,
 }
 
 impl DirSource {
@@ -60,6 +65,7 @@ impl DirSource {
             root: root.into(),
             stamps: BTreeMap::new(),
             by_file: BTreeMap::new(),
+            errors_by_file: BTreeMap::new(),
         }
     }
 
@@ -90,6 +96,7 @@ impl DirSource {
         for path in gone {
             self.stamps.remove(&path);
             self.by_file.remove(&path);
+            self.errors_by_file.remove(&path);
         }
         // Files new or changed.
         for (path, stamp) in seen {
@@ -112,6 +119,7 @@ impl DirSource {
             let previous = self.by_file.remove(&path).unwrap_or_default();
             let mut now = BTreeMap::new();
             let mut keep_all = false;
+            let mut file_errors = Vec::new();
             for doc in parse_file(&path, &text) {
                 match doc {
                     Document::Loaded(l) => {
@@ -131,7 +139,8 @@ impl DirSource {
                             // in this file can be trusted to be gone.
                             None => keep_all = true,
                         }
-                        change.errors.push(e);
+                        change.errors.push(e.clone());
+                        file_errors.push(e);
                     }
                 }
             }
@@ -140,7 +149,12 @@ impl DirSource {
                     now.entry(id).or_insert(old);
                 }
             }
-            self.by_file.insert(path, now);
+            self.by_file.insert(path.clone(), now);
+            if file_errors.is_empty() {
+                self.errors_by_file.remove(&path);
+            } else {
+                self.errors_by_file.insert(path, file_errors);
+            }
         }
 
         // Apply the difference of the effective objects.
@@ -171,7 +185,13 @@ impl DirSource {
                 change.deleted.push(id.clone());
             }
         }
+        change.outstanding = self.errors();
         Ok(change)
+    }
+
+    /// Every error in the directory now (files in path order).
+    pub fn errors(&self) -> Vec<ConfigError> {
+        self.errors_by_file.values().flatten().cloned().collect()
     }
 
     /// Each object with the file it comes from: the first file in path order.
@@ -227,8 +247,9 @@ pub async fn watch<F>(
     quiet: Duration,
     mut on_change: F,
 ) where
-    F: FnMut(&Model, Change) -> bool,
+    F: FnMut(&mut Model, Change) -> bool,
 {
+    let mut reported = source.errors();
     loop {
         tokio::time::sleep(interval).await;
         let mut total = match source.scan(&mut model) {
@@ -238,7 +259,8 @@ pub async fn watch<F>(
                 continue;
             }
         };
-        if !total.changed() && total.errors.is_empty() {
+        // An edit that changes no object still matters when it adds or fixes an error.
+        if !total.changed() && total.errors.is_empty() && source.errors() == reported {
             continue;
         }
         // Debounce: keep absorbing changes until the directory is quiet.
@@ -258,7 +280,9 @@ pub async fn watch<F>(
                 }
             }
         }
-        if !on_change(&model, total) {
+        total.outstanding = source.errors();
+        reported = total.outstanding.clone();
+        if !on_change(&mut model, total) {
             return;
         }
     }

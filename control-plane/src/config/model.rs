@@ -297,6 +297,7 @@ impl Model {
             .chain(self.services.keys())
             .chain(self.authorization_policies.keys())
             .chain(self.peer_authentications.keys())
+            .chain(self.request_authentications.keys())
             .map(|(ns, _)| ns.clone())
             .collect()
     }
@@ -307,6 +308,22 @@ impl Model {
         ns: &str,
     ) -> impl Iterator<Item = (&'a Key, &'a AuthorizationPolicy)> + 'a {
         in_namespace(&self.authorization_policies, ns)
+    }
+
+    /// The PeerAuthentications of namespace `ns`.
+    pub fn peer_authentications_in<'a>(
+        &'a self,
+        ns: &str,
+    ) -> impl Iterator<Item = (&'a Key, &'a PeerAuthentication)> + 'a {
+        in_namespace(&self.peer_authentications, ns)
+    }
+
+    /// The RequestAuthentications of namespace `ns`.
+    pub fn request_authentications_in<'a>(
+        &'a self,
+        ns: &str,
+    ) -> impl Iterator<Item = (&'a Key, &'a RequestAuthentication)> + 'a {
+        in_namespace(&self.request_authentications, ns)
     }
 
     /// The workloads of the pods in namespace `ns`.
@@ -347,6 +364,37 @@ impl Model {
                     == Some("ambient")
             }
         }
+    }
+
+    /// The identities of the enrolled pods, by the node they are scheduled on: what each
+    /// node's ztunnel may obtain certificates for. A pod whose namespace or service account
+    /// does not make a valid identity is left out (and logged).
+    pub fn identities_by_node(
+        &self,
+        mesh: &MeshConfig,
+    ) -> BTreeMap<String, std::collections::BTreeSet<trellis_core::SpiffeId>> {
+        let mut out: BTreeMap<String, std::collections::BTreeSet<_>> = BTreeMap::new();
+        for ((ns, name), pod) in &self.pods {
+            let Some(spec) = pod.spec.as_ref() else {
+                continue;
+            };
+            let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty()) else {
+                continue;
+            };
+            if !self.is_enrolled(pod) {
+                continue;
+            }
+            let sa = spec.service_account_name.as_deref().unwrap_or("default");
+            match trellis_core::SpiffeId::new(&mesh.trust_domain, ns, sa) {
+                Ok(id) => {
+                    out.entry(node.to_string()).or_default().insert(id);
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %format!("{ns}/{name}"), error = %e, "no identity for this pod")
+                }
+            }
+        }
+        out
     }
 
     /// One `Workload` per pod that has an IP: enrolled pods speak HBONE, others plain TCP.

@@ -14,7 +14,9 @@ use prost_types::Any;
 use trellis_proto::istio::security::Authorization;
 use trellis_proto::istio::workload::{Address, address};
 
-use super::authz::{PolicyStatus, for_ztunnel};
+use super::authz::{
+    PolicyStatus, for_ztunnel, peer_authentication_status, request_authentication_status,
+};
 use super::load::ObjectRef;
 use super::model::{MeshConfig, Model, STATIC_STRICT};
 
@@ -35,7 +37,8 @@ pub struct Snapshot {
     /// Type URL → name → resource; shared between snapshots, so carrying unchanged
     /// resources into the next snapshot copies no bodies.
     pub resources: BTreeMap<String, BTreeMap<String, Arc<Resource>>>,
-    /// Status of every AuthorizationPolicy.
+    /// Status of every policy (AuthorizationPolicy, PeerAuthentication,
+    /// RequestAuthentication).
     pub statuses: BTreeMap<ObjectRef, PolicyStatus>,
     /// What changed since generation − 1, per type URL: computed once here, so the many
     /// streams that are in sync do not each compare every resource.
@@ -138,6 +141,22 @@ impl Snapshot {
                 name: name.clone(),
             };
             self.statuses.insert(id, t.status);
+        }
+        for ((pns, name), pa) in model.peer_authentications_in(ns) {
+            let id = ObjectRef {
+                kind: "PeerAuthentication".into(),
+                namespace: pns.clone(),
+                name: name.clone(),
+            };
+            self.statuses.insert(id, peer_authentication_status(pa));
+        }
+        for ((pns, name), ra) in model.request_authentications_in(ns) {
+            let id = ObjectRef {
+                kind: "RequestAuthentication".into(),
+                namespace: pns.clone(),
+                name: name.clone(),
+            };
+            self.statuses.insert(id, request_authentication_status(ra));
         }
     }
 
