@@ -8,4 +8,5 @@
 
 pub mod ca;
 pub mod config;
+pub mod server;
 pub mod xds;

@@ -117,12 +117,24 @@ impl Publisher {
 pub struct XdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     acks: Arc<AckTracker>,
+    closing: Option<watch::Receiver<bool>>,
 }
 
 impl XdsServer {
     /// A server publishing what `snapshots` holds.
     pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, acks: Arc<AckTracker>) -> XdsServer {
-        XdsServer { snapshots, acks }
+        XdsServer {
+            snapshots,
+            acks,
+            closing: None,
+        }
+    }
+
+    /// Ends every stream once `closing` turns true (or its sender is dropped), so that a
+    /// graceful shutdown is not held up by proxies' long-lived streams; they reconnect.
+    pub fn with_shutdown(mut self, closing: watch::Receiver<bool>) -> XdsServer {
+        self.closing = Some(closing);
+        self
     }
 }
 
@@ -154,6 +166,7 @@ impl AggregatedDiscoveryService for XdsServer {
             snapshots: self.snapshots.clone(),
             acks: self.acks.clone(),
             proxy: String::new(),
+            closing: self.closing.clone(),
             types: BTreeMap::new(),
             next_nonce: 0,
         };
@@ -210,8 +223,18 @@ struct Stream {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     acks: Arc<AckTracker>,
     proxy: String,
+    closing: Option<watch::Receiver<bool>>,
     types: BTreeMap<String, TypeState>,
     next_nonce: u64,
+}
+
+async fn closed(closing: &mut Option<watch::Receiver<bool>>) {
+    match closing {
+        Some(rx) => {
+            let _ = rx.wait_for(|c| *c).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 impl Stream {
@@ -234,6 +257,10 @@ impl Stream {
                     if changed.is_err() || self.push_all().await.is_err() {
                         break;
                     }
+                }
+                () = closed(&mut self.closing) => {
+                    tracing::debug!(proxy = %self.proxy, "closing the xDS stream: shutting down");
+                    break;
                 }
             }
         }

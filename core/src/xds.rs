@@ -61,6 +61,11 @@ impl Store {
             .and_then(|n| self.services.get(n))
     }
 
+    /// The policy named `namespace/name`.
+    pub fn policy(&self, name: &str) -> Option<&Authorization> {
+        self.policies.get(name)
+    }
+
     /// The policies that apply to `w`: global, its namespace's, and the workload-selector
     /// policies the control plane attached to it.
     pub fn policies_for(&self, w: &Workload) -> Vec<&Authorization> {

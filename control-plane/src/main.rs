@@ -1,0 +1,248 @@
+//! `trellis-control-plane`: serve a directory of manifests to the data plane, issue node and
+//! waypoint credentials, or check a directory without serving it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use trellis_control_plane::ca::auth::LocalCredentials;
+use trellis_control_plane::config::authz::PolicyState;
+use trellis_control_plane::config::dir::DirSource;
+use trellis_control_plane::config::load::parse_mesh_config;
+use trellis_control_plane::config::model::{MeshConfig, Model};
+use trellis_control_plane::config::snapshot::Snapshot;
+use trellis_control_plane::server::{ControlPlane, Options};
+
+#[derive(Parser, Debug)]
+#[command(name = "trellis-control-plane", version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the manifests below --config-dir over xDS, and be the CA.
+    Serve {
+        /// Directory of YAML manifests (read recursively, watched).
+        #[arg(long, env = "TRELLIS_CONFIG_DIR")]
+        config_dir: PathBuf,
+        /// Mesh config file (trustDomain, rootNamespace, clusterId, domainSuffix).
+        #[arg(long, env = "TRELLIS_MESH_CONFIG")]
+        mesh_config: Option<PathBuf>,
+        /// Where the CA root and issued credentials are kept.
+        #[arg(
+            long,
+            env = "TRELLIS_STATE_DIR",
+            default_value = "/var/lib/trellis/control-plane"
+        )]
+        state_dir: PathBuf,
+        /// xDS and CA address (gRPC over TLS).
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        grpc_addr: SocketAddr,
+        /// Admin address (plain HTTP: /ready, /debug/status).
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        admin_addr: SocketAddr,
+        /// Names and IPs clients dial, for the serving certificate (repeatable).
+        #[arg(long = "serving-name", default_values = ["localhost", "127.0.0.1"])]
+        serving_names: Vec<String>,
+        /// Directory poll interval in milliseconds.
+        #[arg(long, default_value_t = 500)]
+        poll_ms: u64,
+        /// Write the trust bundle (PEM) here once the CA is loaded, for clients to use.
+        #[arg(long)]
+        write_roots: Option<PathBuf>,
+    },
+    /// Issue a credential: prints the token (keep it secret); the CA stores only its digest.
+    Credential {
+        /// Where the CA keeps issued credentials (same as `serve`).
+        #[arg(
+            long,
+            env = "TRELLIS_STATE_DIR",
+            default_value = "/var/lib/trellis/control-plane"
+        )]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        for_: CredentialFor,
+    },
+    /// Load and translate a directory; print every error and policy status. Exit status 1
+    /// when something is rejected.
+    Check {
+        /// Directory of YAML manifests.
+        #[arg(long)]
+        config_dir: PathBuf,
+        /// Mesh config file.
+        #[arg(long)]
+        mesh_config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CredentialFor {
+    /// For the ztunnel of a node.
+    Node {
+        /// Node name.
+        name: String,
+    },
+    /// For a waypoint running as a SPIFFE identity.
+    Waypoint {
+        /// `spiffe://<trust domain>/ns/<ns>/sa/<sa>`.
+        identity: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("trellis-control-plane: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn mesh_config(path: Option<&Path>) -> Result<MeshConfig, String> {
+    let Some(path) = path else {
+        return Ok(MeshConfig::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (mesh, warnings) = parse_mesh_config(path, &text).map_err(|e| e.to_string())?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(mesh)
+}
+
+fn run(command: Command) -> Result<ExitCode, String> {
+    match command {
+        Command::Serve {
+            config_dir,
+            mesh_config: mesh_path,
+            state_dir,
+            grpc_addr,
+            admin_addr,
+            serving_names,
+            poll_ms,
+            write_roots,
+        } => {
+            let mut opts = Options::new(config_dir);
+            opts.mesh = mesh_config(mesh_path.as_deref())?;
+            opts.state_dir = state_dir;
+            opts.grpc = grpc_addr;
+            opts.admin = admin_addr;
+            opts.serving_names = serving_names;
+            opts.poll_interval = Duration::from_millis(poll_ms.max(10));
+            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let cp = ControlPlane::start(opts).await.map_err(|e| e.to_string())?;
+                if let Some(path) = write_roots {
+                    write_atomically(&path, cp.roots_pem())?;
+                }
+                wait_for_signal().await;
+                tracing::info!("shutting down");
+                cp.shutdown().await;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Credential { state_dir, for_ } => {
+            let creds =
+                LocalCredentials::open(state_dir.join("credentials")).map_err(|e| e.to_string())?;
+            let token = match for_ {
+                CredentialFor::Node { name } => creds.issue_node(&name),
+                CredentialFor::Waypoint { identity } => {
+                    let id = identity.parse().map_err(|e| format!("{identity}: {e}"))?;
+                    creds.issue_waypoint(&id)
+                }
+            }
+            .map_err(|e| e.to_string())?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            config_dir,
+            mesh_config: mesh_path,
+        } => {
+            let mesh = mesh_config(mesh_path.as_deref())?;
+            let mut source = DirSource::new(&config_dir);
+            let mut model = Model::default();
+            let change = source
+                .scan(&mut model)
+                .map_err(|e| format!("{}: {e}", config_dir.display()))?;
+            for w in &change.warnings {
+                println!("warning: {w}");
+            }
+            for e in &change.errors {
+                println!("error: {e}");
+            }
+            let snap = Snapshot::build(&model, &mesh);
+            let mut rejected = !change.errors.is_empty();
+            for (id, status) in &snap.statuses {
+                let state = match status.state {
+                    PolicyState::Accepted => "accepted",
+                    PolicyState::AcceptedWithWarnings => "accepted with warnings",
+                    PolicyState::Rejected => {
+                        rejected = true;
+                        "rejected"
+                    }
+                };
+                println!("{id}: {state}");
+                for r in &status.reasons {
+                    println!("  - {r}");
+                }
+            }
+            println!(
+                "{} objects, {} resources for ztunnel",
+                change.applied.len(),
+                snap.resources.values().map(|m| m.len()).sum::<usize>()
+            );
+            Ok(if rejected {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still stops on SIGTERM's default action.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

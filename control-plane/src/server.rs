@@ -1,0 +1,527 @@
+//! The control plane as one process.
+//!
+//! The directory source feeds the model; every change the watcher reports becomes a new
+//! snapshot (only the namespaces it touched are re-translated) published to all xDS
+//! streams; the placement of enrolled pods feeds the CA, so a node's ztunnel can obtain
+//! certificates for exactly the pods scheduled there. xDS and the CA share one gRPC port
+//! over TLS (Istio's 15012), both authenticating callers by their Bearer credential.
+//! Policy statuses, config errors and each proxy's sync state are served as JSON on the
+//! admin endpoint (localhost), which `trellisctl` reads.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::{Request, Status};
+use trellis_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use trellis_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
+
+use crate::ca::auth::{Authenticator, LocalCredentials, NodeWorkloads};
+use crate::ca::service::{CaService, serving_certificate};
+use crate::ca::store::DirStore;
+use crate::ca::{CaConfig, CaError, CertificateAuthority, RootOfTrust};
+use crate::config::authz::{PolicyState, PolicyStatus};
+use crate::config::dir::{Change, DirSource, watch as watch_dir};
+use crate::config::load::{ConfigError, ObjectRef};
+use crate::config::model::{MeshConfig, Model};
+use crate::config::snapshot::Snapshot;
+use crate::xds::{AckTracker, Publisher, XdsServer};
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The manifests.
+    pub config_dir: PathBuf,
+    /// Mesh-wide settings.
+    pub mesh: MeshConfig,
+    /// Where the CA keeps its root (`ca/`) and the issued credentials (`credentials/`).
+    pub state_dir: PathBuf,
+    /// xDS and CA (gRPC over TLS).
+    pub grpc: SocketAddr,
+    /// Admin endpoint (plain HTTP; keep it on localhost).
+    pub admin: SocketAddr,
+    /// DNS names and IPs in the serving certificate (what clients dial).
+    pub serving_names: Vec<String>,
+    /// How often the directory is polled.
+    pub poll_interval: Duration,
+    /// How long the directory must stay unchanged before a burst of edits is applied.
+    pub debounce: Duration,
+}
+
+impl Options {
+    /// Defaults for everything but the config directory.
+    pub fn new(config_dir: impl Into<PathBuf>) -> Options {
+        Options {
+            config_dir: config_dir.into(),
+            mesh: MeshConfig::default(),
+            state_dir: PathBuf::from("/var/lib/trellis/control-plane"),
+            grpc: SocketAddr::from(([0, 0, 0, 0], 15012)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 15014)),
+            serving_names: vec!["localhost".into(), "127.0.0.1".into()],
+            poll_interval: Duration::from_millis(500),
+            debounce: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Why the control plane did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config directory cannot be read.
+    #[error("config directory {}: {error}", path.display())]
+    ConfigDir {
+        /// The directory.
+        path: PathBuf,
+        /// What went wrong.
+        error: std::io::Error,
+    },
+    /// The CA's root or credentials.
+    #[error("certificate authority: {0}")]
+    Ca(#[from] CaError),
+    /// A port is taken.
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+    /// The TLS settings of the gRPC server.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// The status of one policy, with where it is in effect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyReport {
+    /// Which policy.
+    pub id: ObjectRef,
+    /// Its status.
+    pub status: PolicyStatus,
+    /// Connected proxies that have not yet ACKed the policy's current version (empty: in
+    /// effect everywhere; only for policies ztunnel enforces).
+    pub pending_at: Vec<String>,
+}
+
+/// What the admin endpoint reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusReport {
+    /// Snapshot generation served now.
+    pub generation: u64,
+    /// Every policy.
+    pub policies: Vec<PolicyReport>,
+    /// Documents that did not load (their objects keep their last good version).
+    pub errors: Vec<ConfigError>,
+    /// Connected proxies.
+    pub proxies: Vec<String>,
+}
+
+struct Shared {
+    publisher: Publisher,
+    acks: Arc<AckTracker>,
+    outstanding: RwLock<Vec<ConfigError>>,
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    grpc_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    roots_pem: String,
+    credentials: Arc<LocalCredentials>,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlPlane {
+    /// Reads the directory, loads (or creates) the CA, binds the ports and starts serving.
+    pub async fn start(opts: Options) -> Result<ControlPlane, StartError> {
+        let mesh = opts.mesh.clone();
+        // The CA.
+        let store = DirStore::new(opts.state_dir.join("ca"));
+        let (root, generated) = RootOfTrust::load_or_generate(&store, &mesh.trust_domain)?;
+        if generated {
+            tracing::info!(dir = %opts.state_dir.join("ca").display(), "generated a new self-signed root of trust");
+        }
+        let roots_pem = root.roots_pem().to_string();
+        let ca = Arc::new(CertificateAuthority::new(
+            CaConfig {
+                trust_domain: mesh.trust_domain.clone(),
+                ..CaConfig::default()
+            },
+            root,
+        ));
+        let credentials = Arc::new(LocalCredentials::open(opts.state_dir.join("credentials"))?);
+        let placement = Arc::new(NodeWorkloads::default());
+
+        // The configuration.
+        let mut source = DirSource::new(&opts.config_dir);
+        let mut model = Model::default();
+        let first = source
+            .scan(&mut model)
+            .map_err(|error| StartError::ConfigDir {
+                path: opts.config_dir.clone(),
+                error,
+            })?;
+        report(&first);
+        model.take_dirty();
+        placement.replace_all(model.identities_by_node(&mesh));
+        let (publisher, snapshots) = Publisher::new(Snapshot::build(&model, &mesh));
+        let acks = Arc::new(AckTracker::default());
+        let shared = Arc::new(Shared {
+            publisher,
+            acks: acks.clone(),
+            outstanding: RwLock::new(first.outstanding.clone()),
+        });
+        tracing::info!(
+            dir = %opts.config_dir.display(),
+            objects = first.applied.len(),
+            errors = first.outstanding.len(),
+            "configuration loaded"
+        );
+
+        let (shutdown, mut stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        // Watch the directory; publish each change.
+        {
+            let shared = shared.clone();
+            let placement = placement.clone();
+            let mesh = mesh.clone();
+            let mut stop = stopped.clone();
+            let watcher = watch_dir(
+                source,
+                model,
+                opts.poll_interval,
+                opts.debounce,
+                move |model, change| {
+                    report(&change);
+                    *shared
+                        .outstanding
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner()) = change.outstanding.clone();
+                    if change.changed() {
+                        let dirty = model.take_dirty();
+                        let prev = shared.publisher.current();
+                        let next = Snapshot::rebuild(&prev, model, &mesh, &dirty);
+                        shared.publisher.publish(next);
+                        placement.replace_all(model.identities_by_node(&mesh));
+                        tracing::info!(
+                            generation = shared.publisher.current().generation,
+                            applied = change.applied.len(),
+                            deleted = change.deleted.len(),
+                            namespaces = dirty.len(),
+                            "configuration change published"
+                        );
+                    }
+                    true
+                },
+            );
+            tasks.push(tokio::spawn(async move {
+                tokio::select! {
+                    () = watcher => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            }));
+        }
+
+        // gRPC: xDS and CA on one TLS port.
+        let listener = TcpListener::bind(opts.grpc)
+            .await
+            .map_err(|e| StartError::Listen(opts.grpc, e))?;
+        let grpc_addr = listener
+            .local_addr()
+            .map_err(|e| StartError::Listen(opts.grpc, e))?;
+        let names: Vec<&str> = opts.serving_names.iter().map(String::as_str).collect();
+        // One year, or less when the root ends sooner (the CA caps it); renewed on restart.
+        let (cert_pem, key_pem) =
+            serving_certificate(&ca, &names, Duration::from_secs(365 * 24 * 3600))?;
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem))
+            .timeout(Duration::from_secs(10));
+        let auth: Arc<dyn Authenticator> = credentials.clone();
+        let xds_auth = auth.clone();
+        let xds = AggregatedDiscoveryServiceServer::with_interceptor(
+            XdsServer::new(snapshots, acks).with_shutdown(stopped.clone()),
+            move |req: Request<()>| authenticate_stream(xds_auth.as_ref(), req),
+        );
+        let ca_service = IstioCertificateServiceServer::new(CaService::new(ca, auth, placement));
+        let router = tonic::transport::Server::builder()
+            .tls_config(tls)?
+            .max_concurrent_streams(256)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_keepalive(Some(Duration::from_secs(60)))
+            .add_service(xds)
+            .add_service(ca_service);
+        {
+            let mut stop = stopped.clone();
+            tasks.push(tokio::spawn(async move {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                let result = router
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "gRPC server stopped");
+                }
+            }));
+        }
+
+        // Admin.
+        let admin = TcpListener::bind(opts.admin)
+            .await
+            .map_err(|e| StartError::Listen(opts.admin, e))?;
+        let admin_addr = admin
+            .local_addr()
+            .map_err(|e| StartError::Listen(opts.admin, e))?;
+        {
+            let shared = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                tokio::select! {
+                    () = serve_admin(admin, shared) => {}
+                    _ = stopped.wait_for(|s| *s) => {}
+                }
+            }));
+        }
+        tracing::info!(%grpc_addr, %admin_addr, "control plane serving");
+        Ok(ControlPlane {
+            grpc_addr,
+            admin_addr,
+            roots_pem,
+            credentials,
+            shared,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Where xDS and the CA are served.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// Where the admin endpoint is served.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The trust bundle (PEM roots) clients verify the server and each other with.
+    pub fn roots_pem(&self) -> &str {
+        &self.roots_pem
+    }
+
+    /// Issued credentials (for a node's ztunnel or a waypoint).
+    pub fn credentials(&self) -> &LocalCredentials {
+        &self.credentials
+    }
+
+    /// The snapshot served now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.publisher.current()
+    }
+
+    /// Statuses, errors and proxies now.
+    pub fn status(&self) -> StatusReport {
+        status_report(&self.shared)
+    }
+
+    /// Stops serving: ends the xDS streams (proxies reconnect elsewhere or later), lets
+    /// requests in flight finish for up to five seconds, then stops.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        for mut t in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                t.abort();
+            }
+        }
+    }
+}
+
+fn report(change: &Change) {
+    for e in &change.errors {
+        tracing::error!(file = %e.file, object = %e.object, field = %e.field, reason = %e.reason, "rejected; the object keeps its last good version");
+    }
+    for w in &change.warnings {
+        tracing::warn!("{w}");
+    }
+}
+
+/// The xDS interceptor: every stream carries a credential the CA knows.
+#[allow(clippy::result_large_err)] // tonic's interceptor signature
+fn authenticate_stream(
+    auth: &dyn Authenticator,
+    mut req: Request<()>,
+) -> Result<Request<()>, Status> {
+    match auth.authenticate(req.metadata()) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            Ok(req)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "xDS stream refused");
+            Err(Status::unauthenticated(e.to_string()))
+        }
+    }
+}
+
+fn status_report(shared: &Shared) -> StatusReport {
+    let snap = shared.publisher.current();
+    let errors = shared
+        .outstanding
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let authz = snap.of_type(trellis_proto::type_url::AUTHORIZATION);
+    let mut policies: BTreeMap<ObjectRef, PolicyReport> = snap
+        .statuses
+        .iter()
+        .map(|(id, status)| {
+            let name = format!("{}/{}", id.namespace, id.name);
+            let pending_at = match authz.and_then(|a| a.get(&name)) {
+                Some(r) if id.kind == "AuthorizationPolicy" => {
+                    shared
+                        .acks
+                        .lagging(trellis_proto::type_url::AUTHORIZATION, &name, &r.version)
+                }
+                _ => Vec::new(),
+            };
+            (
+                id.clone(),
+                PolicyReport {
+                    id: id.clone(),
+                    status: status.clone(),
+                    pending_at,
+                },
+            )
+        })
+        .collect();
+    // A policy whose latest edit did not load: say so on its status.
+    for e in &errors {
+        let Some(id) = &e.id else { continue };
+        if !matches!(
+            id.kind.as_str(),
+            "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication"
+        ) {
+            continue;
+        }
+        let reason = format!("{}: {} ({})", e.field, e.reason, e.file);
+        match policies.get_mut(id) {
+            Some(p) => p.status.reasons.push(format!(
+                "the latest version was rejected, the previous one stays in effect: {reason}"
+            )),
+            None => {
+                policies.insert(
+                    id.clone(),
+                    PolicyReport {
+                        id: id.clone(),
+                        status: PolicyStatus {
+                            state: PolicyState::Rejected,
+                            reasons: vec![reason],
+                        },
+                        pending_at: Vec::new(),
+                    },
+                );
+            }
+        }
+    }
+    StatusReport {
+        generation: snap.generation,
+        policies: policies.into_values().collect(),
+        errors,
+        proxies: shared.acks.proxies(),
+    }
+}
+
+fn status_json(r: &StatusReport) -> serde_json::Value {
+    let state = |s: &PolicyState| match s {
+        PolicyState::Accepted => "Accepted",
+        PolicyState::AcceptedWithWarnings => "AcceptedWithWarnings",
+        PolicyState::Rejected => "Rejected",
+    };
+    serde_json::json!({
+        "generation": r.generation,
+        "policies": r.policies.iter().map(|p| serde_json::json!({
+            "kind": p.id.kind,
+            "namespace": p.id.namespace,
+            "name": p.id.name,
+            "state": state(&p.status.state),
+            "reasons": p.status.reasons,
+            "pendingAt": p.pending_at,
+        })).collect::<Vec<_>>(),
+        "errors": r.errors.iter().map(|e| serde_json::json!({
+            "file": e.file,
+            "object": e.object,
+            "field": e.field,
+            "reason": e.reason,
+        })).collect::<Vec<_>>(),
+        "proxies": r.proxies,
+    })
+}
+
+async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (conn, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin(&req, &shared)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(Duration::from_secs(5))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(conn), service);
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        });
+    }
+}
+
+fn admin<B>(req: &hyper::Request<B>, shared: &Shared) -> hyper::Response<Full<Bytes>> {
+    let reply = |code: u16, kind: &str, body: String| {
+        hyper::Response::builder()
+            .status(code)
+            .header("content-type", kind)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default()
+    };
+    if req.method() != hyper::Method::GET {
+        return reply(405, "text/plain", "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/ready" => reply(200, "text/plain", "ready\n".into()),
+        "/debug/status" => {
+            let body = status_json(&status_report(shared));
+            reply(
+                200,
+                "application/json",
+                serde_json::to_string_pretty(&body).unwrap_or_default() + "\n",
+            )
+        }
+        _ => reply(
+            404,
+            "text/plain",
+            "not found; try /ready or /debug/status\n".into(),
+        ),
+    }
+}

@@ -1,0 +1,333 @@
+//! The control plane as a whole, in-process: a config directory served over TLS to several
+//! xDS clients (the data plane's own client), edited while they are connected; the CA
+//! following the pods' placement; statuses on the admin endpoint.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use trellis_control_plane::server::{ControlPlane, Options};
+use trellis_core::SpiffeId;
+use trellis_core::cert::{CertConfig, CertError, CertManager, GrpcCaClient, GrpcCaConfig};
+use trellis_core::xds::{XdsClient, XdsConfig};
+use trellis_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use trellis_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use trellis_proto::type_url::{ADDRESS, AUTHORIZATION};
+
+fn pod(ns: &str, name: &str, ip: &str, node: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {name}, containers: [{{name: app, image: x}}]}}\nstatus: {{podIP: {ip}, phase: Running}}\n"
+    )
+}
+
+const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+"#;
+
+const POLICY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-dev, namespace: shop}
+spec:
+  action: DENY
+  rules: [{from: [{source: {namespaces: [dev]}}]}]
+"#;
+
+fn write(dir: &Path, name: &str, text: &str) {
+    // Written aside and renamed, as editors and ConfigMap updates do: the watcher never
+    // sees half a file.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+struct Mesh {
+    cp: ControlPlane,
+    config: tempfile::TempDir,
+    _state: tempfile::TempDir,
+}
+
+async fn start(files: &[(&str, String)]) -> Mesh {
+    let config = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        write(config.path(), name, text);
+    }
+    let mut opts = Options::new(config.path());
+    opts.state_dir = state.path().to_path_buf();
+    opts.grpc = "127.0.0.1:0".parse().unwrap();
+    opts.admin = "127.0.0.1:0".parse().unwrap();
+    opts.poll_interval = Duration::from_millis(50);
+    opts.debounce = Duration::from_millis(50);
+    let cp = ControlPlane::start(opts).await.unwrap();
+    Mesh {
+        cp,
+        config,
+        _state: state,
+    }
+}
+
+fn channel(m: &Mesh) -> Channel {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(m.cp.roots_pem()))
+        .domain_name("localhost");
+    Channel::from_shared(format!("https://{}", m.cp.grpc_addr()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_lazy()
+}
+
+fn client(m: &Mesh, node: &str) -> XdsClient {
+    let credential = m.cp.credentials().issue_node(node).unwrap();
+    XdsClient::start(
+        channel(m),
+        XdsConfig {
+            node_id: format!("ztunnel~{node}"),
+            types: vec![ADDRESS.into(), AUTHORIZATION.into()],
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(200),
+            credential: Some(credential),
+        },
+    )
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+    (code, body)
+}
+
+async fn status(m: &Mesh) -> serde_json::Value {
+    let (code, body) = admin_get(m.cp.admin_addr(), "/debug/status").await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+const CART: &str = "Kubernetes//Pod/shop/cart-0";
+const ORDERS: &str = "Kubernetes//Pod/shop/orders-0";
+
+#[tokio::test]
+async fn clients_follow_a_directory_edited_while_they_are_connected() {
+    let m = start(&[
+        ("00-base.yaml", BASE.into()),
+        ("cart.yaml", pod("shop", "cart-0", "10.244.1.2", "node1")),
+        ("policy.yaml", POLICY.into()),
+    ])
+    .await;
+    let clients: Vec<XdsClient> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| client(&m, n))
+        .collect();
+    for c in &clients {
+        tokio::time::timeout(Duration::from_secs(10), c.wait_synced())
+            .await
+            .expect("synced");
+        assert!(c.store().workload(CART).is_some());
+        assert_eq!(c.store().len().2, 1, "one policy");
+    }
+
+    // A pod is added: every client gets it.
+    write(
+        m.config.path(),
+        "orders.yaml",
+        &pod("shop", "orders-0", "10.244.2.2", "node2"),
+    );
+    for c in &clients {
+        eventually("the new pod on every client", || {
+            c.store().workload(ORDERS).is_some()
+        })
+        .await;
+    }
+
+    // The policy is broken by an edit: rejected with file, object, field and reason; the
+    // clients keep the last good version; the status says so.
+    write(
+        m.config.path(),
+        "policy.yaml",
+        &POLICY.replace("action: DENY", "action: [DENY]"),
+    );
+    let mut report = serde_json::Value::Null;
+    eventually("the error in the status", || {
+        report =
+            m.cp.status()
+                .errors
+                .first()
+                .map_or(serde_json::Value::Null, |e| {
+                    serde_json::json!(e.to_string())
+                });
+        !report.is_null()
+    })
+    .await;
+    let s = status(&m).await;
+    let err = &s["errors"][0];
+    assert!(
+        err["file"].as_str().unwrap().ends_with("policy.yaml"),
+        "{s}"
+    );
+    assert_eq!(err["object"], "AuthorizationPolicy shop/deny-dev");
+    assert_eq!(err["field"], "spec.action");
+    let policy = s["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "deny-dev")
+        .unwrap();
+    assert_eq!(
+        policy["state"], "Accepted",
+        "the last good version is in effect"
+    );
+    assert!(
+        policy["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("the latest version was rejected"),
+        "{policy}"
+    );
+    for c in &clients {
+        assert_eq!(c.store().len().2, 1, "the policy is still held");
+    }
+    // Every connected client has the policy in effect.
+    eventually("all proxies ACKed the policy", || {
+        let st = m.cp.status();
+        st.proxies.len() == 3
+            && st
+                .policies
+                .iter()
+                .find(|p| p.id.name == "deny-dev")
+                .is_some_and(|p| p.pending_at.is_empty())
+    })
+    .await;
+
+    // Fixed, and turned into a namespace-wide ALLOW: clients get the new version.
+    write(
+        m.config.path(),
+        "policy.yaml",
+        &POLICY.replace("action: DENY", "action: ALLOW"),
+    );
+    eventually("the error gone", || m.cp.status().errors.is_empty()).await;
+    for c in &clients {
+        eventually("the new version on every client", || {
+            c.store()
+                .policy("shop/deny-dev")
+                .is_some_and(|p| p.action == trellis_proto::istio::security::Action::Allow as i32)
+        })
+        .await;
+    }
+
+    // A file is removed: its pod is gone everywhere.
+    std::fs::remove_file(m.config.path().join("cart.yaml")).unwrap();
+    for c in &clients {
+        eventually("the removed pod gone", || {
+            c.store().workload(CART).is_none()
+        })
+        .await;
+        assert!(c.store().workload(ORDERS).is_some());
+    }
+    m.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn streams_without_a_known_credential_are_refused() {
+    let m = start(&[("00-base.yaml", BASE.into())]).await;
+    let mut raw = AggregatedDiscoveryServiceClient::new(channel(&m));
+    let first = DeltaDiscoveryRequest {
+        type_url: ADDRESS.into(),
+        ..Default::default()
+    };
+    let err = raw
+        .delta_aggregated_resources(tokio_stream::iter(vec![first.clone()]))
+        .await
+        .expect_err("no credential");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let mut req = tonic::Request::new(tokio_stream::iter(vec![first]));
+    req.metadata_mut()
+        .insert("authorization", "Bearer not-issued".parse().unwrap());
+    let err = raw
+        .delta_aggregated_resources(req)
+        .await
+        .expect_err("bad credential");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    assert!(err.message().contains("unknown credential"), "{err}");
+    m.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_ca_follows_pods_as_they_are_scheduled() {
+    let m = start(&[("00-base.yaml", BASE.into())]).await;
+    let ca = |node: &str| {
+        let client = GrpcCaClient::new(&GrpcCaConfig {
+            endpoint: format!("https://{}", m.cp.grpc_addr()),
+            root_pem: m.cp.roots_pem().to_string(),
+            server_name: "localhost".into(),
+            credential: m.cp.credentials().issue_node(node).unwrap(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+        })
+        .unwrap();
+        let bundle = Arc::new(
+            trellis_core::tls::TrustBundle::from_pem("cluster.local", m.cp.roots_pem()).unwrap(),
+        );
+        CertManager::new(client, bundle, CertConfig::default())
+    };
+    let node1 = ca("node1");
+    let node2 = ca("node2");
+    let cart = SpiffeId::new("cluster.local", "shop", "cart-0").unwrap();
+    let refused = |r: Result<_, CertError>| matches!(r, Err(CertError::Refused { ref reason, .. }) if reason.contains("PermissionDenied"));
+    assert!(refused(node1.fetch(&cart).await), "no such pod yet");
+
+    write(
+        m.config.path(),
+        "cart.yaml",
+        &pod("shop", "cart-0", "10.244.1.2", "node1"),
+    );
+    let mut got = None;
+    for _ in 0..200 {
+        match node1.fetch(&cart).await {
+            Ok(c) => {
+                got = Some(c);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+    assert_eq!(
+        got.expect("node1 gets its pod's certificate").identity(),
+        &cart
+    );
+    assert!(refused(node2.fetch(&cart).await), "not node2's pod");
+    m.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_admin_endpoint_answers_ready_and_refuses_the_rest() {
+    let m = start(&[("00-base.yaml", BASE.into()), ("p.yaml", POLICY.into())]).await;
+    assert_eq!(admin_get(m.cp.admin_addr(), "/ready").await.0, 200);
+    assert_eq!(admin_get(m.cp.admin_addr(), "/nope").await.0, 404);
+    let s = status(&m).await;
+    assert_eq!(s["policies"][0]["name"], "deny-dev");
+    assert_eq!(s["policies"][0]["state"], "Accepted");
+    m.cp.shutdown().await;
+}
