@@ -196,6 +196,24 @@ async fn measure() {
     let header = out.next().expect("child header").expect("read");
     let addr = header.split_whitespace().nth(1).expect("addr").to_string();
     println!("control plane: {header}");
+    let pid = child.id();
+    let rss = move |when: &str| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let kb = |key: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        println!(
+            "control plane RSS {when}: {} MB (peak so far {} MB)",
+            kb("VmRSS:") / 1024,
+            kb("VmHWM:") / 1024
+        );
+    };
+    rss("after loading");
 
     // 1. Initial full sync of one client.
     let t = Instant::now();
@@ -206,6 +224,7 @@ async fn measure() {
     println!(
         "initial full sync of one client: {initial:?} ({w} workloads, {s} services, {p} policies)"
     );
+    rss("with one client");
 
     // 2. The other 49 connect.
     let t = Instant::now();
@@ -217,6 +236,7 @@ async fn measure() {
         c.wait_synced().await;
     }
     println!("{CLIENTS} clients synced in {:?}", t.elapsed());
+    rss("with all clients synced");
 
     // 3. One pod at a time, until every client holds it.
     let mut latencies = Vec::with_capacity(UPDATES);

@@ -24,7 +24,7 @@ use trellis_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 
-use crate::config::snapshot::Snapshot;
+use crate::config::snapshot::{Held, Snapshot};
 
 /// Resource name → version.
 pub type Versions = BTreeMap<String, String>;
@@ -32,26 +32,16 @@ pub type Versions = BTreeMap<String, String>;
 /// What each connected proxy has ACKed, per type URL.
 #[derive(Debug, Default)]
 pub struct AckTracker {
-    /// Proxy id → type URL → versions.
-    proxies: Mutex<BTreeMap<String, BTreeMap<String, Versions>>>,
+    /// Proxy id → type URL → what it holds.
+    proxies: Mutex<BTreeMap<String, BTreeMap<String, Known>>>,
 }
 
 impl AckTracker {
-    fn record(&self, proxy: &str, type_url: &str, known: &BTreeMap<String, String>) {
+    fn record(&self, proxy: &str, type_url: &str, known: &Known) {
         let mut p = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
         p.entry(proxy.to_string())
             .or_default()
             .insert(type_url.to_string(), known.clone());
-    }
-
-    fn record_patch(&self, proxy: &str, type_url: &str, patch: &Patch) {
-        let mut p = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
-        let versions = p
-            .entry(proxy.to_string())
-            .or_default()
-            .entry(type_url.to_string())
-            .or_default();
-        patch.apply(versions);
     }
 
     fn forget(&self, proxy: &str) {
@@ -60,9 +50,11 @@ impl AckTracker {
     }
 
     /// The versions `proxy` has ACKed for `type_url`.
-    pub fn acked(&self, proxy: &str, type_url: &str) -> Option<BTreeMap<String, String>> {
+    pub fn acked(&self, proxy: &str, type_url: &str) -> Option<Versions> {
         let p = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
-        p.get(proxy).and_then(|t| t.get(type_url)).cloned()
+        p.get(proxy)
+            .and_then(|t| t.get(type_url))
+            .map(|k| k.to_map(type_url))
     }
 
     /// The connected proxies.
@@ -78,10 +70,95 @@ impl AckTracker {
             .filter(|(_, types)| {
                 types
                     .get(type_url)
-                    .is_some_and(|known| known.get(name).map(String::as_str) != Some(version))
+                    .is_some_and(|known| known.version_of(type_url, name) != Some(version))
             })
             .map(|(proxy, _)| proxy.clone())
             .collect()
+    }
+}
+
+/// What a proxy holds of one type. A wildcard subscriber that ACKed a snapshot holds
+/// exactly that snapshot's resources: it is represented by the (shared) snapshot, so 50
+/// proxies in sync cost one snapshot, not 50 copies of every name and version.
+#[derive(Debug, Clone)]
+enum Known {
+    /// Explicit versions: announced on resume, or for subscriptions by name.
+    Map(Versions),
+    /// Exactly this snapshot's resources of the type.
+    At(Arc<Snapshot>),
+}
+
+impl Default for Known {
+    fn default() -> Self {
+        Known::Map(Versions::new())
+    }
+}
+
+impl Known {
+    fn version_of(&self, type_url: &str, name: &str) -> Option<&str> {
+        match self {
+            Known::Map(m) => m.get(name).map(String::as_str),
+            Known::At(snap) => snap
+                .of_type(type_url)
+                .and_then(|m| m.get(name))
+                .map(|r| r.version.as_str()),
+        }
+    }
+
+    fn to_map(&self, type_url: &str) -> Versions {
+        match self {
+            Known::Map(m) => m.clone(),
+            Known::At(snap) => snap
+                .of_type(type_url)
+                .map(|m| {
+                    m.iter()
+                        .map(|(n, r)| (n.clone(), r.version.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The explicit map, made from the snapshot if need be.
+    fn make_map(&mut self, type_url: &str) -> &mut Versions {
+        if let Known::At(_) = self {
+            *self = Known::Map(self.to_map(type_url));
+        }
+        match self {
+            Known::Map(m) => m,
+            Known::At(_) => unreachable!("just replaced"),
+        }
+    }
+
+    fn held<'a>(&'a self, type_url: &'a str) -> KnownOf<'a> {
+        KnownOf {
+            known: self,
+            type_url,
+        }
+    }
+}
+
+struct KnownOf<'a> {
+    known: &'a Known,
+    type_url: &'a str,
+}
+
+impl Held for KnownOf<'_> {
+    fn version_of(&self, name: &str) -> Option<&str> {
+        self.known.version_of(self.type_url, name)
+    }
+
+    fn each_name(&self, f: &mut dyn FnMut(&str)) {
+        match self.known {
+            Known::Map(m) => m.each_name(f),
+            Known::At(snap) => {
+                if let Some(m) = snap.of_type(self.type_url) {
+                    for n in m.keys() {
+                        f(n);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -119,6 +196,12 @@ pub struct XdsServer {
     acks: Arc<AckTracker>,
     closing: Option<watch::Receiver<bool>>,
 }
+
+/// Most resources in one response. A larger delta (a first sync, a catch-up) goes out in
+/// several responses, one after the other's ACK, the last one marked complete. Why: the
+/// gRPC encoder keeps, per stream, a buffer the size of the largest message it sent; one
+/// 4 MB first response per proxy would stay resident for the stream's life.
+pub const MAX_RESOURCES_PER_RESPONSE: usize = 1000;
 
 impl XdsServer {
     /// A server publishing what `snapshots` holds.
@@ -196,9 +279,14 @@ impl Patch {
 #[derive(Debug)]
 struct Pending {
     nonce: String,
-    patch: Patch,
+    /// What the response changes; `None` when it completes a wildcard subscriber's sync
+    /// (the proxy then holds the snapshot).
+    patch: Option<Patch>,
+    /// Whether the proxy is in sync with `snapshot` once it ACKs (the last response of a
+    /// delta sent in parts).
+    complete: bool,
     /// The snapshot the proxy will be in sync with once it ACKs.
-    generation: u64,
+    snapshot: Arc<Snapshot>,
 }
 
 #[derive(Debug, Default)]
@@ -206,7 +294,7 @@ struct TypeState {
     wildcard: bool,
     names: BTreeSet<String>,
     /// What the proxy has, as far as it has told us (ACKs, initial versions).
-    known: BTreeMap<String, String>,
+    known: Known,
     /// The snapshot `known` matches (for this subscription), when it does: then the next
     /// snapshot's change set is all there is to send.
     synced_generation: Option<u64>,
@@ -289,13 +377,15 @@ impl Stream {
                         );
                         state.synced_generation = None;
                     } else {
-                        p.patch.apply(&mut state.known);
-                        if state.synced_generation.is_some() {
-                            self.acks.record_patch(&self.proxy, &type_url, &p.patch);
-                        } else {
-                            self.acks.record(&self.proxy, &type_url, &state.known);
+                        match &p.patch {
+                            // By name: the response changed exactly these.
+                            Some(patch) => patch.apply(state.known.make_map(&type_url)),
+                            // Wildcard: the proxy now holds the snapshot.
+                            None => state.known = Known::At(p.snapshot.clone()),
                         }
-                        state.synced_generation = Some(p.generation);
+                        self.acks.record(&self.proxy, &type_url, &state.known);
+                        // After a part, the next push computes what is still missing.
+                        state.synced_generation = p.complete.then_some(p.snapshot.generation);
                     }
                 }
                 // An answer to an older response: ours is still in flight.
@@ -304,7 +394,7 @@ impl Stream {
         }
         if first {
             // Resume: the proxy tells what it already has.
-            state.known = req.initial_resource_versions.into_iter().collect();
+            state.known = Known::Map(req.initial_resource_versions.into_iter().collect());
             state.wildcard = req.resource_names_subscribe.is_empty()
                 || req.resource_names_subscribe.iter().any(|n| n == "*");
         }
@@ -325,7 +415,7 @@ impl Stream {
             } else {
                 state.names.remove(&name);
                 // The proxy drops it itself.
-                state.known.remove(&name);
+                state.known.make_map(&type_url).remove(&name);
             }
         }
         self.push(&type_url).await
@@ -368,27 +458,32 @@ impl Stream {
                     removed: changes
                         .removed
                         .iter()
-                        .filter(|n| state.known.contains_key(*n))
+                        .filter(|n| state.known.version_of(type_url, n).is_some())
                         .cloned()
                         .collect(),
                 }
             }
-            _ => snap.delta_from(type_url, &state.known, wanted),
+            _ => snap.delta_from(type_url, &state.known.held(type_url), wanted),
         };
         if state.answered && delta.updated.is_empty() && delta.removed.is_empty() {
             // Nothing for this proxy in this snapshot: what it has matches it.
             state.synced_generation = Some(snap.generation);
             return Ok(());
         }
-        let mut patch = Patch {
+        let mut delta = delta;
+        let complete = delta.updated.len() <= MAX_RESOURCES_PER_RESPONSE;
+        delta.updated.truncate(MAX_RESOURCES_PER_RESPONSE);
+        let mut patch = (!wildcard || !complete).then(|| Patch {
             updated: Vec::with_capacity(delta.updated.len()),
             removed: delta.removed.clone(),
-        };
+        });
         let resources = delta
             .updated
             .into_iter()
             .map(|(name, r)| {
-                patch.updated.push((name.clone(), r.version.clone()));
+                if let Some(p) = &mut patch {
+                    p.updated.push((name.clone(), r.version.clone()));
+                }
                 Resource {
                     name,
                     version: r.version.clone(),
@@ -399,10 +494,14 @@ impl Stream {
             .collect();
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
+        let Some(state) = self.types.get_mut(type_url) else {
+            return Ok(());
+        };
         state.pending = Some(Pending {
             nonce: nonce.clone(),
             patch,
-            generation: snap.generation,
+            snapshot: snap.clone(),
+            complete,
         });
         state.answered = true;
         let resp = DeltaDiscoveryResponse {
@@ -410,6 +509,11 @@ impl Stream {
             resources,
             removed_resources: delta.removed,
             nonce,
+            system_version_info: if complete {
+                snap.generation.to_string()
+            } else {
+                trellis_proto::delta::MORE_FOLLOWS.to_string()
+            },
             ..Default::default()
         };
         self.tx.send(Ok(resp)).await.map_err(|_| ())

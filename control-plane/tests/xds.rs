@@ -270,3 +270,54 @@ async fn types_are_independent_and_state_of_the_world_is_refused() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented);
 }
+
+fn big_cluster(pods: usize) -> Snapshot {
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: foo, labels: {istio.io/dataplane-mode: ambient}}\n",
+    );
+    for i in 0..pods {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: foo}}\nspec: {{nodeName: node1, containers: [{{name: a, image: b}}]}}\nstatus: {{podIP: 10.244.{}.{}}}\n",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    let mut m = Model::default();
+    for d in parse_file(Path::new("c.yaml"), &yaml) {
+        if let Document::Loaded(l) = d {
+            m.apply(&l.id, l.object);
+        }
+    }
+    Snapshot::build(&m, &MeshConfig::default())
+}
+
+#[tokio::test]
+async fn a_large_first_sync_comes_in_parts_and_only_the_last_is_complete() {
+    use trellis_control_plane::xds::MAX_RESOURCES_PER_RESPONSE;
+    let pods = 2 * MAX_RESOURCES_PER_RESPONSE + 10;
+    let (channel, _publish, acks) = start(big_cluster(pods)).await;
+    let mut proxy = Proxy::connect(channel, subscribe(ADDRESS, &[], BTreeMap::new())).await;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut parts = Vec::new();
+    loop {
+        let r = proxy.recv().await;
+        parts.push((r.resources.len(), r.system_version_info.clone()));
+        seen.extend(r.resources.iter().map(|x| x.name.clone()));
+        proxy.ack(ADDRESS, &r.nonce).await;
+        if r.system_version_info != trellis_proto::delta::MORE_FOLLOWS {
+            break;
+        }
+    }
+    assert_eq!(
+        parts,
+        [
+            (MAX_RESOURCES_PER_RESPONSE, "more-follows".to_string()),
+            (MAX_RESOURCES_PER_RESPONSE, "more-follows".to_string()),
+            (10, "0".to_string()),
+        ]
+    );
+    assert_eq!(seen.len(), pods, "every resource exactly once");
+    proxy.nothing_for(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(acks.acked("ztunnel~node1", ADDRESS).unwrap().len(), pods);
+}

@@ -352,7 +352,8 @@ async fn stream_once(
         tx.send(ack)
             .await
             .map_err(|_| tonic::Status::internal("request queue closed"))?;
-        if !nacked && config.types.contains(&resp.type_url) {
+        let part = resp.system_version_info == trellis_proto::delta::MORE_FOLLOWS;
+        if !nacked && !part && config.types.contains(&resp.type_url) {
             answered.insert(resp.type_url.clone());
             if answered.len() == config.types.len() {
                 notify.synced.send_replace(true);

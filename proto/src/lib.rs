@@ -16,6 +16,15 @@
 
 include!(concat!(env!("OUT_DIR"), "/trellis_protos.rs"));
 
+/// Trellis's conventions on the delta xDS stream.
+pub mod delta {
+    /// `system_version_info` of a response that is one part of a larger delta: more parts
+    /// follow (each after the previous one's ACK). A client counts itself synced only after
+    /// a response without it. The field is for debugging in Envoy's API, so other clients
+    /// (Istio's ztunnel) are unaffected.
+    pub const MORE_FOLLOWS: &str = "more-follows";
+}
+
 /// Type URLs of the xDS resources, as they appear in `type_url` fields and `Any` values.
 pub mod type_url {
     /// Workloads and services for ztunnel (`istio.workload.Address`).

@@ -199,27 +199,75 @@ impl Snapshot {
         self.resources.get(type_url)
     }
 
-    /// What a holder of `known` (name → version) needs to catch up with this snapshot for
-    /// `type_url`, restricted to the names `wanted` accepts.
+    /// What a holder of `known` needs to catch up with this snapshot for `type_url`,
+    /// restricted to the names `wanted` accepts.
     pub fn delta_from(
         &self,
         type_url: &str,
-        known: &BTreeMap<String, String>,
+        known: &dyn Held,
         wanted: impl Fn(&str) -> bool,
     ) -> Delta {
         let empty = BTreeMap::new();
         let current = self.of_type(type_url).unwrap_or(&empty);
         let updated = current
             .iter()
-            .filter(|(name, r)| wanted(name) && known.get(*name) != Some(&r.version))
+            .filter(|(name, r)| wanted(name) && known.version_of(name) != Some(&r.version))
             .map(|(n, r)| (n.clone(), r.clone()))
             .collect();
-        let removed = known
-            .keys()
-            .filter(|name| !current.contains_key(*name) || !wanted(name))
-            .cloned()
-            .collect();
+        let mut removed = Vec::new();
+        known.each_name(&mut |name| {
+            if !current.contains_key(name) || !wanted(name) {
+                removed.push(name.to_string());
+            }
+        });
         Delta { updated, removed }
+    }
+}
+
+/// What a proxy holds of one type: resource name → version.
+pub trait Held {
+    /// The version held of `name`.
+    fn version_of(&self, name: &str) -> Option<&str>;
+    /// Calls `f` with every name held.
+    fn each_name(&self, f: &mut dyn FnMut(&str));
+}
+
+impl Held for BTreeMap<String, String> {
+    fn version_of(&self, name: &str) -> Option<&str> {
+        self.get(name).map(String::as_str)
+    }
+
+    fn each_name(&self, f: &mut dyn FnMut(&str)) {
+        for n in self.keys() {
+            f(n);
+        }
+    }
+}
+
+/// Exactly the resources of one type in a snapshot: what a wildcard subscriber holds once
+/// it ACKed that snapshot. Shared, so the many proxies in sync cost nothing each.
+#[derive(Debug, Clone)]
+pub struct HeldSnapshot {
+    /// The snapshot.
+    pub snapshot: Arc<Snapshot>,
+    /// The type.
+    pub type_url: String,
+}
+
+impl Held for HeldSnapshot {
+    fn version_of(&self, name: &str) -> Option<&str> {
+        self.snapshot
+            .of_type(&self.type_url)
+            .and_then(|m| m.get(name))
+            .map(|r| r.version.as_str())
+    }
+
+    fn each_name(&self, f: &mut dyn FnMut(&str)) {
+        if let Some(m) = self.snapshot.of_type(&self.type_url) {
+            for n in m.keys() {
+                f(n);
+            }
+        }
     }
 }
 
