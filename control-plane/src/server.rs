@@ -122,6 +122,7 @@ struct Shared {
     publisher: Publisher,
     acks: Arc<AckTracker>,
     outstanding: RwLock<Vec<ConfigError>>,
+    object_warnings: RwLock<BTreeMap<ObjectRef, Vec<String>>>,
 }
 
 /// A running control plane.
@@ -183,6 +184,7 @@ impl ControlPlane {
             publisher,
             acks: acks.clone(),
             outstanding: RwLock::new(first.outstanding.clone()),
+            object_warnings: RwLock::new(first.object_warnings.clone()),
         });
         tracing::info!(
             dir = %opts.config_dir.display(),
@@ -211,6 +213,10 @@ impl ControlPlane {
                         .outstanding
                         .write()
                         .unwrap_or_else(|e| e.into_inner()) = change.outstanding.clone();
+                    *shared
+                        .object_warnings
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner()) = change.object_warnings.clone();
                     if change.changed() {
                         let dirty = model.take_dirty();
                         let prev = shared.publisher.current();
@@ -409,6 +415,20 @@ fn status_report(shared: &Shared) -> StatusReport {
             )
         })
         .collect();
+    // Fields that were ignored change what a policy means: they are part of its status.
+    for (id, warnings) in shared
+        .object_warnings
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        if let Some(p) = policies.get_mut(id) {
+            p.status.reasons.extend(warnings.iter().cloned());
+            if p.status.state == PolicyState::Accepted {
+                p.status.state = PolicyState::AcceptedWithWarnings;
+            }
+        }
+    }
     // A policy whose latest edit did not load: say so on its status.
     for e in &errors {
         let Some(id) = &e.id else { continue };

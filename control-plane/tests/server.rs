@@ -323,11 +323,27 @@ async fn the_ca_follows_pods_as_they_are_scheduled() {
 
 #[tokio::test]
 async fn the_admin_endpoint_answers_ready_and_refuses_the_rest() {
-    let m = start(&[("00-base.yaml", BASE.into()), ("p.yaml", POLICY.into())]).await;
+    let misspelt = POLICY
+        .replace("deny-dev", "misspelt")
+        .replace("rules:", "rulez:");
+    let m = start(&[
+        ("00-base.yaml", BASE.into()),
+        ("p.yaml", POLICY.into()),
+        ("q.yaml", misspelt),
+    ])
+    .await;
     assert_eq!(admin_get(m.cp.admin_addr(), "/ready").await.0, 200);
     assert_eq!(admin_get(m.cp.admin_addr(), "/nope").await.0, 404);
     let s = status(&m).await;
     assert_eq!(s["policies"][0]["name"], "deny-dev");
     assert_eq!(s["policies"][0]["state"], "Accepted");
+    // A DENY whose rules are misspelt denies nothing: the status must say why.
+    assert_eq!(s["policies"][1]["name"], "misspelt");
+    assert_eq!(s["policies"][1]["state"], "AcceptedWithWarnings");
+    let reasons = s["policies"][1]["reasons"].to_string();
+    assert!(
+        reasons.contains("spec.rulez: unknown field, ignored"),
+        "{reasons}"
+    );
     m.cp.shutdown().await;
 }

@@ -32,6 +32,9 @@ pub struct Change {
     /// Every error in the directory now, from this scan or earlier ones (files not fixed
     /// yet): what a status report shows.
     pub outstanding: Vec<ConfigError>,
+    /// Unknown-field warnings of the objects in force now, by object: part of their status
+    /// (a misspelt field of a security policy changes its meaning).
+    pub object_warnings: BTreeMap<ObjectRef, Vec<String>>,
 }
 
 impl Change {
@@ -186,7 +189,21 @@ impl DirSource {
             }
         }
         change.outstanding = self.errors();
+        change.object_warnings = self.object_warnings();
         Ok(change)
+    }
+
+    /// Unknown-field warnings of the objects in force now (the first definition of each).
+    pub fn object_warnings(&self) -> BTreeMap<ObjectRef, Vec<String>> {
+        let mut out = BTreeMap::new();
+        for objs in self.by_file.values() {
+            for (id, l) in objs {
+                if !out.contains_key(id) && !l.warnings.is_empty() {
+                    out.insert(id.clone(), l.warnings.clone());
+                }
+            }
+        }
+        out
     }
 
     /// Every error in the directory now (files in path order).
@@ -281,6 +298,7 @@ pub async fn watch<F>(
             }
         }
         total.outstanding = source.errors();
+        total.object_warnings = source.object_warnings();
         reported = total.outstanding.clone();
         if !on_change(&mut model, total) {
             return;
