@@ -8,8 +8,10 @@
 
 pub mod cert;
 pub mod identity;
+pub mod netns;
 pub mod tls;
 pub mod xds;
+pub mod zds;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
