@@ -1,0 +1,41 @@
+//! ztunnel's settings, read once at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The mark on every socket ztunnel opens in a pod: the capture rules let it pass, so
+/// ztunnel's own connections are never redirected back to it (Istio's value).
+pub const SOCKET_MARK: u32 = 0x539;
+
+/// Port of the outbound capture listener in each pod.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the inbound (plaintext) capture listener in each pod.
+pub const INBOUND_PORT: u16 = 15006;
+
+/// Settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's name (logs and metrics).
+    pub node_name: String,
+    /// The node agent's ZDS socket.
+    pub zds_socket: PathBuf,
+    /// Where Prometheus metrics and readiness are served (`/metrics`, `/healthz/ready`).
+    pub metrics_addr: SocketAddr,
+    /// Longest wait for an upstream TCP connect.
+    pub connect_timeout: Duration,
+    /// How long open connections may run on after their pod is removed or ztunnel stops.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_name: "node".into(),
+            zds_socket: PathBuf::from("/var/run/ztunnel/ztunnel.sock"),
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
+            connect_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
