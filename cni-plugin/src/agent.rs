@@ -1,0 +1,478 @@
+//! The node agent: knows the pods of its node that the CNI plugin reported, decides which
+//! are enrolled (from the control plane's workloads), captures and releases them, and hands
+//! the captured ones to ztunnel over ZDS.
+//!
+//! Capturing a pod is, in order: ztunnel opens the pod's listeners (ZDS `add`, acked), the
+//! pod's redirect rules are installed, the node's probe rule learns the pod's IP; only then
+//! is the pod marked captured. Releasing goes the other way round, rules first, so traffic
+//! never hits a listener that is gone. The set of pods and their state is kept in a file,
+//! so a restarted agent picks up where it left off; ztunnel's listeners and the pods' rules
+//! survive an agent restart, and a restarted ztunnel gets the captured pods replayed.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+use trellis_core::netns::Netns;
+use trellis_core::xds::XdsClient;
+use trellis_core::zds::{ZdsListener, ZdsSocket};
+use trellis_proto::istio::workload::TunnelProtocol;
+use trellis_proto::istio::workload::zds::{
+    AddWorkload, DelWorkload, SnapshotSent, WorkloadInfo, WorkloadRequest, workload_request,
+};
+
+use crate::protocol::{MAX_MESSAGE, PodReply, PodRequest};
+use crate::rules;
+
+/// Settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node.
+    pub node_name: String,
+    /// Cluster id of workload uids (`<cluster>//Pod/<ns>/<name>`).
+    pub cluster_id: String,
+    /// Socket the plugin talks to.
+    pub cni_socket: PathBuf,
+    /// Socket ztunnel connects to.
+    pub zds_socket: PathBuf,
+    /// Where the pods' state is kept across restarts.
+    pub state_file: PathBuf,
+    /// Longest wait for one ztunnel Ack.
+    pub zds_timeout: Duration,
+}
+
+/// One pod of this node, as the plugin reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodEntry {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Kubernetes uid (the ZDS key; the container id when the runtime gave none).
+    pub uid: String,
+    /// Sandbox container id.
+    pub container_id: String,
+    /// Its network namespace.
+    pub netns: PathBuf,
+    /// Its addresses.
+    pub ips: Vec<IpAddr>,
+    /// Whether its traffic goes through ztunnel now.
+    pub captured: bool,
+}
+
+/// Why a pod could not be captured or released.
+type Failure = String;
+
+/// The agent.
+pub struct Agent {
+    config: AgentConfig,
+    pods: Mutex<BTreeMap<String, PodEntry>>,
+    ztunnel: tokio::sync::Mutex<Option<ZdsSocket>>,
+    /// One capture/release at a time: the node rule and the state file are shared.
+    work: tokio::sync::Mutex<()>,
+    xds: XdsClient,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("node", &self.config.node_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// An agent deciding enrollment from `xds`, with the pods of `state_file` (if any).
+    pub fn new(config: AgentConfig, xds: XdsClient) -> Result<Arc<Agent>, String> {
+        let pods: BTreeMap<String, PodEntry> = match std::fs::read(&config.state_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{}: {e}", config.state_file.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(format!("{}: {e}", config.state_file.display())),
+        };
+        tracing::info!(
+            pods = pods.len(),
+            captured = pods.values().filter(|p| p.captured).count(),
+            "node agent state loaded"
+        );
+        Ok(Arc::new(Agent {
+            config,
+            pods: Mutex::new(pods),
+            ztunnel: tokio::sync::Mutex::new(None),
+            work: tokio::sync::Mutex::new(()),
+            xds,
+        }))
+    }
+
+    /// The pods known now.
+    pub fn pods(&self) -> Vec<PodEntry> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PodEntry>> {
+        self.pods.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn save(&self) {
+        let body = serde_json::to_vec_pretty(&*self.lock()).unwrap_or_default();
+        let path = &self.config.state_file;
+        let tmp = path.with_extension("tmp");
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, path)) {
+            tracing::error!(file = %path.display(), error = %e, "cannot save the node agent's state");
+        }
+    }
+
+    /// Whether the control plane says `namespace/name` is in the mesh. `None` until the
+    /// first complete xDS response: nothing is decided on an empty store.
+    fn enrolled(&self, namespace: &str, name: &str) -> Option<bool> {
+        if !self.xds.is_synced() {
+            return None;
+        }
+        let uid = format!("{}//Pod/{namespace}/{name}", self.config.cluster_id);
+        Some(
+            self.xds
+                .store()
+                .workload(&uid)
+                .is_some_and(|w| w.tunnel_protocol == TunnelProtocol::Hbone as i32),
+        )
+    }
+
+    /// Applies the node's probe rule for the captured pods.
+    fn apply_node_rule(&self) -> Result<(), Failure> {
+        let ips: Vec<IpAddr> = self
+            .lock()
+            .values()
+            .filter(|p| p.captured)
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        rules::apply(None, &rules::node_ruleset(&ips))
+    }
+
+    async fn send(&self, req: WorkloadRequest, netns: Option<&Netns>) -> Result<(), Failure> {
+        let mut guard = self.ztunnel.lock().await;
+        let Some(sock) = guard.as_ref() else {
+            return Err("ztunnel is not connected to the node agent".into());
+        };
+        enum Outcome {
+            Refused(String),
+            Broken(String),
+        }
+        let exchange = async {
+            sock.send_request(&req, netns.map(|n| n.fd().as_fd()))
+                .await
+                .map_err(|e| Outcome::Broken(e.to_string()))?;
+            match sock.recv_ack().await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(reason)) => Err(Outcome::Refused(reason)),
+                Err(e) => Err(Outcome::Broken(e.to_string())),
+            }
+        };
+        match tokio::time::timeout(self.config.zds_timeout, exchange).await {
+            Ok(Ok(())) => Ok(()),
+            // A refused request leaves the connection usable; a broken one does not.
+            Ok(Err(Outcome::Refused(reason))) => Err(format!("ztunnel refused: {reason}")),
+            Ok(Err(Outcome::Broken(e))) => {
+                *guard = None;
+                Err(format!("ztunnel connection lost: {e}"))
+            }
+            Err(_) => {
+                *guard = None;
+                Err("ztunnel did not answer in time".into())
+            }
+        }
+    }
+
+    fn add_request(p: &PodEntry) -> WorkloadRequest {
+        WorkloadRequest {
+            payload: Some(workload_request::Payload::Add(AddWorkload {
+                uid: p.uid.clone(),
+                workload_info: Some(WorkloadInfo {
+                    name: p.name.clone(),
+                    namespace: p.namespace.clone(),
+                    service_account: String::new(),
+                }),
+            })),
+        }
+    }
+
+    async fn capture(&self, key: &str) -> Result<(), Failure> {
+        let Some(p) = self.lock().get(key).cloned() else {
+            return Ok(());
+        };
+        if p.captured {
+            return Ok(());
+        }
+        let netns = Netns::open(&p.netns)
+            .map_err(|e| format!("cannot open the pod's netns {}: {e}", p.netns.display()))?;
+        self.send(Self::add_request(&p), Some(&netns)).await?;
+        if let Err(e) = rules::apply(Some(&p.netns), &rules::pod_ruleset()) {
+            let _ = self.send(del_request(&p.uid), None).await;
+            return Err(format!("installing the capture rules: {e}"));
+        }
+        if let Some(e) = self.lock().get_mut(key) {
+            e.captured = true;
+        }
+        if let Err(e) = self.apply_node_rule() {
+            tracing::warn!(error = %e, "cannot update the node's probe rule");
+        }
+        self.save();
+        tracing::info!(pod = %format!("{}/{}", p.namespace, p.name), uid = %p.uid, "pod captured");
+        Ok(())
+    }
+
+    async fn release(&self, key: &str, gone: bool) -> Result<(), Failure> {
+        let Some(p) = self.lock().get(key).cloned() else {
+            return Ok(());
+        };
+        if p.captured {
+            if !gone && p.netns.exists() {
+                rules::apply(Some(&p.netns), &rules::pod_ruleset_removal())
+                    .map_err(|e| format!("removing the capture rules: {e}"))?;
+            }
+            if let Err(e) = self.send(del_request(&p.uid), None).await {
+                // ztunnel reconciles to the next snapshot without this pod.
+                tracing::warn!(error = %e, uid = %p.uid, "cannot tell ztunnel to stop serving the pod");
+            }
+        }
+        if gone {
+            self.lock().remove(key);
+        } else if let Some(e) = self.lock().get_mut(key) {
+            e.captured = false;
+        }
+        if let Err(e) = self.apply_node_rule() {
+            tracing::warn!(error = %e, "cannot update the node's probe rule");
+        }
+        self.save();
+        if p.captured {
+            tracing::info!(pod = %format!("{}/{}", p.namespace, p.name), "pod released");
+        }
+        Ok(())
+    }
+
+    /// Brings every pod in line with what the control plane says; forgets pods whose
+    /// namespace is gone.
+    pub async fn reconcile(&self) {
+        let _work = self.work.lock().await;
+        let pods = self.pods();
+        for p in pods {
+            let key = p.container_id.clone();
+            if !p.netns.exists() {
+                let _ = self.release(&key, true).await;
+                continue;
+            }
+            let Some(want) = self.enrolled(&p.namespace, &p.name) else {
+                return;
+            };
+            let result = match (want, p.captured) {
+                (true, false) => self.capture(&key).await,
+                (false, true) => self.release(&key, false).await,
+                _ => Ok(()),
+            };
+            if let Err(e) = result {
+                tracing::warn!(pod = %format!("{}/{}", p.namespace, p.name), error = %e, "reconcile failed; will retry");
+            }
+        }
+    }
+
+    /// Handles one plugin request.
+    pub async fn handle(&self, req: PodRequest) -> PodReply {
+        let ok = |captured| PodReply {
+            ok: true,
+            captured,
+            error: String::new(),
+        };
+        let fail = |error: String| PodReply {
+            ok: false,
+            captured: false,
+            error,
+        };
+        match req.command.as_str() {
+            "STATUS" => ok(false),
+            "ADD" => {
+                let _work = self.work.lock().await;
+                let entry = PodEntry {
+                    uid: if req.uid.is_empty() {
+                        req.container_id.clone()
+                    } else {
+                        req.uid.clone()
+                    },
+                    namespace: req.namespace.clone(),
+                    name: req.name.clone(),
+                    container_id: req.container_id.clone(),
+                    netns: PathBuf::from(&req.netns),
+                    ips: req.ips.iter().filter_map(|i| i.parse().ok()).collect(),
+                    captured: false,
+                };
+                self.lock().insert(req.container_id.clone(), entry);
+                self.save();
+                match self.enrolled(&req.namespace, &req.name) {
+                    Some(true) => match self.capture(&req.container_id).await {
+                        Ok(()) => ok(true),
+                        Err(e) => {
+                            // Enrolled but not capturable: the pod must not start bypassing
+                            // the mesh.
+                            self.lock().remove(&req.container_id);
+                            self.save();
+                            fail(e)
+                        }
+                    },
+                    // Not (yet) known as enrolled: the pod starts; it is captured as soon as
+                    // the control plane says so.
+                    _ => ok(false),
+                }
+            }
+            "DEL" => {
+                let _work = self.work.lock().await;
+                match self.release(&req.container_id, true).await {
+                    Ok(()) => ok(false),
+                    Err(e) => fail(e),
+                }
+            }
+            "CHECK" => {
+                let captured = self
+                    .lock()
+                    .get(&req.container_id)
+                    .is_some_and(|p| p.captured);
+                match self.enrolled(&req.namespace, &req.name) {
+                    Some(true) if !captured => fail("enrolled but not captured".into()),
+                    _ => ok(captured),
+                }
+            }
+            other => fail(format!("unknown command {other:?}")),
+        }
+    }
+
+    /// Serves the plugin's socket.
+    pub async fn serve_cni(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let agent = self.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let read = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    (&mut conn)
+                        .take(MAX_MESSAGE as u64 + 1)
+                        .read_to_end(&mut buf),
+                )
+                .await;
+                let reply = match (read, serde_json::from_slice::<PodRequest>(&buf)) {
+                    (Ok(Ok(_)), Ok(req)) if buf.len() <= MAX_MESSAGE => agent.handle(req).await,
+                    (_, Err(e)) => PodReply {
+                        ok: false,
+                        captured: false,
+                        error: format!("invalid request: {e}"),
+                    },
+                    _ => PodReply {
+                        ok: false,
+                        captured: false,
+                        error: "request too large or too slow".into(),
+                    },
+                };
+                let body = serde_json::to_vec(&reply).unwrap_or_default();
+                let _ = conn.write_all(&body).await;
+            });
+        }
+    }
+
+    /// Serves ztunnel's connections: each new one gets the captured pods replayed.
+    pub async fn serve_zds(self: Arc<Self>, listener: ZdsListener) {
+        loop {
+            let sock = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ZDS accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match tokio::time::timeout(self.config.zds_timeout, sock.recv_hello()).await {
+                Ok(Ok(h)) => tracing::info!(version = h.version, "ztunnel connected"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "ztunnel's hello is invalid; closing");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!("ztunnel said nothing; closing");
+                    continue;
+                }
+            }
+            let _work = self.work.lock().await;
+            *self.ztunnel.lock().await = Some(sock);
+            let captured: Vec<PodEntry> = self.pods().into_iter().filter(|p| p.captured).collect();
+            let mut replayed = 0;
+            for p in &captured {
+                let result = match Netns::open(&p.netns) {
+                    Ok(netns) => self.send(Self::add_request(p), Some(&netns)).await,
+                    Err(e) => Err(format!("netns {}: {e}", p.netns.display())),
+                };
+                match result {
+                    Ok(()) => replayed += 1,
+                    Err(e) => {
+                        tracing::warn!(uid = %p.uid, error = %e, "replay of a captured pod failed")
+                    }
+                }
+            }
+            let sent = WorkloadRequest {
+                payload: Some(workload_request::Payload::SnapshotSent(SnapshotSent {})),
+            };
+            match self.send(sent, None).await {
+                Ok(()) => tracing::info!(pods = replayed, "snapshot replayed to ztunnel"),
+                Err(e) => tracing::warn!(error = %e, "snapshot to ztunnel failed"),
+            }
+        }
+    }
+
+    /// Re-applies the node rule (after a restart) and reconciles on every control-plane
+    /// change, and every few seconds for what failed before.
+    pub async fn run_reconciler(self: Arc<Self>) {
+        if let Err(e) = self.apply_node_rule() {
+            tracing::warn!(error = %e, "cannot apply the node's probe rule");
+        }
+        let mut changes = self.xds.changes();
+        loop {
+            self.reconcile().await;
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    }
+}
+
+fn del_request(uid: &str) -> WorkloadRequest {
+    WorkloadRequest {
+        payload: Some(workload_request::Payload::Del(DelWorkload {
+            uid: uid.to_string(),
+        })),
+    }
+}
+
+/// Binds the plugin's socket (replacing a stale one), readable by root only.
+pub fn bind_cni_socket(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}

@@ -1,0 +1,200 @@
+//! `trellis-node-agent`: installs the CNI plugin on its node, then enrolls pods and hands
+//! them to ztunnel. `uninstall` removes the plugin again.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use trellis_cni_plugin::agent::{Agent, AgentConfig, bind_cni_socket};
+use trellis_cni_plugin::install;
+use trellis_core::xds::{XdsClient, XdsConfig};
+use trellis_core::zds::ZdsListener;
+use trellis_proto::type_url::ADDRESS;
+
+#[derive(Parser, Debug)]
+#[command(name = "trellis-node-agent", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once at start
+enum Command {
+    /// Install the plugin, then serve until SIGTERM (the plugin stays installed, so pods
+    /// of enrolled namespaces cannot start unenrolled while the agent restarts).
+    Run {
+        /// This node's name.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// CNI binary directory (the plugin is copied here).
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        /// CNI configuration directory (the plugin is added to its first list).
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        /// The `trellis-cni` binary to install (default: next to this one).
+        #[arg(long)]
+        plugin_binary: Option<PathBuf>,
+        /// Let pods start unenrolled when the agent is unreachable.
+        #[arg(long)]
+        fail_open: bool,
+        /// Socket for the plugin.
+        #[arg(long, default_value = trellis_cni_plugin::protocol::DEFAULT_SOCKET)]
+        cni_socket: PathBuf,
+        /// Socket ztunnel connects to.
+        #[arg(long, default_value = "/var/run/ztunnel/ztunnel.sock")]
+        zds_socket: PathBuf,
+        /// State across restarts.
+        #[arg(long, default_value = "/var/run/trellis/node-agent.json")]
+        state_file: PathBuf,
+        /// Control plane (xDS), `https://host:15012`.
+        #[arg(long)]
+        xds_address: String,
+        /// Name in the control plane's serving certificate.
+        #[arg(long, default_value = "localhost")]
+        xds_server_name: String,
+        /// Trust bundle (PEM) the control plane's certificate chains to.
+        #[arg(long)]
+        ca_roots: PathBuf,
+        /// File holding this node's credential.
+        #[arg(long)]
+        credential_file: PathBuf,
+        /// Cluster id in workload uids.
+        #[arg(long, default_value = "Kubernetes")]
+        cluster_id: String,
+    },
+    /// Remove the plugin from the node's CNI configuration and bin directory.
+    Uninstall {
+        /// CNI binary directory.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        /// CNI configuration directory.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Uninstall {
+            cni_bin_dir,
+            cni_conf_dir,
+        } => match install::uninstall(&cni_bin_dir, &cni_conf_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trellis-node-agent: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run {
+            node_name,
+            cni_bin_dir,
+            cni_conf_dir,
+            plugin_binary,
+            fail_open,
+            cni_socket,
+            zds_socket,
+            state_file,
+            xds_address,
+            xds_server_name,
+            ca_roots,
+            credential_file,
+            cluster_id,
+        } => {
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("trellis-node-agent: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = rt.block_on(async {
+                let plugin = match plugin_binary {
+                    Some(p) => p,
+                    None => std::env::current_exe()
+                        .map_err(|e| e.to_string())?
+                        .with_file_name("trellis-cni"),
+                };
+                let roots = std::fs::read_to_string(&ca_roots)
+                    .map_err(|e| format!("{}: {e}", ca_roots.display()))?;
+                let credential = std::fs::read_to_string(&credential_file)
+                    .map_err(|e| format!("{}: {e}", credential_file.display()))?
+                    .trim()
+                    .to_string();
+                let tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(roots))
+                    .domain_name(xds_server_name);
+                if !xds_address.starts_with("https://") {
+                    return Err(
+                        "--xds-address must be https://: the credential never travels unencrypted"
+                            .to_string(),
+                    );
+                }
+                let channel = tonic::transport::Channel::from_shared(xds_address)
+                    .map_err(|e| e.to_string())?
+                    .tls_config(tls)
+                    .map_err(|e| e.to_string())?
+                    .connect_timeout(Duration::from_secs(5))
+                    .connect_lazy();
+                let xds = XdsClient::start(
+                    channel,
+                    XdsConfig {
+                        node_id: format!("node-agent~{node_name}"),
+                        types: vec![ADDRESS.into()],
+                        initial_backoff: Duration::from_millis(200),
+                        max_backoff: Duration::from_secs(10),
+                        credential: Some(credential),
+                    },
+                );
+                let cni = bind_cni_socket(&cni_socket)
+                    .map_err(|e| format!("{}: {e}", cni_socket.display()))?;
+                let zds = ZdsListener::bind(&zds_socket)
+                    .map_err(|e| format!("{}: {e}", zds_socket.display()))?;
+                let agent = Agent::new(
+                    AgentConfig {
+                        node_name,
+                        cluster_id,
+                        cni_socket: cni_socket.clone(),
+                        zds_socket,
+                        state_file,
+                        zds_timeout: Duration::from_secs(5),
+                    },
+                    xds,
+                )?;
+                // Serving first, installing second: the plugin never finds no agent.
+                tokio::spawn(agent.clone().serve_cni(cni));
+                tokio::spawn(agent.clone().serve_zds(zds));
+                tokio::spawn(agent.clone().run_reconciler());
+                let list =
+                    install::install(&plugin, &cni_bin_dir, &cni_conf_dir, &cni_socket, fail_open)
+                        .map_err(|e| e.to_string())?;
+                tracing::info!(list = %list.display(), "trellis-cni installed");
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .map_err(|e| e.to_string())?;
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                tracing::info!("node agent stopping; the plugin stays installed");
+                Ok::<(), String>(())
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("trellis-node-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
