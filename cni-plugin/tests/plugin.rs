@@ -80,9 +80,12 @@ fn version_lists_the_supported_spec_versions() {
     );
 }
 
+/// (CNI_COMMAND, CNI_ARGS, stdin, expected code, expected message part)
+type Case<'a> = (Option<&'a str>, Option<&'a str>, String, u64, &'a str);
+
 #[test]
 fn bad_input_gets_the_specs_error_codes() {
-    let cases: Vec<(Option<&str>, Option<&str>, String, u64, &str)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             None,
             Some(ARGS),
