@@ -12,14 +12,16 @@ if [ "$(id -u)" -ne 0 ]; then
 run CNI plugins. Run: sudo $0   (the end-to-end tests are never skipped)"
 fi
 
-# OS packages: what the tests run (ip, sysctl, the CNI reference plugins) and what later
-# tests use for capture (iptables, nft).
+# OS packages: what the tests run (ip, sysctl, the CNI reference plugins), what the node
+# agent uses for capture (nft, nsenter), and curl (the tests scrape ztunnel's metrics).
 need=()
 command -v ip >/dev/null        || need+=(iproute2)
 command -v sysctl >/dev/null    || need+=(procps)
 command -v iptables >/dev/null  || need+=(iptables)
 command -v nft >/dev/null       || need+=(nftables)
 [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || need+=(containernetworking-plugins)
+command -v nsenter >/dev/null   || need+=(util-linux)
+command -v curl >/dev/null      || need+=(curl)
 command -v cc >/dev/null        || need+=(gcc)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test-all: installing ${need[*]}"

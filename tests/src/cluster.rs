@@ -65,6 +65,10 @@ impl Node {
         let [a, b, c, _] = self.pod_subnet.octets();
         Ipv4Addr::new(a, b, c, 1)
     }
+    /// The node's own folder for state (sockets, credentials of what runs on it).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.clone()
+    }
     /// The node's CNI configuration directory (its `/etc/cni/net.d`).
     pub fn cni_conf_dir(&self) -> PathBuf {
         self.dir.join("net.d")

@@ -16,6 +16,7 @@ mod cleanup;
 mod cluster;
 pub mod cni;
 mod exec;
+pub mod mesh;
 mod netns;
 
 pub use cleanup::{NAME_PREFIX, STATE_ROOT, our_netns, sweep_stale};

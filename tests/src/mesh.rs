@@ -1,0 +1,338 @@
+//! Trellis running on the test cluster: the control plane (YAML-directory source) on
+//! node1's network, and a ztunnel and a node agent on every node, all the real binaries.
+//! The agent installs `trellis-cni` into each node's CNI list itself, so pods added after
+//! [`Mesh::start`] go through the real plugin.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use serde_json::Value;
+
+use crate::{Cluster, Node, Pod, Proc};
+
+/// The path of a workspace binary built next to the test binary (`cargo build --workspace`
+/// and `cargo nextest run --workspace` build them all).
+pub fn workspace_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test binary location {}", exe.display()))?;
+    let bin = dir.join(name);
+    ensure!(
+        bin.exists(),
+        "{} is not built: run the tests with `cargo nextest run --workspace` (or `cargo build --workspace` first)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// Per-node processes.
+pub struct NodeMesh {
+    /// The node's name.
+    pub node: String,
+    /// Its ztunnel.
+    pub ztunnel: Proc,
+    /// Its node agent.
+    pub agent: Proc,
+}
+
+/// Trellis on a cluster.
+pub struct Mesh {
+    /// The control plane.
+    pub control_plane: Proc,
+    /// Per node, in node order.
+    pub nodes: Vec<NodeMesh>,
+    config_dir: PathBuf,
+    cp_dir: PathBuf,
+}
+
+const CP_PORT: u16 = 15012;
+
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Mesh {
+    /// Starts the control plane on node1 and ztunnel + node agent on every node, and waits
+    /// until each agent has installed the plugin.
+    pub fn start(c: &Cluster) -> Result<Mesh> {
+        let n1 = &c.nodes()[0];
+        let cp_dir = n1.state_dir().join("control-plane");
+        let config_dir = cp_dir.join("config");
+        std::fs::create_dir_all(&config_dir)?;
+        let roots = cp_dir.join("roots.pem");
+        let mut cmd = Command::new(workspace_bin("trellis-control-plane")?);
+        cmd.arg("serve")
+            .arg("--config-dir")
+            .arg(&config_dir)
+            .arg("--state-dir")
+            .arg(cp_dir.join("state"))
+            .args([
+                "--grpc-addr",
+                &format!("{}:{CP_PORT}", n1.underlay_ip()),
+                "--admin-addr",
+                "127.0.0.1:15014",
+                "--serving-name",
+                &n1.underlay_ip().to_string(),
+                "--poll-ms",
+                "100",
+            ])
+            .arg("--write-roots")
+            .arg(&roots)
+            .env("RUST_LOG", "info");
+        let mut control_plane = c.spawn(n1, "control-plane", cmd)?;
+        control_plane.wait_for_output("control plane serving", Duration::from_secs(20))?;
+        let mut nodes = Vec::new();
+        for node in c.nodes() {
+            nodes.push(Self::start_node(c, node, &cp_dir, &roots, n1)?);
+        }
+        let mesh = Mesh {
+            control_plane,
+            nodes,
+            config_dir,
+            cp_dir,
+        };
+        for node in c.nodes() {
+            wait_until(
+                "the agent to install trellis-cni",
+                Duration::from_secs(20),
+                || {
+                    let mut lists: Vec<PathBuf> = std::fs::read_dir(node.cni_conf_dir())?
+                        .filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| p.extension().is_some_and(|x| x == "conflist"))
+                        .collect();
+                    lists.sort();
+                    let Some(first) = lists.first() else {
+                        return Ok(false);
+                    };
+                    Ok(std::fs::read_to_string(first)?.contains("\"trellis-cni\""))
+                },
+            )?;
+        }
+        Ok(mesh)
+    }
+
+    fn start_node(
+        c: &Cluster,
+        node: &Node,
+        cp_dir: &Path,
+        roots: &Path,
+        n1: &Node,
+    ) -> Result<NodeMesh> {
+        let dir = node.state_dir();
+        let credential = dir.join("node-credential");
+        let out = Command::new(workspace_bin("trellis-control-plane")?)
+            .arg("credential")
+            .arg("--state-dir")
+            .arg(cp_dir.join("state"))
+            .args(["node", node.name()])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "credential: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(&credential, &out.stdout)?;
+        let ztunnel = Self::spawn_ztunnel(c, node)?;
+        let agent = Self::spawn_agent(c, node, roots, &credential, n1)?;
+        Ok(NodeMesh {
+            node: node.name().to_string(),
+            ztunnel,
+            agent,
+        })
+    }
+
+    fn spawn_ztunnel(c: &Cluster, node: &Node) -> Result<Proc> {
+        let mut cmd = Command::new(workspace_bin("trellis-ztunnel")?);
+        cmd.args(["--node-name", node.name()])
+            .arg("--zds-socket")
+            .arg(node.state_dir().join("ztunnel.sock"))
+            .args(["--metrics-addr", "127.0.0.1:15020", "--log-format", "json"])
+            .env("RUST_LOG", "info");
+        c.spawn(node, &format!("ztunnel-{}", node.name()), cmd)
+    }
+
+    fn spawn_agent(
+        c: &Cluster,
+        node: &Node,
+        roots: &Path,
+        credential: &Path,
+        n1: &Node,
+    ) -> Result<Proc> {
+        let dir = node.state_dir();
+        let mut cmd = Command::new(workspace_bin("trellis-node-agent")?);
+        cmd.arg("run")
+            .args(["--node-name", node.name()])
+            .arg("--cni-bin-dir")
+            .arg(node.cni_bin_dir())
+            .arg("--cni-conf-dir")
+            .arg(node.cni_conf_dir())
+            .arg("--plugin-binary")
+            .arg(workspace_bin("trellis-cni")?)
+            .arg("--cni-socket")
+            .arg(dir.join("cni.sock"))
+            .arg("--zds-socket")
+            .arg(dir.join("ztunnel.sock"))
+            .arg("--state-file")
+            .arg(dir.join("node-agent.json"))
+            .args([
+                "--xds-address",
+                &format!("https://{}:{CP_PORT}", n1.underlay_ip()),
+                "--xds-server-name",
+                &n1.underlay_ip().to_string(),
+            ])
+            .arg("--ca-roots")
+            .arg(roots)
+            .arg("--credential-file")
+            .arg(credential)
+            .env("RUST_LOG", "info");
+        c.spawn(node, &format!("agent-{}", node.name()), cmd)
+    }
+
+    /// Restarts the ztunnel of `node`.
+    pub fn restart_ztunnel(&mut self, c: &Cluster, node: &Node) -> Result<()> {
+        let i = self.index(node.name())?;
+        self.nodes[i].ztunnel.stop(Duration::from_secs(5))?;
+        self.nodes[i].ztunnel = Self::spawn_ztunnel(c, node)?;
+        Ok(())
+    }
+
+    /// Restarts the node agent of `node`.
+    pub fn restart_agent(&mut self, c: &Cluster, node: &Node) -> Result<()> {
+        let i = self.index(node.name())?;
+        self.nodes[i].agent.stop(Duration::from_secs(5))?;
+        let roots = self.cp_dir.join("roots.pem");
+        let credential = node.state_dir().join("node-credential");
+        self.nodes[i].agent = Self::spawn_agent(c, node, &roots, &credential, &c.nodes()[0])?;
+        Ok(())
+    }
+
+    fn index(&self, node: &str) -> Result<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.node == node)
+            .ok_or_else(|| anyhow!("no node {node}"))
+    }
+
+    /// The ztunnel of `node`.
+    pub fn ztunnel(&self, node: &str) -> Result<&Proc> {
+        Ok(&self.nodes[self.index(node)?].ztunnel)
+    }
+
+    /// Writes a manifest file into the control plane's config directory (replacing it).
+    pub fn apply(&self, file: &str, yaml: &str) -> Result<()> {
+        let tmp = self.config_dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.config_dir.join(file))?;
+        Ok(())
+    }
+
+    /// Writes a `Namespace`, labelled ambient or not.
+    pub fn namespace(&self, name: &str, ambient: bool) -> Result<()> {
+        let labels = if ambient {
+            "{istio.io/dataplane-mode: ambient}"
+        } else {
+            "{}"
+        };
+        self.apply(
+            &format!("ns-{name}.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {labels}}}\n"
+            ),
+        )
+    }
+
+    /// Writes the `Pod` manifest of a pod the cluster created (node, IP, labels).
+    pub fn register_pod(&self, pod: &Pod) -> Result<()> {
+        let labels: Vec<String> = pod
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        self.apply(
+            &format!("pod-{}-{}.yaml", pod.namespace, pod.name),
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: {}, labels: {{{}}}}}\nspec: {{nodeName: {}, serviceAccountName: {}, containers: [{{name: app, image: testapp}}]}}\nstatus: {{podIP: {}, phase: Running}}\n",
+                pod.name,
+                pod.namespace,
+                pod.uid,
+                labels.join(", "),
+                pod.node,
+                pod.service_account,
+                pod.ip
+            ),
+        )
+    }
+
+    /// Whether the node agent has `pod` captured (ztunnel acked and rules installed).
+    pub fn captured(&self, pod: &Pod, c: &Cluster) -> Result<bool> {
+        let node = c.node(&pod.node)?;
+        let path = node.state_dir().join("node-agent.json");
+        let Ok(bytes) = std::fs::read(&path) else {
+            return Ok(false);
+        };
+        let state: Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        Ok(state
+            .as_object()
+            .into_iter()
+            .flat_map(|m| m.values())
+            .any(|p| {
+                p["name"] == pod.name.as_str()
+                    && p["namespace"] == pod.namespace.as_str()
+                    && p["captured"] == true
+            }))
+    }
+
+    /// Waits until `pod` is captured (`true`) or released (`false`).
+    pub fn wait_captured(&self, c: &Cluster, pod: &Pod, want: bool) -> Result<()> {
+        wait_until(
+            &format!("pod {}/{} captured = {want}", pod.namespace, pod.name),
+            Duration::from_secs(20),
+            || Ok(self.captured(pod, c)? == want),
+        )
+    }
+
+    /// Access-log lines (JSON) of `node`'s ztunnel.
+    pub fn access_log(&self, node: &str) -> Result<Vec<Value>> {
+        let out = self.ztunnel(node)?.output();
+        Ok(out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"] == "access")
+            .collect())
+    }
+
+    /// The Prometheus text of `node`'s ztunnel.
+    pub fn metrics(&self, c: &Cluster, node: &Node) -> Result<String> {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sf", "http://127.0.0.1:15020/metrics"]);
+        c.run(node, "metrics", cmd)
+    }
+}
+
+/// Waits for `check`, polling (exported for tests).
+pub fn eventually(
+    what: &str,
+    timeout: Duration,
+    check: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    wait_until(what, timeout, check)
+}
