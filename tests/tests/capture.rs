@@ -163,3 +163,132 @@ fn enrollment_follows_the_namespace_label_while_pods_run() {
         Ok(())
     });
 }
+
+#[test]
+fn restarts_of_ztunnel_and_the_node_agent_lose_nothing() {
+    with_cluster("capture_restart", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mut mesh = Mesh::start(c)?;
+        mesh.namespace("shop", true)?;
+        let a = c.add_pod(n1, "shop", "a", "a", &[])?;
+        let b = c.add_pod(n2, "shop", "b", "b", &[])?;
+        mesh.register_pod(&a)?;
+        mesh.register_pod(&b)?;
+        mesh.wait_captured(c, &a, true)?;
+        mesh.wait_captured(c, &b, true)?;
+        let _s = serve(c, &b)?;
+        let addr = format!("{}:9000", b.ip);
+        echo(c, &a, &addr, 1_000_000)?;
+
+        // ztunnel of node1 restarts: the agent replays its pods; new connections are
+        // captured by the new process.
+        mesh.restart_ztunnel(c, n1)?;
+        eventually(
+            "the new ztunnel to serve pod a again",
+            Duration::from_secs(20),
+            || {
+                Ok(mesh
+                    .ztunnel("node1")?
+                    .output()
+                    .contains("node agent snapshot applied"))
+            },
+        )?;
+        echo(c, &a, &addr, 1_000_000)?;
+        eventually(
+            "the new ztunnel logs the connection",
+            Duration::from_secs(10),
+            || Ok(!logged(&mesh, "node1", "outbound", &addr)?.is_empty()),
+        )?;
+
+        // The node agent of node2 restarts: b stays captured (state file), a pod added
+        // while it was away is enrolled once it is back.
+        mesh.restart_agent(c, n2)?;
+        ensure!(mesh.captured(&b, c)?, "b was released by the restart");
+        let b2 = c.add_pod(n2, "shop", "b2", "b2", &[])?;
+        mesh.register_pod(&b2)?;
+        mesh.wait_captured(c, &b2, true)?;
+        let before = logged(&mesh, "node2", "inbound", &addr)?.len();
+        echo(c, &a, &addr, 1_000_000)?;
+        eventually(
+            "b still served by ztunnel on node2",
+            Duration::from_secs(10),
+            || Ok(logged(&mesh, "node2", "inbound", &addr)?.len() > before),
+        )?;
+        Ok(())
+    });
+}
+
+#[test]
+fn a_captured_pod_cannot_get_around_ztunnel() {
+    with_cluster("capture_bypass", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mesh = Mesh::start(c)?;
+        mesh.namespace("shop", true)?;
+        let a = c.add_pod(n1, "shop", "a", "a", &[])?;
+        let b = c.add_pod(n2, "shop", "b", "b", &[])?;
+        mesh.register_pod(&a)?;
+        mesh.register_pod(&b)?;
+        mesh.wait_captured(c, &a, true)?;
+        mesh.wait_captured(c, &b, true)?;
+        // Servers: in b on two ports, in a itself, and on node2's underlay address (outside
+        // the pod network: the passthrough case).
+        let mut cmd = testapp();
+        cmd.args([
+            "serve",
+            "--tcp-echo",
+            "0.0.0.0:9000",
+            "--tcp-echo",
+            "0.0.0.0:7777",
+        ]);
+        let mut sb = c.spawn(&b, "b-server", cmd)?;
+        sb.wait_for_output("listening", Duration::from_secs(10))?;
+        let mut cmd = testapp();
+        cmd.args(["serve", "--tcp-echo", "0.0.0.0:9000"]);
+        let mut sa = c.spawn(&a, "a-self-server", cmd)?;
+        sa.wait_for_output("listening", Duration::from_secs(10))?;
+        let outside = format!("{}:9100", n2.underlay_ip());
+        let mut cmd = testapp();
+        cmd.args(["serve", "--tcp-echo", "0.0.0.0:9100"]);
+        let mut so = c.spawn(n2, "node2-server", cmd)?;
+        so.wait_for_output("listening", Duration::from_secs(10))?;
+
+        for dst in [
+            format!("{}:9000", b.ip),
+            format!("{}:7777", b.ip),
+            format!("{}:9000", a.ip),
+            outside.clone(),
+        ] {
+            echo(c, &a, &dst, 100_000)?;
+            eventually(
+                &format!("{dst} through ztunnel"),
+                Duration::from_secs(10),
+                || Ok(!logged(&mesh, "node1", "outbound", &dst)?.is_empty()),
+            )?;
+        }
+        // Loopback inside the pod is the pod's own business.
+        let mut cmd = testapp();
+        cmd.args(["serve", "--tcp-echo", "127.0.0.1:9300"]);
+        let mut sl = c.spawn(&a, "a-loopback-server", cmd)?;
+        sl.wait_for_output("listening", Duration::from_secs(10))?;
+        echo(c, &a, "127.0.0.1:9300", 10_000)?;
+        ensure!(logged(&mesh, "node1", "outbound", "127.0.0.1:9300")?.is_empty());
+        // With ztunnel gone, captured traffic fails instead of leaking past it.
+        let mut mesh = mesh;
+        let i = 0;
+        mesh.nodes[i].ztunnel.stop(Duration::from_secs(5))?;
+        let mut cmd = testapp();
+        cmd.args([
+            "tcp",
+            &format!("{}:9000", b.ip),
+            "--bytes",
+            "1000",
+            "--timeout",
+            "5",
+        ]);
+        ensure!(
+            c.run(&a, "echo-without-ztunnel", cmd).is_err(),
+            "a captured pod reached b while its ztunnel was down"
+        );
+        Ok(())
+    });
+}
