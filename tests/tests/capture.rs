@@ -272,6 +272,18 @@ fn a_captured_pod_cannot_get_around_ztunnel() {
         sl.wait_for_output("listening", Duration::from_secs(10))?;
         echo(c, &a, "127.0.0.1:9300", 10_000)?;
         ensure!(logged(&mesh, "node1", "outbound", "127.0.0.1:9300")?.is_empty());
+        // A health probe from the node (kubelet's place) reaches the app directly: the
+        // node rewrites its source to 169.254.7.127, which the pod's rules let through.
+        let self_addr = format!("{}:9000", a.ip);
+        let inbound_before = logged(&mesh, "node1", "inbound", &self_addr)?.len();
+        let mut cmd = testapp();
+        cmd.args(["tcp", &self_addr, "--bytes", "1000", "--timeout", "10"]);
+        c.run(n1, "probe-from-node", cmd)?;
+        std::thread::sleep(Duration::from_millis(300));
+        ensure!(
+            logged(&mesh, "node1", "inbound", &self_addr)?.len() == inbound_before,
+            "a probe from the node was captured"
+        );
         // With ztunnel gone, captured traffic fails instead of leaking past it.
         let mut mesh = mesh;
         let i = 0;
