@@ -158,7 +158,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 if let Some(path) = write_roots {
                     write_atomically(&path, cp.roots_pem())?;
                 }
-                wait_for_signal().await;
+                trellis_core::shutdown::terminated().await;
                 tracing::info!("shutting down");
                 cp.shutdown().await;
                 Ok(ExitCode::SUCCESS)
@@ -229,20 +229,4 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
     std::fs::write(&tmp, text)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| format!("{}: {e}", path.display()))
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process still stops on SIGTERM's default action.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

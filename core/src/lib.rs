@@ -9,6 +9,7 @@
 pub mod cert;
 pub mod identity;
 pub mod netns;
+pub mod shutdown;
 pub mod tls;
 pub mod xds;
 pub mod zds;

@@ -25,24 +25,9 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
     let admin = telemetry::serve(config.metrics_addr, metrics, pods.clone()).await?;
     tracing::info!(metrics = %admin, zds = %config.zds_socket.display(), node = %config.node_name, "ztunnel starting");
     let zds = tokio::spawn(inpod::run_zds_client(config.clone(), pods.clone()));
-    wait_for_signal().await;
+    trellis_core::shutdown::terminated().await;
     tracing::info!("shutting down: closing every pod's listeners");
     zds.abort();
     pods.shutdown(config.drain_timeout).await;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

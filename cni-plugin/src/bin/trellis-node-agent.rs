@@ -178,13 +178,7 @@ fn main() -> ExitCode {
                     install::install(&plugin, &cni_bin_dir, &cni_conf_dir, &cni_socket, fail_open)
                         .map_err(|e| e.to_string())?;
                 tracing::info!(list = %list.display(), "trellis-cni installed");
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .map_err(|e| e.to_string())?;
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
+                trellis_core::shutdown::terminated().await;
                 tracing::info!("node agent stopping; the plugin stays installed");
                 Ok::<(), String>(())
             });
