@@ -231,3 +231,38 @@ spec:
     assert_eq!(rule.clauses[2].matches[0].destination_ports, vec![443]);
     assert_eq!(t.status.state, PolicyState::Accepted);
 }
+
+/// What ztunnel decides with the translated seed policy: the control plane's translation
+/// and the data plane's evaluation together.
+#[test]
+fn the_translated_seed_deny_blocks_dev_and_nothing_else_at_ztunnel() {
+    use trellis_core::authz::{Conn, evaluate};
+    let seed = SEED
+        .split("\n---")
+        .find(|d| d.contains("kind: AuthorizationPolicy"))
+        .unwrap();
+    let policy = translate(seed).authorization.expect("enforced by ztunnel");
+    let conn = |id: Option<&str>| Conn {
+        source: id.map(|s| s.parse().unwrap()),
+        src_ip: "10.244.1.2".parse().unwrap(),
+        dst_ip: "10.244.2.2".parse().unwrap(),
+        dst_port: 8000,
+    };
+    let from_dev = evaluate(
+        [&policy],
+        &conn(Some("spiffe://cluster.local/ns/dev/sa/sleep")),
+    );
+    assert!(!from_dev.allowed);
+    assert_eq!(from_dev.policy.as_deref(), Some("foo/httpbin"));
+    assert!(
+        evaluate(
+            [&policy],
+            &conn(Some("spiffe://cluster.local/ns/prod/sa/sleep"))
+        )
+        .allowed
+    );
+    assert!(
+        evaluate([&policy], &conn(None)).allowed,
+        "no identity: not from dev"
+    );
+}

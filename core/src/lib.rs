@@ -6,6 +6,7 @@
 //! must not pick a process-wide default crypto provider: every TLS configuration here names
 //! its provider (ring) explicitly.
 
+pub mod authz;
 pub mod cert;
 pub mod identity;
 pub mod netns;
