@@ -8,6 +8,7 @@
 
 pub mod authz;
 pub mod cert;
+pub mod hbone;
 pub mod identity;
 pub mod netns;
 pub mod shutdown;
