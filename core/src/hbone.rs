@@ -10,6 +10,8 @@
 //! to and from a socket. Pooling and the decisions (which peer, which identity, policy) live
 //! in ztunnel.
 
+pub mod pool;
+
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;

@@ -161,3 +161,71 @@ async fn refusals_and_wrong_identities_fail_cleanly() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn the_pool_reuses_a_connection_per_identity_pair_and_closes_idle_ones() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use trellis_core::hbone::pool::{Dial, Pool, PoolKey};
+    let ca = Arc::new(TestCa::new("cluster.local"));
+    let echo = echo_server().await;
+    let (server, _peers) = hbone_server(&ca, echo).await;
+    let dials = Arc::new(AtomicUsize::new(0));
+    let dial: Dial = {
+        let (ca, dials) = (ca.clone(), dials.clone());
+        Arc::new(move |key: PoolKey| {
+            let (ca, dials) = (ca.clone(), dials.clone());
+            Box::pin(async move {
+                dials.fetch_add(1, Ordering::SeqCst);
+                client(&ca, key.address, &key.destination.to_string())
+                    .await
+                    .map_err(HboneError::BadRequest)
+            })
+        })
+    };
+    let pool = Pool::new(dial, Duration::from_millis(200));
+    let key = PoolKey {
+        source: "spiffe://cluster.local/ns/shop/sa/a".parse().unwrap(),
+        destination: "spiffe://cluster.local/ns/shop/sa/b".parse().unwrap(),
+        address: server,
+    };
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut s = pool
+            .connect(key.clone(), echo, &[], Duration::from_secs(5))
+            .await
+            .unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        open.push(s);
+    }
+    assert_eq!(
+        dials.load(Ordering::SeqCst),
+        1,
+        "three tunnels, one connection"
+    );
+    assert_eq!(pool.len(), 1);
+
+    // Another destination identity is another connection (secure naming is per key).
+    let mut other = key.clone();
+    other.destination = "spiffe://cluster.local/ns/shop/sa/payments"
+        .parse()
+        .unwrap();
+    assert!(
+        pool.connect(other, echo, &[], Duration::from_secs(5))
+            .await
+            .is_err()
+    );
+    assert_eq!(dials.load(Ordering::SeqCst), 2);
+
+    // Idle: closed after the timeout once its streams are gone; the next tunnel dials.
+    drop(open);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pool.sweep();
+    assert_eq!(pool.len(), 0);
+    let _s = pool
+        .connect(key, echo, &[], Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(dials.load(Ordering::SeqCst), 3);
+}

@@ -1,0 +1,217 @@
+//! A pool of HBONE connections, keyed by (source identity, destination identity,
+//! destination address): a tunnel reuses a TLS connection made for the same pair of
+//! identities to the same peer, opening another one only when every connection of the key
+//! carries [`super::MAX_STREAMS`] streams. A connection without streams for the idle
+//! timeout is closed; a connection that failed is dropped and the next tunnel dials anew.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::{Client, H2Stream, HboneError, MAX_STREAMS};
+use crate::SpiffeId;
+
+/// Which connections may carry a tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The identity the client presents (the source pod's).
+    pub source: SpiffeId,
+    /// The identity the server must present (secure naming).
+    pub destination: SpiffeId,
+    /// The peer's HBONE address (`pod-ip:15008`, or a waypoint's).
+    pub address: SocketAddr,
+}
+
+struct Conn {
+    client: Client,
+    streams: Arc<AtomicUsize>,
+    idle_since: Mutex<Instant>,
+    broken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Makes a new HBONE connection for a key (TCP connect from the right namespace, TLS with
+/// the source's certificate, HTTP/2 handshake).
+pub type Dial = Arc<
+    dyn Fn(PoolKey) -> Pin<Box<dyn Future<Output = Result<Client, HboneError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The pool.
+#[derive(Clone)]
+pub struct Pool {
+    conns: Arc<Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>>,
+    /// One dial per key at a time: many tunnels starting together share the new connection.
+    dialing: Arc<tokio::sync::Mutex<()>>,
+    dial: Dial,
+    idle: Duration,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("connections", &self.len())
+            .finish()
+    }
+}
+
+/// A tunnel from the pool; counts as a stream of its connection until dropped.
+pub struct PooledStream {
+    stream: H2Stream,
+    conn: Arc<Conn>,
+}
+
+impl Drop for PooledStream {
+    fn drop(&mut self) {
+        // The idle clock starts when the last stream ends.
+        *self
+            .conn
+            .idle_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.conn.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl AsyncRead for PooledStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PooledStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl Pool {
+    /// A pool dialing with `dial`, closing connections idle for `idle`.
+    pub fn new(dial: Dial, idle: Duration) -> Pool {
+        Pool {
+            conns: Arc::default(),
+            dialing: Arc::default(),
+            dial,
+            idle,
+        }
+    }
+
+    /// Open connections (all keys).
+    pub fn len(&self) -> usize {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// Whether there is no open connection.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A connection of `key` with room for one more stream, its count already taken.
+    fn checkout(&self, key: &PoolKey) -> Option<Arc<Conn>> {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.broken.load(Ordering::Acquire));
+        for c in list.iter() {
+            let n = c.streams.load(Ordering::Acquire);
+            if n < MAX_STREAMS as usize
+                && c.streams
+                    .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Some(c.clone());
+            }
+        }
+        None
+    }
+
+    /// Opens a tunnel to `target` over a connection of `key`.
+    pub async fn connect(
+        &self,
+        key: PoolKey,
+        target: SocketAddr,
+        headers: &[(&str, String)],
+        timeout: Duration,
+    ) -> Result<PooledStream, HboneError> {
+        self.sweep();
+        let conn = match self.checkout(&key) {
+            Some(c) => c,
+            None => {
+                let _one = self.dialing.lock().await;
+                match self.checkout(&key) {
+                    Some(c) => c,
+                    None => {
+                        let client = tokio::time::timeout(timeout, (self.dial)(key.clone()))
+                            .await
+                            .map_err(|_| HboneError::Timeout("connection"))??;
+                        let conn = Arc::new(Conn {
+                            client,
+                            streams: Arc::new(AtomicUsize::new(1)),
+                            idle_since: Mutex::new(Instant::now()),
+                            broken: Arc::default(),
+                        });
+                        self.conns
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(key)
+                            .or_default()
+                            .push(conn.clone());
+                        conn
+                    }
+                }
+            }
+        };
+        match conn.client.connect(target, headers, timeout).await {
+            Ok(stream) => Ok(PooledStream { stream, conn }),
+            Err(e) => {
+                conn.streams.fetch_sub(1, Ordering::AcqRel);
+                if matches!(e, HboneError::H2(_) | HboneError::Timeout(_)) {
+                    // The connection itself failed: the next tunnel dials a new one.
+                    conn.broken.store(true, Ordering::Release);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes connections that carried no stream for the idle timeout.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for list in conns.values_mut() {
+            list.retain(|c| {
+                if c.broken.load(Ordering::Acquire) {
+                    return false;
+                }
+                let since = *c.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+                c.streams.load(Ordering::Acquire) > 0 || now.duration_since(since) < self.idle
+            });
+        }
+        conns.retain(|_, l| !l.is_empty());
+    }
+}
