@@ -192,14 +192,23 @@ impl Agent {
         }
     }
 
-    fn add_request(p: &PodEntry) -> WorkloadRequest {
+    /// The ZDS `add` for `p`, with the service account the control plane knows for it
+    /// (ztunnel needs it to obtain the pod's certificate).
+    fn add_request(&self, p: &PodEntry) -> WorkloadRequest {
+        let uid = format!("{}//Pod/{}/{}", self.config.cluster_id, p.namespace, p.name);
+        let service_account = self
+            .xds
+            .store()
+            .workload(&uid)
+            .map(|w| w.service_account.clone())
+            .unwrap_or_default();
         WorkloadRequest {
             payload: Some(workload_request::Payload::Add(AddWorkload {
                 uid: p.uid.clone(),
                 workload_info: Some(WorkloadInfo {
                     name: p.name.clone(),
                     namespace: p.namespace.clone(),
-                    service_account: String::new(),
+                    service_account,
                 }),
             })),
         }
@@ -214,7 +223,7 @@ impl Agent {
         }
         let netns = Netns::open(&p.netns)
             .map_err(|e| format!("cannot open the pod's netns {}: {e}", p.netns.display()))?;
-        self.send(Self::add_request(&p), Some(&netns)).await?;
+        self.send(self.add_request(&p), Some(&netns)).await?;
         if let Err(e) = rules::apply(Some(&p.netns), &rules::pod_ruleset()) {
             let _ = self.send(del_request(&p.uid), None).await;
             return Err(format!("installing the capture rules: {e}"));
@@ -416,7 +425,7 @@ impl Agent {
             let mut replayed = 0;
             for p in &captured {
                 let result = match Netns::open(&p.netns) {
-                    Ok(netns) => self.send(Self::add_request(p), Some(&netns)).await,
+                    Ok(netns) => self.send(self.add_request(p), Some(&netns)).await,
                     Err(e) => Err(format!("netns {}: {e}", p.netns.display())),
                 };
                 match result {

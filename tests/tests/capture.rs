@@ -95,6 +95,19 @@ fn enrolled_pods_talk_through_ztunnel_on_one_node_and_across_nodes() {
             "the destination's ztunnel sees the client pod's address: {inb}"
         );
 
+        // ztunnel knows who it serves, with the identity the control plane gave the pod.
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sf", "http://127.0.0.1:15020/pods"]);
+        let pods: Value = serde_json::from_str(&c.run(n1, "ztunnel-pods", cmd)?)?;
+        ensure!(
+            pods.as_array()
+                .is_some_and(|l| l.iter().any(|p| p["name"] == "a"
+                    && p["namespace"] == "shop"
+                    && p["serviceAccount"] == "a"
+                    && p["uid"] == a.uid.as_str())),
+            "ztunnel's pods: {pods}"
+        );
+
         let m = mesh.metrics(c, n1)?;
         ensure!(
             m.lines()
