@@ -65,6 +65,11 @@ impl TestCa {
         self.root.clone()
     }
 
+    /// The root certificate, PEM.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
     /// A trust bundle holding only this root.
     pub fn bundle(&self) -> Arc<TrustBundle> {
         Arc::new(TrustBundle::new(&self.trust_domain, vec![self.root()]).expect("bundle"))

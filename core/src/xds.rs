@@ -42,6 +42,11 @@ impl Store {
         self.workloads.get(uid)
     }
 
+    /// Every workload.
+    pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads.values()
+    }
+
     /// The workload that owns `ip`.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
         self.workload_by_ip

@@ -150,7 +150,7 @@ impl Mesh {
             String::from_utf8_lossy(&out.stderr)
         );
         std::fs::write(&credential, &out.stdout)?;
-        let ztunnel = Self::spawn_ztunnel(c, node)?;
+        let ztunnel = Self::spawn_ztunnel(c, node, roots, &credential, n1)?;
         let agent = Self::spawn_agent(c, node, roots, &credential, n1)?;
         Ok(NodeMesh {
             node: node.name().to_string(),
@@ -159,11 +159,27 @@ impl Mesh {
         })
     }
 
-    fn spawn_ztunnel(c: &Cluster, node: &Node) -> Result<Proc> {
+    fn spawn_ztunnel(
+        c: &Cluster,
+        node: &Node,
+        roots: &Path,
+        credential: &Path,
+        n1: &Node,
+    ) -> Result<Proc> {
         let mut cmd = Command::new(workspace_bin("trellis-ztunnel")?);
         cmd.args(["--node-name", node.name()])
             .arg("--zds-socket")
             .arg(node.state_dir().join("ztunnel.sock"))
+            .args([
+                "--control-plane",
+                &format!("https://{}:{CP_PORT}", n1.underlay_ip()),
+                "--control-plane-name",
+                &n1.underlay_ip().to_string(),
+            ])
+            .arg("--ca-roots")
+            .arg(roots)
+            .arg("--credential-file")
+            .arg(credential)
             .args(["--metrics-addr", "127.0.0.1:15020", "--log-format", "json"])
             .env("RUST_LOG", "info");
         c.spawn(node, &format!("ztunnel-{}", node.name()), cmd)
@@ -210,7 +226,9 @@ impl Mesh {
     pub fn restart_ztunnel(&mut self, c: &Cluster, node: &Node) -> Result<()> {
         let i = self.index(node.name())?;
         self.nodes[i].ztunnel.stop(Duration::from_secs(5))?;
-        self.nodes[i].ztunnel = Self::spawn_ztunnel(c, node)?;
+        let roots = self.cp_dir.join("roots.pem");
+        let credential = node.state_dir().join("node-credential");
+        self.nodes[i].ztunnel = Self::spawn_ztunnel(c, node, &roots, &credential, &c.nodes()[0])?;
         Ok(())
     }
 

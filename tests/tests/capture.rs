@@ -85,8 +85,21 @@ fn enrolled_pods_talk_through_ztunnel_on_one_node_and_across_nodes() {
         ensure!(out["pod"] == "shop/a", "{out}");
         ensure!(out["bytes_sent"] == 100_000_000u64, "{out}");
         ensure!(out["bytes_received"] == 100_000_000u64, "{out}");
+        ensure!(
+            out["route"] == "hbone",
+            "enrolled to enrolled goes over HBONE: {out}"
+        );
+        ensure!(
+            out["peer_identity"] == "spiffe://cluster.local/ns/shop/sa/far",
+            "{out}"
+        );
         let inb = &logged(&mesh, "node2", "inbound", &far_addr)?[0]["fields"];
         ensure!(inb["pod"] == "shop/far", "{inb}");
+        ensure!(inb["route"] == "hbone", "{inb}");
+        ensure!(
+            inb["peer_identity"] == "spiffe://cluster.local/ns/shop/sa/a",
+            "the destination verified the source's certificate: {inb}"
+        );
         ensure!(
             inb["src"]
                 .as_str()

@@ -26,6 +26,16 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// How long open connections may run on after their pod is removed or ztunnel stops.
     pub drain_timeout: Duration,
+    /// The control plane (xDS and CA), `https://host:15012`.
+    pub control_plane: String,
+    /// The name in the control plane's serving certificate.
+    pub control_plane_name: String,
+    /// The mesh's trust bundle (PEM).
+    pub roots_pem: String,
+    /// This node's credential for xDS and the CA.
+    pub credential: String,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
 }
 
 impl Default for Config {
@@ -36,6 +46,11 @@ impl Default for Config {
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            control_plane: String::new(),
+            control_plane_name: "localhost".into(),
+            roots_pem: String::new(),
+            credential: String::new(),
+            trust_domain: "cluster.local".into(),
         }
     }
 }

@@ -43,6 +43,7 @@ struct Served {
 #[derive(Clone)]
 pub struct Pods {
     config: Arc<Config>,
+    mesh: Arc<crate::mesh::Mesh>,
     served: Arc<Mutex<BTreeMap<String, Served>>>,
     snapshot_done: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -55,9 +56,10 @@ impl std::fmt::Debug for Pods {
 
 impl Pods {
     /// No pods yet.
-    pub fn new(config: Arc<Config>) -> Pods {
+    pub fn new(config: Arc<Config>, mesh: Arc<crate::mesh::Mesh>) -> Pods {
         Pods {
             config,
+            mesh,
             served: Arc::default(),
             snapshot_done: Arc::default(),
         }
@@ -99,8 +101,13 @@ impl Pods {
             old.proxy.stop(self.config.drain_timeout);
         }
         let info = Arc::new(info);
-        let proxy = PodProxy::start(Arc::new(netns), info.clone(), self.config.clone())
-            .map_err(|e| format!("cannot open the pod's listeners: {e}"))?;
+        let proxy = PodProxy::start(
+            Arc::new(netns),
+            info.clone(),
+            self.config.clone(),
+            self.mesh.clone(),
+        )
+        .map_err(|e| format!("cannot open the pod's listeners: {e}"))?;
         tracing::info!(pod = %format!("{}/{}", info.namespace, info.name), uid = %info.uid, "serving pod");
         let mut s = self.served.lock().unwrap_or_else(|e| e.into_inner());
         s.insert(

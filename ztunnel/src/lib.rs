@@ -12,16 +12,71 @@
 
 pub mod config;
 pub mod inpod;
+pub mod mesh;
 pub mod proxy;
 pub mod telemetry;
 
 pub use config::Config;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use trellis_core::cert::{CertConfig, CertManager, GrpcCaClient, GrpcCaConfig};
+use trellis_core::tls::TrustBundle;
+use trellis_core::xds::{XdsClient, XdsConfig};
+use trellis_proto::type_url::{ADDRESS, AUTHORIZATION};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The control plane's data and the certificate manager, over authenticated TLS (both
+/// connect lazily and retry on their own).
+pub fn connect_mesh(config: &Config) -> Result<mesh::Mesh, BoxError> {
+    if !config.control_plane.starts_with("https://") {
+        return Err("the control plane address must be https://: credentials and policy never travel unencrypted".into());
+    }
+    let bundle = Arc::new(TrustBundle::from_pem(
+        &config.trust_domain,
+        &config.roots_pem,
+    )?);
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&config.roots_pem))
+        .domain_name(config.control_plane_name.clone());
+    let channel = tonic::transport::Channel::from_shared(config.control_plane.clone())?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    let xds = XdsClient::start(
+        channel,
+        XdsConfig {
+            node_id: format!("ztunnel~{}", config.node_name),
+            types: vec![ADDRESS.into(), AUTHORIZATION.into()],
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+            credential: Some(config.credential.clone()),
+        },
+    );
+    let ca = GrpcCaClient::new(&GrpcCaConfig {
+        endpoint: config.control_plane.clone(),
+        root_pem: config.roots_pem.clone(),
+        server_name: config.control_plane_name.clone(),
+        credential: config.credential.clone(),
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
+    })?;
+    Ok(mesh::Mesh {
+        xds,
+        certs: CertManager::new(ca, bundle.clone(), CertConfig::default()),
+        bundle,
+        trust_domain: config.trust_domain.clone(),
+    })
+}
+
 /// Runs ztunnel until SIGTERM/SIGINT.
-pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let config = std::sync::Arc::new(config);
+pub async fn run(config: Config) -> Result<(), BoxError> {
+    let config = Arc::new(config);
     let metrics = telemetry::install_metrics()?;
-    let pods = inpod::Pods::new(config.clone());
+    let mesh = Arc::new(connect_mesh(&config)?);
+    let pods = inpod::Pods::new(config.clone(), mesh);
     let admin = telemetry::serve(config.metrics_addr, metrics, pods.clone()).await?;
     tracing::info!(metrics = %admin, zds = %config.zds_socket.display(), node = %config.node_name, "ztunnel starting");
     let zds = tokio::spawn(inpod::run_zds_client(config.clone(), pods.clone()));

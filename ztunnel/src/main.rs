@@ -25,6 +25,21 @@ struct Cli {
     /// Seconds open connections may run on after their pod goes or ztunnel stops.
     #[arg(long, default_value_t = 5)]
     drain_seconds: u64,
+    /// The control plane (xDS and CA), `https://host:15012`.
+    #[arg(long)]
+    control_plane: String,
+    /// The name in the control plane's serving certificate.
+    #[arg(long, default_value = "localhost")]
+    control_plane_name: String,
+    /// The mesh's trust bundle (PEM file).
+    #[arg(long)]
+    ca_roots: PathBuf,
+    /// File holding this node's credential.
+    #[arg(long)]
+    credential_file: PathBuf,
+    /// The mesh's trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,7 +54,21 @@ fn main() -> std::process::ExitCode {
     } else {
         builder.init();
     }
+    let read =
+        |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let (roots_pem, credential) = match (read(&cli.ca_roots), read(&cli.credential_file)) {
+        (Ok(r), Ok(c)) => (r, c.trim().to_string()),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("trellis-ztunnel: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let config = Config {
+        control_plane: cli.control_plane,
+        control_plane_name: cli.control_plane_name,
+        roots_pem,
+        credential,
+        trust_domain: cli.trust_domain,
         node_name: cli.node_name,
         zds_socket: cli.zds_socket,
         metrics_addr: cli.metrics_addr,

@@ -1,7 +1,11 @@
-//! One pod's capture listeners and the passthrough forwarding of what they accept.
+//! One pod's listeners and what they do with what they accept.
 //!
-//! Both listeners are created inside the pod's network namespace (so they receive what the
-//! pod's redirect rules send to 15001 and 15006) and then served from the ordinary runtime.
+//! Three listeners are created inside the pod's network namespace and served from the
+//! ordinary runtime: 15001 (captured outbound: HBONE to mesh destinations through a pool of
+//! mutual-TLS connections made as the pod's identity, plain TCP to the rest), 15006
+//! (captured plaintext inbound: L4 policy with no peer identity, so STRICT refuses it) and
+//! 15008 (HBONE inbound: TLS with the pod's certificate, the peer's identity from its
+//! certificate, the CONNECT target checked to be this pod, L4 policy, then the app).
 //! A captured connection's original destination comes from `SO_ORIGINAL_DST` (the rules
 //! use REDIRECT); the upstream socket is also created in the pod's namespace, so the
 //! connection leaves with the pod's own address, and carries mark 0x539 so the rules let
@@ -18,8 +22,16 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use trellis_core::netns::Netns;
 
+use trellis_core::SpiffeId;
+use trellis_core::authz::{self, Conn};
+use trellis_core::hbone::{
+    self,
+    pool::{Dial, Pool, PoolKey},
+};
+
 use crate::config::{Config, INBOUND_PORT, OUTBOUND_PORT, SOCKET_MARK};
 use crate::inpod::PodInfo;
+use crate::mesh::{HBONE_PORT, Mesh, Route};
 use crate::telemetry::{self, Direction};
 
 /// A pod's listeners; dropping the handle does not stop them, [`PodProxy::stop`] does.
@@ -41,26 +53,58 @@ fn listener_in(netns: &Netns, port: u16) -> io::Result<std::net::TcpListener> {
     })?
 }
 
+/// Everything a pod's connections need.
+struct PodCtx {
+    netns: Arc<Netns>,
+    pod: Arc<PodInfo>,
+    config: Arc<Config>,
+    mesh: Arc<Mesh>,
+    pool: Pool,
+    identity: Option<SpiffeId>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    Outbound,
+    Plaintext,
+    Hbone,
+}
+
 impl PodProxy {
     /// Opens the pod's listeners in `netns` and starts serving them.
     pub fn start(
         netns: Arc<Netns>,
         pod: Arc<PodInfo>,
         config: Arc<Config>,
+        mesh: Arc<Mesh>,
     ) -> io::Result<PodProxy> {
         let outbound = TcpListener::from_std(listener_in(&netns, OUTBOUND_PORT)?)?;
         let inbound = TcpListener::from_std(listener_in(&netns, INBOUND_PORT)?)?;
-        let (stop, stopped) = watch::channel(false);
-        let done = tokio::spawn(serve(
-            [
-                (outbound, Direction::Outbound),
-                (inbound, Direction::Inbound),
-            ],
+        let hbone_l = TcpListener::from_std(listener_in(&netns, HBONE_PORT)?)?;
+        let identity = SpiffeId::new(&mesh.trust_domain, &pod.namespace, &pod.service_account).ok();
+        if let Some(id) = &identity {
+            // Fetch the pod's certificate now, so the first connection does not wait for it.
+            let (mesh, id) = (mesh.clone(), id.clone());
+            tokio::spawn(async move {
+                if let Err(e) = mesh.certs.fetch(&id).await {
+                    tracing::warn!(identity = %id, error = %e, "cannot obtain the pod's certificate yet");
+                }
+            });
+        }
+        let pool = Pool::new(
+            dialer(netns.clone(), mesh.clone(), config.clone()),
+            Duration::from_secs(60),
+        );
+        let ctx = Arc::new(PodCtx {
             netns,
             pod,
             config,
-            stopped,
-        ));
+            mesh,
+            pool,
+            identity,
+        });
+        let (stop, stopped) = watch::channel(false);
+        let done = tokio::spawn(serve([outbound, inbound, hbone_l], ctx, stopped));
         Ok(PodProxy { stop, done })
     }
 
@@ -75,32 +119,63 @@ impl PodProxy {
     }
 }
 
-async fn serve(
-    listeners: [(TcpListener, Direction); 2],
-    netns: Arc<Netns>,
-    pod: Arc<PodInfo>,
-    config: Arc<Config>,
-    mut stopped: watch::Receiver<bool>,
-) {
+/// Dials HBONE connections for the pool: TCP from the pod's namespace (marked, so not
+/// captured again), TLS 1.3 as the source identity expecting the destination identity.
+fn dialer(netns: Arc<Netns>, mesh: Arc<Mesh>, config: Arc<Config>) -> Dial {
+    Arc::new(move |key: PoolKey| {
+        let (netns, mesh, config) = (netns.clone(), mesh.clone(), config.clone());
+        Box::pin(async move {
+            let cert = mesh.certs.fetch(&key.source).await.map_err(|e| {
+                hbone::HboneError::BadRequest(format!("no certificate for {}: {e}", key.source))
+            })?;
+            let tls = trellis_core::tls::client_config(
+                &cert,
+                mesh.bundle.clone(),
+                key.destination.clone(),
+            )
+            .map_err(|e| hbone::HboneError::BadRequest(e.to_string()))?;
+            let tcp = connect_in(&netns, key.address, config.connect_timeout)
+                .await
+                .map_err(|e| {
+                    hbone::HboneError::BadRequest(format!(
+                        "connect to {}: {e}; is the HBONE port 15008 reachable?",
+                        key.address
+                    ))
+                })?;
+            let name = rustls::pki_types::ServerName::IpAddress(key.address.ip().into());
+            let tls = tokio::time::timeout(
+                config.connect_timeout,
+                tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp),
+            )
+            .await
+            .map_err(|_| hbone::HboneError::Timeout("TLS handshake"))?
+            .map_err(|e| {
+                hbone::HboneError::BadRequest(format!("TLS with {}: {e}", key.destination))
+            })?;
+            hbone::Client::handshake(tls).await
+        })
+    })
+}
+
+async fn serve(listeners: [TcpListener; 3], ctx: Arc<PodCtx>, mut stopped: watch::Receiver<bool>) {
     let mut conns = JoinSet::new();
-    let [(out_l, _), (in_l, _)] = &listeners;
+    let [out_l, in_l, hb_l] = &listeners;
     loop {
-        let (accepted, direction) = tokio::select! {
-            r = out_l.accept() => (r, Direction::Outbound),
-            r = in_l.accept() => (r, Direction::Inbound),
+        let (accepted, kind) = tokio::select! {
+            r = out_l.accept() => (r, Listener::Outbound),
+            r = in_l.accept() => (r, Listener::Plaintext),
+            r = hb_l.accept() => (r, Listener::Hbone),
             _ = stopped.wait_for(|s| *s) => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         match accepted {
             Ok((stream, peer)) => {
-                conns.spawn(handle(
-                    stream,
-                    peer,
-                    direction,
-                    netns.clone(),
-                    pod.clone(),
-                    config.clone(),
-                ));
+                let ctx = ctx.clone();
+                match kind {
+                    Listener::Outbound => conns.spawn(outbound(stream, peer, ctx)),
+                    Listener::Plaintext => conns.spawn(plaintext_inbound(stream, peer, ctx)),
+                    Listener::Hbone => conns.spawn(hbone_inbound(stream, peer, ctx)),
+                };
             }
             Err(e) => {
                 // Out of descriptors and the like: back off rather than spin.
@@ -111,13 +186,13 @@ async fn serve(
     }
     drop(listeners);
     // Drain: connections in flight may finish, within the deadline.
-    let drain = tokio::time::sleep(config.drain_timeout);
+    let drain = tokio::time::sleep(ctx.config.drain_timeout);
     tokio::pin!(drain);
     loop {
         tokio::select! {
             next = conns.join_next() => if next.is_none() { break },
             () = &mut drain => {
-                tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), open = conns.len(), "drain deadline reached; closing the remaining connections");
+                tracing::info!(pod = %format!("{}/{}", ctx.pod.namespace, ctx.pod.name), open = conns.len(), "drain deadline reached; closing the remaining connections");
                 conns.abort_all();
                 break;
             }
@@ -152,51 +227,264 @@ async fn connect_in(netns: &Netns, dst: SocketAddr, timeout: Duration) -> io::Re
     }
 }
 
-async fn handle(
-    mut client: TcpStream,
-    peer: SocketAddr,
+/// What one connection did, for the access log and metrics.
+struct Outcome {
+    route: &'static str,
+    peer_identity: Option<String>,
+    policy: Option<String>,
+    sent: u64,
+    received: u64,
+    result: String,
+}
+
+impl Outcome {
+    fn new(route: &'static str) -> Outcome {
+        Outcome {
+            route,
+            peer_identity: None,
+            policy: None,
+            sent: 0,
+            received: 0,
+            result: "ok".into(),
+        }
+    }
+}
+
+fn finish(
+    ctx: &PodCtx,
     direction: Direction,
-    netns: Arc<Netns>,
-    pod: Arc<PodInfo>,
-    config: Arc<Config>,
+    src: SocketAddr,
+    dst: SocketAddr,
+    start: Instant,
+    o: &Outcome,
 ) {
+    let labels = telemetry::ConnLabels::new(direction, &ctx.pod, o.route == "hbone");
+    labels.closed(o.sent, o.received);
+    telemetry::access_log(&telemetry::AccessLog {
+        direction,
+        pod: &ctx.pod,
+        src,
+        dst,
+        route: o.route,
+        peer_identity: o.peer_identity.as_deref(),
+        policy: o.policy.as_deref(),
+        sent: o.sent,
+        received: o.received,
+        duration: start.elapsed(),
+        result: &o.result,
+    });
+}
+
+async fn outbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
     let start = Instant::now();
     let dst = match original_dst(&client) {
         Ok(d) => d,
         Err(e) => {
-            // Reached the listener directly, not through the capture rules.
             tracing::warn!(%peer, error = %e, "connection without an original destination; closing");
             return;
         }
     };
-    let own = [OUTBOUND_PORT, INBOUND_PORT];
-    if dst.ip().is_loopback() && own.contains(&dst.port()) {
+    if dst.ip().is_loopback() && [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&dst.port()) {
         tracing::warn!(%peer, %dst, "connection addressed to ztunnel's own listener; closing");
         return;
     }
-    let labels = telemetry::ConnLabels::new(direction, &pod);
-    labels.opened();
-    let mut result = "ok".to_string();
-    let (mut sent, mut received) = (0u64, 0u64);
-    match connect_in(&netns, dst, config.connect_timeout).await {
-        Ok(mut upstream) => match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            Ok((to_upstream, to_client)) => {
-                sent = to_upstream;
-                received = to_client;
-            }
-            Err(e) => result = format!("reset: {e}"),
-        },
-        Err(e) => result = format!("upstream connect failed: {e}"),
-    }
-    labels.closed(sent, received);
-    telemetry::access_log(&telemetry::AccessLog {
-        direction,
-        pod: &pod,
-        src: peer,
+    let route = ctx.mesh.route(
         dst,
-        sent,
-        received,
-        duration: start.elapsed(),
-        result: &result,
+        start.elapsed().subsec_nanos() as u64 ^ u64::from(peer.port()),
+    );
+    let mut o = Outcome::new(match route {
+        Route::Hbone { .. } => "hbone",
+        Route::Passthrough(_) => "passthrough",
+        Route::Refuse(_) => "refused",
     });
+    telemetry::ConnLabels::new(Direction::Outbound, &ctx.pod, o.route == "hbone").opened();
+    match route {
+        Route::Refuse(why) => o.result = why,
+        Route::Passthrough(to) => {
+            match connect_in(&ctx.netns, to, ctx.config.connect_timeout).await {
+                Ok(mut upstream) => {
+                    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                        Ok((a, b)) => (o.sent, o.received) = (a, b),
+                        Err(e) => o.result = format!("reset: {e}"),
+                    }
+                }
+                Err(e) => o.result = format!("upstream connect failed: {e}"),
+            }
+        }
+        Route::Hbone {
+            target,
+            via,
+            identity,
+        } => {
+            o.peer_identity = Some(identity.to_string());
+            match &ctx.identity {
+                // Never downgrade: a pod without an identity does not reach the mesh.
+                None => {
+                    o.result =
+                        "the pod has no valid identity; refusing (no plaintext fallback)".into()
+                }
+                Some(source) => {
+                    let key = PoolKey {
+                        source: source.clone(),
+                        destination: identity,
+                        address: via,
+                    };
+                    match ctx
+                        .pool
+                        .connect(key, target, &[], ctx.config.connect_timeout)
+                        .await
+                    {
+                        Ok(mut tunnel) => {
+                            match tokio::io::copy_bidirectional(&mut client, &mut tunnel).await {
+                                Ok((a, b)) => (o.sent, o.received) = (a, b),
+                                Err(e) => o.result = format!("reset: {e}"),
+                            }
+                        }
+                        Err(hbone::HboneError::Refused(status))
+                            if status == http::StatusCode::FORBIDDEN =>
+                        {
+                            o.result = "denied by the destination's policy".into();
+                        }
+                        Err(e) => o.result = format!("HBONE to {via} failed: {e}"),
+                    }
+                }
+            }
+        }
+    }
+    finish(&ctx, Direction::Outbound, peer, dst, start, &o);
+}
+
+/// The destination workload (this pod) and whether `conn` may reach it.
+fn authorize(ctx: &PodCtx, conn: &Conn) -> Result<Option<String>, String> {
+    let store = ctx.mesh.xds.store();
+    let Some(w) = store.workload_by_ip(conn.dst_ip) else {
+        return Err(format!(
+            "{} is not a known workload; denying (fail closed)",
+            conn.dst_ip
+        ));
+    };
+    if w.namespace != ctx.pod.namespace || w.name != ctx.pod.name {
+        return Err(format!("{} is not this pod's address", conn.dst_ip));
+    }
+    let d = authz::evaluate(store.policies_for(w), conn);
+    for (p, action) in &d.dry_run {
+        tracing::info!(policy = %p, ?action, "dry-run policy matched");
+    }
+    if d.allowed {
+        Ok(d.policy)
+    } else {
+        let by = d.policy.clone().unwrap_or_else(|| "-".into());
+        metrics::counter!("trellis_authz_denials_total", "policy" => by.clone()).increment(1);
+        tracing::info!(target: "authz", policy = %by, reason = %d.reason, src = %conn.src_ip, dst = %conn.dst_ip, port = conn.dst_port, peer = ?conn.source.as_ref().map(ToString::to_string), "connection denied");
+        Err(format!("denied: {} ({by})", d.reason))
+    }
+}
+
+async fn plaintext_inbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
+    let start = Instant::now();
+    let Ok(dst) = original_dst(&client) else {
+        return;
+    };
+    let mut o = Outcome::new("plaintext");
+    telemetry::ConnLabels::new(Direction::Inbound, &ctx.pod, false).opened();
+    let conn = Conn {
+        source: None,
+        src_ip: peer.ip(),
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+    };
+    match authorize(&ctx, &conn) {
+        Err(e) => o.result = e,
+        Ok(policy) => {
+            o.policy = policy;
+            match connect_in(&ctx.netns, dst, ctx.config.connect_timeout).await {
+                Ok(mut up) => match tokio::io::copy_bidirectional(&mut client, &mut up).await {
+                    Ok((a, b)) => (o.sent, o.received) = (a, b),
+                    Err(e) => o.result = format!("reset: {e}"),
+                },
+                Err(e) => o.result = format!("app connect failed: {e}"),
+            }
+        }
+    }
+    finish(&ctx, Direction::Inbound, peer, dst, start, &o);
+}
+
+async fn hbone_inbound(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
+    let Some(identity) = ctx.identity.clone() else {
+        tracing::warn!(%peer, "HBONE connection for a pod without identity; closing");
+        return;
+    };
+    let cert = match ctx.mesh.certs.fetch(&identity).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%identity, error = %e, "no certificate for the pod; refusing HBONE");
+            return;
+        }
+    };
+    let Ok(cfg) = trellis_core::tls::server_config(&cert, ctx.mesh.bundle.clone()) else {
+        return;
+    };
+    let tls = match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg)).accept(tcp),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "HBONE TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let Ok(source) = trellis_core::tls::peer_identity(tls.get_ref().1) else {
+        return;
+    };
+    let handler_ctx = ctx.clone();
+    let result = hbone::serve(tls, move |inc| {
+        let ctx = handler_ctx.clone();
+        let source = source.clone();
+        async move {
+            let start = Instant::now();
+            let mut o = Outcome::new("hbone");
+            o.peer_identity = Some(source.to_string());
+            telemetry::ConnLabels::new(Direction::Inbound, &ctx.pod, true).opened();
+            let conn = Conn {
+                source: Some(source),
+                src_ip: peer.ip(),
+                dst_ip: inc.target.ip(),
+                dst_port: inc.target.port(),
+            };
+            let target = inc.target;
+            match authorize(&ctx, &conn) {
+                Err(e) => {
+                    o.result = e;
+                    inc.refuse(http::StatusCode::FORBIDDEN);
+                }
+                Ok(policy) => {
+                    o.policy = policy;
+                    match connect_in(&ctx.netns, target, ctx.config.connect_timeout).await {
+                        Err(e) => {
+                            o.result = format!("app connect failed: {e}");
+                            inc.refuse(http::StatusCode::SERVICE_UNAVAILABLE);
+                        }
+                        Ok(mut app) => match inc.accept() {
+                            Ok(mut tunnel) => {
+                                match tokio::io::copy_bidirectional(&mut tunnel, &mut app).await {
+                                    Ok((a, b)) => (o.sent, o.received) = (a, b),
+                                    Err(e) => o.result = format!("reset: {e}"),
+                                }
+                            }
+                            Err(e) => o.result = format!("HBONE: {e}"),
+                        },
+                    }
+                }
+            }
+            finish(&ctx, Direction::Inbound, peer, target, start, &o);
+        }
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "HBONE connection ended");
+    }
 }

@@ -59,8 +59,8 @@ pub struct ConnLabels {
 }
 
 impl ConnLabels {
-    /// Labels for a connection of `pod` in `direction`.
-    pub fn new(direction: Direction, pod: &PodInfo) -> ConnLabels {
+    /// Labels for a connection of `pod` in `direction`; `mtls` when it is carried by HBONE.
+    pub fn new(direction: Direction, pod: &PodInfo, mtls: bool) -> ConnLabels {
         let unknown = || "unknown".to_string();
         let (reporter, src_wl, src_ns, dst_wl, dst_ns) = match direction {
             Direction::Outbound => (
@@ -85,8 +85,10 @@ impl ConnLabels {
                 ("source_workload_namespace", src_ns),
                 ("destination_workload", dst_wl),
                 ("destination_workload_namespace", dst_ns),
-                // Passthrough: no mTLS on this connection.
-                ("connection_security_policy", "none".to_string()),
+                (
+                    "connection_security_policy",
+                    if mtls { "mutual_tls" } else { "none" }.to_string(),
+                ),
                 ("response_flags", "-".to_string()),
             ],
         }
@@ -115,6 +117,12 @@ pub struct AccessLog<'a> {
     pub src: SocketAddr,
     /// The original destination.
     pub dst: SocketAddr,
+    /// `hbone`, `passthrough`, `plaintext` (inbound without mTLS) or `refused`.
+    pub route: &'a str,
+    /// The peer's identity (verified for inbound HBONE, expected for outbound).
+    pub peer_identity: Option<&'a str>,
+    /// The policy that allowed the connection, when one did.
+    pub policy: Option<&'a str>,
     /// Bytes client → destination.
     pub sent: u64,
     /// Bytes destination → client.
@@ -133,7 +141,9 @@ pub fn access_log(l: &AccessLog<'_>) {
         pod = %format!("{}/{}", l.pod.namespace, l.pod.name),
         src = %l.src,
         dst = %l.dst,
-        route = "passthrough",
+        route = l.route,
+        peer_identity = l.peer_identity.unwrap_or("-"),
+        policy = l.policy.unwrap_or("-"),
         bytes_sent = l.sent,
         bytes_received = l.received,
         duration_ms = l.duration.as_millis() as u64,

@@ -20,11 +20,17 @@ async fn bad_requests_get_error_acks_and_the_session_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ztunnel.sock");
     let listener = ZdsListener::bind(&path).unwrap();
+    // No control plane here: the mesh connects lazily and is never asked (no pod is added).
+    let ca = trellis_core::testing::TestCa::new("cluster.local");
     let config = Arc::new(Config {
         zds_socket: path,
+        control_plane: "https://127.0.0.1:1".into(),
+        roots_pem: ca.root_pem().to_string(),
+        credential: "unused".into(),
         ..Config::default()
     });
-    let pods = Pods::new(config.clone());
+    let mesh = Arc::new(trellis_ztunnel::connect_mesh(&config).unwrap());
+    let pods = Pods::new(config.clone(), mesh);
     tokio::spawn(run_zds_client(config, pods.clone()));
     let sock = tokio::time::timeout(Duration::from_secs(5), listener.accept())
         .await
