@@ -330,3 +330,78 @@ fn a_captured_pod_cannot_get_around_ztunnel() {
         Ok(())
     });
 }
+
+#[test]
+fn l4_policy_is_enforced_at_the_destination_and_strict_refuses_plaintext() {
+    with_cluster("authz_l4", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mesh = Mesh::start(c)?;
+        mesh.namespace("shop", true)?;
+        mesh.namespace("dev", true)?;
+        mesh.namespace("outside", false)?;
+        let front = c.add_pod(n1, "shop", "front", "front", &[])?;
+        let tool = c.add_pod(n1, "dev", "tool", "tool", &[])?;
+        let plain = c.add_pod(n1, "outside", "plain", "plain", &[])?;
+        let api = c.add_pod(n2, "shop", "api", "api", &[("app", "api")])?;
+        for p in [&front, &tool, &plain, &api] {
+            mesh.register_pod(p)?;
+        }
+        for p in [&front, &tool, &api] {
+            mesh.wait_captured(c, p, true)?;
+        }
+        let _s = serve(c, &api)?;
+        let addr = format!("{}:9000", api.ip);
+        let reaches = |from: &Pod| -> bool {
+            let mut cmd = testapp();
+            cmd.args(["tcp", &addr, "--bytes", "10000", "--timeout", "5"]);
+            c.run(from, &format!("{}-to-api", from.name), cmd).is_ok()
+        };
+        ensure!(
+            reaches(&front) && reaches(&tool) && reaches(&plain),
+            "no policy: all allowed"
+        );
+
+        // The seed articles' DENY (from dev), applied to shop from a file.
+        mesh.apply(
+            "deny-dev.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-dev, namespace: shop}\nspec:\n  action: DENY\n  rules: [{from: [{source: {namespaces: [dev]}}]}]\n",
+        )?;
+        eventually("the DENY in effect", Duration::from_secs(20), || {
+            Ok(!reaches(&tool))
+        })?;
+        ensure!(reaches(&front), "shop's own traffic is still allowed");
+        let denied = mesh.access_log("node2")?.into_iter().any(|l| {
+            l["fields"]["dst"] == addr.as_str()
+                && l["fields"]["result"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("shop/deny-dev")
+        });
+        ensure!(
+            denied,
+            "the deny is logged with the policy at the destination"
+        );
+
+        // STRICT: plaintext from the unenrolled pod is refused, HBONE still works.
+        ensure!(reaches(&plain), "PERMISSIVE by default");
+        mesh.apply(
+            "strict.yaml",
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n",
+        )?;
+        eventually("STRICT in effect", Duration::from_secs(20), || {
+            Ok(!reaches(&plain))
+        })?;
+        ensure!(reaches(&front), "mTLS traffic is unaffected by STRICT");
+
+        // Removing the DENY allows dev again.
+        std::fs::remove_file(
+            c.nodes()[0]
+                .state_dir()
+                .join("control-plane/config/deny-dev.yaml"),
+        )?;
+        eventually("the DENY lifted", Duration::from_secs(20), || {
+            Ok(reaches(&tool))
+        })?;
+        Ok(())
+    });
+}
