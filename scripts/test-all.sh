@@ -13,7 +13,8 @@ run CNI plugins. Run: sudo $0   (the end-to-end tests are never skipped)"
 fi
 
 # OS packages: what the tests run (ip, sysctl, the CNI reference plugins), what the node
-# agent uses for capture (nft, nsenter), and curl (the tests scrape ztunnel's metrics).
+# agent uses for capture (nft, nsenter), curl (the tests scrape ztunnel's metrics) and
+# tcpdump (the demo, run by a test, captures the wire).
 need=()
 command -v ip >/dev/null        || need+=(iproute2)
 command -v sysctl >/dev/null    || need+=(procps)
@@ -22,6 +23,7 @@ command -v nft >/dev/null       || need+=(nftables)
 [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || need+=(containernetworking-plugins)
 command -v nsenter >/dev/null   || need+=(util-linux)
 command -v curl >/dev/null      || need+=(curl)
+command -v tcpdump >/dev/null   || need+=(tcpdump)
 command -v cc >/dev/null        || need+=(gcc)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test-all: installing ${need[*]}"

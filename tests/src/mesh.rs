@@ -16,18 +16,21 @@ use crate::{Cluster, Node, Pod, Proc};
 /// and `cargo nextest run --workspace` build them all).
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe
+    // A test binary lives in target/<profile>/deps/, a binary in target/<profile>/.
+    let here = exe
         .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected test binary location {}", exe.display()))?;
-    let bin = dir.join(name);
-    ensure!(
-        bin.exists(),
-        "{} is not built: run the tests with `cargo nextest run --workspace` (or `cargo build --workspace` first)",
-        bin.display()
-    );
-    Ok(bin)
+        .ok_or_else(|| anyhow!("unexpected binary location {}", exe.display()))?;
+    let candidates = [Some(here), here.parent()];
+    for dir in candidates.into_iter().flatten() {
+        let bin = dir.join(name);
+        if bin.exists() {
+            return Ok(bin);
+        }
+    }
+    bail!(
+        "{name} is not built next to {}: run the tests with `cargo nextest run --workspace` (or `cargo build --workspace` first)",
+        exe.display()
+    )
 }
 
 /// Per-node processes.
