@@ -66,6 +66,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== binaries (the end-to-end tests and the demo test run them)"
+# cargo builds a package's binaries for its own integration tests only; trellisctl has none.
+cargo build --workspace --bins --locked
 echo "== tests (unit, integration, end-to-end)"
 cargo nextest run --workspace --all-targets --locked --no-fail-fast
 echo "== doc tests"
