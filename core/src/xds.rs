@@ -66,6 +66,11 @@ impl Store {
             .and_then(|n| self.services.get(n))
     }
 
+    /// The names (`namespace/name`) of the policies held.
+    pub fn policy_names(&self) -> Vec<String> {
+        self.policies.keys().cloned().collect()
+    }
+
     /// The policy named `namespace/name`.
     pub fn policy(&self, name: &str) -> Option<&Authorization> {
         self.policies.get(name)

@@ -108,18 +108,36 @@ fn enrolled_pods_talk_through_ztunnel_on_one_node_and_across_nodes() {
             "the destination's ztunnel sees the client pod's address: {inb}"
         );
 
-        // ztunnel knows who it serves, with the identity the control plane gave the pod.
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sf", "http://127.0.0.1:15020/pods"]);
-        let pods: Value = serde_json::from_str(&c.run(n1, "ztunnel-pods", cmd)?)?;
+        // ztunnel knows who it serves, with the identity the control plane gave the pod and
+        // its certificate (admin, localhost:15000); it is ready (15021).
+        let curl = |args: &[&str]| -> Result<String> {
+            let mut cmd = Command::new("curl");
+            cmd.args(["-sf"]).args(args);
+            c.run(n1, "curl", cmd)
+        };
+        let dump: Value = serde_json::from_str(&curl(&["http://127.0.0.1:15000/config_dump"])?)?;
         ensure!(
-            pods.as_array()
+            dump["pods"]
+                .as_array()
                 .is_some_and(|l| l.iter().any(|p| p["name"] == "a"
                     && p["namespace"] == "shop"
                     && p["serviceAccount"] == "a"
                     && p["uid"] == a.uid.as_str())),
-            "ztunnel's pods: {pods}"
+            "ztunnel's pods: {dump}"
         );
+        ensure!(
+            dump["certificates"].as_array().is_some_and(|l| l
+                .iter()
+                .any(|c| c["identity"] == "spiffe://cluster.local/ns/shop/sa/a"
+                    && c["state"] == "valid"
+                    && c["expiresInSeconds"].as_u64().is_some_and(|s| s > 3600))),
+            "certificates: {dump}"
+        );
+        ensure!(dump["xdsSynced"] == true, "{dump}");
+        ensure!(curl(&["http://127.0.0.1:15021/healthz/ready"])?.contains("ready"));
+        // The log level changes at run time.
+        curl(&["-X", "POST", "http://127.0.0.1:15000/logging?level=debug"])?;
+        ensure!(curl(&["http://127.0.0.1:15000/logging"])?.trim() == "debug");
 
         let m = mesh.metrics(c, n1)?;
         ensure!(

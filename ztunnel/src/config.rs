@@ -20,8 +20,12 @@ pub struct Config {
     pub node_name: String,
     /// The node agent's ZDS socket.
     pub zds_socket: PathBuf,
-    /// Where Prometheus metrics and readiness are served (`/metrics`, `/healthz/ready`).
+    /// Where Prometheus metrics are served (`/metrics`).
     pub metrics_addr: SocketAddr,
+    /// Admin endpoint (`/config_dump`, `/logging`): keep it on localhost.
+    pub admin_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    pub readiness_addr: SocketAddr,
     /// Longest wait for an upstream TCP connect.
     pub connect_timeout: Duration,
     /// How long open connections may run on after their pod is removed or ztunnel stops.
@@ -44,6 +48,8 @@ impl Default for Config {
             node_name: "node".into(),
             zds_socket: PathBuf::from("/var/run/ztunnel/ztunnel.sock"),
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            readiness_addr: SocketAddr::from(([0, 0, 0, 0], 15021)),
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             control_plane: String::new(),

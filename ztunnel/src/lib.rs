@@ -10,6 +10,7 @@
 //! let its own sockets be captured again (they carry mark 0x539, which the capture rules
 //! let pass).
 
+pub mod admin;
 pub mod config;
 pub mod inpod;
 pub mod mesh;
@@ -71,13 +72,29 @@ pub fn connect_mesh(config: &Config) -> Result<mesh::Mesh, BoxError> {
     })
 }
 
-/// Runs ztunnel until SIGTERM/SIGINT.
-pub async fn run(config: Config) -> Result<(), BoxError> {
+/// Runs ztunnel until SIGTERM/SIGINT; `set_log_level` changes the log filter (admin).
+pub async fn run(
+    config: Config,
+    set_log_level: admin::SetLogLevel,
+    log_level: String,
+) -> Result<(), BoxError> {
     let config = Arc::new(config);
     let metrics = telemetry::install_metrics()?;
     let mesh = Arc::new(connect_mesh(&config)?);
-    let pods = inpod::Pods::new(config.clone(), mesh);
-    let admin = telemetry::serve(config.metrics_addr, metrics, pods.clone()).await?;
+    let pods = inpod::Pods::new(config.clone(), mesh.clone());
+    let (admin_addr, ready_addr) = admin::start(
+        admin::Admin {
+            mesh,
+            pods: pods.clone(),
+            set_log_level,
+            log_level: Arc::new(std::sync::Mutex::new(log_level)),
+        },
+        config.admin_addr,
+        config.readiness_addr,
+    )
+    .await?;
+    tracing::info!(admin = %admin_addr, readiness = %ready_addr, "admin and readiness serving");
+    let admin = telemetry::serve(config.metrics_addr, metrics).await?;
     tracing::info!(metrics = %admin, zds = %config.zds_socket.display(), node = %config.node_name, "ztunnel starting");
     let zds = tokio::spawn(inpod::run_zds_client(config.clone(), pods.clone()));
     trellis_core::shutdown::terminated().await;

@@ -16,9 +16,15 @@ struct Cli {
     /// The node agent's ZDS socket.
     #[arg(long, default_value = "/var/run/ztunnel/ztunnel.sock")]
     zds_socket: PathBuf,
-    /// Metrics and readiness address.
+    /// Metrics address.
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
+    /// Admin address (config dump, log level): keep it on localhost.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Readiness address.
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
     /// Log format (`json` also makes the access log JSON).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -44,16 +50,26 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    // The filter sits behind a reload handle: the admin endpoint changes it at run time.
+    use tracing_subscriber::prelude::*;
+    let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&initial)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if cli.log_format == "json" {
-        builder.json().init();
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt.json())
+            .init();
     } else {
-        builder.init();
+        tracing_subscriber::registry().with(filter).with(fmt).init();
     }
+    let set_log_level: trellis_ztunnel::admin::SetLogLevel =
+        std::sync::Arc::new(move |level: &str| {
+            let f = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+            reload.reload(f).map_err(|e| e.to_string())
+        });
     let read =
         |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
     let (roots_pem, credential) = match (read(&cli.ca_roots), read(&cli.credential_file)) {
@@ -72,6 +88,8 @@ fn main() -> std::process::ExitCode {
         node_name: cli.node_name,
         zds_socket: cli.zds_socket,
         metrics_addr: cli.metrics_addr,
+        admin_addr: cli.admin_addr,
+        readiness_addr: cli.readiness_addr,
         drain_timeout: Duration::from_secs(cli.drain_seconds),
         ..Config::default()
     };
@@ -82,7 +100,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(trellis_ztunnel::run(config)) {
+    match rt.block_on(trellis_ztunnel::run(config, set_log_level, initial)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("trellis-ztunnel: {e}");

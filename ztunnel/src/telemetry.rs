@@ -1,5 +1,5 @@
 //! Metrics (Istio's names), the access log, and the small HTTP server on 15020 that serves
-//! `/metrics`, `/healthz/ready` and `/pods`.
+//! `/metrics` (readiness is on 15021 and the admin endpoint on 15000: see `admin`).
 //!
 //! One access-log line per connection, as a `tracing` event on target `access` (JSON when
 //! ztunnel logs JSON). The metrics carry Istio's standard labels; what ztunnel does not
@@ -14,7 +14,7 @@ use hyper::body::Bytes;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
-use crate::inpod::{PodInfo, Pods};
+use crate::inpod::PodInfo;
 
 /// Which way a connection goes, seen from the pod ztunnel serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,13 +152,8 @@ pub fn access_log(l: &AccessLog<'_>) {
     );
 }
 
-/// Serves `/metrics`, `/healthz/ready` (ready once the agent's first snapshot is applied)
-/// and `/pods` on `addr`; returns the bound address.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: PrometheusHandle,
-    pods: Pods,
-) -> std::io::Result<SocketAddr> {
+/// Serves `/metrics` on `addr`; returns the bound address.
+pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
@@ -168,10 +163,9 @@ pub async fn serve(
                 continue;
             };
             let metrics = metrics.clone();
-            let pods = pods.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                    let body = respond(&req, &metrics, &pods);
+                    let body = respond(&req, &metrics);
                     async move { Ok::<_, std::convert::Infallible>(body) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
@@ -185,34 +179,13 @@ pub async fn serve(
     Ok(bound)
 }
 
-fn respond<B>(
-    req: &hyper::Request<B>,
-    metrics: &PrometheusHandle,
-    pods: &Pods,
-) -> hyper::Response<Full<Bytes>> {
-    let reply = |code: u16, body: String| {
-        hyper::Response::builder()
-            .status(code)
-            .body(Full::new(Bytes::from(body)))
-            .unwrap_or_default()
+fn respond<B>(req: &hyper::Request<B>, metrics: &PrometheusHandle) -> hyper::Response<Full<Bytes>> {
+    let (code, body) = match req.uri().path() {
+        "/metrics" => (200, metrics.render()),
+        _ => (404, "try /metrics\n".to_string()),
     };
-    match req.uri().path() {
-        "/metrics" => reply(200, metrics.render()),
-        "/healthz/ready" if pods.snapshot_applied() => reply(200, "ready\n".into()),
-        "/healthz/ready" => reply(503, "waiting for the node agent's snapshot\n".into()),
-        "/pods" => {
-            let list: Vec<_> = pods
-                .list()
-                .into_iter()
-                .map(|p| {
-                    serde_json::json!({
-                        "uid": p.uid, "name": p.name, "namespace": p.namespace,
-                        "serviceAccount": p.service_account,
-                    })
-                })
-                .collect();
-            reply(200, serde_json::Value::Array(list).to_string() + "\n")
-        }
-        _ => reply(404, "try /metrics, /healthz/ready or /pods\n".into()),
-    }
+    hyper::Response::builder()
+        .status(code)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_default()
 }
