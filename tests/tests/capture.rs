@@ -423,3 +423,75 @@ fn l4_policy_is_enforced_at_the_destination_and_strict_refuses_plaintext() {
         Ok(())
     });
 }
+
+#[test]
+fn a_service_vip_is_resolved_to_an_endpoint_by_ztunnel() {
+    with_cluster("service_vip", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mesh = Mesh::start(c)?;
+        mesh.namespace("shop", true)?;
+        let client = c.add_pod(n1, "shop", "client", "client", &[])?;
+        let api1 = c.add_pod(n2, "shop", "api-1", "api", &[("app", "api")])?;
+        let api2 = c.add_pod(n1, "shop", "api-2", "api", &[("app", "api")])?;
+        for p in [&client, &api1, &api2] {
+            mesh.register_pod(p)?;
+        }
+        mesh.apply(
+            "svc-api.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: api}\n  ports: [{name: echo, port: 80, targetPort: 9000}]\n",
+        )?;
+        for p in [&client, &api1, &api2] {
+            mesh.wait_captured(c, p, true)?;
+        }
+        let _s1 = serve(c, &api1)?;
+        let _s2 = serve(c, &api2)?;
+        // No kube-proxy here: only ztunnel knows the VIP. Several calls reach both endpoints.
+        let vip = "10.96.0.10:80";
+        eventually(
+            "the service known to ztunnel",
+            Duration::from_secs(20),
+            || {
+                let mut cmd = testapp();
+                cmd.args(["tcp", vip, "--bytes", "1000", "--timeout", "5"]);
+                Ok(c.run(&client, "vip-probe", cmd).is_ok())
+            },
+        )?;
+        for i in 0..12 {
+            let mut cmd = testapp();
+            cmd.args(["tcp", vip, "--bytes", "100000", "--timeout", "10"]);
+            c.run(&client, &format!("vip-{i}"), cmd)?;
+        }
+        let lines: Vec<Value> = mesh
+            .access_log("node1")?
+            .into_iter()
+            .filter(|l| {
+                l["fields"]["direction"] == "outbound"
+                    && l["fields"]["dst"] == vip
+                    && l["fields"]["result"] == "ok"
+            })
+            .collect();
+        ensure!(lines.len() >= 12, "{lines:?}");
+        ensure!(
+            lines.iter().all(|l| l["fields"]["route"] == "hbone"),
+            "{lines:?}"
+        );
+        let peers: std::collections::BTreeSet<String> = lines
+            .iter()
+            .filter_map(|l| l["fields"]["peer_identity"].as_str().map(String::from))
+            .collect();
+        ensure!(
+            peers == ["spiffe://cluster.local/ns/shop/sa/api".to_string()].into(),
+            "{peers:?}"
+        );
+        // Both endpoints served some of the calls (seen by their ztunnels at port 9000).
+        let served = |node: &str, pod: &Pod| -> Result<usize> {
+            Ok(logged(&mesh, node, "inbound", &format!("{}:9000", pod.ip))?.len())
+        };
+        let (s1, s2) = (served("node2", &api1)?, served("node1", &api2)?);
+        ensure!(
+            s1 > 0 && s2 > 0 && s1 + s2 >= 12,
+            "api-1 served {s1}, api-2 served {s2}"
+        );
+        Ok(())
+    });
+}
