@@ -89,8 +89,9 @@ impl Mesh {
             if endpoints.is_empty() {
                 return Route::Refuse(format!("service {key} has no ready endpoint"));
             }
-            // Random of two (by the caller's random number), least loaded is not known
-            // here: spread evenly and cheaply.
+            // A uniformly random ready endpoint (`pick` is random per connection): no
+            // per-endpoint load is tracked yet, so "random of two, least loaded" would have
+            // nothing to compare.
             let w = endpoints[(pick % endpoints.len() as u64) as usize];
             let target_port = w
                 .services
@@ -145,4 +146,20 @@ fn endpoints<'a>(store: &'a Store, key: &str) -> Vec<&'a Workload> {
         .workloads()
         .filter(|w| w.services.contains_key(key) && w.status == WorkloadStatus::Healthy as i32)
         .collect()
+}
+
+/// A random number per call, cheap (no system call): SipHash with a per-thread random key
+/// over a counter.
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static KEY: std::collections::hash_map::RandomState = std::collections::hash_map::RandomState::new();
+    }
+    KEY.with(|k| {
+        let mut h = k.build_hasher();
+        h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        h.finish()
+    })
 }
