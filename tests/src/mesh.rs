@@ -81,27 +81,7 @@ impl Mesh {
         let config_dir = cp_dir.join("config");
         std::fs::create_dir_all(&config_dir)?;
         let roots = cp_dir.join("roots.pem");
-        let mut cmd = Command::new(workspace_bin("trellis-control-plane")?);
-        cmd.arg("serve")
-            .arg("--config-dir")
-            .arg(&config_dir)
-            .arg("--state-dir")
-            .arg(cp_dir.join("state"))
-            .args([
-                "--grpc-addr",
-                &format!("{}:{CP_PORT}", n1.underlay_ip()),
-                "--admin-addr",
-                "127.0.0.1:15014",
-                "--serving-name",
-                &n1.underlay_ip().to_string(),
-                "--poll-ms",
-                "100",
-            ])
-            .arg("--write-roots")
-            .arg(&roots)
-            .env("RUST_LOG", "info");
-        let mut control_plane = c.spawn(n1, "control-plane", cmd)?;
-        control_plane.wait_for_output("control plane serving", Duration::from_secs(20))?;
+        let control_plane = Self::spawn_control_plane(c, &cp_dir)?;
         let mut nodes = Vec::new();
         for node in c.nodes() {
             nodes.push(Self::start_node(c, node, &cp_dir, &roots, n1)?);
@@ -130,6 +110,44 @@ impl Mesh {
             )?;
         }
         Ok(mesh)
+    }
+
+    fn spawn_control_plane(c: &Cluster, cp_dir: &Path) -> Result<Proc> {
+        let n1 = &c.nodes()[0];
+        let mut cmd = Command::new(workspace_bin("trellis-control-plane")?);
+        cmd.arg("serve")
+            .arg("--config-dir")
+            .arg(cp_dir.join("config"))
+            .arg("--state-dir")
+            .arg(cp_dir.join("state"))
+            .args([
+                "--grpc-addr",
+                &format!("{}:{CP_PORT}", n1.underlay_ip()),
+                "--admin-addr",
+                "127.0.0.1:15014",
+                "--serving-name",
+                &n1.underlay_ip().to_string(),
+                "--poll-ms",
+                "100",
+            ])
+            .arg("--write-roots")
+            .arg(cp_dir.join("roots.pem"))
+            .env("RUST_LOG", "info");
+        let mut p = c.spawn(n1, "control-plane", cmd)?;
+        p.wait_for_output("control plane serving", Duration::from_secs(20))?;
+        Ok(p)
+    }
+
+    /// Stops the control plane (the data plane keeps its last config).
+    pub fn stop_control_plane(&mut self) -> Result<()> {
+        self.control_plane.stop(Duration::from_secs(5))?;
+        Ok(())
+    }
+
+    /// Starts the control plane again (same CA root and config directory).
+    pub fn start_control_plane(&mut self, c: &Cluster) -> Result<()> {
+        self.control_plane = Self::spawn_control_plane(c, &self.cp_dir)?;
+        Ok(())
     }
 
     fn start_node(

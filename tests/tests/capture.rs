@@ -495,3 +495,96 @@ fn a_service_vip_is_resolved_to_an_endpoint_by_ztunnel() {
         Ok(())
     });
 }
+
+#[test]
+fn the_data_plane_keeps_working_without_the_control_plane_and_resyncs() {
+    with_cluster("cp_outage", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mut mesh = Mesh::start(c)?;
+        mesh.namespace("shop", true)?;
+        let a = c.add_pod(n1, "shop", "a", "a", &[])?;
+        let b = c.add_pod(n2, "shop", "b", "b", &[])?;
+        mesh.register_pod(&a)?;
+        mesh.register_pod(&b)?;
+        mesh.wait_captured(c, &a, true)?;
+        mesh.wait_captured(c, &b, true)?;
+        let _s = serve(c, &b)?;
+        let addr = format!("{}:9000", b.ip);
+        echo(c, &a, &addr, 1_000_000)?;
+
+        // Control plane gone: a long-lived connection and new ones keep working (last good
+        // config, certificates held).
+        let mut long = testapp();
+        long.args(["tcp", &addr, "--bytes", "20000000", "--timeout", "60"]);
+        let mut running = c.spawn(&a, "long-transfer", long)?;
+        mesh.stop_control_plane()?;
+        echo(c, &a, &addr, 1_000_000)?;
+        let status = running.wait(Duration::from_secs(60))?;
+        ensure!(
+            status.success(),
+            "the long connection broke: {}",
+            running.output()
+        );
+
+        // Back: a policy written meanwhile takes effect (resync).
+        mesh.apply(
+            "deny-all-to-b.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: nobody, namespace: shop}\nspec: {action: ALLOW}\n",
+        )?;
+        mesh.start_control_plane(c)?;
+        eventually(
+            "the policy after the restart",
+            Duration::from_secs(30),
+            || {
+                let mut cmd = testapp();
+                cmd.args(["tcp", &addr, "--bytes", "1000", "--timeout", "5"]);
+                Ok(c.run(&a, "after-restart", cmd).is_err())
+            },
+        )?;
+        Ok(())
+    });
+}
+
+#[test]
+fn bad_input_on_the_hbone_port_is_refused_without_harm() {
+    with_cluster("hbone_bad_input", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mesh = Mesh::start(c)?;
+        mesh.namespace("shop", true)?;
+        mesh.namespace("outside", false)?;
+        let b = c.add_pod(n2, "shop", "b", "b", &[])?;
+        let a = c.add_pod(n1, "shop", "a", "a", &[])?;
+        let stranger = c.add_pod(n1, "outside", "stranger", "stranger", &[])?;
+        for p in [&a, &b, &stranger] {
+            mesh.register_pod(p)?;
+        }
+        mesh.wait_captured(c, &a, true)?;
+        mesh.wait_captured(c, &b, true)?;
+        let _s = serve(c, &b)?;
+        let hbone = format!("{}:15008", b.ip);
+        // Not TLS: the connection is closed, nothing echoes.
+        let mut cmd = testapp();
+        cmd.args([
+            "tcp",
+            &hbone,
+            "--message",
+            "GET / HTTP/1.1\r\n\r\n",
+            "--timeout",
+            "5",
+        ]);
+        let out = c
+            .run(&stranger, "garbage-to-15008", cmd)
+            .unwrap_or_default();
+        ensure!(!out.contains("HTTP/1.1"), "15008 answered plaintext: {out}");
+        // TLS without a client certificate: the handshake is refused.
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sk", "--max-time", "5", &format!("https://{hbone}/")]);
+        ensure!(
+            c.run(&stranger, "tls-without-cert", cmd).is_err(),
+            "TLS without a client certificate was accepted"
+        );
+        // ztunnel is unharmed: mesh traffic still flows.
+        echo(c, &a, &format!("{}:9000", b.ip), 100_000)?;
+        Ok(())
+    });
+}
