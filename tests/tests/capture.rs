@@ -588,3 +588,76 @@ fn bad_input_on_the_hbone_port_is_refused_without_harm() {
         Ok(())
     });
 }
+
+/// The seed articles' policies applied as written to namespace `foo`, plus an ALLOW by
+/// principal scoped to a port: what each client observes.
+#[test]
+fn the_seed_examples_behave_as_written() {
+    with_cluster("seed_examples", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mesh = Mesh::start(c)?;
+        for ns in ["foo", "dev", "prod"] {
+            mesh.namespace(ns, true)?;
+        }
+        mesh.namespace("outside", false)?;
+        let httpbin = c.add_pod(n2, "foo", "httpbin", "httpbin", &[("app", "httpbin")])?;
+        let dev = c.add_pod(n1, "dev", "sleep", "sleep", &[("app", "sleep")])?;
+        let prod = c.add_pod(n1, "prod", "sleep", "sleep", &[("app", "sleep")])?;
+        let plain = c.add_pod(n1, "outside", "plain", "plain", &[])?;
+        for p in [&httpbin, &dev, &prod, &plain] {
+            mesh.register_pod(p)?;
+        }
+        for p in [&httpbin, &dev, &prod] {
+            mesh.wait_captured(c, p, true)?;
+        }
+        let mut cmd = testapp();
+        cmd.args([
+            "serve",
+            "--tcp-echo",
+            "0.0.0.0:9000",
+            "--tcp-echo",
+            "0.0.0.0:9001",
+        ]);
+        let mut server = c.spawn(&httpbin, "httpbin", cmd)?;
+        server.wait_for_output("listening", Duration::from_secs(10))?;
+        let reaches = |from: &Pod, port: u16| -> bool {
+            let mut cmd = testapp();
+            let to = format!("{}:{port}", httpbin.ip);
+            cmd.args(["tcp", &to, "--bytes", "5000", "--timeout", "5"]);
+            c.run(
+                from,
+                &format!("{}-{}-{port}", from.namespace, from.name),
+                cmd,
+            )
+            .is_ok()
+        };
+        mesh.apply(
+            "seed.yaml",
+            include_str!("../../examples/seed-policies.yaml"),
+        )?;
+        // STRICT in foo: plaintext from outside the mesh is refused.
+        eventually("STRICT in foo", Duration::from_secs(20), || {
+            Ok(!reaches(&plain, 9000))
+        })?;
+        // The DENY from dev (its POST-only part is L7: at L4 it denies all of dev).
+        eventually("DENY from dev", Duration::from_secs(20), || {
+            Ok(!reaches(&dev, 9000))
+        })?;
+        ensure!(
+            reaches(&prod, 9000) && reaches(&prod, 9001),
+            "prod is not denied"
+        );
+
+        // ALLOW by principal, port-scoped: only prod's sleep, only on 9000.
+        mesh.apply(
+            "allow-prod.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-prod, namespace: foo}\nspec:\n  action: ALLOW\n  rules:\n  - from: [{source: {principals: [\"cluster.local/ns/prod/sa/sleep\"]}}]\n    to: [{operation: {ports: [\"9000\"]}}]\n",
+        )?;
+        eventually("ALLOW scoped to 9000", Duration::from_secs(20), || {
+            Ok(!reaches(&prod, 9001))
+        })?;
+        ensure!(reaches(&prod, 9000), "the principal is allowed on its port");
+        ensure!(!reaches(&dev, 9000), "DENY is evaluated before ALLOW");
+        Ok(())
+    });
+}
