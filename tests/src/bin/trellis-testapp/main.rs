@@ -58,6 +58,21 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// Request/response latency against a TCP echo server: `count` round trips of `size`
+    /// bytes, on one connection or a new connection each; prints p50/p99 in microseconds.
+    Rr {
+        /// Server address.
+        addr: SocketAddr,
+        /// Bytes per request (and response).
+        #[arg(long, default_value_t = 1)]
+        size: usize,
+        /// Round trips measured (after 10% warm-up).
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        /// Open a new connection for every request.
+        #[arg(long)]
+        new_connection: bool,
+    },
     /// Send HTTP requests over one connection.
     Http {
         /// `http://IP:PORT/path?query`.
@@ -125,6 +140,12 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(|_| anyhow::anyhow!("no answer from {addr} within {timeout}s"))?
         }
+        Cmd::Rr {
+            addr,
+            size,
+            count,
+            new_connection,
+        } => tcp::round_trips(addr, size, count, new_connection).await,
         Cmd::Http {
             url,
             requests,

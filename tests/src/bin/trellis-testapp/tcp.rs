@@ -120,3 +120,56 @@ pub(crate) async fn verify_echo(addr: SocketAddr, total: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// `count` request/response round trips of `size` bytes (after a tenth as warm-up), on one
+/// connection or a new one each; prints the latency percentiles as JSON.
+pub(crate) async fn round_trips(
+    addr: SocketAddr,
+    size: usize,
+    count: usize,
+    new_connection: bool,
+) -> Result<()> {
+    let req = vec![0x5au8; size.max(1)];
+    let mut resp = vec![0u8; size.max(1)];
+    let warm = count / 10;
+    let mut samples = Vec::with_capacity(count);
+    let connect = || async {
+        let s = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        s.set_nodelay(true)?;
+        anyhow::Ok(s)
+    };
+    let mut conn = if new_connection {
+        None
+    } else {
+        Some(connect().await?)
+    };
+    for i in 0..warm + count {
+        let t = Instant::now();
+        let mut fresh;
+        let s = match conn.as_mut() {
+            Some(s) => s,
+            None => {
+                fresh = connect().await?;
+                &mut fresh
+            }
+        };
+        s.write_all(&req).await?;
+        s.read_exact(&mut resp).await?;
+        if i >= warm {
+            samples.push(t.elapsed());
+        }
+    }
+    samples.sort();
+    let pct = |p: f64| {
+        let i = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64() * 1e6
+    };
+    println!(
+        "{}",
+        json!({"count": samples.len(), "size": size, "new_connection": new_connection,
+               "p50_us": pct(0.5), "p99_us": pct(0.99)})
+    );
+    Ok(())
+}

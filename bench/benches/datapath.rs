@@ -1,0 +1,193 @@
+//! The data path (issue 6): the same client/server pair through two ztunnels (two nodes,
+//! HBONE) and directly (pods of a namespace outside the mesh), in one run, as ratios to
+//! direct. Real binaries on the network-namespace cluster; needs root.
+//!
+//! Scenarios: bulk echo throughput with 1 and 4 parallel streams; request/response
+//! ping-pong p50/p99 with 1 B and 1 KiB; a new connection per 1 KiB request p50/p99;
+//! ztunnel CPU seconds (both nodes) per GB and per 1,000 requests; ztunnel RSS idle and
+//! after the run.
+//!
+//! Run: `sudo cargo bench -p trellis-bench --bench datapath` (after `cargo build
+//! --workspace --release --bins`: it runs the release binaries next to it). Under
+//! `cargo test`/nextest it does nothing.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use trellis_e2e::mesh::{Mesh, workspace_bin};
+use trellis_e2e::{Cluster, Pod};
+
+const BULK: u64 = 512 << 20;
+const RR: usize = 2000;
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    if let Err(e) = run() {
+        eprintln!("datapath bench failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn testapp() -> Result<Command> {
+    Ok(Command::new(workspace_bin("trellis-testapp")?))
+}
+
+/// (utime + stime seconds, VmRSS MB) of a process.
+fn usage(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields after the name: state is 0; utime 11, stime 12 (man proc), in clock ticks.
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0;
+    (cpu, rss)
+}
+
+fn json_out(c: &Cluster, from: &Pod, name: &str, cmd: Command) -> Result<Value> {
+    let out = c.run(from, name, cmd)?;
+    serde_json::from_str(out.trim()).with_context(|| format!("not JSON: {out}"))
+}
+
+/// Bulk echo with `streams` parallel connections; returns Mbit/s (both directions counted
+/// once: bytes sent / wall time).
+fn bulk(c: &Cluster, from: &Pod, to: &str, streams: usize) -> Result<f64> {
+    let per = BULK / streams as u64;
+    let t = Instant::now();
+    let mut procs = Vec::new();
+    for i in 0..streams {
+        let mut cmd = testapp()?;
+        cmd.args(["tcp", to, "--bytes", &per.to_string(), "--timeout", "300"]);
+        procs.push(c.spawn(from, &format!("bulk-{i}"), cmd)?);
+    }
+    for mut p in procs {
+        let st = p.wait(Duration::from_secs(300))?;
+        if !st.success() {
+            bail!("bulk stream failed: {}", p.output());
+        }
+    }
+    Ok(BULK as f64 * 8.0 / 1e6 / t.elapsed().as_secs_f64())
+}
+
+fn rr(c: &Cluster, from: &Pod, to: &str, size: usize, new_conn: bool) -> Result<(f64, f64)> {
+    let mut cmd = testapp()?;
+    cmd.args([
+        "rr",
+        to,
+        "--size",
+        &size.to_string(),
+        "--count",
+        &RR.to_string(),
+    ]);
+    if new_conn {
+        cmd.arg("--new-connection");
+    }
+    let v = json_out(c, from, "rr", cmd)?;
+    Ok((
+        v["p50_us"].as_f64().unwrap_or(0.0),
+        v["p99_us"].as_f64().unwrap_or(0.0),
+    ))
+}
+
+fn run() -> Result<()> {
+    let c = Cluster::builder("bench-datapath").nodes(2).build()?;
+    let result = measure(&c);
+    if result.is_err() {
+        c.mark_failed();
+    }
+    c.teardown()?;
+    result
+}
+
+fn measure(c: &Cluster) -> Result<()> {
+    let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+    let mesh = Mesh::start(c)?;
+    mesh.namespace("mesh", true)?;
+    mesh.namespace("direct", false)?;
+    let mc = c.add_pod(n1, "mesh", "client", "client", &[])?;
+    let ms = c.add_pod(n2, "mesh", "server", "server", &[])?;
+    let dc = c.add_pod(n1, "direct", "client", "client", &[])?;
+    let ds = c.add_pod(n2, "direct", "server", "server", &[])?;
+    for p in [&mc, &ms, &dc, &ds] {
+        mesh.register_pod(p)?;
+    }
+    mesh.wait_captured(c, &mc, true)?;
+    mesh.wait_captured(c, &ms, true)?;
+    let mut servers = Vec::new();
+    for p in [&ms, &ds] {
+        let mut cmd = testapp()?;
+        cmd.args(["serve", "--tcp-echo", "0.0.0.0:9000"]);
+        let mut s = c.spawn(p, &format!("{}-server", p.namespace), cmd)?;
+        s.wait_for_output("listening", Duration::from_secs(10))?;
+        servers.push(s);
+    }
+    let zt: Vec<u32> = ["node1", "node2"]
+        .iter()
+        .map(|n| mesh.ztunnel(n).map(|p| p.pid()))
+        .collect::<Result<_>>()?;
+    let zt_usage = || {
+        zt.iter()
+            .map(|p| usage(*p))
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+    };
+    let (_, idle_rss) = zt_usage();
+    let mesh_to = format!("{}:9000", ms.ip);
+    let direct_to = format!("{}:9000", ds.ip);
+    // Warm-up: the first HBONE connection and certificates.
+    bulk(c, &mc, &mesh_to, 1)?;
+
+    println!("| Scenario | direct | through 2 ztunnels | ratio |");
+    println!("|---|---|---|---|");
+    let mut cpu_bulk = 0.0;
+    for streams in [1usize, 4] {
+        let d = bulk(c, &dc, &direct_to, streams)?;
+        let (cpu0, _) = zt_usage();
+        let m = bulk(c, &mc, &mesh_to, streams)?;
+        cpu_bulk += zt_usage().0 - cpu0;
+        println!(
+            "| echo throughput, {streams} stream(s) | {d:.0} Mbit/s | {m:.0} Mbit/s | {:.0}% of direct |",
+            100.0 * m / d
+        );
+    }
+    let gb = 2.0 * BULK as f64 / 1e9;
+    for (size, label) in [(1usize, "1 B"), (1024, "1 KiB")] {
+        let (d50, d99) = rr(c, &dc, &direct_to, size, false)?;
+        let (m50, m99) = rr(c, &mc, &mesh_to, size, false)?;
+        println!(
+            "| ping-pong {label} p50 / p99 | {d50:.0} / {d99:.0} µs | {m50:.0} / {m99:.0} µs | +{:.0} µs p50 |",
+            m50 - d50
+        );
+    }
+    let (d50, d99) = rr(c, &dc, &direct_to, 1024, true)?;
+    let (cpu0, _) = zt_usage();
+    let (m50, m99) = rr(c, &mc, &mesh_to, 1024, true)?;
+    let cpu_conn = zt_usage().0 - cpu0;
+    println!(
+        "| new connection per 1 KiB request p50 / p99 | {d50:.0} / {d99:.0} µs | {m50:.0} / {m99:.0} µs | +{:.0} µs p50 |",
+        m50 - d50
+    );
+    let (_, rss) = zt_usage();
+    println!(
+        "\nztunnel CPU (both nodes): {:.2} s per GB echoed (each byte both ways), {:.3} s per 1,000 new-connection requests",
+        cpu_bulk / gb,
+        cpu_conn / (RR as f64 / 1000.0)
+    );
+    println!(
+        "ztunnel RSS (per node, mean of two): idle {:.1} MB, after the run {:.1} MB",
+        idle_rss / 2.0,
+        rss / 2.0
+    );
+    drop(servers);
+    Ok(())
+}
