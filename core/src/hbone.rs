@@ -57,10 +57,21 @@ pub enum HboneError {
     Timeout(&'static str),
 }
 
+/// The receiving half: the response's body, or (for a CONNECT sent without waiting) the
+/// response still to come.
+enum Recv {
+    Ready(RecvStream),
+    Waiting {
+        response: h2::client::ResponseFuture,
+        deadline: Pin<Box<tokio::time::Sleep>>,
+    },
+    Refused(StatusCode),
+}
+
 /// One tunnelled connection: reads what the peer sends on the stream, writes DATA frames.
 pub struct H2Stream {
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    recv: Recv,
     /// Bytes received but not yet read.
     pending: Bytes,
     /// The peer ended its side.
@@ -77,7 +88,7 @@ impl H2Stream {
     fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
         H2Stream {
             send,
-            recv,
+            recv: Recv::Ready(recv),
             pending: Bytes::new(),
             eof: false,
         }
@@ -114,16 +125,44 @@ impl AsyncRead for H2Stream {
             if self.eof {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(self.recv.poll_data(cx)) {
+            let this = &mut *self;
+            let recv = match &mut this.recv {
+                Recv::Ready(r) => r,
+                Recv::Refused(status) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!("the peer answered {status} to CONNECT"),
+                    )));
+                }
+                Recv::Waiting { response, deadline } => match Pin::new(response).poll(cx) {
+                    Poll::Ready(Ok(resp)) if resp.status() == StatusCode::OK => {
+                        this.recv = Recv::Ready(resp.into_body());
+                        continue;
+                    }
+                    Poll::Ready(Ok(resp)) => {
+                        this.recv = Recv::Refused(resp.status());
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(to_io(e))),
+                    Poll::Pending => {
+                        ready!(deadline.as_mut().poll(cx));
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no answer to CONNECT in time",
+                        )));
+                    }
+                },
+            };
+            match ready!(recv.poll_data(cx)) {
                 Some(Ok(data)) => {
                     // Give the window back as soon as the bytes are ours: they are bounded
                     // by what the caller reads next.
                     let len = data.len();
-                    let _ = self.recv.flow_control().release_capacity(len);
-                    self.pending = data;
+                    let _ = recv.flow_control().release_capacity(len);
+                    this.pending = data;
                 }
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
-                None => self.eof = true,
+                None => this.eof = true,
             }
         }
     }
@@ -206,35 +245,61 @@ impl Client {
         Ok(Client { send })
     }
 
-    /// Opens a stream to `target` (`CONNECT target`), with extra `headers`; waits for the
-    /// peer's 200 at most `timeout`.
+    /// Opens a stream to `target` (`CONNECT target`), with extra `headers`, and waits for
+    /// the peer's 200 at most `timeout`: a refusal is [`HboneError::Refused`].
     pub async fn connect(
         &self,
         target: SocketAddr,
         headers: &[(&str, String)],
         timeout: Duration,
     ) -> Result<H2Stream, HboneError> {
-        let open = async {
-            let mut send = self.send.clone().ready().await?;
-            let mut req = Request::builder()
-                .method(Method::CONNECT)
-                .uri(target.to_string());
-            for (k, v) in headers {
-                req = req.header(*k, v.as_str());
-            }
-            let req = req
-                .body(())
-                .map_err(|e| HboneError::BadRequest(e.to_string()))?;
-            let (resp, stream) = send.send_request(req, false)?;
-            let resp = resp.await?;
+        let mut stream = self.connect_early(target, headers, timeout).await?;
+        if let Recv::Waiting { response, .. } = &mut stream.recv {
+            let resp = tokio::time::timeout(timeout, response)
+                .await
+                .map_err(|_| HboneError::Timeout("CONNECT"))??;
             if resp.status() != StatusCode::OK {
                 return Err(HboneError::Refused(resp.status()));
             }
-            Ok(H2Stream::new(stream, resp.into_body()))
-        };
-        tokio::time::timeout(timeout, open)
+            stream.recv = Recv::Ready(resp.into_body());
+        }
+        Ok(stream)
+    }
+}
+
+impl Client {
+    /// Opens a stream to `target` without waiting for the peer's answer: bytes written go
+    /// out right behind the CONNECT (the peer holds them until it has connected), which
+    /// saves a round trip per connection. A refusal (403 for a policy deny) then shows as
+    /// an error on the first read; no answer within `timeout` likewise.
+    pub async fn connect_early(
+        &self,
+        target: SocketAddr,
+        headers: &[(&str, String)],
+        timeout: Duration,
+    ) -> Result<H2Stream, HboneError> {
+        let mut send = tokio::time::timeout(timeout, self.send.clone().ready())
             .await
-            .map_err(|_| HboneError::Timeout("CONNECT"))?
+            .map_err(|_| HboneError::Timeout("stream slot"))??;
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, v.as_str());
+        }
+        let req = req
+            .body(())
+            .map_err(|e| HboneError::BadRequest(e.to_string()))?;
+        let (response, stream) = send.send_request(req, false)?;
+        Ok(H2Stream {
+            send: stream,
+            recv: Recv::Waiting {
+                response,
+                deadline: Box::pin(tokio::time::sleep(timeout)),
+            },
+            pending: Bytes::new(),
+            eof: false,
+        })
     }
 }
 

@@ -348,13 +348,12 @@ async fn outbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
                     {
                         Ok(mut tunnel) => match copy(&mut client, &mut tunnel).await {
                             Ok((a, b)) => (o.sent, o.received) = (a, b),
+                            // The CONNECT went out without waiting: a refusal arrives here.
+                            Err(e) if e.to_string().contains("403") => {
+                                o.result = "denied by the destination's policy".into();
+                            }
                             Err(e) => o.result = format!("reset: {e}"),
                         },
-                        Err(hbone::HboneError::Refused(status))
-                            if status == http::StatusCode::FORBIDDEN =>
-                        {
-                            o.result = "denied by the destination's policy".into();
-                        }
                         Err(e) => o.result = format!("HBONE to {via} failed: {e}"),
                     }
                 }

@@ -150,7 +150,8 @@ impl Pool {
         None
     }
 
-    /// Opens a tunnel to `target` over a connection of `key`.
+    /// Opens a tunnel to `target` over a connection of `key`, without waiting for the
+    /// peer's answer (see [`Client::connect_early`]): a refusal shows on the first read.
     pub async fn connect(
         &self,
         key: PoolKey,
@@ -186,7 +187,7 @@ impl Pool {
                 }
             }
         };
-        match conn.client.connect(target, headers, timeout).await {
+        match conn.client.connect_early(target, headers, timeout).await {
             Ok(stream) => Ok(PooledStream { stream, conn }),
             Err(e) => {
                 conn.streams.fetch_sub(1, Ordering::AcqRel);
