@@ -105,6 +105,33 @@ impl Store {
         self.len() == (0, 0, 0)
     }
 
+    /// A store holding `addresses`, each under its resource name (for tests of the
+    /// decisions made from a store).
+    #[cfg(feature = "testing")]
+    pub fn from_addresses(addresses: Vec<(String, Address)>) -> Store {
+        let resources = addresses
+            .into_iter()
+            .map(
+                |(name, a)| trellis_proto::envoy::service::discovery::v3::Resource {
+                    name,
+                    version: "1".into(),
+                    resource: prost_types::Any::from_msg(&a).ok(),
+                    ..Default::default()
+                },
+            )
+            .collect();
+        let mut store = Store::default();
+        let resp = DeltaDiscoveryResponse {
+            type_url: Address::type_url(),
+            resources,
+            ..Default::default()
+        };
+        if let Err(e) = store.apply(&resp) {
+            panic!("test addresses do not apply: {e}");
+        }
+        store
+    }
+
     /// Checks a whole response, then applies it; on error nothing is applied and the
     /// reason is what the NACK says.
     pub fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Result<(), String> {

@@ -8,7 +8,10 @@ use trellis_core::SpiffeId;
 use trellis_core::cert::{CertManager, GrpcCaClient};
 use trellis_core::tls::TrustBundle;
 use trellis_core::xds::{Store, XdsClient};
-use trellis_proto::istio::workload::{TunnelProtocol, Workload, WorkloadStatus};
+use trellis_proto::istio::workload::gateway_address::Destination;
+use trellis_proto::istio::workload::{
+    GatewayAddress, Service, TunnelProtocol, Workload, WorkloadStatus,
+};
 
 /// Port of the HBONE listener in every enrolled pod.
 pub const HBONE_PORT: u16 = 15008;
@@ -53,91 +56,211 @@ pub enum Route {
 impl Mesh {
     /// The identity of a workload.
     pub fn identity_of(&self, w: &Workload) -> Option<SpiffeId> {
-        let td = if w.trust_domain.is_empty() {
-            &self.trust_domain
-        } else {
-            &w.trust_domain
-        };
-        SpiffeId::new(td, &w.namespace, &w.service_account).ok()
+        identity_of(&self.trust_domain, w)
     }
 
-    /// Decides where `dst` goes: a mesh workload → HBONE to it; a service VIP → an endpoint
-    /// (then HBONE or TCP as that endpoint speaks); a service behind a waypoint is refused
-    /// until waypoints are served (never sent around its L7 policy); anything else passes
-    /// through.
+    /// Decides where `dst` goes (see [`decide`]) from the control plane's current data.
     pub fn route(&self, dst: SocketAddr, pick: u64) -> Route {
-        let store = self.xds.store();
-        if let Some(w) = store.workload_by_ip(dst.ip()) {
-            return self.to_workload(w, dst);
+        decide(&self.xds.store(), &self.trust_domain, dst, pick)
+    }
+}
+
+fn identity_of(trust_domain: &str, w: &Workload) -> Option<SpiffeId> {
+    let td = if w.trust_domain.is_empty() {
+        trust_domain
+    } else {
+        &w.trust_domain
+    };
+    SpiffeId::new(td, &w.namespace, &w.service_account).ok()
+}
+
+/// Where `dst` goes:
+/// - a mesh workload → HBONE to it (`:authority` = `dst`), or to its waypoint if it has one
+///   for workload traffic;
+/// - a service VIP → to the service's waypoint if it has one (`:authority` = the VIP and
+///   port, as Istio's waypoints expect), else a ready endpoint picked with `pick`, then
+///   HBONE or TCP as that endpoint speaks;
+/// - anything else passes through.
+///
+/// A waypoint that cannot be resolved refuses the connection: traffic is never sent around
+/// the L7 policy a waypoint enforces (fail closed).
+pub fn decide(store: &Store, trust_domain: &str, dst: SocketAddr, pick: u64) -> Route {
+    if let Some(w) = store.workload_by_ip(dst.ip()) {
+        if let Some(gw) = &w.waypoint {
+            return via_waypoint(
+                store,
+                trust_domain,
+                gw,
+                dst,
+                pick,
+                &format!("workload {}", w.uid),
+            );
         }
-        if let Some(svc) = store.service_by_vip(dst.ip()) {
-            if svc.waypoint.is_some() {
-                return Route::Refuse(format!(
-                    "service {}/{} is bound to a waypoint, which this ztunnel cannot reach yet",
-                    svc.namespace, svc.hostname
+        return to_workload(trust_domain, w, dst);
+    }
+    let Some(svc) = store.service_by_vip(dst.ip()) else {
+        return Route::Passthrough(dst);
+    };
+    let key = format!("{}/{}", svc.namespace, svc.hostname);
+    if let Some(gw) = &svc.waypoint {
+        return via_waypoint(
+            store,
+            trust_domain,
+            gw,
+            dst,
+            pick,
+            &format!("service {key}"),
+        );
+    }
+    match pick_endpoint(store, svc, dst.port(), pick) {
+        Ok((w, target)) => to_workload(trust_domain, w, target),
+        Err(why) => Route::Refuse(why),
+    }
+}
+
+/// A ready endpoint of `svc` for its port `port`, and the address to reach it at.
+fn pick_endpoint<'a>(
+    store: &'a Store,
+    svc: &Service,
+    port: u16,
+    pick: u64,
+) -> Result<(&'a Workload, SocketAddr), String> {
+    let key = format!("{}/{}", svc.namespace, svc.hostname);
+    let Some(sp) = svc.ports.iter().find(|p| p.service_port == u32::from(port)) else {
+        return Err(format!("service {key} has no port {port}"));
+    };
+    let endpoints = endpoints(store, &key);
+    if endpoints.is_empty() {
+        return Err(format!("service {key} has no ready endpoint"));
+    }
+    // A uniformly random ready endpoint (`pick` is random per connection): no
+    // per-endpoint load is tracked yet, so "random of two, least loaded" would have
+    // nothing to compare.
+    let w = endpoints[(pick % endpoints.len() as u64) as usize];
+    let target_port = w
+        .services
+        .get(&key)
+        .and_then(|pl| pl.ports.iter().find(|p| p.service_port == sp.service_port))
+        .map(|p| p.target_port)
+        .filter(|p| *p != 0)
+        .unwrap_or(if sp.target_port != 0 {
+            sp.target_port
+        } else {
+            sp.service_port
+        });
+    let Some(ip) = first_ip(w) else {
+        return Err(format!("endpoint {} has no address", w.uid));
+    };
+    Ok((
+        w,
+        SocketAddr::new(ip, u16::try_from(target_port).unwrap_or(port)),
+    ))
+}
+
+/// HBONE to the waypoint `gw` of `what`, asking it for `dst` (the address the client
+/// used). The waypoint is named by address (a waypoint pod, or its Service's VIP) or by
+/// hostname (its Service); a Service resolves to one of its ready pods.
+fn via_waypoint(
+    store: &Store,
+    trust_domain: &str,
+    gw: &GatewayAddress,
+    dst: SocketAddr,
+    pick: u64,
+    what: &str,
+) -> Route {
+    let refuse = |why: String| {
+        Route::Refuse(format!(
+            "{what} is bound to a waypoint, but {why}; refusing rather than bypass it"
+        ))
+    };
+    let port = match u16::try_from(gw.hbone_mtls_port) {
+        Ok(0) | Err(_) => HBONE_PORT,
+        Ok(p) => p,
+    };
+    let waypoint = match &gw.destination {
+        Some(Destination::Address(a)) => {
+            let Some(ip) = ip_of(&a.address) else {
+                return refuse("its address is malformed".into());
+            };
+            if let Some(w) = store.workload_by_ip(ip) {
+                Some(w)
+            } else if let Some(svc) = store.service_by_vip(ip) {
+                match pick_waypoint_pod(store, svc, pick) {
+                    Ok(w) => Some(w),
+                    Err(why) => return refuse(why),
+                }
+            } else {
+                return refuse(format!(
+                    "its address {ip} is not a known workload or service"
                 ));
             }
-            let key = format!("{}/{}", svc.namespace, svc.hostname);
-            let Some(port) = svc
-                .ports
-                .iter()
-                .find(|p| p.service_port == u32::from(dst.port()))
-            else {
-                return Route::Refuse(format!("service {key} has no port {}", dst.port()));
+        }
+        Some(Destination::Hostname(h)) => {
+            let key = format!("{}/{}", h.namespace, h.hostname);
+            let Some(svc) = store.service(&key) else {
+                return refuse(format!("its service {key} is not known"));
             };
-            let endpoints = endpoints(&store, &key);
-            if endpoints.is_empty() {
-                return Route::Refuse(format!("service {key} has no ready endpoint"));
+            match pick_waypoint_pod(store, svc, pick) {
+                Ok(w) => Some(w),
+                Err(why) => return refuse(why),
             }
-            // A uniformly random ready endpoint (`pick` is random per connection): no
-            // per-endpoint load is tracked yet, so "random of two, least loaded" would have
-            // nothing to compare.
-            let w = endpoints[(pick % endpoints.len() as u64) as usize];
-            let target_port = w
-                .services
-                .get(&key)
-                .and_then(|pl| {
-                    pl.ports
-                        .iter()
-                        .find(|p| p.service_port == port.service_port)
-                })
-                .map(|p| p.target_port)
-                .filter(|p| *p != 0)
-                .unwrap_or(if port.target_port != 0 {
-                    port.target_port
-                } else {
-                    port.service_port
-                });
-            let Some(ip) = first_ip(w) else {
-                return Route::Refuse(format!("endpoint {} has no address", w.uid));
-            };
-            let target = SocketAddr::new(ip, u16::try_from(target_port).unwrap_or(dst.port()));
-            return self.to_workload(w, target);
         }
-        Route::Passthrough(dst)
+        None => None,
+    };
+    let Some(w) = waypoint else {
+        return refuse("the waypoint has no address".into());
+    };
+    let Some(ip) = first_ip(w) else {
+        return refuse(format!("waypoint pod {} has no address", w.uid));
+    };
+    match identity_of(trust_domain, w) {
+        Some(identity) => Route::Hbone {
+            target: dst,
+            via: SocketAddr::new(ip, port),
+            identity,
+        },
+        None => refuse(format!("waypoint pod {} has no valid identity", w.uid)),
     }
+}
 
-    fn to_workload(&self, w: &Workload, target: SocketAddr) -> Route {
-        if w.tunnel_protocol != TunnelProtocol::Hbone as i32 {
-            return Route::Passthrough(target);
-        }
-        match self.identity_of(w) {
-            Some(identity) => Route::Hbone {
-                target,
-                via: SocketAddr::new(target.ip(), HBONE_PORT),
-                identity,
-            },
-            None => Route::Refuse(format!("workload {} has no valid identity", w.uid)),
-        }
+/// A ready pod of a waypoint's Service (any port: the waypoint takes HBONE on its own).
+fn pick_waypoint_pod<'a>(
+    store: &'a Store,
+    svc: &Service,
+    pick: u64,
+) -> Result<&'a Workload, String> {
+    let key = format!("{}/{}", svc.namespace, svc.hostname);
+    let pods = endpoints(store, &key);
+    if pods.is_empty() {
+        return Err(format!("its service {key} has no ready pod"));
+    }
+    Ok(pods[(pick % pods.len() as u64) as usize])
+}
+
+fn to_workload(trust_domain: &str, w: &Workload, target: SocketAddr) -> Route {
+    if w.tunnel_protocol != TunnelProtocol::Hbone as i32 {
+        return Route::Passthrough(target);
+    }
+    match identity_of(trust_domain, w) {
+        Some(identity) => Route::Hbone {
+            target,
+            via: SocketAddr::new(target.ip(), HBONE_PORT),
+            identity,
+        },
+        None => Route::Refuse(format!("workload {} has no valid identity", w.uid)),
+    }
+}
+
+fn ip_of(b: &[u8]) -> Option<IpAddr> {
+    match b.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
+        _ => None,
     }
 }
 
 fn first_ip(w: &Workload) -> Option<IpAddr> {
-    w.addresses.iter().find_map(|a| match a.len() {
-        4 => Some(IpAddr::from(<[u8; 4]>::try_from(a.as_slice()).ok()?)),
-        16 => Some(IpAddr::from(<[u8; 16]>::try_from(a.as_slice()).ok()?)),
-        _ => None,
-    })
+    w.addresses.iter().find_map(|a| ip_of(a))
 }
 
 /// The healthy workloads behind service `key` (`namespace/hostname`).
@@ -162,4 +285,277 @@ pub fn random_u64() -> u64 {
         h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
         h.finish()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use trellis_proto::istio::workload::{
+        Address, NamespacedHostname, NetworkAddress, Port, PortList, address,
+    };
+
+    fn pod(ns: &str, name: &str, sa: &str, ip: [u8; 4], services: &[(&str, u32, u32)]) -> Workload {
+        let mut by_svc: HashMap<String, PortList> = HashMap::new();
+        for (svc, sp, tp) in services {
+            by_svc
+                .entry((*svc).to_string())
+                .or_default()
+                .ports
+                .push(Port {
+                    service_port: *sp,
+                    target_port: *tp,
+                });
+        }
+        Workload {
+            uid: format!("Kubernetes//Pod/{ns}/{name}"),
+            name: name.into(),
+            namespace: ns.into(),
+            service_account: sa.into(),
+            addresses: vec![ip.to_vec()],
+            tunnel_protocol: TunnelProtocol::Hbone as i32,
+            status: WorkloadStatus::Healthy as i32,
+            services: by_svc,
+            ..Default::default()
+        }
+    }
+
+    fn service(ns: &str, name: &str, vip: [u8; 4], ports: &[(u32, u32)]) -> Service {
+        Service {
+            name: name.into(),
+            namespace: ns.into(),
+            hostname: format!("{name}.{ns}.svc.cluster.local"),
+            addresses: vec![NetworkAddress {
+                network: String::new(),
+                address: vip.to_vec(),
+            }],
+            ports: ports
+                .iter()
+                .map(|(s, t)| Port {
+                    service_port: *s,
+                    target_port: *t,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn store(workloads: Vec<Workload>, services: Vec<Service>) -> Store {
+        let mut all: Vec<(String, Address)> = workloads
+            .into_iter()
+            .map(|w| {
+                (
+                    w.uid.clone(),
+                    Address {
+                        r#type: Some(address::Type::Workload(w)),
+                    },
+                )
+            })
+            .collect();
+        all.extend(services.into_iter().map(|s| {
+            (
+                format!("{}/{}", s.namespace, s.hostname),
+                Address {
+                    r#type: Some(address::Type::Service(s)),
+                },
+            )
+        }));
+        Store::from_addresses(all)
+    }
+
+    fn sa(ns: &str, sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", ns, sa).unwrap()
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    const WEB: &str = "foo/web.foo.svc.cluster.local";
+    const WP: &str = "foo/waypoint.foo.svc.cluster.local";
+
+    /// foo/web (VIP 10.96.0.10:80 → 8080) backed by web-1; foo/waypoint (VIP 10.96.0.20)
+    /// backed by the waypoint pod 10.0.0.9.
+    fn mesh(web_waypoint: Option<GatewayAddress>) -> Store {
+        let mut web = service("foo", "web", [10, 96, 0, 10], &[(80, 8080)]);
+        web.waypoint = web_waypoint;
+        store(
+            vec![
+                pod("foo", "web-1", "web", [10, 0, 0, 5], &[(WEB, 80, 8080)]),
+                pod(
+                    "foo",
+                    "waypoint-1",
+                    "waypoint",
+                    [10, 0, 0, 9],
+                    &[(WP, 15008, 15008)],
+                ),
+            ],
+            vec![
+                web,
+                service("foo", "waypoint", [10, 96, 0, 20], &[(15008, 15008)]),
+            ],
+        )
+    }
+
+    fn by_address(ip: [u8; 4]) -> Option<GatewayAddress> {
+        Some(GatewayAddress {
+            destination: Some(Destination::Address(NetworkAddress {
+                network: String::new(),
+                address: ip.to_vec(),
+            })),
+            hbone_mtls_port: 15008,
+        })
+    }
+
+    #[test]
+    fn a_workload_is_reached_over_hbone_at_its_own_address() {
+        let s = mesh(None);
+        assert_eq!(
+            decide(&s, "cluster.local", addr("10.0.0.5:8080"), 0),
+            Route::Hbone {
+                target: addr("10.0.0.5:8080"),
+                via: addr("10.0.0.5:15008"),
+                identity: sa("foo", "web"),
+            }
+        );
+    }
+
+    #[test]
+    fn a_service_vip_goes_to_an_endpoint_on_its_target_port() {
+        let s = mesh(None);
+        assert_eq!(
+            decide(&s, "cluster.local", addr("10.96.0.10:80"), 7),
+            Route::Hbone {
+                target: addr("10.0.0.5:8080"),
+                via: addr("10.0.0.5:15008"),
+                identity: sa("foo", "web"),
+            }
+        );
+        assert!(matches!(
+            decide(&s, "cluster.local", addr("10.96.0.10:81"), 0),
+            Route::Refuse(why) if why.contains("no port 81")
+        ));
+    }
+
+    #[test]
+    fn a_service_with_a_waypoint_goes_to_the_waypoint_asking_for_the_vip() {
+        let expected = Route::Hbone {
+            target: addr("10.96.0.10:80"),
+            via: addr("10.0.0.9:15008"),
+            identity: sa("foo", "waypoint"),
+        };
+        // Named by its Service's VIP, by its pod's address, or by hostname.
+        for gw in [
+            by_address([10, 96, 0, 20]),
+            by_address([10, 0, 0, 9]),
+            Some(GatewayAddress {
+                destination: Some(Destination::Hostname(NamespacedHostname {
+                    namespace: "foo".into(),
+                    hostname: "waypoint.foo.svc.cluster.local".into(),
+                })),
+                hbone_mtls_port: 15008,
+            }),
+        ] {
+            let s = mesh(gw.clone());
+            assert_eq!(
+                decide(&s, "cluster.local", addr("10.96.0.10:80"), 3),
+                expected,
+                "{gw:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_workload_with_a_waypoint_is_reached_through_it() {
+        let mut web = pod("foo", "web-1", "web", [10, 0, 0, 5], &[]);
+        web.waypoint = by_address([10, 96, 0, 20]);
+        let s = store(
+            vec![
+                web,
+                pod(
+                    "foo",
+                    "waypoint-1",
+                    "waypoint",
+                    [10, 0, 0, 9],
+                    &[(WP, 15008, 15008)],
+                ),
+            ],
+            vec![service(
+                "foo",
+                "waypoint",
+                [10, 96, 0, 20],
+                &[(15008, 15008)],
+            )],
+        );
+        assert_eq!(
+            decide(&s, "cluster.local", addr("10.0.0.5:8080"), 0),
+            Route::Hbone {
+                target: addr("10.0.0.5:8080"),
+                via: addr("10.0.0.9:15008"),
+                identity: sa("foo", "waypoint"),
+            }
+        );
+    }
+
+    #[test]
+    fn an_unreachable_waypoint_refuses_instead_of_bypassing_it() {
+        for gw in [
+            by_address([10, 96, 0, 99]),
+            Some(GatewayAddress {
+                destination: Some(Destination::Hostname(NamespacedHostname {
+                    namespace: "foo".into(),
+                    hostname: "nowhere.foo.svc.cluster.local".into(),
+                })),
+                hbone_mtls_port: 15008,
+            }),
+            Some(GatewayAddress {
+                destination: None,
+                hbone_mtls_port: 15008,
+            }),
+        ] {
+            let s = mesh(gw.clone());
+            assert!(
+                matches!(
+                    decide(&s, "cluster.local", addr("10.96.0.10:80"), 0),
+                    Route::Refuse(why) if why.contains("bound to a waypoint")
+                ),
+                "{gw:?}"
+            );
+        }
+        // A waypoint Service without a ready pod refuses too.
+        let mut web = service("foo", "web", [10, 96, 0, 10], &[(80, 8080)]);
+        web.waypoint = by_address([10, 96, 0, 20]);
+        let s = store(
+            vec![pod(
+                "foo",
+                "web-1",
+                "web",
+                [10, 0, 0, 5],
+                &[(WEB, 80, 8080)],
+            )],
+            vec![
+                web,
+                service("foo", "waypoint", [10, 96, 0, 20], &[(15008, 15008)]),
+            ],
+        );
+        assert!(matches!(
+            decide(&s, "cluster.local", addr("10.96.0.10:80"), 0),
+            Route::Refuse(why) if why.contains("no ready pod")
+        ));
+    }
+
+    #[test]
+    fn unknown_and_unenrolled_destinations_pass_through() {
+        let mut plain = pod("bar", "legacy", "default", [10, 0, 1, 7], &[]);
+        plain.tunnel_protocol = TunnelProtocol::None as i32;
+        let s = store(vec![plain], vec![]);
+        assert_eq!(
+            decide(&s, "cluster.local", addr("10.0.1.7:80"), 0),
+            Route::Passthrough(addr("10.0.1.7:80"))
+        );
+        assert_eq!(
+            decide(&s, "cluster.local", addr("192.0.2.1:443"), 0),
+            Route::Passthrough(addr("192.0.2.1:443"))
+        );
+    }
 }
