@@ -214,6 +214,8 @@ impl AsyncWrite for H2Stream {
 #[derive(Clone)]
 pub struct Client {
     send: h2::client::SendRequest<Bytes>,
+    /// Set when the connection's task ends (the peer closed it, or it failed).
+    closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Client {
@@ -237,12 +239,20 @@ impl Client {
             .enable_push(false)
             .handshake(io)
             .await?;
+        let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = closed.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "HBONE client connection ended");
             }
+            flag.store(true, std::sync::atomic::Ordering::Release);
         });
-        Ok(Client { send })
+        Ok(Client { send, closed })
+    }
+
+    /// Whether the connection has ended: no stream can be opened on it any more.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Opens a stream to `target` (`CONNECT target`), with extra `headers`, and waits for

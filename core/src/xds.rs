@@ -223,6 +223,11 @@ impl Store {
     }
 }
 
+/// The last segment of a type URL (`istio.workload.Address`), for metric labels.
+fn short_type(type_url: &str) -> String {
+    type_url.rsplit('/').next().unwrap_or(type_url).to_string()
+}
+
 fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
     match bytes.len() {
         4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
@@ -357,8 +362,18 @@ async fn stream_once(
     }
     let mut inbound = client
         .delta_aggregated_resources(request)
-        .await?
+        .await
+        .inspect_err(|_| metrics::gauge!("trellis_xds_connected").set(0.0))?
         .into_inner();
+    metrics::gauge!("trellis_xds_connected").set(1.0);
+    // Whichever way the stream ends, it is no longer connected.
+    struct Disconnected;
+    impl Drop for Disconnected {
+        fn drop(&mut self) {
+            metrics::gauge!("trellis_xds_connected").set(0.0);
+        }
+    }
+    let _disconnected = Disconnected;
     let mut answered = std::collections::BTreeSet::new();
     while let Some(resp) = inbound.message().await? {
         let result = store
@@ -377,8 +392,18 @@ async fn stream_once(
             }
         };
         let nacked = error_detail.is_some();
+        metrics::counter!(
+            "trellis_xds_responses_total",
+            "type" => short_type(&resp.type_url),
+            "result" => if nacked { "nack" } else { "ack" },
+        )
+        .increment(1);
         if !nacked {
             notify.generation.send_modify(|g| *g += 1);
+            let (w, s, p) = store.read().unwrap_or_else(|e| e.into_inner()).len();
+            metrics::gauge!("trellis_xds_resources", "kind" => "workload").set(w as f64);
+            metrics::gauge!("trellis_xds_resources", "kind" => "service").set(s as f64);
+            metrics::gauge!("trellis_xds_resources", "kind" => "authorization").set(p as f64);
         }
         let ack = DeltaDiscoveryRequest {
             type_url: resp.type_url.clone(),
@@ -394,6 +419,7 @@ async fn stream_once(
             answered.insert(resp.type_url.clone());
             if answered.len() == config.types.len() {
                 notify.synced.send_replace(true);
+                metrics::gauge!("trellis_xds_synced").set(1.0);
             }
         }
     }

@@ -218,14 +218,79 @@ async fn the_pool_reuses_a_connection_per_identity_pair_and_closes_idle_ones() {
     );
     assert_eq!(dials.load(Ordering::SeqCst), 2);
 
-    // Idle: closed after the timeout once its streams are gone; the next tunnel dials.
+    // Idle: closed after the timeout once its streams are gone (by the pool's own
+    // sweeper: no call needed); the next tunnel dials.
     drop(open);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    pool.sweep();
+    tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(pool.len(), 0);
     let _s = pool
         .connect(key, echo, &[], Duration::from_secs(5))
         .await
         .unwrap();
     assert_eq!(dials.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_connection_the_peer_closed_is_not_reused() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use trellis_core::hbone::pool::{Dial, Pool, PoolKey};
+    let ca = Arc::new(TestCa::new("cluster.local"));
+    let echo = echo_server().await;
+    // A peer that drops each connection 300 ms after accepting it (a restarting ztunnel).
+    let cert = ca.issue("shop", "b");
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(&cert, ca.bundle()).unwrap()));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let serve = hbone::serve(tls, move |inc| async move {
+                    let Ok(mut upstream) = TcpStream::connect(inc.target).await else {
+                        return;
+                    };
+                    let mut tunnel = inc.accept().unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await;
+                });
+                let _ = tokio::time::timeout(Duration::from_millis(300), serve).await;
+            });
+        }
+    });
+    let dials = Arc::new(AtomicUsize::new(0));
+    let dial: Dial = {
+        let (ca, dials) = (ca.clone(), dials.clone());
+        Arc::new(move |key: PoolKey| {
+            let (ca, dials) = (ca.clone(), dials.clone());
+            Box::pin(async move {
+                dials.fetch_add(1, Ordering::SeqCst);
+                client(&ca, key.address, &key.destination.to_string())
+                    .await
+                    .map_err(HboneError::BadRequest)
+            })
+        })
+    };
+    let pool = Pool::new(dial, Duration::from_secs(60));
+    let key = PoolKey {
+        source: "spiffe://cluster.local/ns/shop/sa/a".parse().unwrap(),
+        destination: "spiffe://cluster.local/ns/shop/sa/b".parse().unwrap(),
+        address: server,
+    };
+    for round in 1..=2 {
+        let mut s = pool
+            .connect(key.clone(), echo, &[], Duration::from_secs(5))
+            .await
+            .unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"ping", "round {round}");
+        drop(s);
+        assert_eq!(dials.load(Ordering::SeqCst), round);
+        // The peer goes away; the pooled connection must not be handed out again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

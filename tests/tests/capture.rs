@@ -147,6 +147,59 @@ fn enrolled_pods_talk_through_ztunnel_on_one_node_and_across_nodes() {
                     && l.contains("source_workload=\"a\"")),
             "metrics:\n{m}"
         );
+        // Istio's labels, from xDS and the certificates, at both ends.
+        let has = |m: &str, metric: &str, labels: &[&str]| {
+            m.lines().any(|l| {
+                l.starts_with(&format!("{metric}{{")) && labels.iter().all(|want| l.contains(want))
+            })
+        };
+        let to_far = [
+            "reporter=\"source\"",
+            "source_workload=\"a\"",
+            "source_workload_namespace=\"shop\"",
+            "source_principal=\"spiffe://cluster.local/ns/shop/sa/a\"",
+            "destination_workload=\"far\"",
+            "destination_workload_namespace=\"shop\"",
+            "destination_principal=\"spiffe://cluster.local/ns/shop/sa/far\"",
+            "destination_app=\"far\"",
+            "destination_cluster=\"Kubernetes\"",
+            "connection_security_policy=\"mutual_tls\"",
+            "request_protocol=\"tcp\"",
+            "response_flags=\"-\"",
+        ];
+        ensure!(
+            has(&m, "istio_tcp_connections_closed_total", &to_far),
+            "source-reported labels {to_far:?} in:\n{m}"
+        );
+        // ztunnel's own: its pool, its handshakes, its xDS state.
+        for want in [
+            "trellis_hbone_pool_connections ",
+            "trellis_hbone_handshakes_total{direction=\"outbound\",result=\"ok\"}",
+            "trellis_xds_connected 1",
+            "trellis_xds_synced 1",
+            "trellis_xds_resources{kind=\"workload\"}",
+        ] {
+            ensure!(m.lines().any(|l| l.starts_with(want)), "{want} in:\n{m}");
+        }
+        let m2 = mesh.metrics(c, n2)?;
+        ensure!(
+            m2.lines().any(|l| l.starts_with(
+                "trellis_hbone_handshakes_total{direction=\"inbound\",result=\"ok\"}"
+            )),
+            "{m2}"
+        );
+        let from_a = [
+            "reporter=\"destination\"",
+            "source_workload=\"a\"",
+            "source_principal=\"spiffe://cluster.local/ns/shop/sa/a\"",
+            "destination_workload=\"far\"",
+            "destination_principal=\"spiffe://cluster.local/ns/shop/sa/far\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ];
+        ensure!(
+            has(&m2, "istio_tcp_received_bytes_total", &from_a),
+            "destination-reported labels {from_a:?} in:\n{m2}"
+        );
         ensure!(
             m.lines()
                 .any(|l| l.starts_with("istio_tcp_sent_bytes_total{")
@@ -398,6 +451,15 @@ fn l4_policy_is_enforced_at_the_destination_and_strict_refuses_plaintext() {
         ensure!(
             denied,
             "the deny is logged with the policy at the destination"
+        );
+        let m = mesh.metrics(c, n2)?;
+        ensure!(
+            m.lines()
+                .any(|l| l.starts_with("istio_tcp_connections_closed_total{")
+                    && l.contains("reporter=\"destination\"")
+                    && l.contains("source_workload_namespace=\"dev\"")
+                    && l.contains("response_flags=\"DENY\"")),
+            "a denied connection is counted with Istio's DENY flag:\n{m}"
         );
 
         // STRICT: plaintext from the unenrolled pod is refused, HBONE still works.

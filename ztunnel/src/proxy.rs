@@ -32,7 +32,7 @@ use trellis_core::hbone::{
 use crate::config::{Config, INBOUND_PORT, OUTBOUND_PORT, SOCKET_MARK};
 use crate::inpod::PodInfo;
 use crate::mesh::{HBONE_PORT, Mesh, Route};
-use crate::telemetry::{self, Direction};
+use crate::telemetry::{self, Direction, End};
 
 /// A pod's listeners; dropping the handle does not stop them, [`PodProxy::stop`] does.
 pub struct PodProxy {
@@ -148,13 +148,26 @@ fn dialer(netns: Arc<Netns>, mesh: Arc<Mesh>, config: Arc<Config>) -> Dial {
                 tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp),
             )
             .await
-            .map_err(|_| hbone::HboneError::Timeout("TLS handshake"))?
-            .map_err(|e| {
-                hbone::HboneError::BadRequest(format!("TLS with {}: {e}", key.destination))
-            })?;
-            hbone::Client::handshake(tls).await
+            .map_err(|_| hbone::HboneError::Timeout("TLS handshake"))
+            .and_then(|r| {
+                r.map_err(|e| {
+                    hbone::HboneError::BadRequest(format!("TLS with {}: {e}", key.destination))
+                })
+            });
+            handshake_done("outbound", tls.is_ok());
+            hbone::Client::handshake(tls?).await
         })
     })
+}
+
+/// Counts a mutual-TLS handshake of the HBONE port (`inbound`) or of the pool (`outbound`).
+fn handshake_done(direction: &'static str, ok: bool) {
+    metrics::counter!(
+        "trellis_hbone_handshakes_total",
+        "direction" => direction,
+        "result" => if ok { "ok" } else { "error" },
+    )
+    .increment(1);
 }
 
 async fn serve(listeners: [TcpListener; 3], ctx: Arc<PodCtx>, mut stopped: watch::Receiver<bool>) {
@@ -244,6 +257,9 @@ async fn connect_in(netns: &Netns, dst: SocketAddr, timeout: Duration) -> io::Re
 /// What one connection did, for the access log and metrics.
 struct Outcome {
     route: &'static str,
+    labels: telemetry::ConnLabels,
+    /// Istio's response flag: `-`, `DENY`, `CONNECT`.
+    flags: &'static str,
     peer_identity: Option<String>,
     policy: Option<String>,
     sent: u64,
@@ -252,9 +268,13 @@ struct Outcome {
 }
 
 impl Outcome {
-    fn new(route: &'static str) -> Outcome {
+    /// A connection starts: counted as opened with `labels`.
+    fn new(route: &'static str, labels: telemetry::ConnLabels) -> Outcome {
+        labels.opened();
         Outcome {
             route,
+            labels,
+            flags: "-",
             peer_identity: None,
             policy: None,
             sent: 0,
@@ -270,10 +290,9 @@ fn finish(
     src: SocketAddr,
     dst: SocketAddr,
     start: Instant,
-    o: &Outcome,
+    mut o: Outcome,
 ) {
-    let labels = telemetry::ConnLabels::new(direction, &ctx.pod, o.route == "hbone");
-    labels.closed(o.sent, o.received);
+    o.labels.closed(o.flags, o.sent, o.received);
     telemetry::access_log(&telemetry::AccessLog {
         direction,
         pod: &ctx.pod,
@@ -306,21 +325,51 @@ async fn outbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
         dst,
         start.elapsed().subsec_nanos() as u64 ^ u64::from(peer.port()),
     );
-    let mut o = Outcome::new(match route {
-        Route::Hbone { .. } => "hbone",
-        Route::Passthrough(_) => "passthrough",
-        Route::Refuse(_) => "refused",
-    });
-    telemetry::ConnLabels::new(Direction::Outbound, &ctx.pod, o.route == "hbone").opened();
+    let labels = {
+        let store = ctx.mesh.xds.store();
+        let source = match store.workload_by_ip(peer.ip()) {
+            Some(w) => End::new(Some(w), ctx.identity.as_ref()),
+            None => End::pod(&ctx.pod, ctx.identity.as_ref()),
+        };
+        let (to, principal) = match &route {
+            Route::Hbone {
+                target, identity, ..
+            } => (target.ip(), Some(identity)),
+            Route::Passthrough(to) => (to.ip(), None),
+            Route::Refuse(_) => (dst.ip(), None),
+        };
+        let destination = End::new(store.workload_by_ip(to), principal);
+        telemetry::ConnLabels::new(
+            Direction::Outbound,
+            &source,
+            &destination,
+            store.service_by_vip(dst.ip()),
+            matches!(route, Route::Hbone { .. }),
+        )
+    };
+    let mut o = Outcome::new(
+        match route {
+            Route::Hbone { .. } => "hbone",
+            Route::Passthrough(_) => "passthrough",
+            Route::Refuse(_) => "refused",
+        },
+        labels,
+    );
     match route {
-        Route::Refuse(why) => o.result = why,
+        Route::Refuse(why) => {
+            o.flags = "DENY";
+            o.result = why;
+        }
         Route::Passthrough(to) => {
             match connect_in(&ctx.netns, to, ctx.config.connect_timeout).await {
                 Ok(mut upstream) => match copy(&mut client, &mut upstream).await {
                     Ok((a, b)) => (o.sent, o.received) = (a, b),
                     Err(e) => o.result = format!("reset: {e}"),
                 },
-                Err(e) => o.result = format!("upstream connect failed: {e}"),
+                Err(e) => {
+                    o.flags = "CONNECT";
+                    o.result = format!("upstream connect failed: {e}");
+                }
             }
         }
         Route::Hbone {
@@ -332,6 +381,7 @@ async fn outbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
             match &ctx.identity {
                 // Never downgrade: a pod without an identity does not reach the mesh.
                 None => {
+                    o.flags = "DENY";
                     o.result =
                         "the pod has no valid identity; refusing (no plaintext fallback)".into()
                 }
@@ -350,17 +400,39 @@ async fn outbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
                             Ok((a, b)) => (o.sent, o.received) = (a, b),
                             // The CONNECT went out without waiting: a refusal arrives here.
                             Err(e) if e.to_string().contains("403") => {
+                                o.flags = "DENY";
                                 o.result = "denied by the destination's policy".into();
                             }
                             Err(e) => o.result = format!("reset: {e}"),
                         },
-                        Err(e) => o.result = format!("HBONE to {via} failed: {e}"),
+                        Err(e) => {
+                            o.flags = "CONNECT";
+                            o.result = format!("HBONE to {via} failed: {e}");
+                        }
                     }
                 }
             }
         }
     }
-    finish(&ctx, Direction::Outbound, peer, dst, start, &o);
+    finish(&ctx, Direction::Outbound, peer, dst, start, o);
+}
+
+/// The metric labels of an inbound connection from `peer` to `dst` (this pod), the peer
+/// identified as `source` when it presented a certificate.
+fn inbound_labels(
+    ctx: &PodCtx,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    source: Option<&SpiffeId>,
+    mtls: bool,
+) -> telemetry::ConnLabels {
+    let store = ctx.mesh.xds.store();
+    let source = End::new(store.workload_by_ip(peer.ip()), source);
+    let destination = match store.workload_by_ip(dst.ip()) {
+        Some(w) => End::new(Some(w), ctx.identity.as_ref()),
+        None => End::pod(&ctx.pod, ctx.identity.as_ref()),
+    };
+    telemetry::ConnLabels::new(Direction::Inbound, &source, &destination, None, mtls)
 }
 
 /// The destination workload (this pod) and whether `conn` may reach it.
@@ -394,8 +466,7 @@ async fn plaintext_inbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<Pod
     let Ok(dst) = original_dst(&client) else {
         return;
     };
-    let mut o = Outcome::new("plaintext");
-    telemetry::ConnLabels::new(Direction::Inbound, &ctx.pod, false).opened();
+    let mut o = Outcome::new("plaintext", inbound_labels(&ctx, peer, dst, None, false));
     let conn = Conn {
         source: None,
         src_ip: peer.ip(),
@@ -403,7 +474,10 @@ async fn plaintext_inbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<Pod
         dst_port: dst.port(),
     };
     match authorize(&ctx, &conn) {
-        Err(e) => o.result = e,
+        Err(e) => {
+            o.flags = "DENY";
+            o.result = e;
+        }
         Ok(policy) => {
             o.policy = policy;
             match connect_in(&ctx.netns, dst, ctx.config.connect_timeout).await {
@@ -411,11 +485,14 @@ async fn plaintext_inbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<Pod
                     Ok((a, b)) => (o.sent, o.received) = (a, b),
                     Err(e) => o.result = format!("reset: {e}"),
                 },
-                Err(e) => o.result = format!("app connect failed: {e}"),
+                Err(e) => {
+                    o.flags = "CONNECT";
+                    o.result = format!("app connect failed: {e}");
+                }
             }
         }
     }
-    finish(&ctx, Direction::Inbound, peer, dst, start, &o);
+    finish(&ctx, Direction::Inbound, peer, dst, start, o);
 }
 
 async fn hbone_inbound(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
@@ -439,12 +516,20 @@ async fn hbone_inbound(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
     )
     .await
     {
-        Ok(Ok(t)) => t,
+        Ok(Ok(t)) => {
+            handshake_done("inbound", true);
+            t
+        }
         Ok(Err(e)) => {
+            handshake_done("inbound", false);
             tracing::info!(%peer, error = %e, "HBONE TLS handshake failed");
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            handshake_done("inbound", false);
+            tracing::info!(%peer, "HBONE TLS handshake timed out");
+            return;
+        }
     };
     let Ok(source) = trellis_core::tls::peer_identity(tls.get_ref().1) else {
         return;
@@ -455,9 +540,9 @@ async fn hbone_inbound(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
         let source = source.clone();
         async move {
             let start = Instant::now();
-            let mut o = Outcome::new("hbone");
+            let labels = inbound_labels(&ctx, peer, inc.target, Some(&source), true);
+            let mut o = Outcome::new("hbone", labels);
             o.peer_identity = Some(source.to_string());
-            telemetry::ConnLabels::new(Direction::Inbound, &ctx.pod, true).opened();
             let conn = Conn {
                 source: Some(source),
                 src_ip: peer.ip(),
@@ -467,6 +552,7 @@ async fn hbone_inbound(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
             let target = inc.target;
             match authorize(&ctx, &conn) {
                 Err(e) => {
+                    o.flags = "DENY";
                     o.result = e;
                     inc.refuse(http::StatusCode::FORBIDDEN);
                 }
@@ -474,6 +560,7 @@ async fn hbone_inbound(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
                     o.policy = policy;
                     match connect_in(&ctx.netns, target, ctx.config.connect_timeout).await {
                         Err(e) => {
+                            o.flags = "CONNECT";
                             o.result = format!("app connect failed: {e}");
                             inc.refuse(http::StatusCode::SERVICE_UNAVAILABLE);
                         }
@@ -487,7 +574,7 @@ async fn hbone_inbound(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
                     }
                 }
             }
-            finish(&ctx, Direction::Inbound, peer, target, start, &o);
+            finish(&ctx, Direction::Inbound, peer, target, start, o);
         }
     })
     .await;

@@ -2,9 +2,9 @@
 //! `/metrics` (readiness is on 15021 and the admin endpoint on 15000: see `admin`).
 //!
 //! One access-log line per connection, as a `tracing` event on target `access` (JSON when
-//! ztunnel logs JSON). The metrics carry Istio's standard labels; what ztunnel does not
-//! know yet (the peer's workload, before xDS is wired in issue 6) is `unknown`, as Istio
-//! reports it.
+//! ztunnel logs JSON). The metrics carry Istio's standard TCP labels, filled from xDS (the
+//! workloads at both ends, the service the client addressed) and the identities (verified
+//! for the peer of inbound HBONE); what is not known is `unknown`, as Istio reports it.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,6 +13,9 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
+
+use trellis_core::SpiffeId;
+use trellis_proto::istio::workload::{Service, Workload};
 
 use crate::inpod::PodInfo;
 
@@ -50,48 +53,163 @@ pub fn install_metrics() -> Result<PrometheusHandle, Box<dyn std::error::Error +
         "istio_tcp_received_bytes_total",
         "bytes received from the upstream"
     );
+    metrics::describe_gauge!(
+        "trellis_hbone_pool_connections",
+        "HBONE connections open in the outbound pools"
+    );
+    metrics::describe_counter!(
+        "trellis_hbone_handshakes_total",
+        "mutual-TLS handshakes of HBONE connections, by direction and result"
+    );
+    metrics::describe_counter!(
+        "trellis_authz_denials_total",
+        "connections denied by L4 policy, by the policy that decided"
+    );
+    metrics::describe_gauge!(
+        "trellis_xds_connected",
+        "1 while the xDS stream to the control plane is up"
+    );
+    metrics::describe_gauge!(
+        "trellis_xds_synced",
+        "1 once every subscribed type has had its first response"
+    );
+    metrics::describe_gauge!("trellis_xds_resources", "resources held, by kind");
+    metrics::describe_counter!(
+        "trellis_xds_responses_total",
+        "xDS responses, by type and whether they were accepted (ack) or rejected (nack)"
+    );
     Ok(handle)
 }
 
-/// The label set of one connection's metrics.
+/// One end of a connection as the metrics name it (Istio's label values): what xDS says
+/// of the workload at that address, and its identity.
+#[derive(Debug, Clone)]
+pub struct End {
+    workload: String,
+    namespace: String,
+    principal: String,
+    app: String,
+    version: String,
+    canonical_service: String,
+    canonical_revision: String,
+    cluster: String,
+}
+
+fn or_unknown(s: &str) -> String {
+    if s.is_empty() {
+        "unknown".into()
+    } else {
+        s.to_string()
+    }
+}
+
+impl End {
+    /// The end at workload `w` (when xDS knows it) with identity `principal` (verified for
+    /// the peer of inbound HBONE, expected for outbound, the pod's own for the local end).
+    pub fn new(w: Option<&Workload>, principal: Option<&SpiffeId>) -> End {
+        let w = w.cloned().unwrap_or_default();
+        let workload = if w.workload_name.is_empty() {
+            &w.name
+        } else {
+            &w.workload_name
+        };
+        End {
+            workload: or_unknown(workload),
+            namespace: or_unknown(&w.namespace),
+            principal: principal.map_or_else(|| "unknown".into(), ToString::to_string),
+            app: or_unknown(&w.canonical_name),
+            version: or_unknown(&w.canonical_revision),
+            canonical_service: or_unknown(&w.canonical_name),
+            canonical_revision: or_unknown(&w.canonical_revision),
+            cluster: or_unknown(&w.cluster_id),
+        }
+    }
+
+    /// The local pod when xDS does not (yet) know it: what ZDS said.
+    pub fn pod(pod: &PodInfo, principal: Option<&SpiffeId>) -> End {
+        let mut e = End::new(None, principal);
+        e.workload = pod.name.clone();
+        e.namespace = pod.namespace.clone();
+        e
+    }
+}
+
+/// The label set of one connection's metrics: Istio's standard TCP labels.
 pub struct ConnLabels {
     labels: Vec<(&'static str, String)>,
 }
 
 impl ConnLabels {
-    /// Labels for a connection of `pod` in `direction`; `mtls` when it is carried by HBONE.
-    pub fn new(direction: Direction, pod: &PodInfo, mtls: bool) -> ConnLabels {
-        let unknown = || "unknown".to_string();
-        let (reporter, src_wl, src_ns, dst_wl, dst_ns) = match direction {
-            Direction::Outbound => (
-                "source",
-                pod.name.clone(),
-                pod.namespace.clone(),
-                unknown(),
-                unknown(),
-            ),
-            Direction::Inbound => (
-                "destination",
-                unknown(),
-                unknown(),
-                pod.name.clone(),
-                pod.namespace.clone(),
-            ),
+    /// Labels for a connection in `direction` between `source` and `destination` (to
+    /// `service` when the client addressed one); `mtls` when it is carried by HBONE.
+    pub fn new(
+        direction: Direction,
+        source: &End,
+        destination: &End,
+        service: Option<&Service>,
+        mtls: bool,
+    ) -> ConnLabels {
+        let reporter = match direction {
+            Direction::Outbound => "source",
+            Direction::Inbound => "destination",
         };
-        ConnLabels {
-            labels: vec![
-                ("reporter", reporter.to_string()),
-                ("source_workload", src_wl),
-                ("source_workload_namespace", src_ns),
-                ("destination_workload", dst_wl),
-                ("destination_workload_namespace", dst_ns),
+        let (svc, svc_name, svc_ns) = service.map_or_else(
+            || ("unknown".into(), "unknown".into(), "unknown".into()),
+            |s| {
                 (
-                    "connection_security_policy",
-                    if mtls { "mutual_tls" } else { "none" }.to_string(),
-                ),
-                ("response_flags", "-".to_string()),
-            ],
+                    or_unknown(&s.hostname),
+                    or_unknown(&s.name),
+                    or_unknown(&s.namespace),
+                )
+            },
+        );
+        let mut labels = vec![("reporter", reporter.to_string())];
+        for (prefix, e) in [("source", source), ("destination", destination)] {
+            let [w, ns, p, app, v, cs, cr, c] = match prefix {
+                "source" => [
+                    "source_workload",
+                    "source_workload_namespace",
+                    "source_principal",
+                    "source_app",
+                    "source_version",
+                    "source_canonical_service",
+                    "source_canonical_revision",
+                    "source_cluster",
+                ],
+                _ => [
+                    "destination_workload",
+                    "destination_workload_namespace",
+                    "destination_principal",
+                    "destination_app",
+                    "destination_version",
+                    "destination_canonical_service",
+                    "destination_canonical_revision",
+                    "destination_cluster",
+                ],
+            };
+            labels.extend([
+                (w, e.workload.clone()),
+                (ns, e.namespace.clone()),
+                (p, e.principal.clone()),
+                (app, e.app.clone()),
+                (v, e.version.clone()),
+                (cs, e.canonical_service.clone()),
+                (cr, e.canonical_revision.clone()),
+                (c, e.cluster.clone()),
+            ]);
         }
+        labels.extend([
+            ("destination_service", svc),
+            ("destination_service_name", svc_name),
+            ("destination_service_namespace", svc_ns),
+            ("request_protocol", "tcp".to_string()),
+            ("response_flags", "-".to_string()),
+            (
+                "connection_security_policy",
+                if mtls { "mutual_tls" } else { "unknown" }.to_string(),
+            ),
+        ]);
+        ConnLabels { labels }
     }
 
     /// Counts an opened connection.
@@ -99,8 +217,12 @@ impl ConnLabels {
         metrics::counter!("istio_tcp_connections_opened_total", &self.labels).increment(1);
     }
 
-    /// Counts a closed connection and its bytes.
-    pub fn closed(&self, sent: u64, received: u64) {
+    /// Counts a closed connection and its bytes; `flags` is Istio's response flag (`-`,
+    /// `DENY` for a policy deny, `CONNECT` when the upstream could not be reached).
+    pub fn closed(&mut self, flags: &str, sent: u64, received: u64) {
+        if let Some(f) = self.labels.iter_mut().find(|(k, _)| *k == "response_flags") {
+            f.1 = flags.to_string();
+        }
         metrics::counter!("istio_tcp_connections_closed_total", &self.labels).increment(1);
         metrics::counter!("istio_tcp_sent_bytes_total", &self.labels).increment(sent);
         metrics::counter!("istio_tcp_received_bytes_total", &self.labels).increment(received);

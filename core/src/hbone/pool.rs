@@ -36,6 +36,25 @@ struct Conn {
     broken: Arc<std::sync::atomic::AtomicBool>,
 }
 
+impl Conn {
+    fn new(client: Client) -> Conn {
+        metrics::gauge!("trellis_hbone_pool_connections").increment(1.0);
+        Conn {
+            client,
+            streams: Arc::new(AtomicUsize::new(1)),
+            idle_since: Mutex::new(Instant::now()),
+            broken: Arc::default(),
+        }
+    }
+}
+
+impl Drop for Conn {
+    /// The last tunnel and the pool let go: the HTTP/2 connection closes.
+    fn drop(&mut self) {
+        metrics::gauge!("trellis_hbone_pool_connections").decrement(1.0);
+    }
+}
+
 /// Makes a new HBONE connection for a key (TCP connect from the right namespace, TLS with
 /// the source's certificate, HTTP/2 handshake).
 pub type Dial = Arc<
@@ -47,7 +66,7 @@ pub type Dial = Arc<
 /// The pool.
 #[derive(Clone)]
 pub struct Pool {
-    conns: Arc<Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>>,
+    conns: Arc<Conns>,
     /// One dial per key at a time: many tunnels starting together share the new connection.
     dialing: Arc<tokio::sync::Mutex<()>>,
     dial: Dial,
@@ -107,14 +126,28 @@ impl AsyncWrite for PooledStream {
 }
 
 impl Pool {
-    /// A pool dialing with `dial`, closing connections idle for `idle`.
+    /// A pool dialing with `dial`, closing connections idle for `idle` (checked at every
+    /// new tunnel and, within a Tokio runtime, every `idle / 2` until the pool is dropped).
     pub fn new(dial: Dial, idle: Duration) -> Pool {
-        Pool {
+        let pool = Pool {
             conns: Arc::default(),
             dialing: Arc::default(),
             dial,
             idle,
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let conns = Arc::downgrade(&pool.conns);
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval((idle / 2).max(Duration::from_millis(10)));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(conns) = conns.upgrade() else { return };
+                    sweep(&conns, idle);
+                }
+            });
         }
+        pool
     }
 
     /// Open connections (all keys).
@@ -136,7 +169,7 @@ impl Pool {
     fn checkout(&self, key: &PoolKey) -> Option<Arc<Conn>> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = conns.get_mut(key)?;
-        list.retain(|c| !c.broken.load(Ordering::Acquire));
+        list.retain(|c| !c.broken.load(Ordering::Acquire) && !c.client.is_closed());
         for c in list.iter() {
             let n = c.streams.load(Ordering::Acquire);
             if n < MAX_STREAMS as usize
@@ -170,12 +203,7 @@ impl Pool {
                         let client = tokio::time::timeout(timeout, (self.dial)(key.clone()))
                             .await
                             .map_err(|_| HboneError::Timeout("connection"))??;
-                        let conn = Arc::new(Conn {
-                            client,
-                            streams: Arc::new(AtomicUsize::new(1)),
-                            idle_since: Mutex::new(Instant::now()),
-                            broken: Arc::default(),
-                        });
+                        let conn = Arc::new(Conn::new(client));
                         self.conns
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -202,17 +230,23 @@ impl Pool {
 
     /// Closes connections that carried no stream for the idle timeout.
     pub fn sweep(&self) {
-        let now = Instant::now();
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        for list in conns.values_mut() {
-            list.retain(|c| {
-                if c.broken.load(Ordering::Acquire) {
-                    return false;
-                }
-                let since = *c.idle_since.lock().unwrap_or_else(|e| e.into_inner());
-                c.streams.load(Ordering::Acquire) > 0 || now.duration_since(since) < self.idle
-            });
-        }
-        conns.retain(|_, l| !l.is_empty());
+        sweep(&self.conns, self.idle);
     }
+}
+
+type Conns = Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>;
+
+fn sweep(conns: &Conns, idle: Duration) {
+    let now = Instant::now();
+    let mut conns = conns.lock().unwrap_or_else(|e| e.into_inner());
+    for list in conns.values_mut() {
+        list.retain(|c| {
+            if c.broken.load(Ordering::Acquire) || c.client.is_closed() {
+                return false;
+            }
+            let since = *c.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+            c.streams.load(Ordering::Acquire) > 0 || now.duration_since(since) < idle
+        });
+    }
+    conns.retain(|_, l| !l.is_empty());
 }
