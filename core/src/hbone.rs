@@ -373,8 +373,9 @@ where
     let on_connect = std::sync::Arc::new(on_connect);
     while let Some(next) = conn.accept().await {
         let (req, mut respond) = next?;
+        let (method, uri) = (req.method().clone(), req.uri().clone());
         let refuse = |respond: &mut h2::server::SendResponse<Bytes>, why: &str| {
-            tracing::debug!(reason = why, "refusing an HBONE request");
+            tracing::info!(target: "hbone", reason = why, %method, %uri, "refusing a malformed HBONE request (400)");
             if let Ok(resp) = Response::builder().status(StatusCode::BAD_REQUEST).body(()) {
                 let _ = respond.send_response(resp, true);
             }

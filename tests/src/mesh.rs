@@ -138,6 +138,27 @@ impl Mesh {
         Ok(p)
     }
 
+    /// The mesh's trust bundle (PEM), as ztunnel gets it.
+    pub fn roots_pem(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(self.cp_dir.join("roots.pem"))?)
+    }
+
+    /// The credential `node`'s ztunnel and agent authenticate to the control plane with.
+    pub fn node_credential(&self, node: &Node) -> Result<String> {
+        Ok(
+            std::fs::read_to_string(node.state_dir().join("node-credential"))?
+                .trim()
+                .to_string(),
+        )
+    }
+
+    /// The control plane's xDS and CA address (`https://…:15012`) and the name in its
+    /// serving certificate.
+    pub fn control_plane_url(&self, c: &Cluster) -> (String, String) {
+        let ip = c.nodes()[0].underlay_ip();
+        (format!("https://{ip}:{CP_PORT}"), ip.to_string())
+    }
+
     /// Stops the control plane (the data plane keeps its last config).
     pub fn stop_control_plane(&mut self) -> Result<()> {
         self.control_plane.stop(Duration::from_secs(5))?;

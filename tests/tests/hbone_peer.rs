@@ -1,0 +1,224 @@
+//! ztunnel's HBONE port (15008) facing peers that are not ztunnels: a peer holding a real
+//! mesh certificate that sends what a ztunnel never would (a CONNECT for another pod, a
+//! malformed authority, a GET), a peer with a certificate from another CA, and a node
+//! asking the CA for an identity that is not on it. Runs as root on the namespace cluster.
+//!
+//! The test process itself is the peer: it runs its HBONE client on a thread inside an
+//! unenrolled pod's network namespace (so its traffic is not captured), with a certificate
+//! it obtained from the control plane's CA as node1 would.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, ensure};
+use bytes::Bytes;
+use trellis_core::SpiffeId;
+use trellis_core::cert::{CertConfig, CertManager, GrpcCaClient, GrpcCaConfig};
+use trellis_core::testing::TestCa;
+use trellis_core::tls::{TrustBundle, WorkloadCert};
+use trellis_e2e::mesh::{Mesh, eventually};
+use trellis_e2e::{Cluster, Node, Pod, with_cluster};
+use trellis_e2e::{Netns, in_netns};
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    // Current-thread: every socket is created on the calling thread, which is inside the
+    // namespace.
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// A certificate for `ns/sa` obtained from the mesh CA with `node`'s credential, from
+/// inside `node`'s namespace (as that node's ztunnel asks).
+fn issue(mesh: &Mesh, c: &Cluster, node: &Node, ns: &str, sa: &str) -> Result<Arc<WorkloadCert>> {
+    let roots = mesh.roots_pem()?;
+    let credential = mesh.node_credential(node)?;
+    let (endpoint, server_name) = mesh.control_plane_url(c);
+    let id = SpiffeId::new("cluster.local", ns, sa)?;
+    in_netns(node.netns(), move || -> Result<Arc<WorkloadCert>> {
+        runtime()?.block_on(async move {
+            let ca = GrpcCaClient::new(&GrpcCaConfig {
+                endpoint,
+                root_pem: roots.clone(),
+                server_name,
+                credential,
+                connect_timeout: Duration::from_secs(5),
+                request_timeout: Duration::from_secs(10),
+            })?;
+            let bundle = Arc::new(TrustBundle::from_pem("cluster.local", &roots)?);
+            let certs = CertManager::new(
+                ca,
+                bundle,
+                CertConfig {
+                    max_backoff: Duration::from_millis(200),
+                    ..CertConfig::default()
+                },
+            );
+            let cert = tokio::time::timeout(Duration::from_secs(10), certs.fetch(&id))
+                .await
+                .map_err(|_| anyhow!("no answer from the CA"))?;
+            certs.shutdown();
+            Ok(cert?)
+        })
+    })?
+}
+
+/// What the peer observed.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// The HBONE server answered the request with this status.
+    Status(u16),
+    /// The connection ended before any answer (TLS refused, or closed).
+    Refused(String),
+}
+
+/// From inside `from`, opens mutual TLS to `server` with `cert` (expecting the server to
+/// be `expect`) and sends one request: `method` with `uri`.
+fn request(
+    from: &Pod,
+    server: SocketAddr,
+    cert: Arc<WorkloadCert>,
+    roots: Arc<TrustBundle>,
+    expect: SpiffeId,
+    method: &str,
+    uri: &str,
+) -> Result<Seen> {
+    let (method, uri) = (method.to_string(), uri.to_string());
+    in_netns(from.netns(), move || -> Result<Seen> {
+        runtime()?.block_on(async move {
+            let cfg = trellis_core::tls::client_config(&cert, roots, expect)?;
+            let tcp = tokio::net::TcpStream::connect(server).await?;
+            let name = rustls::pki_types::ServerName::IpAddress(server.ip().into());
+            let tls = match tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(name, tcp)
+                .await
+            {
+                Ok(t) => t,
+                Err(e) => return Ok(Seen::Refused(format!("TLS: {e}"))),
+            };
+            let (send, conn) = match h2::client::handshake(tls).await {
+                Ok(x) => x,
+                Err(e) => return Ok(Seen::Refused(format!("HTTP/2: {e}"))),
+            };
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let req = http::Request::builder()
+                .method(method.as_str())
+                .uri(uri.as_str())
+                .body(())?;
+            let answer = async {
+                let (resp, mut body) = send.ready().await?.send_request(req, false)?;
+                let status = resp.await?.status().as_u16();
+                let _ = body.send_data(Bytes::new(), true);
+                Ok::<_, h2::Error>(status)
+            };
+            Ok(
+                match tokio::time::timeout(Duration::from_secs(10), answer).await {
+                    Ok(Ok(status)) => Seen::Status(status),
+                    Ok(Err(e)) => Seen::Refused(format!("HTTP/2: {e}")),
+                    Err(_) => Seen::Refused("no answer in 10 s".into()),
+                },
+            )
+        })
+    })?
+}
+
+#[test]
+fn misbehaving_and_forged_peers_are_refused_and_logged() {
+    with_cluster("hbone_peer", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mesh = Mesh::start(c)?;
+        mesh.namespace("shop", true)?;
+        mesh.namespace("outside", false)?;
+        let a = c.add_pod(n1, "shop", "a", "a", &[])?;
+        let b = c.add_pod(n2, "shop", "b", "b", &[])?;
+        let peer = c.add_pod(n1, "outside", "peer", "peer", &[])?;
+        for p in [&a, &b, &peer] {
+            mesh.register_pod(p)?;
+        }
+        mesh.wait_captured(c, &a, true)?;
+        mesh.wait_captured(c, &b, true)?;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-testapp"));
+        cmd.args(["serve", "--tcp-echo", "0.0.0.0:9000"]);
+        let mut server = c.spawn(&b, "b-server", cmd)?;
+        server.wait_for_output("listening", Duration::from_secs(10))?;
+
+        // A pod's identity is only for its node: node2 cannot get a's (a runs on node1).
+        issue(&mesh, c, n2, "shop", "b").context("node2 asks for its own pod b")?;
+        let stolen = issue(&mesh, c, n2, "shop", "a");
+        ensure!(
+            stolen
+                .as_ref()
+                .is_err_and(|e| format!("{e:#}").contains("may not obtain a certificate")),
+            "node2 asked for a pod of node1: {:?}",
+            stolen.map(|c| c.identity().to_string())
+        );
+        let a_cert = issue(&mesh, c, n1, "shop", "a").context("node1 asks for its pod a")?;
+        let roots = Arc::new(TrustBundle::from_pem("cluster.local", &mesh.roots_pem()?)?);
+        let b_id = SpiffeId::new("cluster.local", "shop", "b")?;
+        let hbone: SocketAddr = format!("{}:15008", b.ip).parse()?;
+        let ask = |cert: &Arc<WorkloadCert>, method: &str, uri: &str| {
+            request(
+                &peer,
+                hbone,
+                cert.clone(),
+                roots.clone(),
+                b_id.clone(),
+                method,
+                uri,
+            )
+        };
+
+        // The probe is sound: a well-formed CONNECT for b with a's certificate succeeds.
+        let b_app = format!("{}:9000", b.ip);
+        ensure!(ask(&a_cert, "CONNECT", &b_app)? == Seen::Status(200));
+        // A CONNECT for another pod's address through b's listener: 403.
+        let other = format!("{}:9000", a.ip);
+        let seen = ask(&a_cert, "CONNECT", &other)?;
+        ensure!(
+            seen == Seen::Status(403),
+            "CONNECT to another pod: {seen:?}"
+        );
+        // A malformed authority (not ip:port) and a method other than CONNECT: 400.
+        let seen = ask(&a_cert, "CONNECT", "example.invalid:9000")?;
+        ensure!(seen == Seen::Status(400), "malformed authority: {seen:?}");
+        let seen = ask(&a_cert, "GET", &format!("http://{b_app}/"))?;
+        ensure!(seen == Seen::Status(400), "GET: {seen:?}");
+        // A certificate for the same identity from another CA: no answer at all.
+        let forged = Arc::new(TestCa::new("cluster.local").issue("shop", "a"));
+        let seen = ask(&forged, "CONNECT", &b_app)?;
+        ensure!(
+            matches!(seen, Seen::Refused(_)),
+            "a forged certificate got: {seen:?}"
+        );
+
+        // Each refusal is logged by b's ztunnel.
+        eventually(
+            "the refusals in node2's log",
+            Duration::from_secs(10),
+            || {
+                let log = mesh.ztunnel("node2")?.output();
+                Ok(log.contains("refusing a malformed HBONE request")
+                    && log.contains("HBONE TLS handshake failed"))
+            },
+        )?;
+        let denied = mesh.access_log("node2")?.into_iter().any(|l| {
+            l["fields"]["dst"] == other.as_str()
+                && l["fields"]["peer_identity"] == "spiffe://cluster.local/ns/shop/sa/a"
+                && l["fields"]["result"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("not this pod's address")
+        });
+        ensure!(denied, "the CONNECT for another pod is in the access log");
+
+        // ztunnel is unharmed: mesh traffic still flows from a to b.
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-testapp"));
+        cmd.args(["tcp", &b_app, "--bytes", "100000", "--timeout", "30"]);
+        let out = c.run(&a, "echo-a-b", cmd)?;
+        ensure!(out.contains("\"intact\":true"), "{out}");
+        Ok(())
+    });
+}
