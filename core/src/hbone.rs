@@ -359,6 +359,19 @@ where
     F: Fn(Incoming) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    serve_until(io, on_connect, std::future::pending()).await
+}
+
+/// [`serve`], until `drain` resolves: then the peer is told (GOAWAY) that no new stream
+/// will be accepted, the streams already open run on, and this returns when they are done
+/// (the caller bounds how long it waits).
+pub async fn serve_until<IO, F, Fut, D>(io: IO, on_connect: F, drain: D) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Incoming) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+    D: Future<Output = ()>,
+{
     let mut conn = tokio::time::timeout(
         Duration::from_secs(10),
         h2::server::Builder::new()
@@ -371,7 +384,18 @@ where
     .await
     .map_err(|_| HboneError::Timeout("HTTP/2 handshake"))??;
     let on_connect = std::sync::Arc::new(on_connect);
-    while let Some(next) = conn.accept().await {
+    let mut drain = std::pin::pin!(drain);
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = &mut drain, if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         let (req, mut respond) = next?;
         let (method, uri) = (req.method().clone(), req.uri().clone());
         let refuse = |respond: &mut h2::server::SendResponse<Bytes>, why: &str| {

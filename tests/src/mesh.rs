@@ -296,6 +296,12 @@ impl Mesh {
         Ok(&self.nodes[self.index(node)?].ztunnel)
     }
 
+    /// `node`'s ztunnel, to signal or wait for.
+    pub fn ztunnel_mut(&mut self, node: &str) -> Result<&mut Proc> {
+        let i = self.index(node)?;
+        Ok(&mut self.nodes[i].ztunnel)
+    }
+
     /// Writes a manifest file into the control plane's config directory (replacing it).
     pub fn apply(&self, file: &str, yaml: &str) -> Result<()> {
         let tmp = self.config_dir.join(format!(".{file}.tmp"));

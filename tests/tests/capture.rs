@@ -261,6 +261,73 @@ fn enrollment_follows_the_namespace_label_while_pods_run() {
     });
 }
 
+/// SIGTERM: ztunnel stops accepting at once, lets open connections run on until the
+/// drain deadline (5 s), then exits cleanly.
+#[test]
+fn sigterm_drains_open_connections_then_exits() {
+    use std::io::{Read, Write};
+    with_cluster("ztunnel_drain", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mut mesh = Mesh::start(c)?;
+        mesh.namespace("shop", true)?;
+        let a = c.add_pod(n1, "shop", "a", "a", &[])?;
+        let b = c.add_pod(n2, "shop", "b", "b", &[])?;
+        for p in [&a, &b] {
+            mesh.register_pod(p)?;
+        }
+        mesh.wait_captured(c, &a, true)?;
+        mesh.wait_captured(c, &b, true)?;
+        let _s = serve(c, &b)?;
+        let b_app = format!("{}:9000", b.ip);
+        let to: std::net::SocketAddr = b_app.parse()?;
+        // A connection from a (its socket made inside a's namespace, so it is captured).
+        let mut held = trellis_e2e::in_netns(trellis_e2e::Netns::netns(&a), move || {
+            std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        })??;
+        held.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut round = |msg: &[u8]| -> Result<()> {
+            held.write_all(msg)?;
+            let mut back = vec![0u8; msg.len()];
+            held.read_exact(&mut back)?;
+            ensure!(back == msg, "echo mismatch");
+            Ok(())
+        };
+        round(b"before the signal")?;
+
+        let stopping = std::time::Instant::now();
+        let z = mesh.ztunnel_mut("node2")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(z.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        z.wait_for_output("shutting down", Duration::from_secs(5))?;
+        // The open connection keeps working while ztunnel drains...
+        round(b"during the drain")?;
+        // ...but nothing new gets in: a new connection to b is not served.
+        let mut cmd = testapp();
+        cmd.args(["tcp", &b_app, "--bytes", "16", "--timeout", "3"]);
+        ensure!(
+            c.run(&a, "new-during-drain", cmd).is_err(),
+            "a new connection was served by a draining ztunnel"
+        );
+        // At the deadline ztunnel cuts what is left and exits cleanly.
+        let status = mesh.ztunnel_mut("node2")?.wait(Duration::from_secs(15))?;
+        let took = stopping.elapsed();
+        ensure!(status.success(), "ztunnel exited with {status}");
+        ensure!(
+            took >= Duration::from_secs(4),
+            "ztunnel exited after {took:?}, before the 5 s drain deadline, with a connection open"
+        );
+        let mut rest = [0u8; 16];
+        let _ = held.write_all(b"after");
+        ensure!(
+            !matches!(held.read(&mut rest), Ok(n) if n > 0),
+            "the held connection still echoes after ztunnel exited"
+        );
+        Ok(())
+    });
+}
+
 #[test]
 fn restarts_of_ztunnel_and_the_node_agent_lose_nothing() {
     with_cluster("capture_restart", 2, |c| {

@@ -188,7 +188,9 @@ async fn serve(listeners: [TcpListener; 3], ctx: Arc<PodCtx>, mut stopped: watch
                 match kind {
                     Listener::Outbound => conns.spawn(outbound(stream, peer, ctx)),
                     Listener::Plaintext => conns.spawn(plaintext_inbound(stream, peer, ctx)),
-                    Listener::Hbone => conns.spawn(hbone_inbound(stream, peer, ctx)),
+                    Listener::Hbone => {
+                        conns.spawn(hbone_inbound(stream, peer, ctx, stopped.clone()))
+                    }
                 };
             }
             Err(e) => {
@@ -495,7 +497,12 @@ async fn plaintext_inbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<Pod
     finish(&ctx, Direction::Inbound, peer, dst, start, o);
 }
 
-async fn hbone_inbound(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
+async fn hbone_inbound(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<PodCtx>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let Some(identity) = ctx.identity.clone() else {
         tracing::warn!(%peer, "HBONE connection for a pod without identity; closing");
         return;
@@ -535,48 +542,57 @@ async fn hbone_inbound(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
         return;
     };
     let handler_ctx = ctx.clone();
-    let result = hbone::serve(tls, move |inc| {
-        let ctx = handler_ctx.clone();
-        let source = source.clone();
-        async move {
-            let start = Instant::now();
-            let labels = inbound_labels(&ctx, peer, inc.target, Some(&source), true);
-            let mut o = Outcome::new("hbone", labels);
-            o.peer_identity = Some(source.to_string());
-            let conn = Conn {
-                source: Some(source),
-                src_ip: peer.ip(),
-                dst_ip: inc.target.ip(),
-                dst_port: inc.target.port(),
-            };
-            let target = inc.target;
-            match authorize(&ctx, &conn) {
-                Err(e) => {
-                    o.flags = "DENY";
-                    o.result = e;
-                    inc.refuse(http::StatusCode::FORBIDDEN);
-                }
-                Ok(policy) => {
-                    o.policy = policy;
-                    match connect_in(&ctx.netns, target, ctx.config.connect_timeout).await {
-                        Err(e) => {
-                            o.flags = "CONNECT";
-                            o.result = format!("app connect failed: {e}");
-                            inc.refuse(http::StatusCode::SERVICE_UNAVAILABLE);
-                        }
-                        Ok(mut app) => match inc.accept() {
-                            Ok(mut tunnel) => match copy(&mut tunnel, &mut app).await {
-                                Ok((a, b)) => (o.sent, o.received) = (a, b),
-                                Err(e) => o.result = format!("reset: {e}"),
+    // When the pod's listeners close (pod gone, ztunnel stopping), the peer is told to
+    // open no new stream here; open ones run on within the drain deadline.
+    let drain = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let result = hbone::serve_until(
+        tls,
+        move |inc| {
+            let ctx = handler_ctx.clone();
+            let source = source.clone();
+            async move {
+                let start = Instant::now();
+                let labels = inbound_labels(&ctx, peer, inc.target, Some(&source), true);
+                let mut o = Outcome::new("hbone", labels);
+                o.peer_identity = Some(source.to_string());
+                let conn = Conn {
+                    source: Some(source),
+                    src_ip: peer.ip(),
+                    dst_ip: inc.target.ip(),
+                    dst_port: inc.target.port(),
+                };
+                let target = inc.target;
+                match authorize(&ctx, &conn) {
+                    Err(e) => {
+                        o.flags = "DENY";
+                        o.result = e;
+                        inc.refuse(http::StatusCode::FORBIDDEN);
+                    }
+                    Ok(policy) => {
+                        o.policy = policy;
+                        match connect_in(&ctx.netns, target, ctx.config.connect_timeout).await {
+                            Err(e) => {
+                                o.flags = "CONNECT";
+                                o.result = format!("app connect failed: {e}");
+                                inc.refuse(http::StatusCode::SERVICE_UNAVAILABLE);
+                            }
+                            Ok(mut app) => match inc.accept() {
+                                Ok(mut tunnel) => match copy(&mut tunnel, &mut app).await {
+                                    Ok((a, b)) => (o.sent, o.received) = (a, b),
+                                    Err(e) => o.result = format!("reset: {e}"),
+                                },
+                                Err(e) => o.result = format!("HBONE: {e}"),
                             },
-                            Err(e) => o.result = format!("HBONE: {e}"),
-                        },
+                        }
                     }
                 }
+                finish(&ctx, Direction::Inbound, peer, target, start, o);
             }
-            finish(&ctx, Direction::Inbound, peer, target, start, o);
-        }
-    })
+        },
+        drain,
+    )
     .await;
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "HBONE connection ended");

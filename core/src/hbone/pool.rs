@@ -193,39 +193,50 @@ impl Pool {
         timeout: Duration,
     ) -> Result<PooledStream, HboneError> {
         self.sweep();
-        let conn = match self.checkout(&key) {
-            Some(c) => c,
-            None => {
-                let _one = self.dialing.lock().await;
-                match self.checkout(&key) {
-                    Some(c) => c,
-                    None => {
-                        let client = tokio::time::timeout(timeout, (self.dial)(key.clone()))
-                            .await
-                            .map_err(|_| HboneError::Timeout("connection"))??;
-                        let conn = Arc::new(Conn::new(client));
-                        self.conns
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .entry(key)
-                            .or_default()
-                            .push(conn.clone());
-                        conn
+        loop {
+            let (conn, reused) = match self.checkout(&key) {
+                Some(c) => (c, true),
+                None => (self.dial_new(&key, timeout).await?, false),
+            };
+            match conn.client.connect_early(target, headers, timeout).await {
+                Ok(stream) => return Ok(PooledStream { stream, conn }),
+                Err(e) => {
+                    conn.streams.fetch_sub(1, Ordering::AcqRel);
+                    if matches!(e, HboneError::H2(_) | HboneError::Timeout(_)) {
+                        // The connection itself failed or is going away (the peer said
+                        // GOAWAY while draining): never hand it out again.
+                        conn.broken.store(true, Ordering::Release);
+                        if reused {
+                            // A pooled connection that went away is not this tunnel's
+                            // failure: try again on a fresh one (once: a fresh one is
+                            // never `reused`).
+                            continue;
+                        }
                     }
+                    return Err(e);
                 }
-            }
-        };
-        match conn.client.connect_early(target, headers, timeout).await {
-            Ok(stream) => Ok(PooledStream { stream, conn }),
-            Err(e) => {
-                conn.streams.fetch_sub(1, Ordering::AcqRel);
-                if matches!(e, HboneError::H2(_) | HboneError::Timeout(_)) {
-                    // The connection itself failed: the next tunnel dials a new one.
-                    conn.broken.store(true, Ordering::Release);
-                }
-                Err(e)
             }
         }
+    }
+
+    /// A connection of `key` with its first stream taken: one another tunnel dialed while
+    /// this one waited, or a new one.
+    async fn dial_new(&self, key: &PoolKey, timeout: Duration) -> Result<Arc<Conn>, HboneError> {
+        let _one = self.dialing.lock().await;
+        if let Some(c) = self.checkout(key) {
+            return Ok(c);
+        }
+        let client = tokio::time::timeout(timeout, (self.dial)(key.clone()))
+            .await
+            .map_err(|_| HboneError::Timeout("connection"))??;
+        let conn = Arc::new(Conn::new(client));
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(conn.clone());
+        Ok(conn)
     }
 
     /// Closes connections that carried no stream for the idle timeout.
