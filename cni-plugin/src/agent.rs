@@ -102,6 +102,12 @@ impl Agent {
             captured = pods.values().filter(|p| p.captured).count(),
             "node agent state loaded"
         );
+        // Pods captured by an earlier agent get the current return path (idempotent).
+        for p in pods.values().filter(|p| p.captured && p.netns.exists()) {
+            if let Err(e) = rules::install_return_path(&p.netns) {
+                tracing::warn!(uid = %p.uid, error = %e, "cannot refresh the pod's return path");
+            }
+        }
         Ok(Arc::new(Agent {
             config,
             pods: Mutex::new(pods),
@@ -223,6 +229,10 @@ impl Agent {
         }
         let netns = Netns::open(&p.netns)
             .map_err(|e| format!("cannot open the pod's netns {}: {e}", p.netns.display()))?;
+        // The return path first: ztunnel may open connections to the app as soon as it
+        // serves the pod.
+        rules::install_return_path(&p.netns)
+            .map_err(|e| format!("installing the return path: {e}"))?;
         self.send(self.add_request(&p), Some(&netns)).await?;
         if let Err(e) = rules::apply(Some(&p.netns), &rules::pod_ruleset()) {
             let _ = self.send(del_request(&p.uid), None).await;
@@ -247,6 +257,8 @@ impl Agent {
             if !gone && p.netns.exists() {
                 rules::apply(Some(&p.netns), &rules::pod_ruleset_removal())
                     .map_err(|e| format!("removing the capture rules: {e}"))?;
+                rules::remove_return_path(&p.netns)
+                    .map_err(|e| format!("removing the return path: {e}"))?;
             }
             if let Err(e) = self.send(del_request(&p.uid), None).await {
                 // ztunnel reconciles to the next snapshot without this pod.

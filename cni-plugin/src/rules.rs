@@ -46,6 +46,113 @@ table inet {POD_TABLE} {{
     )
 }
 
+/// Connection mark of connections ztunnel opens to the app with the client's address.
+pub const RETURN_MARK: u32 = 0x111;
+/// The routing table that delivers those connections' replies back to ztunnel.
+pub const RETURN_ROUTE_TABLE: u32 = 100;
+/// Our nftables table for that return path, in each pod.
+pub const RETURN_TABLE: &str = "trellis-return";
+
+/// The return path of connections ztunnel opens to the app *as the client* (IP_TRANSPARENT,
+/// bound to the client's address, so the app sees who really called). The app's replies
+/// are addressed to the client, whose address is not in the pod: without this they would
+/// leave by the pod's default route. ztunnel's packets reach the app over `lo` carrying
+/// ztunnel's mark; their connection is marked `RETURN_MARK`; the app's packets of such a
+/// connection get that mark back, and a policy rule routes marked packets to `lo`, where
+/// ztunnel's socket takes them. Installed before ztunnel serves the pod.
+pub fn pod_return_ruleset() -> String {
+    format!(
+        r#"table inet {RETURN_TABLE}
+delete table inet {RETURN_TABLE}
+table inet {RETURN_TABLE} {{
+  chain prerouting {{
+    type filter hook prerouting priority mangle; policy accept;
+    iifname "lo" meta mark {ZTUNNEL_MARK:#x} ct mark set {RETURN_MARK:#x}
+  }}
+  chain output {{
+    type route hook output priority mangle; policy accept;
+    ct mark {RETURN_MARK:#x} meta mark set {RETURN_MARK:#x}
+  }}
+}}
+"#
+    )
+}
+
+/// Installs the return path (see [`pod_return_ruleset`]) in the pod at `netns`:
+/// the nftables table, and for IPv4 (and IPv6 where the pod has it) the policy rule and the
+/// local route. Idempotent.
+pub fn install_return_path(netns: &Path) -> Result<(), String> {
+    apply(Some(netns), &pod_return_ruleset())?;
+    let rule = |family: &str, verb: &str| {
+        let mark = format!("{RETURN_MARK:#x}/0xfff");
+        let table = RETURN_ROUTE_TABLE.to_string();
+        ip(
+            netns,
+            &[
+                family, "rule", verb, "fwmark", &mark, "pref", "32764", "lookup", &table,
+            ],
+        )
+    };
+    let route = |family: &str, all: &str| {
+        let table = RETURN_ROUTE_TABLE.to_string();
+        ip(
+            netns,
+            &[
+                family, "route", "replace", "local", all, "dev", "lo", "table", &table,
+            ],
+        )
+    };
+    // Replace rather than duplicate: delete (absent is fine), then add.
+    let _ = rule("-4", "del");
+    rule("-4", "add")?;
+    route("-4", "0.0.0.0/0")?;
+    // IPv6 may be disabled in the pod: then there is nothing to route back.
+    let _ = rule("-6", "del");
+    if rule("-6", "add").is_ok() {
+        let _ = route("-6", "::/0");
+    }
+    Ok(())
+}
+
+/// Removes the return path (absent parts are fine).
+pub fn remove_return_path(netns: &Path) -> Result<(), String> {
+    apply(
+        Some(netns),
+        &format!("table inet {RETURN_TABLE}\ndelete table inet {RETURN_TABLE}\n"),
+    )?;
+    let mark = format!("{RETURN_MARK:#x}/0xfff");
+    let table = RETURN_ROUTE_TABLE.to_string();
+    for family in ["-4", "-6"] {
+        let _ = ip(
+            netns,
+            &[
+                family, "rule", "del", "fwmark", &mark, "pref", "32764", "lookup", &table,
+            ],
+        );
+        let _ = ip(netns, &[family, "route", "flush", "table", &table]);
+    }
+    Ok(())
+}
+
+/// Runs `ip ARGS` inside the network namespace at `netns`.
+fn ip(netns: &Path, args: &[&str]) -> Result<(), String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip (is iproute2 installed?): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// Removes the pod's ruleset (no error when it is not there).
 pub fn pod_ruleset_removal() -> String {
     format!("table inet {POD_TABLE}\ndelete table inet {POD_TABLE}\n")

@@ -74,6 +74,29 @@ fn enrolled_pods_talk_through_ztunnel_on_one_node_and_across_nodes() {
         let near_addr = format!("{}:9000", near.ip);
         echo(c, &a, &near_addr, 8_388_608)?;
 
+        // The app sees the real client: ztunnel connects to it with the client pod's address
+        // (across nodes and on the node).
+        for to in [&far, &near] {
+            let mut cmd = testapp();
+            cmd.args([
+                "http",
+                &format!("http://{}:8080/who", to.ip),
+                "--requests",
+                "2",
+                "--expect-status",
+                "200",
+            ]);
+            let out: Value =
+                serde_json::from_str(c.run(&a, &format!("http-to-{}", to.name), cmd)?.trim())?;
+            let peer = out["last_body"]["peer"].as_str().unwrap_or("");
+            ensure!(
+                peer.starts_with(&format!("{}:", a.ip)),
+                "{} saw its client as {peer}, not as a ({}): {out}",
+                to.name,
+                a.ip
+            );
+        }
+
         // Each connection shows at the source's ztunnel (outbound) and at the destination's
         // (inbound), with the original destination and every byte.
         eventually("access-log lines", Duration::from_secs(10), || {

@@ -237,6 +237,43 @@ fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
 }
 
 async fn connect_in(netns: &Netns, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    connect_from(netns, None, dst, timeout).await
+}
+
+/// Whether connecting to the app as the client works here (IP_TRANSPARENT needs
+/// CAP_NET_ADMIN); after the first refusal, ztunnel connects from the pod's own address.
+static TRANSPARENT_OK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Connects to this pod's app for an inbound connection from `client`, keeping the
+/// client's address where the kernel allows (IP_TRANSPARENT, bound to the client's IP; the
+/// node agent installs the return path for the replies), else from the pod's address.
+async fn connect_as(
+    netns: &Netns,
+    client: SocketAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let transparent = TRANSPARENT_OK.load(std::sync::atomic::Ordering::Relaxed)
+        && client.is_ipv4() == dst.is_ipv4();
+    if !transparent {
+        return connect_in(netns, dst, timeout).await;
+    }
+    match connect_from(netns, Some(client.ip()), dst, timeout).await {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            TRANSPARENT_OK.store(false, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, "cannot connect to apps with the client's address (IP_TRANSPARENT refused); apps will see the pod's own address");
+            connect_in(netns, dst, timeout).await
+        }
+        r => r,
+    }
+}
+
+async fn connect_from(
+    netns: &Netns,
+    source: Option<std::net::IpAddr>,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     let socket = netns.run(|| -> io::Result<Socket> {
         let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
         s.set_mark(SOCKET_MARK)?;
@@ -244,6 +281,14 @@ async fn connect_in(netns: &Netns, dst: SocketAddr, timeout: Duration) -> io::Re
         // A proxy must not add Nagle's delay to small writes its client already decided
         // to send (request/response traffic would wait for the peer's delayed ACK).
         s.set_tcp_nodelay(true)?;
+        if let Some(ip) = source {
+            if ip.is_ipv4() {
+                s.set_ip_transparent_v4(true)?;
+            } else {
+                s.set_ip_transparent_v6(true)?;
+            }
+            s.bind(&SocketAddr::new(ip, 0).into())?;
+        }
         Ok(s)
     })??;
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
@@ -482,7 +527,7 @@ async fn plaintext_inbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<Pod
         }
         Ok(policy) => {
             o.policy = policy;
-            match connect_in(&ctx.netns, dst, ctx.config.connect_timeout).await {
+            match connect_as(&ctx.netns, peer, dst, ctx.config.connect_timeout).await {
                 Ok(mut up) => match copy(&mut client, &mut up).await {
                     Ok((a, b)) => (o.sent, o.received) = (a, b),
                     Err(e) => o.result = format!("reset: {e}"),
@@ -572,7 +617,8 @@ async fn hbone_inbound(
                     }
                     Ok(policy) => {
                         o.policy = policy;
-                        match connect_in(&ctx.netns, target, ctx.config.connect_timeout).await {
+                        match connect_as(&ctx.netns, peer, target, ctx.config.connect_timeout).await
+                        {
                             Err(e) => {
                                 o.flags = "CONNECT";
                                 o.result = format!("app connect failed: {e}");
