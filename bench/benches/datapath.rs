@@ -149,8 +149,10 @@ fn measure(c: &Cluster) -> Result<()> {
 
     println!("| Scenario | direct | through 2 ztunnels | ratio |");
     println!("|---|---|---|---|");
+    // `DATAPATH_ONLY=connect` runs only the new-connection scenario (for profiling it).
+    let only_connect = std::env::var("DATAPATH_ONLY").is_ok_and(|v| v == "connect");
     let mut cpu_bulk = 0.0;
-    for streams in [1usize, 4] {
+    for streams in [1usize, 4].into_iter().filter(|_| !only_connect) {
         let d = bulk(c, &dc, &direct_to, streams)?;
         let (cpu0, _) = zt_usage();
         let m = bulk(c, &mc, &mesh_to, streams)?;
@@ -161,7 +163,10 @@ fn measure(c: &Cluster) -> Result<()> {
         );
     }
     let gb = 2.0 * BULK as f64 / 1e9;
-    for (size, label) in [(1usize, "1 B"), (1024, "1 KiB")] {
+    for (size, label) in [(1usize, "1 B"), (1024, "1 KiB")]
+        .into_iter()
+        .filter(|_| !only_connect)
+    {
         let (d50, d99) = rr(c, &dc, &direct_to, size, false)?;
         let (m50, m99) = rr(c, &mc, &mesh_to, size, false)?;
         println!(
@@ -178,6 +183,16 @@ fn measure(c: &Cluster) -> Result<()> {
         m50 - d50
     );
     let (_, rss) = zt_usage();
+    if std::env::var("DATAPATH_METRICS").is_ok() {
+        for n in [n1, n2] {
+            let m = mesh.metrics(c, n)?;
+            for l in m.lines().filter(|l| {
+                l.starts_with("trellis_hbone") || l.starts_with("istio_tcp_connections_opened")
+            }) {
+                println!("{}: {}", n.name(), &l[..l.len().min(200)]);
+            }
+        }
+    }
     println!(
         "\nztunnel CPU (both nodes): {:.2} s per GB echoed (each byte both ways), {:.3} s per 1,000 new-connection requests",
         cpu_bulk / gb,

@@ -53,14 +53,31 @@ impl Netns {
     /// thread's previous namespace. If the return fails the thread would be left in the
     /// pod's namespace, serving other work from there: the process aborts instead, since
     /// nothing it does afterwards could be trusted to be in the right namespace.
+    ///
+    /// Calls must not nest (`f` must not call `run`): the thread returns to its own home
+    /// namespace, not to the outer call's. The thread's own namespace is opened once per
+    /// thread and kept (a proxy enters pod
+    /// namespaces for every connection; opening `/proc/thread-self/ns/net` each time cost
+    /// an open and a close per connection).
     pub fn run<R>(&self, f: impl FnOnce() -> R) -> io::Result<R> {
-        let home = Netns::current()?;
-        setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        let result = f();
-        if let Err(e) = setns(home.fd.as_fd(), CloneFlags::CLONE_NEWNET) {
-            tracing::error!(error = %e, "cannot return to the original network namespace; aborting");
-            std::process::abort();
+        thread_local! {
+            static HOME: std::cell::OnceCell<Netns> = const { std::cell::OnceCell::new() };
         }
-        Ok(result)
+        HOME.with(|home| {
+            let home = match home.get() {
+                Some(h) => h,
+                None => {
+                    let current = Netns::current()?;
+                    home.get_or_init(|| current)
+                }
+            };
+            setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            let result = f();
+            if let Err(e) = setns(home.fd.as_fd(), CloneFlags::CLONE_NEWNET) {
+                tracing::error!(error = %e, "cannot return to the original network namespace; aborting");
+                std::process::abort();
+            }
+            Ok(result)
+        })
     }
 }

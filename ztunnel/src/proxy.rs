@@ -274,23 +274,23 @@ async fn connect_from(
     dst: SocketAddr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    let socket = netns.run(|| -> io::Result<Socket> {
-        let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-        s.set_mark(SOCKET_MARK)?;
-        s.set_nonblocking(true)?;
-        // A proxy must not add Nagle's delay to small writes its client already decided
-        // to send (request/response traffic would wait for the peer's delayed ACK).
-        s.set_tcp_nodelay(true)?;
-        if let Some(ip) = source {
-            if ip.is_ipv4() {
-                s.set_ip_transparent_v4(true)?;
-            } else {
-                s.set_ip_transparent_v6(true)?;
-            }
-            s.bind(&SocketAddr::new(ip, 0).into())?;
+    // Only socket() needs the pod's namespace; the socket keeps it for everything after.
+    let s = netns
+        .run(|| Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)))??;
+    s.set_mark(SOCKET_MARK)?;
+    s.set_nonblocking(true)?;
+    // A proxy must not add Nagle's delay to small writes its client already decided
+    // to send (request/response traffic would wait for the peer's delayed ACK).
+    s.set_tcp_nodelay(true)?;
+    if let Some(ip) = source {
+        if ip.is_ipv4() {
+            s.set_ip_transparent_v4(true)?;
+        } else {
+            s.set_ip_transparent_v6(true)?;
         }
-        Ok(s)
-    })??;
+        s.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    let socket = s;
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
     match tokio::time::timeout(timeout, socket.connect(dst)).await {
         Ok(r) => r,
