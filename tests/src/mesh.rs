@@ -152,6 +152,23 @@ impl Mesh {
         )
     }
 
+    /// A credential for a waypoint running as `identity` (what the chart gives a waypoint
+    /// Deployment): it may obtain that identity's certificate and nothing else.
+    pub fn waypoint_credential(&self, identity: &str) -> Result<String> {
+        let out = Command::new(workspace_bin("trellis-control-plane")?)
+            .arg("credential")
+            .arg("--state-dir")
+            .arg(self.cp_dir.join("state"))
+            .args(["waypoint", identity])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "credential: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
     /// The control plane's xDS and CA address (`https://…:15012`) and the name in its
     /// serving certificate.
     pub fn control_plane_url(&self, c: &Cluster) -> (String, String) {

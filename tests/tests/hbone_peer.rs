@@ -15,6 +15,7 @@ use anyhow::{Context, Result, anyhow, ensure};
 use bytes::Bytes;
 use trellis_core::SpiffeId;
 use trellis_core::cert::{CertConfig, CertManager, GrpcCaClient, GrpcCaConfig};
+use trellis_core::hbone;
 use trellis_core::testing::TestCa;
 use trellis_core::tls::{TrustBundle, WorkloadCert};
 use trellis_e2e::mesh::{Mesh, eventually};
@@ -32,8 +33,19 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// A certificate for `ns/sa` obtained from the mesh CA with `node`'s credential, from
 /// inside `node`'s namespace (as that node's ztunnel asks).
 fn issue(mesh: &Mesh, c: &Cluster, node: &Node, ns: &str, sa: &str) -> Result<Arc<WorkloadCert>> {
+    issue_with(mesh, c, node, mesh.node_credential(node)?, ns, sa)
+}
+
+/// A certificate for `ns/sa` obtained with `credential`, asking from `node`'s namespace.
+fn issue_with(
+    mesh: &Mesh,
+    c: &Cluster,
+    node: &Node,
+    credential: String,
+    ns: &str,
+    sa: &str,
+) -> Result<Arc<WorkloadCert>> {
     let roots = mesh.roots_pem()?;
-    let credential = mesh.node_credential(node)?;
     let (endpoint, server_name) = mesh.control_plane_url(c);
     let id = SpiffeId::new("cluster.local", ns, sa)?;
     in_netns(node.netns(), move || -> Result<Arc<WorkloadCert>> {
@@ -219,6 +231,175 @@ fn misbehaving_and_forged_peers_are_refused_and_logged() {
         cmd.args(["tcp", &b_app, "--bytes", "100000", "--timeout", "30"]);
         let out = c.run(&a, "echo-a-b", cmd)?;
         ensure!(out.contains("\"intact\":true"), "{out}");
+        Ok(())
+    });
+}
+
+/// A waypoint stand-in: an HBONE server (Trellis's own, `trellis_core::hbone`) on port
+/// 15008 of `pod`, with `cert`, on a thread inside the pod's namespace. For every CONNECT it
+/// answers 200, then writes `waypoint saw <authority> from <peer identity>` and closes. The
+/// L7 waypoint itself is a later issue; this checks what ztunnel puts on the wire for it.
+struct FakeWaypoint {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeWaypoint {
+    fn start(pod: &Pod, cert: Arc<WorkloadCert>, roots: Arc<TrustBundle>) -> Result<FakeWaypoint> {
+        let path = format!("/run/netns/{}", pod.netns());
+        let addr: SocketAddr = format!("{}:15008", pod.ip).parse()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel::<Result<(), String>>();
+        let thread = std::thread::spawn(move || {
+            let report = ready_tx.clone();
+            let run = || -> Result<()> {
+                let ns = std::fs::File::open(&path)?;
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                let rt = runtime()?;
+                rt.block_on(async move {
+                    let cfg = trellis_core::tls::server_config(&cert, roots)?;
+                    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+                    let l = tokio::net::TcpListener::bind(addr).await?;
+                    let _ = ready_tx.send(Ok(()));
+                    let serve = async move {
+                        loop {
+                            let Ok((tcp, _)) = l.accept().await else {
+                                continue;
+                            };
+                            let acceptor = acceptor.clone();
+                            tokio::spawn(async move {
+                                let Ok(tls) = acceptor.accept(tcp).await else {
+                                    return;
+                                };
+                                let peer = trellis_core::tls::peer_identity(tls.get_ref().1)
+                                    .map(|p| p.to_string())
+                                    .unwrap_or_else(|_| "?".into());
+                                let _ = hbone::serve(tls, move |inc| {
+                                    let peer = peer.clone();
+                                    async move {
+                                        use tokio::io::AsyncWriteExt;
+                                        let line =
+                                            format!("waypoint saw {} from {peer}\n", inc.target);
+                                        if let Ok(mut s) = inc.accept() {
+                                            let _ = s.write_all(line.as_bytes()).await;
+                                            let _ = s.shutdown().await;
+                                        }
+                                    }
+                                })
+                                .await;
+                            });
+                        }
+                    };
+                    tokio::select! {
+                        () = serve => {},
+                        _ = stopped => {},
+                    }
+                    Ok::<_, anyhow::Error>(())
+                })
+            };
+            if let Err(e) = run() {
+                let _ = report.send(Err(format!("{e:#}")));
+            }
+        });
+        ready
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| anyhow!("the fake waypoint did not start"))?
+            .map_err(|e| anyhow!("the fake waypoint: {e}"))?;
+        Ok(FakeWaypoint {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for FakeWaypoint {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A service bound to a waypoint (`istio.io/use-waypoint`) is reached through the
+/// waypoint: the client's ztunnel opens HBONE to a waypoint pod (resolved from the
+/// waypoint's Service), as the client, asking for the service's VIP and port.
+#[test]
+fn a_service_bound_to_a_waypoint_is_reached_through_it() {
+    with_cluster("waypoint_route", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mesh = Mesh::start(c)?;
+        mesh.namespace("shop", true)?;
+        let client = c.add_pod(n1, "shop", "client", "client", &[])?;
+        let web = c.add_pod(n2, "shop", "web-1", "web", &[("app", "web")])?;
+        // The waypoint's pod runs its own HBONE listener: ztunnel does not capture it.
+        let wp = c.add_pod(
+            n2,
+            "shop",
+            "waypoint-1",
+            "waypoint",
+            &[
+                ("gateway.networking.k8s.io/gateway-name", "waypoint"),
+                ("istio.io/dataplane-mode", "none"),
+            ],
+        )?;
+        for p in [&client, &web, &wp] {
+            mesh.register_pod(p)?;
+        }
+        mesh.apply(
+            "waypoint.yaml",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: shop}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: waypoint, namespace: shop}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {gateway.networking.k8s.io/gateway-name: waypoint}\n  ports: [{name: mesh, port: 15008}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+        )?;
+        mesh.wait_captured(c, &client, true)?;
+        mesh.wait_captured(c, &web, true)?;
+        mesh.wait_captured(c, &wp, false)?;
+
+        let id = "spiffe://cluster.local/ns/shop/sa/waypoint";
+        let cert = issue_with(
+            &mesh,
+            c,
+            n2,
+            mesh.waypoint_credential(id)?,
+            "shop",
+            "waypoint",
+        )
+        .context("the waypoint's certificate")?;
+        let roots = Arc::new(TrustBundle::from_pem("cluster.local", &mesh.roots_pem()?)?);
+        let _wp = FakeWaypoint::start(&wp, cert, roots)?;
+
+        let want = "waypoint saw 10.96.0.10:80 from spiffe://cluster.local/ns/shop/sa/client";
+        let mut last = String::new();
+        eventually(
+            "the service reached through its waypoint",
+            Duration::from_secs(20),
+            || {
+                let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-testapp"));
+                cmd.args([
+                    "tcp",
+                    "10.96.0.10:80",
+                    "--message",
+                    "hello",
+                    "--timeout",
+                    "5",
+                ]);
+                last = c
+                    .run(&client, "client-to-web", cmd)
+                    .unwrap_or_else(|e| format!("{e:#}"));
+                Ok(last.contains(want))
+            },
+        )
+        .with_context(|| format!("last answer: {last}"))?;
+        let out = mesh.access_log("node1")?.into_iter().find(|l| {
+            l["fields"]["direction"] == "outbound"
+                && l["fields"]["dst"] == "10.96.0.10:80"
+                && l["fields"]["route"] == "hbone"
+        });
+        ensure!(
+            out.is_some_and(|l| l["fields"]["peer_identity"] == id),
+            "the client's ztunnel logs the waypoint as the peer"
+        );
         Ok(())
     });
 }
