@@ -55,6 +55,17 @@ fn usage(pid: u32) -> (f64, f64) {
     (cpu, rss)
 }
 
+/// A `/proc/PID/status` field in kB.
+fn status_kb(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
 fn json_out(c: &Cluster, from: &Pod, name: &str, cmd: Command) -> Result<Value> {
     let out = c.run(from, name, cmd)?;
     serde_json::from_str(out.trim()).with_context(|| format!("not JSON: {out}"))
@@ -149,10 +160,15 @@ fn measure(c: &Cluster) -> Result<()> {
 
     println!("| Scenario | direct | through 2 ztunnels | ratio |");
     println!("|---|---|---|---|");
-    // `DATAPATH_ONLY=connect` runs only the new-connection scenario (for profiling it).
-    let only_connect = std::env::var("DATAPATH_ONLY").is_ok_and(|v| v == "connect");
+    // `DATAPATH_ONLY=connect` runs only the new-connection scenario (for profiling it),
+    // `DATAPATH_ONLY=latency` ping-pong and new connections.
+    let only = std::env::var("DATAPATH_ONLY").unwrap_or_default();
+    let only_connect = only == "connect";
     let mut cpu_bulk = 0.0;
-    for streams in [1usize, 4].into_iter().filter(|_| !only_connect) {
+    for streams in [1usize, 4]
+        .into_iter()
+        .filter(|_| !only_connect && only != "latency")
+    {
         let d = bulk(c, &dc, &direct_to, streams)?;
         let (cpu0, _) = zt_usage();
         let m = bulk(c, &mc, &mesh_to, streams)?;
@@ -183,6 +199,11 @@ fn measure(c: &Cluster) -> Result<()> {
         m50 - d50
     );
     let (_, rss) = zt_usage();
+    // Once idle again (ztunnel returns freed heap to the system a second after its last
+    // connection closes), and the peak over the whole run.
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, rss_idle) = zt_usage();
+    let peak: f64 = zt.iter().map(|p| status_kb(*p, "VmHWM:") / 1024.0).sum();
     if std::env::var("DATAPATH_METRICS").is_ok() {
         for n in [n1, n2] {
             let m = mesh.metrics(c, n)?;
@@ -199,9 +220,11 @@ fn measure(c: &Cluster) -> Result<()> {
         cpu_conn / (RR as f64 / 1000.0)
     );
     println!(
-        "ztunnel RSS (per node, mean of two): idle {:.1} MB, after the run {:.1} MB",
+        "ztunnel RSS (per node, mean of two): idle {:.1} MB, right after the run {:.1} MB, 3 s after the run {:.1} MB, peak {:.1} MB",
         idle_rss / 2.0,
-        rss / 2.0
+        rss / 2.0,
+        rss_idle / 2.0,
+        peak / 2.0
     );
     drop(servers);
     Ok(())

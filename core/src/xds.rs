@@ -31,6 +31,8 @@ pub struct Store {
     workload_by_ip: HashMap<IpAddr, String>,
     services: HashMap<String, Service>,
     service_by_vip: HashMap<IpAddr, String>,
+    /// Service key (`namespace/hostname`) → names of the workloads backing it.
+    endpoints: HashMap<String, std::collections::BTreeSet<String>>,
     policies: BTreeMap<String, Authorization>,
     /// Type URL → resource name → version: what we hold, sent on resume.
     versions: BTreeMap<String, BTreeMap<String, String>>,
@@ -45,6 +47,16 @@ impl Store {
     /// Every workload.
     pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
         self.workloads.values()
+    }
+
+    /// The workloads backing service `key` (`namespace/hostname`), in name order, from an
+    /// index (no scan of every workload per connection).
+    pub fn endpoints(&self, key: &str) -> impl Iterator<Item = &Workload> {
+        self.endpoints
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| self.workloads.get(n))
     }
 
     /// The workload that owns `ip`.
@@ -177,6 +189,12 @@ impl Store {
                         for ip in w.addresses.iter().filter_map(|b| ip_of(b)) {
                             self.workload_by_ip.insert(ip, name.clone());
                         }
+                        for svc in w.services.keys() {
+                            self.endpoints
+                                .entry(svc.clone())
+                                .or_default()
+                                .insert(name.clone());
+                        }
                         self.workloads.insert(name.clone(), w);
                     }
                     Some(address::Type::Service(s)) => {
@@ -207,6 +225,14 @@ impl Store {
             for ip in w.addresses.iter().filter_map(|b| ip_of(b)) {
                 if self.workload_by_ip.get(&ip).is_some_and(|n| n == name) {
                     self.workload_by_ip.remove(&ip);
+                }
+            }
+            for svc in w.services.keys() {
+                if let Some(set) = self.endpoints.get_mut(svc) {
+                    set.remove(name);
+                    if set.is_empty() {
+                        self.endpoints.remove(svc);
+                    }
                 }
             }
         }
@@ -517,5 +543,52 @@ mod tests {
             "{err}"
         );
         assert_eq!(s.len(), (1, 0, 0));
+    }
+
+    #[test]
+    fn the_endpoint_index_follows_workload_changes() {
+        let with_services = |name: &str, services: &[&str]| {
+            let w = Workload {
+                uid: name.into(),
+                name: name.into(),
+                namespace: "foo".into(),
+                services: services
+                    .iter()
+                    .map(|s| ((*s).to_string(), Default::default()))
+                    .collect(),
+                ..Default::default()
+            };
+            (
+                name.to_string(),
+                Address {
+                    r#type: Some(address::Type::Workload(w)),
+                },
+            )
+        };
+        let names = |s: &Store, key: &str| -> Vec<String> {
+            s.endpoints(key).map(|w| w.name.clone()).collect()
+        };
+        let mut s = Store::from_addresses(vec![
+            with_services("a", &["foo/web"]),
+            with_services("b", &["foo/web", "foo/api"]),
+        ]);
+        assert_eq!(names(&s, "foo/web"), ["a", "b"]);
+        assert_eq!(names(&s, "foo/api"), ["b"]);
+        // b stops backing web; a is removed.
+        let (name, addr) = with_services("b", &["foo/api"]);
+        let resp = DeltaDiscoveryResponse {
+            type_url: Address::type_url(),
+            resources: vec![Resource {
+                name,
+                version: "2".into(),
+                resource: Some(Any::from_msg(&addr).unwrap()),
+                ..Default::default()
+            }],
+            removed_resources: vec!["a".into()],
+            ..Default::default()
+        };
+        s.apply(&resp).unwrap();
+        assert!(names(&s, "foo/web").is_empty());
+        assert_eq!(names(&s, "foo/api"), ["b"]);
     }
 }

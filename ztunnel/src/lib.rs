@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod config;
 pub mod inpod;
+pub mod memory;
 pub mod mesh;
 pub mod proxy;
 pub mod telemetry;
@@ -69,6 +70,7 @@ pub fn connect_mesh(config: &Config) -> Result<mesh::Mesh, BoxError> {
         certs: CertManager::new(ca, bundle.clone(), CertConfig::default()),
         bundle,
         trust_domain: config.trust_domain.clone(),
+        loads: Arc::default(),
     })
 }
 
@@ -97,9 +99,11 @@ pub async fn run(
     let admin = telemetry::serve(config.metrics_addr, metrics).await?;
     tracing::info!(metrics = %admin, zds = %config.zds_socket.display(), node = %config.node_name, "ztunnel starting");
     let zds = tokio::spawn(inpod::run_zds_client(config.clone(), pods.clone()));
+    let trim = tokio::spawn(memory::trim_when_idle());
     trellis_core::shutdown::terminated().await;
     tracing::info!("shutting down: closing every pod's listeners");
     zds.abort();
+    trim.abort();
     pods.shutdown(config.drain_timeout).await;
     Ok(())
 }

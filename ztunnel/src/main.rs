@@ -46,6 +46,9 @@ struct Cli {
     /// The mesh's trust domain.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
+    /// Worker threads of the proxy's runtime (Istio's ztunnel uses 2 by default).
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: usize,
 }
 
 fn main() -> std::process::ExitCode {
@@ -93,7 +96,11 @@ fn main() -> std::process::ExitCode {
         drain_timeout: Duration::from_secs(cli.drain_seconds),
         ..Config::default()
     };
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.worker_threads.max(1))
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("trellis-ztunnel: cannot start the runtime: {e}");

@@ -26,6 +26,8 @@ pub struct Mesh {
     pub bundle: Arc<TrustBundle>,
     /// The mesh's trust domain (for workloads that do not name theirs).
     pub trust_domain: String,
+    /// Open outbound connections per peer, for endpoint choice.
+    pub loads: Arc<Loads>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -59,9 +61,92 @@ impl Mesh {
         identity_of(&self.trust_domain, w)
     }
 
-    /// Decides where `dst` goes (see [`decide`]) from the control plane's current data.
-    pub fn route(&self, dst: SocketAddr, pick: u64) -> Route {
-        decide(&self.xds.store(), &self.trust_domain, dst, pick)
+    /// Decides where `dst` goes (see [`decide`]) from the control plane's current data;
+    /// `random` is a fresh random number for this connection.
+    pub fn route(&self, dst: SocketAddr, random: u64) -> Route {
+        let load = |ip: IpAddr| self.loads.get(ip);
+        let pick = Pick {
+            random,
+            load: &load,
+        };
+        decide(&self.xds.store(), &self.trust_domain, dst, &pick)
+    }
+}
+
+/// How an endpoint is chosen among several: two at random, the one with fewer open
+/// connections from this ztunnel ("power of two choices": close to least-loaded, without
+/// every ztunnel herding onto the same idle endpoint).
+pub struct Pick<'a> {
+    /// A fresh random number for this connection.
+    pub random: u64,
+    /// Open connections from this ztunnel to an address.
+    pub load: &'a dyn Fn(IpAddr) -> usize,
+}
+
+impl Pick<'_> {
+    fn choose<'w>(&self, among: &[&'w Workload]) -> &'w Workload {
+        let n = among.len() as u64;
+        let a = (self.random % n) as usize;
+        if n < 2 {
+            return among[a];
+        }
+        // A second, different candidate from the other half of the random bits.
+        let b = ((a as u64 + 1 + (self.random >> 32) % (n - 1)) % n) as usize;
+        let load = |w: &Workload| first_ip(w).map_or(usize::MAX, |ip| (self.load)(ip));
+        if load(among[b]) < load(among[a]) {
+            among[b]
+        } else {
+            among[a]
+        }
+    }
+}
+
+/// Open outbound connections of this ztunnel per peer address (the load [`Pick`] compares).
+#[derive(Debug, Default)]
+pub struct Loads(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+impl Loads {
+    /// Open connections to `ip`.
+    pub fn get(&self, ip: IpAddr) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ip)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Counts a connection to `ip` until the guard is dropped.
+    pub fn hold(self: &Arc<Self>, ip: IpAddr) -> LoadGuard {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(ip)
+            .or_default() += 1;
+        LoadGuard {
+            loads: self.clone(),
+            ip,
+        }
+    }
+}
+
+/// One open connection to an address; see [`Loads::hold`].
+#[derive(Debug)]
+pub struct LoadGuard {
+    loads: Arc<Loads>,
+    ip: IpAddr,
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        let mut m = self.loads.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -78,13 +163,13 @@ fn identity_of(trust_domain: &str, w: &Workload) -> Option<SpiffeId> {
 /// - a mesh workload → HBONE to it (`:authority` = `dst`), or to its waypoint if it has one
 ///   for workload traffic;
 /// - a service VIP → to the service's waypoint if it has one (`:authority` = the VIP and
-///   port, as Istio's waypoints expect), else a ready endpoint picked with `pick`, then
+///   port, as Istio's waypoints expect), else a ready endpoint chosen by `pick`, then
 ///   HBONE or TCP as that endpoint speaks;
 /// - anything else passes through.
 ///
 /// A waypoint that cannot be resolved refuses the connection: traffic is never sent around
 /// the L7 policy a waypoint enforces (fail closed).
-pub fn decide(store: &Store, trust_domain: &str, dst: SocketAddr, pick: u64) -> Route {
+pub fn decide(store: &Store, trust_domain: &str, dst: SocketAddr, pick: &Pick<'_>) -> Route {
     if let Some(w) = store.workload_by_ip(dst.ip()) {
         if let Some(gw) = &w.waypoint {
             return via_waypoint(
@@ -123,7 +208,7 @@ fn pick_endpoint<'a>(
     store: &'a Store,
     svc: &Service,
     port: u16,
-    pick: u64,
+    pick: &Pick<'_>,
 ) -> Result<(&'a Workload, SocketAddr), String> {
     let key = format!("{}/{}", svc.namespace, svc.hostname);
     let Some(sp) = svc.ports.iter().find(|p| p.service_port == u32::from(port)) else {
@@ -133,10 +218,7 @@ fn pick_endpoint<'a>(
     if endpoints.is_empty() {
         return Err(format!("service {key} has no ready endpoint"));
     }
-    // A uniformly random ready endpoint (`pick` is random per connection): no
-    // per-endpoint load is tracked yet, so "random of two, least loaded" would have
-    // nothing to compare.
-    let w = endpoints[(pick % endpoints.len() as u64) as usize];
+    let w = pick.choose(&endpoints);
     let target_port = w
         .services
         .get(&key)
@@ -165,7 +247,7 @@ fn via_waypoint(
     trust_domain: &str,
     gw: &GatewayAddress,
     dst: SocketAddr,
-    pick: u64,
+    pick: &Pick<'_>,
     what: &str,
 ) -> Route {
     let refuse = |why: String| {
@@ -227,14 +309,14 @@ fn via_waypoint(
 fn pick_waypoint_pod<'a>(
     store: &'a Store,
     svc: &Service,
-    pick: u64,
+    pick: &Pick<'_>,
 ) -> Result<&'a Workload, String> {
     let key = format!("{}/{}", svc.namespace, svc.hostname);
     let pods = endpoints(store, &key);
     if pods.is_empty() {
         return Err(format!("its service {key} has no ready pod"));
     }
-    Ok(pods[(pick % pods.len() as u64) as usize])
+    Ok(pick.choose(&pods))
 }
 
 fn to_workload(trust_domain: &str, w: &Workload, target: SocketAddr) -> Route {
@@ -266,8 +348,8 @@ fn first_ip(w: &Workload) -> Option<IpAddr> {
 /// The healthy workloads behind service `key` (`namespace/hostname`).
 fn endpoints<'a>(store: &'a Store, key: &str) -> Vec<&'a Workload> {
     store
-        .workloads()
-        .filter(|w| w.services.contains_key(key) && w.status == WorkloadStatus::Healthy as i32)
+        .endpoints(key)
+        .filter(|w| w.status == WorkloadStatus::Healthy as i32)
         .collect()
 }
 
@@ -371,6 +453,17 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn no_load(_: IpAddr) -> usize {
+        0
+    }
+
+    fn random(r: u64) -> Pick<'static> {
+        Pick {
+            random: r,
+            load: &no_load,
+        }
+    }
+
     const WEB: &str = "foo/web.foo.svc.cluster.local";
     const WP: &str = "foo/waypoint.foo.svc.cluster.local";
 
@@ -411,7 +504,7 @@ mod tests {
     fn a_workload_is_reached_over_hbone_at_its_own_address() {
         let s = mesh(None);
         assert_eq!(
-            decide(&s, "cluster.local", addr("10.0.0.5:8080"), 0),
+            decide(&s, "cluster.local", addr("10.0.0.5:8080"), &random(0)),
             Route::Hbone {
                 target: addr("10.0.0.5:8080"),
                 via: addr("10.0.0.5:15008"),
@@ -424,7 +517,7 @@ mod tests {
     fn a_service_vip_goes_to_an_endpoint_on_its_target_port() {
         let s = mesh(None);
         assert_eq!(
-            decide(&s, "cluster.local", addr("10.96.0.10:80"), 7),
+            decide(&s, "cluster.local", addr("10.96.0.10:80"), &random(7)),
             Route::Hbone {
                 target: addr("10.0.0.5:8080"),
                 via: addr("10.0.0.5:15008"),
@@ -432,7 +525,7 @@ mod tests {
             }
         );
         assert!(matches!(
-            decide(&s, "cluster.local", addr("10.96.0.10:81"), 0),
+            decide(&s, "cluster.local", addr("10.96.0.10:81"), &random(0)),
             Route::Refuse(why) if why.contains("no port 81")
         ));
     }
@@ -458,7 +551,7 @@ mod tests {
         ] {
             let s = mesh(gw.clone());
             assert_eq!(
-                decide(&s, "cluster.local", addr("10.96.0.10:80"), 3),
+                decide(&s, "cluster.local", addr("10.96.0.10:80"), &random(3)),
                 expected,
                 "{gw:?}"
             );
@@ -488,7 +581,7 @@ mod tests {
             )],
         );
         assert_eq!(
-            decide(&s, "cluster.local", addr("10.0.0.5:8080"), 0),
+            decide(&s, "cluster.local", addr("10.0.0.5:8080"), &random(0)),
             Route::Hbone {
                 target: addr("10.0.0.5:8080"),
                 via: addr("10.0.0.9:15008"),
@@ -516,7 +609,7 @@ mod tests {
             let s = mesh(gw.clone());
             assert!(
                 matches!(
-                    decide(&s, "cluster.local", addr("10.96.0.10:80"), 0),
+                    decide(&s, "cluster.local", addr("10.96.0.10:80"), &random(0)),
                     Route::Refuse(why) if why.contains("bound to a waypoint")
                 ),
                 "{gw:?}"
@@ -539,7 +632,7 @@ mod tests {
             ],
         );
         assert!(matches!(
-            decide(&s, "cluster.local", addr("10.96.0.10:80"), 0),
+            decide(&s, "cluster.local", addr("10.96.0.10:80"), &random(0)),
             Route::Refuse(why) if why.contains("no ready pod")
         ));
     }
@@ -550,12 +643,58 @@ mod tests {
         plain.tunnel_protocol = TunnelProtocol::None as i32;
         let s = store(vec![plain], vec![]);
         assert_eq!(
-            decide(&s, "cluster.local", addr("10.0.1.7:80"), 0),
+            decide(&s, "cluster.local", addr("10.0.1.7:80"), &random(0)),
             Route::Passthrough(addr("10.0.1.7:80"))
         );
         assert_eq!(
-            decide(&s, "cluster.local", addr("192.0.2.1:443"), 0),
+            decide(&s, "cluster.local", addr("192.0.2.1:443"), &random(0)),
             Route::Passthrough(addr("192.0.2.1:443"))
         );
+    }
+}
+
+#[cfg(test)]
+mod pick_tests {
+    use super::*;
+
+    fn w(ip: [u8; 4]) -> Workload {
+        Workload {
+            addresses: vec![ip.to_vec()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn of_two_candidates_the_less_loaded_wins() {
+        let (a, b) = (w([10, 0, 0, 1]), w([10, 0, 0, 2]));
+        let busy = |ip: IpAddr| {
+            if ip == IpAddr::from([10, 0, 0, 1]) {
+                5
+            } else {
+                0
+            }
+        };
+        // With two endpoints both are always candidates: the idle one is chosen whatever
+        // the random number.
+        for r in [0u64, 1, 2, 3, u64::MAX, 1 << 40] {
+            let pick = Pick {
+                random: r,
+                load: &busy,
+            };
+            assert_eq!(pick.choose(&[&a, &b]).addresses, b.addresses, "random {r}");
+        }
+        // Without load, the choice is spread over all endpoints.
+        let all: Vec<Workload> = (1..=4).map(|i| w([10, 0, 0, i])).collect();
+        let refs: Vec<&Workload> = all.iter().collect();
+        let idle = |_: IpAddr| 0;
+        let mut seen = std::collections::BTreeSet::new();
+        for r in 0..64u64 {
+            let pick = Pick {
+                random: r.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                load: &idle,
+            };
+            seen.insert(pick.choose(&refs).addresses.clone());
+        }
+        assert_eq!(seen.len(), 4);
     }
 }

@@ -303,6 +303,7 @@ async fn connect_from(
 
 /// What one connection did, for the access log and metrics.
 struct Outcome {
+    _open: crate::memory::Open,
     route: &'static str,
     labels: telemetry::ConnLabels,
     /// Istio's response flag: `-`, `DENY`, `CONNECT`.
@@ -319,6 +320,7 @@ impl Outcome {
     fn new(route: &'static str, labels: telemetry::ConnLabels) -> Outcome {
         labels.opened();
         Outcome {
+            _open: crate::memory::Open::new(),
             route,
             labels,
             flags: "-",
@@ -368,10 +370,13 @@ async fn outbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
         tracing::warn!(%peer, %dst, "connection addressed to ztunnel's own listener; closing");
         return;
     }
-    let route = ctx.mesh.route(
-        dst,
-        start.elapsed().subsec_nanos() as u64 ^ u64::from(peer.port()),
-    );
+    let route = ctx.mesh.route(dst, crate::mesh::random_u64());
+    // Counted as load on the peer it goes to while it lasts (endpoint choice compares it).
+    let _load = match &route {
+        Route::Hbone { via, .. } => Some(ctx.mesh.loads.hold(via.ip())),
+        Route::Passthrough(to) => Some(ctx.mesh.loads.hold(to.ip())),
+        Route::Refuse(_) => None,
+    };
     let labels = {
         let store = ctx.mesh.xds.store();
         let source = match store.workload_by_ip(peer.ip()) {
