@@ -25,6 +25,9 @@ command -v nsenter >/dev/null   || need+=(util-linux)
 command -v curl >/dev/null      || need+=(curl)
 command -v tcpdump >/dev/null   || need+=(tcpdump)
 command -v cc >/dev/null        || need+=(gcc)
+# The Helm chart checks run in a Python virtual environment (PyPI helm-python-sdk and
+# kubernetes-validate).
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test-all: installing ${need[*]}"
   apt-get update -qq
@@ -73,3 +76,10 @@ echo "== tests (unit, integration, end-to-end)"
 cargo nextest run --workspace --all-targets --locked --no-fail-fast
 echo "== doc tests"
 cargo test --workspace --doc --locked
+echo "== Helm chart: render and lint (Helm engine), validate (Kubernetes 1.30, strict), CRD schemas"
+venv=target/chart-venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import helm_python, kubernetes_validate, jsonschema, yaml' 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r tests/chart/requirements.txt
+fi
+"$venv/bin/python" tests/chart/check.py
