@@ -5,6 +5,7 @@ pub mod authz;
 pub mod dir;
 pub mod gateway;
 pub mod istio;
+pub mod kube;
 pub mod load;
 pub mod model;
 pub mod snapshot;

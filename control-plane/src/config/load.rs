@@ -122,6 +122,38 @@ pub fn parse_file(file: &Path, text: &str) -> Vec<Document> {
     out
 }
 
+/// Parses one object read from the Kubernetes API (JSON), exactly as a manifest of a file
+/// named `source`: the same kinds, checks, errors and warnings as the directory source. The
+/// server-maintained `metadata.managedFields` and the status of the security policies
+/// (Trellis's own output) are dropped first.
+pub fn parse_object(source: &str, mut json: serde_json::Value) -> Document {
+    if let Some(meta) = json.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("managedFields");
+    }
+    let group = json
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .and_then(|v| v.split_once('/'))
+        .map_or("", |(g, _)| g)
+        .to_string();
+    // (A Gateway's status stays: it carries the waypoint's address.)
+    if group == "security.istio.io"
+        && let Some(o) = json.as_object_mut()
+    {
+        o.remove("status");
+    }
+    match serde_yaml_ng::to_value(&json) {
+        Ok(value) => parse_document(source, "object", value),
+        Err(e) => Document::Invalid(ConfigError {
+            file: source.to_string(),
+            object: "object".into(),
+            field: "-".into(),
+            reason: format!("cannot read the object: {e}"),
+            id: None,
+        }),
+    }
+}
+
 fn parse_document(file: &str, position: &str, mut value: Value) -> Document {
     let invalid = |object: String, field: &str, reason: String| {
         Document::Invalid(ConfigError {
