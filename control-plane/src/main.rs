@@ -27,11 +27,20 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve the manifests below --config-dir over xDS, and be the CA.
+    /// Serve the configuration (the manifests below --config-dir, or the Kubernetes API)
+    /// over xDS, and be the CA.
     Serve {
+        /// Where the configuration comes from: `directory` (--config-dir) or `kubernetes`
+        /// (the API server: in-cluster, else the kubeconfig).
+        #[arg(long, env = "TRELLIS_CONFIG_SOURCE", default_value = "directory", value_parser = ["directory", "kubernetes"])]
+        config_source: String,
         /// Directory of YAML manifests (read recursively, watched).
-        #[arg(long, env = "TRELLIS_CONFIG_DIR")]
-        config_dir: PathBuf,
+        #[arg(
+            long,
+            env = "TRELLIS_CONFIG_DIR",
+            required_if_eq("config_source", "directory")
+        )]
+        config_dir: Option<PathBuf>,
         /// Mesh config file (trustDomain, rootNamespace, clusterId, domainSuffix).
         #[arg(long, env = "TRELLIS_MESH_CONFIG")]
         mesh_config: Option<PathBuf>,
@@ -136,6 +145,7 @@ fn mesh_config(path: Option<&Path>) -> Result<MeshConfig, String> {
 fn run(command: Command) -> Result<ExitCode, String> {
     match command {
         Command::Serve {
+            config_source,
             config_dir,
             mesh_config: mesh_path,
             state_dir,
@@ -145,7 +155,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             poll_ms,
             write_roots,
         } => {
-            let mut opts = Options::new(config_dir);
+            let mut opts = Options::new(config_dir.unwrap_or_default());
             opts.mesh = mesh_config(mesh_path.as_deref())?;
             opts.state_dir = state_dir;
             opts.grpc = grpc_addr;
@@ -154,6 +164,12 @@ fn run(command: Command) -> Result<ExitCode, String> {
             opts.poll_interval = Duration::from_millis(poll_ms.max(10));
             let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             rt.block_on(async {
+                if config_source == "kubernetes" {
+                    let client = kube::Client::try_default().await.map_err(|e| {
+                        format!("cannot reach the Kubernetes API (in-cluster or kubeconfig): {e}")
+                    })?;
+                    opts.kubernetes = Some(trellis_control_plane::server::KubeClient(client));
+                }
                 let cp = ControlPlane::start(opts).await.map_err(|e| e.to_string())?;
                 if let Some(path) = write_roots {
                     write_atomically(&path, cp.roots_pem())?;

@@ -53,6 +53,19 @@ pub struct Options {
     pub poll_interval: Duration,
     /// How long the directory must stay unchanged before a burst of edits is applied.
     pub debounce: Duration,
+    /// Read the configuration from the Kubernetes API with this client instead of
+    /// `config_dir`.
+    pub kubernetes: Option<KubeClient>,
+}
+
+/// A Kubernetes API client (for [`Options::kubernetes`]).
+#[derive(Clone)]
+pub struct KubeClient(pub kube::Client);
+
+impl std::fmt::Debug for KubeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KubeClient")
+    }
 }
 
 impl Options {
@@ -67,6 +80,7 @@ impl Options {
             serving_names: vec!["localhost".into(), "127.0.0.1".into()],
             poll_interval: Duration::from_millis(500),
             debounce: Duration::from_millis(200),
+            kubernetes: None,
         }
     }
 }
@@ -119,6 +133,9 @@ pub struct StatusReport {
 }
 
 struct Shared {
+    /// Whether the configuration has been read in full once (every Kubernetes kind listed;
+    /// the directory: at start).
+    ready: std::sync::atomic::AtomicBool,
     publisher: Publisher,
     acks: Arc<AckTracker>,
     outstanding: RwLock<Vec<ConfigError>>,
@@ -169,33 +186,54 @@ impl ControlPlane {
         // The configuration.
         let mut source = DirSource::new(&opts.config_dir);
         let mut model = Model::default();
-        let first = source
-            .scan(&mut model)
-            .map_err(|error| StartError::ConfigDir {
-                path: opts.config_dir.clone(),
-                error,
-            })?;
+        let first = if opts.kubernetes.is_some() {
+            // Filled by the watchers below; not ready until every kind has been listed.
+            Change::default()
+        } else {
+            source
+                .scan(&mut model)
+                .map_err(|error| StartError::ConfigDir {
+                    path: opts.config_dir.clone(),
+                    error,
+                })?
+        };
         report(&first);
         model.take_dirty();
         placement.replace_all(model.identities_by_node(&mesh));
         let (publisher, snapshots) = Publisher::new(Snapshot::build(&model, &mesh));
         let acks = Arc::new(AckTracker::default());
         let shared = Arc::new(Shared {
+            ready: std::sync::atomic::AtomicBool::new(opts.kubernetes.is_none()),
             publisher,
             acks: acks.clone(),
             outstanding: RwLock::new(first.outstanding.clone()),
             object_warnings: RwLock::new(first.object_warnings.clone()),
         });
-        tracing::info!(
-            dir = %opts.config_dir.display(),
-            objects = first.applied.len(),
-            errors = first.outstanding.len(),
-            "configuration loaded"
-        );
+        if opts.kubernetes.is_none() {
+            tracing::info!(
+                dir = %opts.config_dir.display(),
+                objects = first.applied.len(),
+                errors = first.outstanding.len(),
+                "configuration loaded"
+            );
+        }
 
         let (shutdown, mut stopped) = watch::channel(false);
         let mut tasks = Vec::new();
 
+        // Watch the Kubernetes API; publish each change.
+        if let Some(KubeClient(client)) = opts.kubernetes.clone() {
+            let shared = shared.clone();
+            let placement = placement.clone();
+            let mesh = mesh.clone();
+            let mut stop = stopped.clone();
+            tasks.push(tokio::spawn(async move {
+                tokio::select! {
+                    () = run_kube_source(client, model, shared, placement, mesh) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            }));
+        } else
         // Watch the directory; publish each change.
         {
             let shared = shared.clone();
@@ -355,6 +393,64 @@ impl ControlPlane {
             }
         }
     }
+}
+
+/// The Kubernetes source: watchers → model → snapshots. Events arriving together are applied
+/// as one change; the control plane is ready once every kind has been listed.
+async fn run_kube_source(
+    client: kube::Client,
+    mut model: Model,
+    shared: Arc<Shared>,
+    placement: Arc<NodeWorkloads>,
+    mesh: crate::config::model::MeshConfig,
+) {
+    use crate::config::kube::{Event, KINDS, KubeState, watch};
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+    let watchers = tokio::spawn(watch(client, KINDS, tx));
+    let mut state = KubeState::default();
+    let mut listed = std::collections::BTreeSet::new();
+    while let Some(first) = rx.recv().await {
+        let mut changed = false;
+        let mut next = Some(first);
+        while let Some(event) = next {
+            if let Event::ListDone(kind) = &event {
+                listed.insert(kind.kind);
+            }
+            changed |= state.apply(event, &mut model);
+            next = rx.try_recv().ok();
+        }
+        *shared
+            .outstanding
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = state.errors();
+        *shared
+            .object_warnings
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = state.object_warnings();
+        if changed {
+            let dirty = model.take_dirty();
+            let prev = shared.publisher.current();
+            shared
+                .publisher
+                .publish(Snapshot::rebuild(&prev, &model, &mesh, &dirty));
+            placement.replace_all(model.identities_by_node(&mesh));
+            tracing::info!(
+                generation = shared.publisher.current().generation,
+                namespaces = dirty.len(),
+                "configuration change published"
+            );
+        }
+        if listed.len() == KINDS.len()
+            && !shared.ready.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            tracing::info!(
+                objects = state.objects().len(),
+                errors = state.errors().len(),
+                "configuration read from the Kubernetes API"
+            );
+        }
+    }
+    watchers.abort();
 }
 
 fn report(change: &Change) {
@@ -529,7 +625,14 @@ fn admin<B>(req: &hyper::Request<B>, shared: &Shared) -> hyper::Response<Full<By
         return reply(405, "text/plain", "GET only\n".into());
     }
     match req.uri().path() {
-        "/ready" => reply(200, "text/plain", "ready\n".into()),
+        "/ready" if shared.ready.load(std::sync::atomic::Ordering::Acquire) => {
+            reply(200, "text/plain", "ready\n".into())
+        }
+        "/ready" => reply(
+            503,
+            "text/plain",
+            "not ready: the configuration has not been read in full yet\n".into(),
+        ),
         "/debug/status" => {
             let body = status_json(&status_report(shared));
             reply(

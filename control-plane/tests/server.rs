@@ -347,3 +347,78 @@ async fn the_admin_endpoint_answers_ready_and_refuses_the_rest() {
     );
     m.cp.shutdown().await;
 }
+
+/// The control plane on the Kubernetes API (kube's `Client` over a `tower-test` mock
+/// service stands in for the API server): not ready until every kind has been listed, then
+/// it serves what the API holds.
+#[tokio::test]
+async fn on_the_kubernetes_api_it_is_ready_after_listing_and_serves_the_objects() {
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::json;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let state = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let mut opts = Options::new(config.path());
+    opts.state_dir = state.path().to_path_buf();
+    opts.grpc = "127.0.0.1:0".parse().unwrap();
+    opts.admin = "127.0.0.1:0".parse().unwrap();
+    opts.kubernetes = Some(trellis_control_plane::server::KubeClient(
+        kube::Client::new(service, "default"),
+    ));
+    let cp = ControlPlane::start(opts).await.unwrap();
+    let (code, _) = admin_get(cp.admin_addr(), "/ready").await;
+    assert_eq!(code, 503, "not ready before the API has been listed");
+
+    // The API server: lists per resource; watches are held open.
+    let api = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let path = req.uri().path().to_string();
+            if req.uri().query().unwrap_or("").contains("watch=true") {
+                open.push(send);
+                continue;
+            }
+            let items = match path.rsplit('/').next().unwrap_or("") {
+                "namespaces" => vec![json!({"metadata": {"name": "shop",
+                    "labels": {"istio.io/dataplane-mode": "ambient"}}})],
+                "pods" => vec![json!({
+                    "metadata": {"name": "cart-0", "namespace": "shop", "uid": "u1"},
+                    "spec": {"nodeName": "node1", "serviceAccountName": "cart",
+                             "containers": [{"name": "app", "image": "app"}]},
+                    "status": {"podIP": "10.244.1.2", "phase": "Running"}})],
+                _ => vec![],
+            };
+            let body = json!({"metadata": {"resourceVersion": "1"}, "items": items});
+            send.send_response(
+                Response::builder()
+                    .status(200)
+                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    let m = Mesh {
+        cp,
+        config,
+        _state: state,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = admin_get(m.cp.admin_addr(), "/ready").await;
+        if code == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = client(&m, "node1");
+    eventually("the pod from the API reaches ztunnel", || {
+        c.store().workload(CART).is_some()
+    })
+    .await;
+    api.abort();
+}
