@@ -168,6 +168,16 @@ impl AsyncRead for H2Stream {
     }
 }
 
+impl H2Stream {
+    /// The peer's refusal of the CONNECT (403 for a policy deny), once a read has seen it.
+    pub fn refused(&self) -> Option<StatusCode> {
+        match self.recv {
+            Recv::Refused(status) => Some(status),
+            _ => None,
+        }
+    }
+}
+
 impl AsyncWrite for H2Stream {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -275,9 +285,7 @@ impl Client {
         }
         Ok(stream)
     }
-}
 
-impl Client {
     /// Opens a stream to `target` without waiting for the peer's answer: bytes written go
     /// out right behind the CONNECT (the peer holds them until it has connected), which
     /// saves a round trip per connection. A refusal (403 for a policy deny) then shows as

@@ -162,26 +162,37 @@ async fn refusals_and_wrong_identities_fail_cleanly() {
     );
 }
 
+/// A pool dialer making real HBONE connections as shop/a, counting its dials.
+fn counting_dial(
+    ca: &Arc<TestCa>,
+) -> (
+    trellis_core::hbone::pool::Dial,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use trellis_core::hbone::pool::PoolKey;
+    let dials = Arc::new(AtomicUsize::new(0));
+    let (ca, counter) = (ca.clone(), dials.clone());
+    let dial: trellis_core::hbone::pool::Dial = Arc::new(move |key: PoolKey| {
+        let (ca, counter) = (ca.clone(), counter.clone());
+        Box::pin(async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            client(&ca, key.address, &key.destination.to_string())
+                .await
+                .map_err(HboneError::BadRequest)
+        })
+    });
+    (dial, dials)
+}
+
 #[tokio::test]
 async fn the_pool_reuses_a_connection_per_identity_pair_and_closes_idle_ones() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use trellis_core::hbone::pool::{Dial, Pool, PoolKey};
+    use std::sync::atomic::Ordering;
+    use trellis_core::hbone::pool::{Pool, PoolKey};
     let ca = Arc::new(TestCa::new("cluster.local"));
     let echo = echo_server().await;
     let (server, _peers) = hbone_server(&ca, echo).await;
-    let dials = Arc::new(AtomicUsize::new(0));
-    let dial: Dial = {
-        let (ca, dials) = (ca.clone(), dials.clone());
-        Arc::new(move |key: PoolKey| {
-            let (ca, dials) = (ca.clone(), dials.clone());
-            Box::pin(async move {
-                dials.fetch_add(1, Ordering::SeqCst);
-                client(&ca, key.address, &key.destination.to_string())
-                    .await
-                    .map_err(HboneError::BadRequest)
-            })
-        })
-    };
+    let (dial, dials) = counting_dial(&ca);
     let pool = Pool::new(dial, Duration::from_millis(200));
     let key = PoolKey {
         source: "spiffe://cluster.local/ns/shop/sa/a".parse().unwrap(),
@@ -232,8 +243,8 @@ async fn the_pool_reuses_a_connection_per_identity_pair_and_closes_idle_ones() {
 
 #[tokio::test]
 async fn a_connection_the_peer_closed_is_not_reused() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use trellis_core::hbone::pool::{Dial, Pool, PoolKey};
+    use std::sync::atomic::Ordering;
+    use trellis_core::hbone::pool::{Pool, PoolKey};
     let ca = Arc::new(TestCa::new("cluster.local"));
     let echo = echo_server().await;
     // A peer that drops each connection 300 ms after accepting it (a restarting ztunnel).
@@ -260,19 +271,7 @@ async fn a_connection_the_peer_closed_is_not_reused() {
             });
         }
     });
-    let dials = Arc::new(AtomicUsize::new(0));
-    let dial: Dial = {
-        let (ca, dials) = (ca.clone(), dials.clone());
-        Arc::new(move |key: PoolKey| {
-            let (ca, dials) = (ca.clone(), dials.clone());
-            Box::pin(async move {
-                dials.fetch_add(1, Ordering::SeqCst);
-                client(&ca, key.address, &key.destination.to_string())
-                    .await
-                    .map_err(HboneError::BadRequest)
-            })
-        })
-    };
+    let (dial, dials) = counting_dial(&ca);
     let pool = Pool::new(dial, Duration::from_secs(60));
     let key = PoolKey {
         source: "spiffe://cluster.local/ns/shop/sa/a".parse().unwrap(),

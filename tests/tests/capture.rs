@@ -542,6 +542,17 @@ fn l4_policy_is_enforced_at_the_destination_and_strict_refuses_plaintext() {
             denied,
             "the deny is logged with the policy at the destination"
         );
+        // The source's ztunnel learns it from the peer's 403 (the CONNECT was pipelined).
+        let told = mesh.access_log("node1")?.into_iter().any(|l| {
+            l["fields"]["direction"] == "outbound"
+                && l["fields"]["pod"] == "dev/tool"
+                && l["fields"]["dst"] == addr.as_str()
+                && l["fields"]["result"] == "denied by the destination's policy"
+        });
+        ensure!(
+            told,
+            "the source's access log says the destination denied it"
+        );
         let m = mesh.metrics(c, n2)?;
         ensure!(
             m.lines()

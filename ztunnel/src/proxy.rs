@@ -451,7 +451,7 @@ async fn outbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
                         Ok(mut tunnel) => match copy(&mut client, &mut tunnel).await {
                             Ok((a, b)) => (o.sent, o.received) = (a, b),
                             // The CONNECT went out without waiting: a refusal arrives here.
-                            Err(e) if e.to_string().contains("403") => {
+                            Err(_) if tunnel.refused() == Some(http::StatusCode::FORBIDDEN) => {
                                 o.flags = "DENY";
                                 o.result = "denied by the destination's policy".into();
                             }

@@ -99,6 +99,13 @@ impl Drop for PooledStream {
     }
 }
 
+impl PooledStream {
+    /// The peer's refusal of the CONNECT, once a read has seen it (see [`H2Stream::refused`]).
+    pub fn refused(&self) -> Option<http::StatusCode> {
+        self.stream.refused()
+    }
+}
+
 impl AsyncRead for PooledStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
