@@ -413,7 +413,9 @@ async fn run_kube_source(
         let mut changed = false;
         let mut next = Some(first);
         while let Some(event) = next {
-            if let Event::ListDone(kind) = &event {
+            // Ready once every kind has been listed, or is not served at all (a missing
+            // CRD must not keep the mesh from starting; the kind is read once it appears).
+            if let Event::ListDone(kind) | Event::Absent(kind, _) = &event {
                 listed.insert(kind.kind);
             }
             changed |= state.apply(event, &mut model);

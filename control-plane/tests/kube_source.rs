@@ -105,6 +105,7 @@ async fn list_watch_and_relist_after_410_keep_the_model_in_step() {
             Event::Apply(_, o) => format!("apply {}", o["metadata"]["name"].as_str().unwrap()),
             Event::Delete(_, o) => format!("delete {}", o["metadata"]["name"].as_str().unwrap()),
             Event::Error(_, _) => "error".to_string(),
+            Event::Absent(_, _) => "absent".to_string(),
         });
         state.apply(e, &mut model);
     }

@@ -349,8 +349,8 @@ async fn the_admin_endpoint_answers_ready_and_refuses_the_rest() {
 }
 
 /// The control plane on the Kubernetes API (kube's `Client` over a `tower-test` mock
-/// service stands in for the API server): not ready until every kind has been listed, then
-/// it serves what the API holds.
+/// service stands in for the API server): not ready until every kind has been listed (kinds
+/// whose CRD is not installed count as empty), then it serves what the API holds.
 #[tokio::test]
 async fn on_the_kubernetes_api_it_is_ready_after_listing_and_serves_the_objects() {
     use http::{Request, Response};
@@ -379,7 +379,21 @@ async fn on_the_kubernetes_api_it_is_ready_after_listing_and_serves_the_objects(
                 open.push(send);
                 continue;
             }
-            let items = match path.rsplit('/').next().unwrap_or("") {
+            let resource = path.rsplit('/').next().unwrap_or("").to_string();
+            if ["gateways", "httproutes", "grpcroutes"].contains(&resource.as_str()) {
+                // The Gateway API CRDs are not installed here.
+                let status = json!({"apiVersion": "v1", "kind": "Status", "metadata": {},
+                    "status": "Failure", "reason": "NotFound",
+                    "message": "the server could not find the requested resource", "code": 404});
+                send.send_response(
+                    Response::builder()
+                        .status(404)
+                        .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                        .unwrap(),
+                );
+                continue;
+            }
+            let items = match resource.as_str() {
                 "namespaces" => vec![json!({"metadata": {"name": "shop",
                     "labels": {"istio.io/dataplane-mode": "ambient"}}})],
                 "pods" => vec![json!({

@@ -130,6 +130,9 @@ pub enum Event {
     ListDone(&'static Kind),
     /// The watch failed (the watcher retries on its own, with backoff).
     Error(&'static Kind, String),
+    /// The API server does not serve the kind (its CRD is not installed): there is nothing
+    /// of it to read for now; the watcher keeps retrying, so installing the CRD later works.
+    Absent(&'static Kind, String),
 }
 
 /// Watches every kind of `kinds` with `client` and sends what happens to `tx`, until `tx`
@@ -159,6 +162,11 @@ pub async fn watch(client: kube::Client, kinds: &'static [Kind], tx: mpsc::Sende
                     Ok(watcher::Event::Init) => Event::ListStart(kind),
                     Ok(watcher::Event::InitApply(o)) => Event::Listed(kind, json(o)),
                     Ok(watcher::Event::InitDone) => Event::ListDone(kind),
+                    Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                        if status.code == 404 =>
+                    {
+                        Event::Absent(kind, status.message.clone())
+                    }
                     Err(e) => Event::Error(kind, e.to_string()),
                 };
                 if tx.send(event).await.is_err() {
@@ -225,6 +233,16 @@ impl KubeState {
             Event::Error(kind, e) => {
                 tracing::warn!(kind = kind.kind, error = %e, "watch failed; keeping the last objects and retrying");
                 self.watch_errors.insert(kind.kind, e);
+                false
+            }
+            Event::Absent(kind, e) => {
+                if !self.watch_errors.contains_key(kind.kind) {
+                    tracing::warn!(kind = kind.kind, api_version = %kind.api_version(), error = %e, "the API server does not serve this kind (CRD not installed?); reading none until it does");
+                }
+                self.watch_errors.insert(
+                    kind.kind,
+                    format!("not served by the API server (is its CRD installed?): {e}"),
+                );
                 false
             }
         }
