@@ -421,10 +421,21 @@ async fn run_kube_source(
             changed |= state.apply(event, &mut model);
             next = rx.try_recv().ok();
         }
+        // Objects that do not load, and kinds that cannot be read, on the status page.
+        let mut errors = state.errors();
+        errors.extend(state.watch_errors().into_iter().map(|(kind, reason)| {
+            crate::config::load::ConfigError {
+                file: "kubernetes".into(),
+                object: format!("every {kind}"),
+                field: "-".into(),
+                reason,
+                id: None,
+            }
+        }));
         *shared
             .outstanding
             .write()
-            .unwrap_or_else(|e| e.into_inner()) = state.errors();
+            .unwrap_or_else(|e| e.into_inner()) = errors;
         *shared
             .object_warnings
             .write()

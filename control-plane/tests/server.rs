@@ -434,5 +434,13 @@ async fn on_the_kubernetes_api_it_is_ready_after_listing_and_serves_the_objects(
         c.store().workload(CART).is_some()
     })
     .await;
+    // The status page says which kinds cannot be read.
+    let s = status(&m).await;
+    let errors = s["errors"].as_array().cloned().unwrap_or_default();
+    assert!(
+        errors.iter().any(|e| e["object"] == "every Gateway"
+            && e["reason"].as_str().unwrap_or("").contains("CRD installed")),
+        "{s}"
+    );
     api.abort();
 }
