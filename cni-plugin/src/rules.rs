@@ -83,16 +83,7 @@ table inet {RETURN_TABLE} {{
 /// local route. Idempotent.
 pub fn install_return_path(netns: &Path) -> Result<(), String> {
     apply(Some(netns), &pod_return_ruleset())?;
-    let rule = |family: &str, verb: &str| {
-        let mark = format!("{RETURN_MARK:#x}/0xfff");
-        let table = RETURN_ROUTE_TABLE.to_string();
-        ip(
-            netns,
-            &[
-                family, "rule", verb, "fwmark", &mark, "pref", "32764", "lookup", &table,
-            ],
-        )
-    };
+    let rule = |family: &str, verb: &str| return_rule(netns, family, verb);
     let route = |family: &str, all: &str| {
         let table = RETURN_ROUTE_TABLE.to_string();
         ip(
@@ -116,22 +107,31 @@ pub fn install_return_path(netns: &Path) -> Result<(), String> {
 
 /// Removes the return path (absent parts are fine).
 pub fn remove_return_path(netns: &Path) -> Result<(), String> {
-    apply(
-        Some(netns),
-        &format!("table inet {RETURN_TABLE}\ndelete table inet {RETURN_TABLE}\n"),
-    )?;
-    let mark = format!("{RETURN_MARK:#x}/0xfff");
+    apply(Some(netns), &table_removal(RETURN_TABLE))?;
     let table = RETURN_ROUTE_TABLE.to_string();
     for family in ["-4", "-6"] {
-        let _ = ip(
-            netns,
-            &[
-                family, "rule", "del", "fwmark", &mark, "pref", "32764", "lookup", &table,
-            ],
-        );
+        let _ = return_rule(netns, family, "del");
         let _ = ip(netns, &[family, "route", "flush", "table", &table]);
     }
     Ok(())
+}
+
+/// `ip rule add|del` of the return path's policy rule.
+fn return_rule(netns: &Path, family: &str, verb: &str) -> Result<(), String> {
+    let mark = format!("{RETURN_MARK:#x}/0xfff");
+    let table = RETURN_ROUTE_TABLE.to_string();
+    ip(
+        netns,
+        &[
+            family, "rule", verb, "fwmark", &mark, "pref", "32764", "lookup", &table,
+        ],
+    )
+}
+
+/// A ruleset that removes our `inet` table `name` (no error when it is not there: the
+/// table is declared first).
+fn table_removal(name: &str) -> String {
+    format!("table inet {name}\ndelete table inet {name}\n")
 }
 
 /// Runs `ip ARGS` inside the network namespace at `netns`.
@@ -155,7 +155,7 @@ fn ip(netns: &Path, args: &[&str]) -> Result<(), String> {
 
 /// Removes the pod's ruleset (no error when it is not there).
 pub fn pod_ruleset_removal() -> String {
-    format!("table inet {POD_TABLE}\ndelete table inet {POD_TABLE}\n")
+    table_removal(POD_TABLE)
 }
 
 /// The node's table: probes from the node to enrolled pods leave with the probe source.

@@ -470,19 +470,31 @@ mod tests {
     /// foo/web (VIP 10.96.0.10:80 → 8080) backed by web-1; foo/waypoint (VIP 10.96.0.20)
     /// backed by the waypoint pod 10.0.0.9.
     fn mesh(web_waypoint: Option<GatewayAddress>) -> Store {
+        mesh_with(web_waypoint, true)
+    }
+
+    /// [`mesh`], with or without the waypoint's pod.
+    fn mesh_with(web_waypoint: Option<GatewayAddress>, waypoint_pod: bool) -> Store {
         let mut web = service("foo", "web", [10, 96, 0, 10], &[(80, 8080)]);
         web.waypoint = web_waypoint;
+        let mut pods = vec![pod(
+            "foo",
+            "web-1",
+            "web",
+            [10, 0, 0, 5],
+            &[(WEB, 80, 8080)],
+        )];
+        if waypoint_pod {
+            pods.push(pod(
+                "foo",
+                "waypoint-1",
+                "waypoint",
+                [10, 0, 0, 9],
+                &[(WP, 15008, 15008)],
+            ));
+        }
         store(
-            vec![
-                pod("foo", "web-1", "web", [10, 0, 0, 5], &[(WEB, 80, 8080)]),
-                pod(
-                    "foo",
-                    "waypoint-1",
-                    "waypoint",
-                    [10, 0, 0, 9],
-                    &[(WP, 15008, 15008)],
-                ),
-            ],
+            pods,
             vec![
                 web,
                 service("foo", "waypoint", [10, 96, 0, 20], &[(15008, 15008)]),
@@ -616,21 +628,7 @@ mod tests {
             );
         }
         // A waypoint Service without a ready pod refuses too.
-        let mut web = service("foo", "web", [10, 96, 0, 10], &[(80, 8080)]);
-        web.waypoint = by_address([10, 96, 0, 20]);
-        let s = store(
-            vec![pod(
-                "foo",
-                "web-1",
-                "web",
-                [10, 0, 0, 5],
-                &[(WEB, 80, 8080)],
-            )],
-            vec![
-                web,
-                service("foo", "waypoint", [10, 96, 0, 20], &[(15008, 15008)]),
-            ],
-        );
+        let s = mesh_with(by_address([10, 96, 0, 20]), false);
         assert!(matches!(
             decide(&s, "cluster.local", addr("10.96.0.10:80"), &random(0)),
             Route::Refuse(why) if why.contains("no ready pod")

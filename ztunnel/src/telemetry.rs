@@ -107,21 +107,23 @@ impl End {
     /// The end at workload `w` (when xDS knows it) with identity `principal` (verified for
     /// the peer of inbound HBONE, expected for outbound, the pod's own for the local end).
     pub fn new(w: Option<&Workload>, principal: Option<&SpiffeId>) -> End {
-        let w = w.cloned().unwrap_or_default();
-        let workload = if w.workload_name.is_empty() {
-            &w.name
-        } else {
-            &w.workload_name
-        };
+        // Read in place: this runs for every connection (no copy of the workload).
+        let field = |f: fn(&Workload) -> &str| or_unknown(w.map_or("", f));
         End {
-            workload: or_unknown(workload),
-            namespace: or_unknown(&w.namespace),
+            workload: field(|w| {
+                if w.workload_name.is_empty() {
+                    &w.name
+                } else {
+                    &w.workload_name
+                }
+            }),
+            namespace: field(|w| &w.namespace),
             principal: principal.map_or_else(|| "unknown".into(), ToString::to_string),
-            app: or_unknown(&w.canonical_name),
-            version: or_unknown(&w.canonical_revision),
-            canonical_service: or_unknown(&w.canonical_name),
-            canonical_revision: or_unknown(&w.canonical_revision),
-            cluster: or_unknown(&w.cluster_id),
+            app: field(|w| &w.canonical_name),
+            version: field(|w| &w.canonical_revision),
+            canonical_service: field(|w| &w.canonical_name),
+            canonical_revision: field(|w| &w.canonical_revision),
+            cluster: field(|w| &w.cluster_id),
         }
     }
 
