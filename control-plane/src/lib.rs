@@ -8,5 +8,6 @@
 
 pub mod ca;
 pub mod config;
+pub mod controller;
 pub mod server;
 pub mod xds;

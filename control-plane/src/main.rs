@@ -13,6 +13,9 @@ use trellis_control_plane::config::dir::DirSource;
 use trellis_control_plane::config::load::parse_mesh_config;
 use trellis_control_plane::config::model::{MeshConfig, Model};
 use trellis_control_plane::config::snapshot::Snapshot;
+use trellis_control_plane::controller::ControllerConfig;
+use trellis_control_plane::controller::lease::LeaseConfig;
+use trellis_control_plane::controller::waypoint::WaypointTemplate;
 use trellis_control_plane::server::{ControlPlane, Options};
 
 #[derive(Parser, Debug)]
@@ -25,6 +28,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of `Serve` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the configuration (the manifests below --config-dir, or the Kubernetes API)
@@ -66,6 +71,18 @@ enum Command {
         /// Write the trust bundle (PEM) here once the CA is loaded, for clients to use.
         #[arg(long)]
         write_roots: Option<PathBuf>,
+        /// With --config-source=kubernetes: what waypoint Deployments are made from (YAML:
+        /// image, resources, controlPlane, trustDomain, ...). Without it, waypoint Gateways
+        /// are not deployed.
+        #[arg(long, env = "TRELLIS_WAYPOINT_CONFIG")]
+        waypoint_config: Option<PathBuf>,
+        /// Namespace of the Lease electing the replica that writes to the API (default: the
+        /// client's namespace, in a cluster the pod's).
+        #[arg(long, env = "POD_NAMESPACE")]
+        lease_namespace: Option<String>,
+        /// This replica's name in the Lease (default: host name and process id).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
     },
     /// Issue a credential: prints the token (keep it secret); the CA stores only its digest.
     Credential {
@@ -154,6 +171,9 @@ fn run(command: Command) -> Result<ExitCode, String> {
             serving_names,
             poll_ms,
             write_roots,
+            waypoint_config,
+            lease_namespace,
+            identity,
         } => {
             let mut opts = Options::new(config_dir.unwrap_or_default());
             opts.mesh = mesh_config(mesh_path.as_deref())?;
@@ -168,6 +188,25 @@ fn run(command: Command) -> Result<ExitCode, String> {
                     let client = kube::Client::try_default().await.map_err(|e| {
                         format!("cannot reach the Kubernetes API (in-cluster or kubeconfig): {e}")
                     })?;
+                    let template = match &waypoint_config {
+                        Some(path) => {
+                            let text = std::fs::read_to_string(path)
+                                .map_err(|e| format!("{}: {e}", path.display()))?;
+                            Some(WaypointTemplate::parse(&path.display().to_string(), &text)?)
+                        }
+                        None => None,
+                    };
+                    let namespace =
+                        lease_namespace.unwrap_or_else(|| client.default_namespace().to_string());
+                    let identity = identity.unwrap_or_else(|| {
+                        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                            .unwrap_or_default();
+                        format!("{}-{}", host.trim(), std::process::id())
+                    });
+                    opts.controller = Some(ControllerConfig {
+                        lease: LeaseConfig::new(&namespace, "trellis-control-plane", &identity),
+                        template,
+                    });
                     opts.kubernetes = Some(trellis_control_plane::server::KubeClient(client));
                 }
                 let cp = ControlPlane::start(opts).await.map_err(|e| e.to_string())?;

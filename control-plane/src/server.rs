@@ -56,6 +56,8 @@ pub struct Options {
     /// Read the configuration from the Kubernetes API with this client instead of
     /// `config_dir`.
     pub kubernetes: Option<KubeClient>,
+    /// With `kubernetes`: write statuses and deploy waypoints (one replica at a time).
+    pub controller: Option<crate::controller::ControllerConfig>,
 }
 
 /// A Kubernetes API client (for [`Options::kubernetes`]).
@@ -81,6 +83,7 @@ impl Options {
             poll_interval: Duration::from_millis(500),
             debounce: Duration::from_millis(200),
             kubernetes: None,
+            controller: None,
         }
     }
 }
@@ -226,10 +229,11 @@ impl ControlPlane {
             let shared = shared.clone();
             let placement = placement.clone();
             let mesh = mesh.clone();
+            let controller = opts.controller.clone();
             let mut stop = stopped.clone();
             tasks.push(tokio::spawn(async move {
                 tokio::select! {
-                    () = run_kube_source(client, model, shared, placement, mesh) => {}
+                    () = run_kube_source(client, model, shared, placement, mesh, controller) => {}
                     _ = stop.wait_for(|s| *s) => {}
                 }
             }));
@@ -403,10 +407,14 @@ async fn run_kube_source(
     shared: Arc<Shared>,
     placement: Arc<NodeWorkloads>,
     mesh: crate::config::model::MeshConfig,
+    controller: Option<crate::controller::ControllerConfig>,
 ) {
-    use crate::config::kube::{Event, KINDS, KubeState, watch};
+    use crate::config::kube::{Event, KINDS, KubeState, watch as watch_kinds};
     let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
-    let watchers = tokio::spawn(watch(client, KINDS, tx));
+    let watchers = tokio::spawn(watch_kinds(client.clone(), KINDS, tx));
+    // The writer side: statuses and waypoints, from what this replica reads.
+    let (inputs, inputs_rx) = watch::channel(crate::controller::Inputs::default());
+    let writer = controller.map(|c| tokio::spawn(crate::controller::run(client, c, inputs_rx)));
     let mut state = KubeState::default();
     let mut listed = std::collections::BTreeSet::new();
     while let Some(first) = rx.recv().await {
@@ -462,8 +470,47 @@ async fn run_kube_source(
                 "configuration read from the Kubernetes API"
             );
         }
+        if writer.is_some() {
+            let now = controller_inputs(&model, &shared, listed.len() == KINDS.len());
+            inputs.send_if_modified(|current| {
+                let modified = *current != now;
+                *current = now;
+                modified
+            });
+        }
     }
     watchers.abort();
+    if let Some(w) = writer {
+        w.abort();
+    }
+}
+
+/// What the Kubernetes writer works from: every policy's status, and the waypoint
+/// Gateways with their Services' addresses.
+fn controller_inputs(model: &Model, shared: &Shared, synced: bool) -> crate::controller::Inputs {
+    use crate::controller::status;
+    let statuses = status_report(shared)
+        .policies
+        .iter()
+        .filter_map(|p| {
+            let target = status::target(&p.id)?;
+            let body = status::policy_status(&p.id, &p.status, model.generation(&p.id));
+            Some((target, body))
+        })
+        .collect();
+    let waypoints = model
+        .gateways()
+        .filter(|(_, gw)| gw.is_waypoint())
+        .map(|((ns, name), gw)| {
+            let ip = model.service_vip(ns, name).map(|ip| ip.to_string());
+            ((ns.clone(), name.clone()), (gw.clone(), ip))
+        })
+        .collect();
+    crate::controller::Inputs {
+        synced,
+        statuses,
+        waypoints,
+    }
 }
 
 fn report(change: &Change) {

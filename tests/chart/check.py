@@ -75,6 +75,35 @@ def check_gatewayclass(doc):
     return None if ok else f"GatewayClass shape: {doc}"
 
 
+# The fields of the control plane's WaypointTemplate (control-plane/src/controller/
+# waypoint.rs, which refuses unknown ones): the rendered file must fit it.
+WAYPOINT_REQUIRED = {"image", "controlPlane", "trustDomain"}
+WAYPOINT_KNOWN = WAYPOINT_REQUIRED | {"imagePullPolicy", "imagePullSecrets", "resources",
+                                      "logLevel", "tokenAudience", "rootCertConfigMap"}
+
+
+def check_waypoint_template(by_kind, values):
+    """The waypoint template the chart gives the control plane: parses, has the fields the
+    control plane requires and no others, and carries the chart's image and pull secrets."""
+    mesh = [d for d in by_kind.get("ConfigMap", []) if d["metadata"]["name"] == "trellis-mesh"]
+    if not mesh or "waypoint.yaml" not in mesh[0].get("data", {}):
+        return "no waypoint.yaml in ConfigMap trellis-mesh"
+    t = yaml.safe_load(mesh[0]["data"]["waypoint.yaml"])
+    if not isinstance(t, dict):
+        return f"waypoint.yaml is not a mapping: {t!r}"
+    if WAYPOINT_REQUIRED - t.keys() or t.keys() - WAYPOINT_KNOWN:
+        return f"waypoint.yaml fields {sorted(t)}: required {sorted(WAYPOINT_REQUIRED)}, known {sorted(WAYPOINT_KNOWN)}"
+    cp = [d for d in by_kind["Deployment"] if d["metadata"]["name"] == "trellis-control-plane"][0]
+    container = cp["spec"]["template"]["spec"]["containers"][0]
+    if t["image"] != container["image"]:
+        return f"waypoint image {t['image']} is not the chart's {container['image']}"
+    if t.get("imagePullSecrets", []) != values.get("imagePullSecrets", []):
+        return f"waypoint pull secrets {t.get('imagePullSecrets')} differ from the values'"
+    if "--waypoint-config=/etc/trellis/waypoint.yaml" not in container["args"]:
+        return "the control plane is not given the waypoint template"
+    return None
+
+
 def strict(schema):
     """The schema as the API server's strict field validation applies it: unknown fields
     of an object with declared properties are errors."""
@@ -153,6 +182,9 @@ def main():
             agent = [d for d in by_kind["DaemonSet"] if d["metadata"]["name"] == "trellis-node-agent"][0]
             if "--fail-open" not in agent["spec"]["template"]["spec"]["containers"][0]["args"]:
                 fail("with-istio-base: failOpen does not reach the node agent")
+        err = check_waypoint_template(by_kind, values)
+        if err:
+            fail(f"{name}: {err}")
         if name == "lab" and "PodDisruptionBudget" in by_kind:
             fail("lab: PodDisruptionBudget rendered although disabled")
 
@@ -195,6 +227,24 @@ def main():
             fail(f"{fname}: a misspelled field in {doc['kind']}/{doc['metadata']['name']} was accepted")
         except jsonschema.ValidationError:
             pass
+    # The status the control plane writes (server-side apply) fits the schema.
+    for kind in ("AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication"):
+        schema = crd_schemas.get((kind, "v1"))
+        if schema is None:
+            continue
+        doc = {"apiVersion": "security.istio.io/v1", "kind": kind,
+               "metadata": {"name": "p", "namespace": "shop"}, "spec": {},
+               "status": {"conditions": [{"type": "ZtunnelAccepted", "status": "True",
+                                          "reason": "Accepted", "message": "attached to ztunnel",
+                                          "observedGeneration": "3",
+                                          "lastTransitionTime": "2026-12-01T00:00:00Z"}]}}
+        try:
+            jsonschema.validate(doc, strict(schema))
+        except jsonschema.ValidationError as e:
+            fail(f"{kind}: the control plane's status is rejected: {e.message}")
+        conditions = schema["properties"]["status"]["properties"]["conditions"]
+        if conditions.get("x-kubernetes-list-map-keys") != ["type"]:
+            fail(f"{kind}: status.conditions is not a map keyed by type (server-side apply would take the whole list)")
     print(f"CRD schemas: {len(examples)} example policies checked")
 
     if failures:

@@ -290,6 +290,24 @@ impl Model {
         })
     }
 
+    /// `metadata.generation` of a security policy.
+    pub fn generation(&self, id: &ObjectRef) -> Option<i64> {
+        let k = key(id);
+        match id.kind.as_str() {
+            "AuthorizationPolicy" => self.authorization_policies.get(&k)?.metadata.generation,
+            "PeerAuthentication" => self.peer_authentications.get(&k)?.metadata.generation,
+            "RequestAuthentication" => self.request_authentications.get(&k)?.metadata.generation,
+            "Gateway" => self.gateways.get(&k)?.metadata.generation,
+            _ => None,
+        }
+    }
+
+    /// The first cluster IP of Service `ns/name`, once assigned.
+    pub fn service_vip(&self, ns: &str, name: &str) -> Option<IpAddr> {
+        let svc = self.services.get(&(ns.to_string(), name.to_string()))?;
+        service_ips(svc).first().copied()
+    }
+
     /// Every namespace that holds pods, services or policies.
     pub fn namespaces_in_use(&self) -> std::collections::BTreeSet<String> {
         self.pods

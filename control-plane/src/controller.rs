@@ -1,0 +1,176 @@
+//! What the control plane writes to the Kubernetes API: policy status conditions, and for
+//! each waypoint `Gateway` its ServiceAccount, Service, Deployment and status.
+//!
+//! One replica writes at a time (a [`lease`] elects it); every replica computes the same
+//! [`Inputs`] from its own watches, so a new leader picks up where the old one stopped. The
+//! reconcile is level-based: each round applies what the inputs call for (only what
+//! changed since the last write reaches the API), and deletes the waypoint objects no
+//! waypoint Gateway calls for any more. Failed writes are retried every few seconds.
+
+pub mod apply;
+pub mod lease;
+pub mod status;
+pub mod waypoint;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use apply::{Target, Writer};
+use waypoint::{Observed, WaypointTemplate};
+
+use crate::config::gateway::Gateway;
+
+/// What the writes are computed from, taken from the model after each change.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Inputs {
+    /// Every kind has been read in full: until then nothing is deleted (an object not read
+    /// yet is not an object gone).
+    pub synced: bool,
+    /// Policy statuses to write.
+    pub statuses: BTreeMap<Target, Value>,
+    /// Waypoint Gateways by (namespace, name), each with its Service's cluster IP if known.
+    pub waypoints: BTreeMap<(String, String), (Gateway, Option<String>)>,
+}
+
+/// Managed waypoint Deployments seen on the API, by (namespace, name): their ready
+/// replicas.
+pub type Deployments = BTreeMap<(String, String), i32>;
+
+/// Applies what [`Inputs`] call for.
+#[derive(Debug)]
+pub struct Reconciler {
+    writer: Writer,
+    template: Option<WaypointTemplate>,
+}
+
+impl Reconciler {
+    /// A reconciler writing through `client`.
+    pub fn new(client: kube::Client, template: Option<WaypointTemplate>) -> Reconciler {
+        Reconciler {
+            writer: Writer::new(client),
+            template,
+        }
+    }
+
+    /// Forgets what was written (leadership was lost: another replica writes now).
+    pub fn forget(&mut self) {
+        self.writer.forget();
+    }
+
+    /// One round. `deployments` is `None` until the managed Deployments were listed.
+    /// Returns how many writes failed.
+    pub async fn reconcile(&mut self, inputs: &Inputs, deployments: Option<&Deployments>) -> usize {
+        let mut desired = inputs.statuses.clone();
+        let Some(template) = &self.template else {
+            // Not deploying waypoints: statuses only.
+            return self.writer.sync(&desired).await;
+        };
+        for ((ns, name), (gw, service_ip)) in &inputs.waypoints {
+            let made = waypoint::objects(gw, template);
+            let problem = made.as_ref().err().cloned();
+            if let Err(p) = &made {
+                tracing::warn!(gateway = %format!("{ns}/{name}"), problem = %p, "waypoint not deployed");
+            }
+            desired.extend(made.unwrap_or_default());
+            let observed = Observed {
+                ready_replicas: deployments
+                    .and_then(|d| d.get(&(ns.clone(), name.clone())).copied()),
+                service_ip: service_ip.clone(),
+            };
+            let (t, body) = waypoint::gateway_status(gw, &observed, problem.as_deref());
+            desired.insert(t, body);
+        }
+        let mut failed = 0;
+        // Waypoint objects no waypoint calls for: the Gateway changed class (a deleted
+        // Gateway's objects go with it through their owner reference anyway).
+        if inputs.synced
+            && let Some(deployments) = deployments
+        {
+            let stale: BTreeSet<&(String, String)> = deployments
+                .keys()
+                .filter(|k| !inputs.waypoints.contains_key(*k))
+                .collect();
+            for (ns, name) in stale {
+                tracing::info!(gateway = %format!("{ns}/{name}"), "no waypoint Gateway any more: deleting its objects");
+                for t in waypoint::object_targets(ns, name).iter().rev() {
+                    if !self.writer.delete(t).await {
+                        failed += 1;
+                    }
+                }
+            }
+        }
+        failed + self.writer.sync(&desired).await
+    }
+}
+
+/// Where and as whom the controller runs.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// The Lease electing the writer.
+    pub lease: lease::LeaseConfig,
+    /// What waypoint Deployments are made from (`None`: waypoints are not deployed).
+    pub template: Option<WaypointTemplate>,
+}
+
+/// Runs the controller until `inputs` has no sender left.
+pub async fn run(
+    client: kube::Client,
+    config: ControllerConfig,
+    mut inputs: watch::Receiver<Inputs>,
+) {
+    let (leader_tx, mut leader) = watch::channel(false);
+    let election = tokio::spawn(lease::elect(
+        client.clone(),
+        config.lease.clone(),
+        leader_tx,
+    ));
+    let api: Api<Deployment> = Api::all(client.clone());
+    let selector = format!("{}={}", waypoint::MANAGED_LABEL, waypoint::MANAGED_BY);
+    let mut deployment_events = watcher(api, watcher::Config::default().labels(&selector))
+        .default_backoff()
+        .boxed();
+    let mut deployments: Option<Deployments> = None;
+    let mut listing: Deployments = BTreeMap::new();
+    let mut reconciler = Reconciler::new(client, config.template);
+    let mut retry = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            changed = inputs.changed() => if changed.is_err() { break },
+            changed = leader.changed() => if changed.is_err() { break },
+            Some(event) = deployment_events.next() => {
+                let key = |d: &Deployment| (
+                    d.metadata.namespace.clone().unwrap_or_default(),
+                    d.metadata.name.clone().unwrap_or_default(),
+                );
+                let ready = |d: &Deployment| d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+                match event {
+                    Ok(watcher::Event::Init) => listing.clear(),
+                    Ok(watcher::Event::InitApply(d)) => { listing.insert(key(&d), ready(&d)); }
+                    Ok(watcher::Event::InitDone) => deployments = Some(std::mem::take(&mut listing)),
+                    Ok(watcher::Event::Apply(d)) => {
+                        if let Some(m) = deployments.as_mut() { m.insert(key(&d), ready(&d)); }
+                    }
+                    Ok(watcher::Event::Delete(d)) => {
+                        if let Some(m) = deployments.as_mut() { m.remove(&key(&d)); }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "watching waypoint Deployments failed; retrying"),
+                }
+            }
+            _ = retry.tick() => {}
+        }
+        if !*leader.borrow_and_update() {
+            reconciler.forget();
+            continue;
+        }
+        let now = inputs.borrow_and_update().clone();
+        reconciler.reconcile(&now, deployments.as_ref()).await;
+    }
+    election.abort();
+}

@@ -1,0 +1,185 @@
+//! Writing to the API server with server-side apply: the control plane owns exactly the
+//! fields it sends (field manager `trellis-control-plane`), so users' edits of other
+//! fields, and other controllers' conditions, are left alone.
+//!
+//! The [`Writer`] remembers what it last wrote per object and sends only what changed: a
+//! configuration change that leaves a status as it was costs no API call.
+
+use std::collections::BTreeMap;
+
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
+};
+use serde_json::Value;
+
+/// The field manager of everything the control plane writes.
+pub const FIELD_MANAGER: &str = "trellis-control-plane";
+
+/// An object (or its status) the control plane writes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Target {
+    /// `group/version` (`v1` for the core group).
+    pub api_version: &'static str,
+    /// Kind.
+    pub kind: &'static str,
+    /// Resource name in URLs.
+    pub plural: &'static str,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The `status` subresource (else the object itself).
+    pub status: bool,
+}
+
+impl Target {
+    fn resource(&self) -> ApiResource {
+        let (group, version) = self
+            .api_version
+            .rsplit_once('/')
+            .unwrap_or(("", self.api_version));
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(group, version, self.kind),
+            self.plural,
+        )
+    }
+
+    fn api(&self, client: &kube::Client) -> Api<DynamicObject> {
+        Api::namespaced_with(client.clone(), &self.namespace, &self.resource())
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)?;
+        if self.status {
+            f.write_str(" status")?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies objects and statuses, each only when it differs from what was last applied.
+pub struct Writer {
+    client: kube::Client,
+    written: BTreeMap<Target, Value>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("written", &self.written.len())
+            .finish()
+    }
+}
+
+impl Writer {
+    /// A writer with nothing written yet.
+    pub fn new(client: kube::Client) -> Writer {
+        Writer {
+            client,
+            written: BTreeMap::new(),
+        }
+    }
+
+    /// Forgets what was written (another replica may have written since): the next
+    /// [`Writer::sync`] applies everything again.
+    pub fn forget(&mut self) {
+        self.written.clear();
+    }
+
+    /// Applies every body of `desired` that differs from the last one applied. Bodies are
+    /// complete apply configurations (apiVersion, kind, metadata.name/namespace, and the
+    /// fields owned). Condition `lastTransitionTime`s are stamped here: kept from the last
+    /// write while a condition's `status` stays the same, else now. Returns how many
+    /// writes failed (they are retried by the next call).
+    pub async fn sync(&mut self, desired: &BTreeMap<Target, Value>) -> usize {
+        let mut failed = 0;
+        self.written.retain(|t, _| desired.contains_key(t));
+        for (target, body) in desired {
+            let body = stamp_transitions(body.clone(), self.written.get(target));
+            if self.written.get(target) == Some(&body) {
+                continue;
+            }
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            let api = target.api(&self.client);
+            let result = if target.status {
+                api.patch_status(&target.name, &params, &Patch::Apply(&body))
+                    .await
+            } else {
+                api.patch(&target.name, &params, &Patch::Apply(&body)).await
+            };
+            match result {
+                Ok(_) => {
+                    tracing::debug!(%target, "applied");
+                    self.written.insert(target.clone(), body);
+                }
+                // The object went away meanwhile (its status has nothing to go on).
+                Err(kube::Error::Api(s)) if s.code == 404 && target.status => {
+                    tracing::debug!(%target, "gone before its status was written");
+                }
+                Err(e) => {
+                    tracing::warn!(%target, error = %e, "cannot apply; retrying");
+                    failed += 1;
+                }
+            }
+        }
+        failed
+    }
+
+    /// Deletes `target` (already gone counts as done). Returns whether it is gone.
+    pub async fn delete(&mut self, target: &Target) -> bool {
+        self.written.remove(target);
+        match target
+            .api(&self.client)
+            .delete(&target.name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => true,
+            Err(kube::Error::Api(s)) if s.code == 404 => true,
+            Err(e) => {
+                tracing::warn!(%target, error = %e, "cannot delete; retrying");
+                false
+            }
+        }
+    }
+}
+
+/// Sets each `status.conditions[*].lastTransitionTime` of `body`: the time of the same
+/// condition type in `previous` if its `status` is unchanged, else now.
+fn stamp_transitions(mut body: Value, previous: Option<&Value>) -> Value {
+    let now = k8s_openapi::jiff::Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now())
+        .to_string();
+    let before = |kind: &Value, status: &Value| -> Option<Value> {
+        previous?
+            .pointer("/status/conditions")?
+            .as_array()?
+            .iter()
+            .find(|c| c.get("type") == Some(kind) && c.get("status") == Some(status))?
+            .get("lastTransitionTime")
+            .cloned()
+    };
+    stamp_list(body.pointer_mut("/status/conditions"), &before, &now);
+    body
+}
+
+fn stamp_list(
+    list: Option<&mut Value>,
+    before: &dyn Fn(&Value, &Value) -> Option<Value>,
+    now: &str,
+) {
+    let Some(list) = list.and_then(Value::as_array_mut) else {
+        return;
+    };
+    for c in list {
+        let (Some(kind), Some(status)) = (c.get("type").cloned(), c.get("status").cloned()) else {
+            continue;
+        };
+        let t = before(&kind, &status).unwrap_or_else(|| Value::from(now));
+        if let Some(m) = c.as_object_mut() {
+            m.insert("lastTransitionTime".into(), t);
+        }
+    }
+}

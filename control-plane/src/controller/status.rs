@@ -1,0 +1,76 @@
+//! The status conditions of the security policies (pure: a policy's state in, the apply
+//! configuration of its `status` out).
+//!
+//! `AuthorizationPolicy` and `PeerAuthentication` get Istio's `ZtunnelAccepted` condition
+//! (so `kubectl wait --for=condition=ZtunnelAccepted` works as with Istio):
+//! - `True`, reason `Accepted`, "attached to ztunnel";
+//! - `True`, reason `UnsupportedValue`, the warnings (what ztunnel cannot enforce, fields
+//!   that were ignored) — the policy is in effect as the message says;
+//! - `False`, reason `Invalid`, why it was rejected.
+//!
+//! `RequestAuthentication` is enforced by waypoints, not ztunnel: it gets `Accepted` with
+//! the same reasons. Conditions of other controllers on the same object are left alone
+//! (server-side apply owns only this condition).
+
+use serde_json::{Value, json};
+
+use super::apply::Target;
+use crate::config::authz::{PolicyState, PolicyStatus};
+use crate::config::load::ObjectRef;
+
+/// The condition type ztunnel-enforced policies get (Istio's name).
+pub const ZTUNNEL_ACCEPTED: &str = "ZtunnelAccepted";
+
+/// Where a policy's status is written; `None` for kinds without one.
+pub fn target(id: &ObjectRef) -> Option<Target> {
+    let (kind, plural) = match id.kind.as_str() {
+        "AuthorizationPolicy" => ("AuthorizationPolicy", "authorizationpolicies"),
+        "PeerAuthentication" => ("PeerAuthentication", "peerauthentications"),
+        "RequestAuthentication" => ("RequestAuthentication", "requestauthentications"),
+        _ => return None,
+    };
+    Some(Target {
+        api_version: "security.istio.io/v1",
+        kind,
+        plural,
+        namespace: id.namespace.clone(),
+        name: id.name.clone(),
+        status: true,
+    })
+}
+
+/// The apply configuration of the status of policy `id`, at metadata.generation
+/// `generation`.
+pub fn policy_status(id: &ObjectRef, status: &PolicyStatus, generation: Option<i64>) -> Value {
+    let kind = if id.kind == "RequestAuthentication" {
+        "Accepted"
+    } else {
+        ZTUNNEL_ACCEPTED
+    };
+    let (state, reason, message) = match status.state {
+        PolicyState::Accepted if kind == ZTUNNEL_ACCEPTED => {
+            ("True", "Accepted", "attached to ztunnel".to_string())
+        }
+        PolicyState::Accepted => ("True", "Accepted", "accepted".to_string()),
+        PolicyState::AcceptedWithWarnings => {
+            ("True", "UnsupportedValue", status.reasons.join("; "))
+        }
+        PolicyState::Rejected => ("False", "Invalid", status.reasons.join("; ")),
+    };
+    let mut condition = json!({
+        "type": kind,
+        "status": state,
+        "reason": reason,
+        "message": message,
+    });
+    // Istio's status is a protobuf message: int64 fields are JSON strings.
+    if let Some(g) = generation {
+        condition["observedGeneration"] = Value::from(g.to_string());
+    }
+    json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": id.kind,
+        "metadata": {"name": id.name, "namespace": id.namespace},
+        "status": {"conditions": [condition]},
+    })
+}

@@ -1,0 +1,658 @@
+//! What the control plane writes to the Kubernetes API: policy status conditions, waypoint
+//! Deployments/Services/ServiceAccounts and Gateway status, and the Lease that elects the
+//! writing replica.
+//!
+//! The pure parts (object in → what is written out) are tested directly; the client paths
+//! against a mocked API server: kube's `Client` over a `tower-test` mock service stands in
+//! for the API server (the one thing that cannot run here). The mock records each request
+//! (method, path, query, content type, body) and answers as the API server would.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use kube::client::Body;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use trellis_control_plane::config::gateway::Gateway;
+use trellis_control_plane::config::load::{Document, ObjectRef, parse_file};
+use trellis_control_plane::config::model::{MeshConfig, Model};
+use trellis_control_plane::config::snapshot::Snapshot;
+use trellis_control_plane::controller::lease::{LeaseConfig, elect};
+use trellis_control_plane::controller::waypoint::{
+    self, Observed, WaypointTemplate, gateway_status,
+};
+use trellis_control_plane::controller::{Deployments, Inputs, Reconciler, status};
+
+/// One request the mocked API server received.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+/// Answers requests with `answer(method, path, body) -> (status code, body)`, reporting
+/// each on the returned channel.
+fn api_server(
+    answer: impl Fn(&str, &str, &Value) -> (u16, Value) + Send + 'static,
+) -> (kube::Client, mpsc::UnboundedReceiver<Seen>) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "trellis-system");
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let (parts, body) = req.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let seen = Seen {
+                method: parts.method.to_string(),
+                path: parts.uri.path().to_string(),
+                query: parts.uri.query().unwrap_or_default().to_string(),
+                content_type: parts
+                    .headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string(),
+                body: body.clone(),
+            };
+            let (code, reply) = answer(&seen.method, &seen.path, &body);
+            let _ = tx.send(seen);
+            send.send_response(
+                Response::builder()
+                    .status(code)
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    (client, rx)
+}
+
+fn not_found() -> (u16, Value) {
+    (
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "reason": "NotFound", "message": "not found", "code": 404}),
+    )
+}
+
+fn conflict() -> (u16, Value) {
+    (
+        409,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "reason": "Conflict", "message": "the object has been modified", "code": 409}),
+    )
+}
+
+/// Everything received so far.
+fn drain(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Vec<Seen> {
+    let mut out = Vec::new();
+    while let Ok(s) = rx.try_recv() {
+        out.push(s);
+    }
+    out
+}
+
+fn model_from(yaml: &str) -> Model {
+    let mut model = Model::default();
+    for doc in parse_file(Path::new("objects.yaml"), yaml) {
+        match doc {
+            Document::Loaded(l) => model.apply(&l.id, l.object),
+            other => panic!("{other:?}"),
+        }
+    }
+    model
+}
+
+const POLICIES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-frontend, namespace: shop, generation: 3}
+spec:
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/frontend]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: get-only, namespace: shop, generation: 1}
+spec:
+  action: ALLOW
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: both, namespace: shop, generation: 2}
+spec:
+  selector: {matchLabels: {app: a}}
+  targetRef: {kind: Service, group: "", name: a}
+  action: ALLOW
+"#;
+
+#[test]
+fn policy_statuses_say_what_ztunnel_enforces() {
+    let model = model_from(POLICIES);
+    let snap = Snapshot::build(&model, &MeshConfig::default());
+    let status_of = |name: &str| {
+        let id = ObjectRef {
+            kind: "AuthorizationPolicy".into(),
+            namespace: "shop".into(),
+            name: name.into(),
+        };
+        let s = snap
+            .statuses
+            .get(&id)
+            .unwrap_or_else(|| panic!("{name}: no status"));
+        let target = status::target(&id).expect("policies have a status");
+        assert_eq!(
+            (target.api_version, target.plural, target.status),
+            ("security.istio.io/v1", "authorizationpolicies", true)
+        );
+        status::policy_status(&id, s, model.generation(&id))
+    };
+
+    let ok = status_of("allow-frontend");
+    assert_eq!(ok["apiVersion"], "security.istio.io/v1");
+    assert_eq!(ok["kind"], "AuthorizationPolicy");
+    assert_eq!(
+        ok["metadata"],
+        json!({"name": "allow-frontend", "namespace": "shop"})
+    );
+    assert_eq!(
+        ok["status"]["conditions"],
+        json!([{"type": "ZtunnelAccepted", "status": "True", "reason": "Accepted",
+                "message": "attached to ztunnel", "observedGeneration": "3"}])
+    );
+
+    // An HTTP attribute: in effect, but not as written — the message says how.
+    let l7 = &status_of("get-only")["status"]["conditions"][0];
+    assert_eq!(l7["status"], "True");
+    assert_eq!(l7["reason"], "UnsupportedValue");
+    let message = l7["message"].as_str().unwrap();
+    assert!(message.contains("methods"), "{message}");
+
+    let bad = &status_of("both")["status"]["conditions"][0];
+    assert_eq!(bad["status"], "False");
+    assert_eq!(bad["reason"], "Invalid");
+    assert!(!bad["message"].as_str().unwrap().is_empty());
+}
+
+fn template() -> WaypointTemplate {
+    WaypointTemplate::parse(
+        "waypoint.yaml",
+        "image: registry.example/trellis:1.2.3\nresources: {requests: {cpu: 100m}}\ncontrolPlane: trellis-control-plane.trellis-system.svc\ntrustDomain: cluster.local\nimagePullSecrets: [{name: pull}]\n",
+    )
+    .unwrap()
+}
+
+fn waypoint_gateway(name: &str) -> Gateway {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "shop", "uid": "gw-uid-1", "generation": 4},
+        "spec": {
+            "gatewayClassName": "istio-waypoint",
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+            "infrastructure": {"labels": {"team": "shop"}},
+        },
+    }))
+    .unwrap()
+}
+
+#[test]
+fn a_waypoint_gateway_gets_an_owned_deployment_service_and_service_account() {
+    let objects = waypoint::objects(&waypoint_gateway("waypoint"), &template()).unwrap();
+    let kinds: Vec<&str> = objects.iter().map(|(t, _)| t.kind).collect();
+    assert_eq!(kinds, ["ServiceAccount", "Service", "Deployment"]);
+    for (t, body) in &objects {
+        assert_eq!(
+            (t.namespace.as_str(), t.name.as_str()),
+            ("shop", "waypoint")
+        );
+        assert!(!t.status);
+        assert_eq!(body["metadata"]["name"], "waypoint");
+        assert_eq!(
+            body["metadata"]["ownerReferences"],
+            json!([{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                    "name": "waypoint", "uid": "gw-uid-1", "controller": true,
+                    "blockOwnerDeletion": true}]),
+            "{} is deleted with its Gateway",
+            t.kind
+        );
+        let labels = &body["metadata"]["labels"];
+        assert_eq!(labels["gateway.networking.k8s.io/gateway-name"], "waypoint");
+        assert_eq!(labels["team"], "shop", "spec.infrastructure.labels");
+    }
+    let service = &objects[1].1;
+    assert_eq!(
+        service["spec"]["selector"],
+        json!({"gateway.networking.k8s.io/gateway-name": "waypoint"})
+    );
+    let ports: Vec<u64> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ports, [15008, 15021]);
+
+    let deployment = &objects[2].1;
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(
+        pod["metadata"]["labels"]["istio.io/dataplane-mode"], "none",
+        "never captured"
+    );
+    assert_eq!(pod["spec"]["serviceAccountName"], "waypoint");
+    assert_eq!(pod["spec"]["imagePullSecrets"], json!([{"name": "pull"}]));
+    let c = &pod["spec"]["containers"][0];
+    assert_eq!(c["image"], "registry.example/trellis:1.2.3");
+    assert_eq!(c["resources"], json!({"requests": {"cpu": "100m"}}));
+    assert_eq!(c["securityContext"]["runAsNonRoot"], true);
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.contains(&"--control-plane=https://trellis-control-plane.trellis-system.svc:15012"),
+        "{args:?}"
+    );
+    assert!(args.contains(&"--gateway=shop/waypoint"), "{args:?}");
+    let audience =
+        &pod["spec"]["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]["audience"];
+    assert_eq!(audience, "trellis-ca");
+
+    // A name a Service cannot have is refused, and the status says why.
+    let bad = waypoint_gateway("way.point");
+    let problem = waypoint::objects(&bad, &template()).unwrap_err();
+    assert!(problem.contains("DNS label"), "{problem}");
+    let (_, s) = gateway_status(&bad, &Observed::default(), Some(&problem));
+    assert_eq!(s["status"]["conditions"][0]["status"], "False");
+    assert!(s["status"].get("addresses").is_none());
+}
+
+#[test]
+fn a_waypoint_template_with_a_misspelt_field_is_refused_naming_it() {
+    let e = WaypointTemplate::parse(
+        "/etc/trellis/waypoint.yaml",
+        "image: x\ncontrolPlane: cp\ntrustDomain: td\nresource: {}\n",
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("/etc/trellis/waypoint.yaml") && e.contains("resource"),
+        "{e}"
+    );
+    let e = WaypointTemplate::parse("w.yaml", "controlPlane: cp\ntrustDomain: td\n").unwrap_err();
+    assert!(e.contains("image"), "{e}");
+}
+
+#[test]
+fn gateway_status_is_programmed_with_its_address_once_the_deployment_is_ready() {
+    let gw = waypoint_gateway("waypoint");
+    let (target, pending) = gateway_status(
+        &gw,
+        &Observed {
+            ready_replicas: Some(0),
+            service_ip: Some("10.96.0.20".into()),
+        },
+        None,
+    );
+    assert_eq!((target.kind, target.status), ("Gateway", true));
+    let conditions = &pending["status"]["conditions"];
+    assert_eq!(conditions[0]["type"], "Accepted");
+    assert_eq!(conditions[0]["status"], "True");
+    assert_eq!(conditions[0]["observedGeneration"], 4);
+    assert_eq!(conditions[1]["type"], "Programmed");
+    assert_eq!(conditions[1]["status"], "False");
+    assert_eq!(conditions[1]["reason"], "Pending");
+
+    let (_, ready) = gateway_status(
+        &gw,
+        &Observed {
+            ready_replicas: Some(1),
+            service_ip: Some("10.96.0.20".into()),
+        },
+        None,
+    );
+    assert_eq!(ready["status"]["conditions"][1]["status"], "True");
+    assert_eq!(
+        ready["status"]["addresses"],
+        json!([{"type": "IPAddress", "value": "10.96.0.20"}])
+    );
+}
+
+/// The API server's answer to a server-side apply: the object as applied.
+fn applied(method: &str, path: &str, body: &Value) -> (u16, Value) {
+    match method {
+        "PATCH" => (200, body.clone()),
+        "DELETE" => (
+            200,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+        ),
+        _ => panic!("unexpected {method} {path}"),
+    }
+}
+
+#[tokio::test]
+async fn the_reconciler_applies_waypoints_and_statuses_and_only_what_changed() {
+    let (client, mut rx) = api_server(applied);
+    let mut reconciler = Reconciler::new(client, Some(template()));
+    let policy = ObjectRef {
+        kind: "AuthorizationPolicy".into(),
+        namespace: "shop".into(),
+        name: "allow-frontend".into(),
+    };
+    let model = model_from(POLICIES);
+    let snap = Snapshot::build(&model, &MeshConfig::default());
+    let mut inputs = Inputs {
+        synced: true,
+        statuses: BTreeMap::from([(
+            status::target(&policy).unwrap(),
+            status::policy_status(&policy, &snap.statuses[&policy], Some(3)),
+        )]),
+        waypoints: BTreeMap::from([(
+            ("shop".to_string(), "waypoint".to_string()),
+            (waypoint_gateway("waypoint"), None),
+        )]),
+    };
+
+    // First round: everything is applied, with server-side apply as trellis-control-plane.
+    assert_eq!(
+        reconciler
+            .reconcile(&inputs, Some(&Deployments::new()))
+            .await,
+        0
+    );
+    let seen = drain(&mut rx);
+    let paths: Vec<(&str, &str)> = seen
+        .iter()
+        .map(|s| (s.method.as_str(), s.path.as_str()))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            (
+                "PATCH",
+                "/apis/apps/v1/namespaces/shop/deployments/waypoint"
+            ),
+            (
+                "PATCH",
+                "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/waypoint/status"
+            ),
+            (
+                "PATCH",
+                "/apis/security.istio.io/v1/namespaces/shop/authorizationpolicies/allow-frontend/status"
+            ),
+            ("PATCH", "/api/v1/namespaces/shop/services/waypoint"),
+            ("PATCH", "/api/v1/namespaces/shop/serviceaccounts/waypoint"),
+        ]
+    );
+    for s in &seen {
+        assert_eq!(s.content_type, "application/apply-patch+yaml", "{}", s.path);
+        assert!(
+            s.query.contains("fieldManager=trellis-control-plane"),
+            "{}",
+            s.query
+        );
+        assert!(s.query.contains("force=true"), "{}", s.query);
+    }
+    assert_eq!(seen[0].body["kind"], "Deployment");
+    assert_eq!(
+        seen[0].body["metadata"]["ownerReferences"][0]["uid"],
+        "gw-uid-1"
+    );
+    let gw_status = &seen[1].body["status"];
+    assert_eq!(
+        gw_status["conditions"][1]["status"], "False",
+        "no ready pod yet"
+    );
+    assert!(
+        gw_status["conditions"][0]["lastTransitionTime"].is_string(),
+        "conditions carry their transition time"
+    );
+    let cond = &seen[2].body["status"]["conditions"][0];
+    assert_eq!(
+        (cond["type"].as_str(), cond["status"].as_str()),
+        (Some("ZtunnelAccepted"), Some("True"))
+    );
+
+    // Nothing changed: no API call.
+    assert_eq!(
+        reconciler
+            .reconcile(&inputs, Some(&Deployments::new()))
+            .await,
+        0
+    );
+    assert!(
+        drain(&mut rx).is_empty(),
+        "unchanged objects are not written again"
+    );
+
+    // The Deployment has a ready pod and the Service an address: only the Gateway's
+    // status is written, with its address; Accepted keeps its transition time.
+    inputs
+        .waypoints
+        .get_mut(&("shop".into(), "waypoint".into()))
+        .unwrap()
+        .1 = Some("10.96.0.20".into());
+    let ready = Deployments::from([(("shop".to_string(), "waypoint".to_string()), 1)]);
+    assert_eq!(reconciler.reconcile(&inputs, Some(&ready)).await, 0);
+    let seen = drain(&mut rx);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0].path,
+        "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/waypoint/status"
+    );
+    let status = &seen[0].body["status"];
+    assert_eq!(
+        status["addresses"],
+        json!([{"type": "IPAddress", "value": "10.96.0.20"}])
+    );
+    assert_eq!(status["conditions"][1]["status"], "True");
+    assert_eq!(
+        status["conditions"][0]["lastTransitionTime"],
+        gw_status["conditions"][0]["lastTransitionTime"],
+        "Accepted did not change"
+    );
+
+    // The Gateway is no longer a waypoint: its objects are deleted (Deployment first).
+    inputs.waypoints.clear();
+    assert_eq!(reconciler.reconcile(&inputs, Some(&ready)).await, 0);
+    let deletes: Vec<String> = drain(&mut rx)
+        .into_iter()
+        .filter(|s| s.method == "DELETE")
+        .map(|s| s.path)
+        .collect();
+    assert_eq!(
+        deletes,
+        [
+            "/apis/apps/v1/namespaces/shop/deployments/waypoint",
+            "/api/v1/namespaces/shop/services/waypoint",
+            "/api/v1/namespaces/shop/serviceaccounts/waypoint",
+        ]
+    );
+
+    // Before every kind was read, a Deployment without a Gateway is not deleted.
+    inputs.synced = false;
+    reconciler.reconcile(&inputs, Some(&ready)).await;
+    assert!(drain(&mut rx).iter().all(|s| s.method != "DELETE"));
+}
+
+#[tokio::test]
+async fn a_failed_write_is_retried_and_a_missing_object_is_not_a_failure() {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = calls.clone();
+    let (client, mut rx) = api_server(move |method, path, body| {
+        let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if path.contains("/gone/") {
+            return not_found();
+        }
+        if n == 0 {
+            return (
+                500,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "etcd timeout", "code": 500}),
+            );
+        }
+        applied(method, path, body)
+    });
+    let mut reconciler = Reconciler::new(client, None);
+    let ids: Vec<ObjectRef> = ["allow", "gone"]
+        .iter()
+        .map(|n| ObjectRef {
+            kind: "PeerAuthentication".into(),
+            namespace: "shop".into(),
+            name: n.to_string(),
+        })
+        .collect();
+    let model = model_from(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: allow, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n",
+    );
+    let snap = Snapshot::build(&model, &MeshConfig::default());
+    let st = &snap.statuses[&ids[0]];
+    let inputs = Inputs {
+        synced: true,
+        statuses: ids
+            .iter()
+            .map(|id| {
+                (
+                    status::target(id).unwrap(),
+                    status::policy_status(id, st, None),
+                )
+            })
+            .collect(),
+        waypoints: BTreeMap::new(),
+    };
+    assert_eq!(
+        reconciler.reconcile(&inputs, None).await,
+        1,
+        "the 500 is a failure"
+    );
+    assert_eq!(drain(&mut rx).len(), 2);
+    assert_eq!(reconciler.reconcile(&inputs, None).await, 0);
+    let seen = drain(&mut rx);
+    assert_eq!(
+        seen.len(),
+        2,
+        "the failed write is retried; the 404 is asked again too (it may come back): {seen:?}"
+    );
+    assert_eq!(
+        seen[0].path,
+        "/apis/security.istio.io/v1/namespaces/shop/peerauthentications/allow/status"
+    );
+}
+
+fn lease(holder: &str, renew: &str, rv: &str) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "trellis-control-plane", "namespace": "trellis-system", "resourceVersion": rv},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 1, "renewTime": renew,
+                 "acquireTime": renew, "leaseTransitions": 4},
+    })
+}
+
+fn fast(identity: &str) -> LeaseConfig {
+    LeaseConfig {
+        duration: Duration::from_millis(600),
+        renew_deadline: Duration::from_millis(400),
+        retry: Duration::from_millis(50),
+        ..LeaseConfig::new("trellis-system", "trellis-control-plane", identity)
+    }
+}
+
+#[tokio::test]
+async fn the_first_replica_creates_the_lease_and_leads() {
+    let (client, mut rx) = api_server(|method, _, body| match method {
+        "GET" => not_found(),
+        "POST" => (201, body.clone()),
+        _ => (200, body.clone()),
+    });
+    let (tx, mut leader) = watch::channel(false);
+    let election = tokio::spawn(elect(client, fast("cp-0"), tx));
+    tokio::time::timeout(Duration::from_secs(10), leader.wait_for(|l| *l))
+        .await
+        .expect("leads")
+        .unwrap();
+    election.abort();
+    let seen = drain(&mut rx);
+    let create = seen.iter().find(|s| s.method == "POST").expect("created");
+    assert_eq!(
+        create.path,
+        "/apis/coordination.k8s.io/v1/namespaces/trellis-system/leases"
+    );
+    assert_eq!(create.body["spec"]["holderIdentity"], "cp-0");
+}
+
+#[tokio::test]
+async fn a_held_lease_is_taken_over_only_after_it_stopped_being_renewed() {
+    // The Lease is held by cp-0, which renews it for a while and then stops.
+    let renewals = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let r = renewals.clone();
+    let (client, mut rx) = api_server(move |method, _, body| match method {
+        "GET" => {
+            let n = r.fetch_add(1, std::sync::atomic::Ordering::SeqCst).min(10);
+            // cp-0 renews on each of the first 10 reads, then never again.
+            (
+                200,
+                lease(
+                    "cp-0",
+                    &format!("2026-12-01T00:00:{n:02}.000000Z"),
+                    &format!("{n}"),
+                ),
+            )
+        }
+        "PUT" => (200, body.clone()),
+        _ => conflict(),
+    });
+    let (tx, mut leader) = watch::channel(false);
+    let election = tokio::spawn(elect(client, fast("cp-1"), tx));
+    tokio::time::timeout(Duration::from_secs(10), leader.wait_for(|l| *l))
+        .await
+        .expect("takes over")
+        .unwrap();
+    election.abort();
+    let seen = drain(&mut rx);
+    let put_at = seen
+        .iter()
+        .position(|s| s.method == "PUT")
+        .expect("replaced");
+    assert!(
+        put_at > 10,
+        "not taken over while cp-0 renewed (first write after read {put_at})"
+    );
+    let put = &seen[put_at].body;
+    assert_eq!(put["spec"]["holderIdentity"], "cp-1");
+    assert_eq!(put["spec"]["leaseTransitions"], 5);
+    assert_eq!(
+        put["metadata"]["resourceVersion"], "10",
+        "the write is conditional on what was read"
+    );
+}
+
+#[tokio::test]
+async fn a_lost_race_for_the_lease_does_not_lead() {
+    let (client, mut rx) = api_server(|method, _, _| match method {
+        "GET" => (200, lease("", "2026-12-01T00:00:00.000000Z", "7")),
+        _ => conflict(),
+    });
+    let (tx, mut leader) = watch::channel(false);
+    let election = tokio::spawn(elect(client, fast("cp-1"), tx));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    election.abort();
+    assert!(
+        !*leader.borrow_and_update(),
+        "a 409 on the write is a lost race"
+    );
+    let seen = drain(&mut rx);
+    assert!(
+        seen.iter().any(|s| s.method == "PUT"),
+        "it tried: the Lease was free"
+    );
+}
