@@ -1,4 +1,5 @@
-//! `trellisctl`: for now, `trellisctl demo` — a two-node mesh on network namespaces with
+//! `trellisctl`: `trellisctl waypoint generate|apply` deploys a waypoint on Kubernetes (see
+//! [`waypoint`]); `trellisctl demo` — a two-node mesh on network namespaces with
 //! the real control plane, node agents, CNI plugin and ztunnels, walked through step by
 //! step with real traffic: mTLS on the wire (a capture on the underlay finds no plaintext),
 //! an AuthorizationPolicy applied from a file denies a call (the deny is in the log), and
@@ -12,6 +13,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use trellis_e2e::mesh::{Mesh, eventually, workspace_bin};
 use trellis_e2e::{Cluster, Pod, Proc};
+
+mod waypoint;
 
 #[derive(Parser)]
 #[command(name = "trellisctl", version, about)]
@@ -28,17 +31,83 @@ enum Cmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Waypoints on Kubernetes (as `istioctl waypoint`).
+    Waypoint {
+        #[command(subcommand)]
+        command: WaypointCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum WaypointCmd {
+    /// Print the waypoint's Gateway (and namespace label) as YAML, for kubectl apply.
+    Generate(waypoint::WaypointArgs),
+    /// Write them to the cluster of the kubeconfig (server-side apply).
+    Apply {
+        #[command(flatten)]
+        args: waypoint::WaypointArgs,
+        /// Wait until the control plane reports the waypoint programmed.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
 }
 
 fn main() -> ExitCode {
-    let Cli {
-        command: Cmd::Demo { wait },
-    } = Cli::parse();
-    match demo(wait) {
+    let (what, result) = match Cli::parse().command {
+        Cmd::Demo { wait } => ("demo", demo(wait)),
+        Cmd::Waypoint { command } => ("waypoint", waypoint_cmd(command)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("\ntrellisctl demo failed: {e:#}");
+            eprintln!("\ntrellisctl {what} failed: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn waypoint_cmd(command: WaypointCmd) -> Result<()> {
+    match command {
+        WaypointCmd::Generate(args) => {
+            print!("{}", waypoint::generate(&args)?);
+            Ok(())
+        }
+        WaypointCmd::Apply {
+            args,
+            wait,
+            timeout,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+                for note in waypoint::apply(&client, &args).await? {
+                    eprintln!("note: {note}");
+                }
+                println!("waypoint {}/{} applied", args.namespace, args.name);
+                if args.enroll_namespace {
+                    println!(
+                        "namespace {} labelled istio.io/use-waypoint={}",
+                        args.namespace, args.name
+                    );
+                }
+                if wait {
+                    let addr =
+                        waypoint::wait_programmed(&client, &args, Duration::from_secs(timeout))
+                            .await?;
+                    println!(
+                        "waypoint {}/{} is ready at {addr}",
+                        args.namespace, args.name
+                    );
+                }
+                Ok(())
+            })
         }
     }
 }
