@@ -7,6 +7,7 @@
 //! - [`service`]: the gRPC service on TLS.
 
 pub mod auth;
+pub mod secret;
 pub mod service;
 pub mod store;
 

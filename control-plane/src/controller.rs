@@ -37,6 +37,45 @@ pub struct Inputs {
     pub statuses: BTreeMap<Target, Value>,
     /// Waypoint Gateways by (namespace, name), each with its Service's cluster IP if known.
     pub waypoints: BTreeMap<(String, String), (Gateway, Option<String>)>,
+    /// The trust bundle (PEM) and the namespaces that get it as ConfigMap
+    /// `trellis-ca-root-cert` (its pods mount it to verify the control plane and peers).
+    pub trust_bundle: Option<(String, BTreeSet<String>)>,
+}
+
+/// The ConfigMap holding the trust bundle, in every namespace with mesh pods (Istio's is
+/// `istio-ca-root-cert`, same key).
+pub const TRUST_BUNDLE_CONFIG_MAP: &str = "trellis-ca-root-cert";
+
+/// The apply configurations of the trust bundle's ConfigMaps.
+pub fn trust_bundle_config_maps(
+    roots_pem: &str,
+    namespaces: &BTreeSet<String>,
+) -> BTreeMap<Target, Value> {
+    namespaces
+        .iter()
+        .map(|ns| {
+            (
+                Target {
+                    api_version: "v1",
+                    kind: "ConfigMap",
+                    plural: "configmaps",
+                    namespace: ns.clone(),
+                    name: TRUST_BUNDLE_CONFIG_MAP.into(),
+                    status: false,
+                },
+                serde_json::json!({
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {
+                        "name": TRUST_BUNDLE_CONFIG_MAP,
+                        "namespace": ns,
+                        "labels": {"app.kubernetes.io/part-of": "trellis"},
+                    },
+                    "data": {"root-cert.pem": roots_pem},
+                }),
+            )
+        })
+        .collect()
 }
 
 /// Managed waypoint Deployments seen on the API, by (namespace, name): their ready
@@ -68,6 +107,9 @@ impl Reconciler {
     /// Returns how many writes failed.
     pub async fn reconcile(&mut self, inputs: &Inputs, deployments: Option<&Deployments>) -> usize {
         let mut desired = inputs.statuses.clone();
+        if let Some((roots, namespaces)) = &inputs.trust_bundle {
+            desired.extend(trust_bundle_config_maps(roots, namespaces));
+        }
         let Some(template) = &self.template else {
             // Not deploying waypoints: statuses only.
             return self.writer.sync(&desired).await;

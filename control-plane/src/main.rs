@@ -76,10 +76,10 @@ enum Command {
         /// are not deployed.
         #[arg(long, env = "TRELLIS_WAYPOINT_CONFIG")]
         waypoint_config: Option<PathBuf>,
-        /// Namespace of the Lease electing the replica that writes to the API (default: the
-        /// client's namespace, in a cluster the pod's).
+        /// With --config-source=kubernetes: the control plane's own namespace, where its
+        /// Lease and CA Secret are (default: the client's namespace, in a cluster the pod's).
         #[arg(long, env = "POD_NAMESPACE")]
-        lease_namespace: Option<String>,
+        namespace: Option<String>,
         /// This replica's name in the Lease (default: host name and process id).
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
@@ -172,7 +172,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             poll_ms,
             write_roots,
             waypoint_config,
-            lease_namespace,
+            namespace,
             identity,
         } => {
             let mut opts = Options::new(config_dir.unwrap_or_default());
@@ -185,9 +185,14 @@ fn run(command: Command) -> Result<ExitCode, String> {
             let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             rt.block_on(async {
                 if config_source == "kubernetes" {
-                    let client = kube::Client::try_default().await.map_err(|e| {
+                    let unreachable = |e: &dyn std::fmt::Display| {
                         format!("cannot reach the Kubernetes API (in-cluster or kubeconfig): {e}")
-                    })?;
+                    };
+                    let mut config = kube::Config::infer().await.map_err(|e| unreachable(&e))?;
+                    if let Some(ns) = namespace {
+                        config.default_namespace = ns;
+                    }
+                    let client = kube::Client::try_from(config).map_err(|e| unreachable(&e))?;
                     let template = match &waypoint_config {
                         Some(path) => {
                             let text = std::fs::read_to_string(path)
@@ -196,8 +201,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                         }
                         None => None,
                     };
-                    let namespace =
-                        lease_namespace.unwrap_or_else(|| client.default_namespace().to_string());
+                    let namespace = client.default_namespace().to_string();
                     let identity = identity.unwrap_or_else(|| {
                         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                             .unwrap_or_default();

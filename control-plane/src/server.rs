@@ -169,12 +169,35 @@ impl ControlPlane {
     /// Reads the directory, loads (or creates) the CA, binds the ports and starts serving.
     pub async fn start(opts: Options) -> Result<ControlPlane, StartError> {
         let mesh = opts.mesh.clone();
-        // The CA.
-        let store = DirStore::new(opts.state_dir.join("ca"));
-        let (root, generated) = RootOfTrust::load_or_generate(&store, &mesh.trust_domain)?;
-        if generated {
-            tracing::info!(dir = %opts.state_dir.join("ca").display(), "generated a new self-signed root of trust");
-        }
+        // The CA: on Kubernetes its root is in a Secret (shared by the replicas), else in
+        // the state directory.
+        let root = match &opts.kubernetes {
+            Some(KubeClient(client)) => {
+                use crate::ca::secret::{Origin, load_or_generate};
+                let (root, origin) = load_or_generate(client, &mesh.trust_domain).await?;
+                let ns = client.default_namespace();
+                match origin {
+                    Origin::Plugged => {
+                        tracing::info!(secret = %format!("{ns}/cacerts"), "signing with the plugged-in CA")
+                    }
+                    Origin::Stored => {
+                        tracing::info!(secret = %format!("{ns}/trellis-ca"), "signing with the stored root of trust")
+                    }
+                    Origin::Generated => {
+                        tracing::info!(secret = %format!("{ns}/trellis-ca"), "generated a new self-signed root of trust")
+                    }
+                }
+                root
+            }
+            None => {
+                let store = DirStore::new(opts.state_dir.join("ca"));
+                let (root, generated) = RootOfTrust::load_or_generate(&store, &mesh.trust_domain)?;
+                if generated {
+                    tracing::info!(dir = %opts.state_dir.join("ca").display(), "generated a new self-signed root of trust");
+                }
+                root
+            }
+        };
         let roots_pem = root.roots_pem().to_string();
         let ca = Arc::new(CertificateAuthority::new(
             CaConfig {
@@ -230,10 +253,11 @@ impl ControlPlane {
             let placement = placement.clone();
             let mesh = mesh.clone();
             let controller = opts.controller.clone();
+            let roots = roots_pem.clone();
             let mut stop = stopped.clone();
             tasks.push(tokio::spawn(async move {
                 tokio::select! {
-                    () = run_kube_source(client, model, shared, placement, mesh, controller) => {}
+                    () = run_kube_source(client, model, shared, placement, mesh, controller, roots) => {}
                     _ = stop.wait_for(|s| *s) => {}
                 }
             }));
@@ -408,9 +432,12 @@ async fn run_kube_source(
     placement: Arc<NodeWorkloads>,
     mesh: crate::config::model::MeshConfig,
     controller: Option<crate::controller::ControllerConfig>,
+    roots_pem: String,
 ) {
     use crate::config::kube::{Event, KINDS, KubeState, watch as watch_kinds};
     let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+    // The control plane's own namespace gets the trust bundle too (ztunnel mounts it).
+    let own_namespace = client.default_namespace().to_string();
     let watchers = tokio::spawn(watch_kinds(client.clone(), KINDS, tx));
     // The writer side: statuses and waypoints, from what this replica reads.
     let (inputs, inputs_rx) = watch::channel(crate::controller::Inputs::default());
@@ -471,7 +498,11 @@ async fn run_kube_source(
             );
         }
         if writer.is_some() {
-            let now = controller_inputs(&model, &shared, listed.len() == KINDS.len());
+            let mut now =
+                controller_inputs(&model, &shared, listed.len() == KINDS.len(), &roots_pem);
+            if let Some((_, namespaces)) = now.trust_bundle.as_mut() {
+                namespaces.insert(own_namespace.clone());
+            }
             inputs.send_if_modified(|current| {
                 let modified = *current != now;
                 *current = now;
@@ -487,7 +518,12 @@ async fn run_kube_source(
 
 /// What the Kubernetes writer works from: every policy's status, and the waypoint
 /// Gateways with their Services' addresses.
-fn controller_inputs(model: &Model, shared: &Shared, synced: bool) -> crate::controller::Inputs {
+fn controller_inputs(
+    model: &Model,
+    shared: &Shared,
+    synced: bool,
+    roots_pem: &str,
+) -> crate::controller::Inputs {
     use crate::controller::status;
     let statuses = status_report(shared)
         .policies
@@ -498,7 +534,7 @@ fn controller_inputs(model: &Model, shared: &Shared, synced: bool) -> crate::con
             Some((target, body))
         })
         .collect();
-    let waypoints = model
+    let waypoints: BTreeMap<_, _> = model
         .gateways()
         .filter(|(_, gw)| gw.is_waypoint())
         .map(|((ns, name), gw)| {
@@ -506,10 +542,15 @@ fn controller_inputs(model: &Model, shared: &Shared, synced: bool) -> crate::con
             ((ns.clone(), name.clone()), (gw.clone(), ip))
         })
         .collect();
+    // The trust bundle goes wherever mesh pods run: enrolled namespaces, and those of
+    // waypoints (their pods mount it).
+    let mut bundle_namespaces = model.enrolled_namespaces();
+    bundle_namespaces.extend(waypoints.keys().map(|(ns, _)| ns.clone()));
     crate::controller::Inputs {
         synced,
         statuses,
         waypoints,
+        trust_bundle: Some((roots_pem.to_string(), bundle_namespaces)),
     }
 }
 

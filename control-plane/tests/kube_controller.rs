@@ -362,6 +362,7 @@ async fn the_reconciler_applies_waypoints_and_statuses_and_only_what_changed() {
             ("shop".to_string(), "waypoint".to_string()),
             (waypoint_gateway("waypoint"), None),
         )]),
+        trust_bundle: None,
     };
 
     // First round: everything is applied, with server-side apply as trellis-control-plane.
@@ -529,6 +530,7 @@ async fn a_failed_write_is_retried_and_a_missing_object_is_not_a_failure() {
             })
             .collect(),
         waypoints: BTreeMap::new(),
+        trust_bundle: None,
     };
     assert_eq!(
         reconciler.reconcile(&inputs, None).await,
@@ -654,5 +656,41 @@ async fn a_lost_race_for_the_lease_does_not_lead() {
     assert!(
         seen.iter().any(|s| s.method == "PUT"),
         "it tried: the Lease was free"
+    );
+}
+
+#[tokio::test]
+async fn the_trust_bundle_is_published_in_each_namespace_given() {
+    let (client, mut rx) = api_server(applied);
+    let mut reconciler = Reconciler::new(client, None);
+    let roots = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let mut inputs = Inputs {
+        synced: true,
+        trust_bundle: Some((
+            roots.into(),
+            ["shop".to_string(), "trellis-system".to_string()].into(),
+        )),
+        ..Inputs::default()
+    };
+    assert_eq!(reconciler.reconcile(&inputs, None).await, 0);
+    let seen = drain(&mut rx);
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/api/v1/namespaces/shop/configmaps/trellis-ca-root-cert",
+            "/api/v1/namespaces/trellis-system/configmaps/trellis-ca-root-cert",
+        ]
+    );
+    assert_eq!(seen[0].body["data"], json!({"root-cert.pem": roots}));
+    assert_eq!(seen[0].content_type, "application/apply-patch+yaml");
+    // A namespace joins: only its ConfigMap is written.
+    inputs.trust_bundle.as_mut().unwrap().1.insert("dev".into());
+    reconciler.reconcile(&inputs, None).await;
+    let seen = drain(&mut rx);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].path,
+        "/api/v1/namespaces/dev/configmaps/trellis-ca-root-cert"
     );
 }

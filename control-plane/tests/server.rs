@@ -366,19 +366,39 @@ async fn on_the_kubernetes_api_it_is_ready_after_listing_and_serves_the_objects(
     opts.kubernetes = Some(trellis_control_plane::server::KubeClient(
         kube::Client::new(service, "default"),
     ));
-    let cp = ControlPlane::start(opts).await.unwrap();
-    let (code, _) = admin_get(cp.admin_addr(), "/ready").await;
-    assert_eq!(code, 503, "not ready before the API has been listed");
-
-    // The API server: lists per resource; watches are held open.
+    // The API server: lists per resource; watches are held open; no CA Secret yet (the
+    // control plane creates one).
+    let (hold_lists, mut lists_held) = tokio::sync::watch::channel(true);
     let api = tokio::spawn(async move {
         let mut open = Vec::new();
         while let Some((req, send)) = handle.next_request().await {
             let path = req.uri().path().to_string();
+            if path.contains("/secrets") {
+                let (code, body) = if req.method() == "POST" {
+                    use http_body_util::BodyExt;
+                    let b = req.into_body().collect().await.unwrap().to_bytes();
+                    (201, serde_json::from_slice(&b).unwrap())
+                } else {
+                    (
+                        404,
+                        json!({"apiVersion": "v1", "kind": "Status", "metadata": {},
+                        "status": "Failure", "reason": "NotFound", "message": "not found", "code": 404}),
+                    )
+                };
+                send.send_response(
+                    Response::builder()
+                        .status(code)
+                        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                        .unwrap(),
+                );
+                continue;
+            }
             if req.uri().query().unwrap_or("").contains("watch=true") {
                 open.push(send);
                 continue;
             }
+            // Lists are answered once the test has seen the control plane not ready.
+            let _ = lists_held.wait_for(|held| !held).await;
             let resource = path.rsplit('/').next().unwrap_or("").to_string();
             if ["gateways", "httproutes", "grpcroutes"].contains(&resource.as_str()) {
                 // The Gateway API CRDs are not installed here.
@@ -412,6 +432,10 @@ async fn on_the_kubernetes_api_it_is_ready_after_listing_and_serves_the_objects(
             );
         }
     });
+    let cp = ControlPlane::start(opts).await.unwrap();
+    let (code, _) = admin_get(cp.admin_addr(), "/ready").await;
+    assert_eq!(code, 503, "not ready before the API has been listed");
+    hold_lists.send(false).unwrap();
     let m = Mesh {
         cp,
         config,

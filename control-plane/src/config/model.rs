@@ -308,6 +308,22 @@ impl Model {
         service_ips(svc).first().copied()
     }
 
+    /// Namespaces with mesh workloads: labelled `istio.io/dataplane-mode=ambient`, or
+    /// holding an enrolled pod.
+    pub fn enrolled_namespaces(&self) -> std::collections::BTreeSet<String> {
+        let labelled = self
+            .namespaces
+            .iter()
+            .filter(|(_, n)| label(&n.metadata.labels, DATAPLANE_MODE) == Some("ambient"))
+            .map(|(name, _)| name.clone());
+        let with_pods = self
+            .pods
+            .iter()
+            .filter(|(_, p)| self.is_enrolled(p))
+            .map(|((ns, _), _)| ns.clone());
+        labelled.chain(with_pods).collect()
+    }
+
     /// Every namespace that holds pods, services or policies.
     pub fn namespaces_in_use(&self) -> std::collections::BTreeSet<String> {
         self.pods
