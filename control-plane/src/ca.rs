@@ -10,6 +10,7 @@ pub mod auth;
 pub mod secret;
 pub mod service;
 pub mod store;
+pub mod token_review;
 
 use std::time::{Duration, SystemTime};
 

@@ -80,6 +80,15 @@ enum Command {
         /// Lease and CA Secret are (default: the client's namespace, in a cluster the pod's).
         #[arg(long, env = "POD_NAMESPACE")]
         namespace: Option<String>,
+        /// With --config-source=kubernetes: the audience proxies' ServiceAccount tokens must
+        /// be issued for.
+        #[arg(long, default_value = "trellis-ca")]
+        token_audience: String,
+        /// With --config-source=kubernetes: ztunnel's ServiceAccount, NAMESPACE/NAME (its
+        /// tokens make the caller the ztunnel of its pod's node); default
+        /// <namespace>/trellis-ztunnel.
+        #[arg(long)]
+        ztunnel_service_account: Option<String>,
         /// This replica's name in the Lease (default: host name and process id).
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
@@ -174,6 +183,8 @@ fn run(command: Command) -> Result<ExitCode, String> {
             waypoint_config,
             namespace,
             identity,
+            token_audience,
+            ztunnel_service_account,
         } => {
             let mut opts = Options::new(config_dir.unwrap_or_default());
             opts.mesh = mesh_config(mesh_path.as_deref())?;
@@ -182,6 +193,13 @@ fn run(command: Command) -> Result<ExitCode, String> {
             opts.admin = admin_addr;
             opts.serving_names = serving_names;
             opts.poll_interval = Duration::from_millis(poll_ms.max(10));
+            opts.token_audience = token_audience;
+            if let Some(sa) = ztunnel_service_account {
+                let (ns, name) = sa.split_once('/').ok_or_else(|| {
+                    format!("--ztunnel-service-account {sa:?}: expected NAMESPACE/NAME")
+                })?;
+                opts.ztunnel_service_account = Some((ns.to_string(), name.to_string()));
+            }
             let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             rt.block_on(async {
                 if config_source == "kubernetes" {

@@ -19,7 +19,7 @@ use hyper::body::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::{Request, Status};
+use tonic::Status;
 use trellis_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use trellis_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
 
@@ -58,6 +58,11 @@ pub struct Options {
     pub kubernetes: Option<KubeClient>,
     /// With `kubernetes`: write statuses and deploy waypoints (one replica at a time).
     pub controller: Option<crate::controller::ControllerConfig>,
+    /// With `kubernetes`: the audience of the ServiceAccount tokens proxies present.
+    pub token_audience: String,
+    /// With `kubernetes`: ztunnel's ServiceAccount (namespace, name); default
+    /// `trellis-ztunnel` in the client's namespace.
+    pub ztunnel_service_account: Option<(String, String)>,
 }
 
 /// A Kubernetes API client (for [`Options::kubernetes`]).
@@ -84,6 +89,8 @@ impl Options {
             debounce: Duration::from_millis(200),
             kubernetes: None,
             controller: None,
+            token_audience: "trellis-ca".into(),
+            ztunnel_service_account: None,
         }
     }
 }
@@ -322,12 +329,35 @@ impl ControlPlane {
         let tls = tonic::transport::ServerTlsConfig::new()
             .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem))
             .timeout(Duration::from_secs(10));
-        let auth: Arc<dyn Authenticator> = credentials.clone();
+        // Proxies authenticate with issued credentials; on Kubernetes with their projected
+        // ServiceAccount tokens (issued credentials still work, for proxies outside).
+        let auth: Arc<dyn Authenticator> = match &opts.kubernetes {
+            Some(KubeClient(client)) => {
+                let ztunnel = opts.ztunnel_service_account.clone().unwrap_or_else(|| {
+                    (
+                        client.default_namespace().to_string(),
+                        "trellis-ztunnel".to_string(),
+                    )
+                });
+                Arc::new(
+                    crate::ca::token_review::TokenReviewAuth::new(
+                        client.clone(),
+                        &opts.token_audience,
+                        &mesh.trust_domain,
+                        ztunnel,
+                    )
+                    .with_local(credentials.clone()),
+                )
+            }
+            None => credentials.clone(),
+        };
         let xds_auth = auth.clone();
-        let xds = AggregatedDiscoveryServiceServer::with_interceptor(
-            XdsServer::new(snapshots, acks).with_shutdown(stopped.clone()),
-            move |req: Request<()>| authenticate_stream(xds_auth.as_ref(), req),
-        );
+        let xds = Authenticated {
+            inner: AggregatedDiscoveryServiceServer::new(
+                XdsServer::new(snapshots, acks).with_shutdown(stopped.clone()),
+            ),
+            auth: xds_auth,
+        };
         let ca_service = IstioCertificateServiceServer::new(CaService::new(ca, auth, placement));
         let router = tonic::transport::Server::builder()
             .tls_config(tls)?
@@ -563,21 +593,58 @@ fn report(change: &Change) {
     }
 }
 
-/// The xDS interceptor: every stream carries a credential the CA knows.
-#[allow(clippy::result_large_err)] // tonic's interceptor signature
-fn authenticate_stream(
-    auth: &dyn Authenticator,
-    mut req: Request<()>,
-) -> Result<Request<()>, Status> {
-    match auth.authenticate(req.metadata()) {
-        Ok(caller) => {
-            req.extensions_mut().insert(caller);
-            Ok(req)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "xDS stream refused");
-            Err(Status::unauthenticated(e.to_string()))
-        }
+/// The xDS service behind authentication: every stream carries a credential the CA knows
+/// (checked before the stream starts; on Kubernetes that may ask the API server, so this is
+/// an async layer rather than tonic's synchronous interceptor).
+#[derive(Clone)]
+struct Authenticated<S> {
+    inner: S,
+    auth: Arc<dyn Authenticator>,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Authenticated<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tonic::codegen::Service<http::Request<tonic::body::Body>> for Authenticated<S>
+where
+    S: tonic::codegen::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        // The clone is ready only after poll_ready: call the one that was polled.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let auth = self.auth.clone();
+        Box::pin(async move {
+            let metadata = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
+            match auth.authenticate(&metadata).await {
+                Ok(_) => inner.call(req).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "xDS stream refused");
+                    Ok(Status::unauthenticated(e.to_string()).into_http())
+                }
+            }
+        })
     }
 }
 

@@ -92,7 +92,7 @@ fn client(m: &Mesh, node: &str) -> XdsClient {
             types: vec![ADDRESS.into(), AUTHORIZATION.into()],
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_millis(200),
-            credential: Some(credential),
+            credential: Some(credential.into()),
         },
     )
 }
@@ -282,7 +282,7 @@ async fn the_ca_follows_pods_as_they_are_scheduled() {
             endpoint: format!("https://{}", m.cp.grpc_addr()),
             root_pem: m.cp.roots_pem().to_string(),
             server_name: "localhost".into(),
-            credential: m.cp.credentials().issue_node(node).unwrap(),
+            credential: m.cp.credentials().issue_node(node).unwrap().into(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
         })

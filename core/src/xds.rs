@@ -275,7 +275,7 @@ pub struct XdsConfig {
     pub max_backoff: Duration,
     /// Bearer credential presented on every stream (the node's or waypoint's, as for the
     /// CA); `None` for a control plane that does not authenticate its clients.
-    pub credential: Option<String>,
+    pub credential: Option<crate::credential::Credential>,
 }
 
 /// A running client: the store it fills and whether it is synced.
@@ -381,9 +381,10 @@ async fn stream_once(
     let mut client = AggregatedDiscoveryServiceClient::new(channel.clone());
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     if let Some(credential) = &config.credential {
-        let value = format!("Bearer {credential}").parse().map_err(|_| {
-            tonic::Status::invalid_argument("the credential is not valid header text")
-        })?;
+        // Read for each stream: a rotated token is used from the next reconnect on.
+        let value = credential
+            .header()
+            .map_err(tonic::Status::invalid_argument)?;
         request.metadata_mut().insert("authorization", value);
     }
     let mut inbound = client

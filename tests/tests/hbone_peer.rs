@@ -54,7 +54,7 @@ fn issue_with(
                 endpoint,
                 root_pem: roots.clone(),
                 server_name,
-                credential,
+                credential: credential.into(),
                 connect_timeout: Duration::from_secs(5),
                 request_timeout: Duration::from_secs(10),
             })?;

@@ -37,7 +37,7 @@ pub struct Config {
     /// The mesh's trust bundle (PEM).
     pub roots_pem: String,
     /// This node's credential for xDS and the CA.
-    pub credential: String,
+    pub credential: trellis_core::credential::Credential,
     /// The mesh's trust domain.
     pub trust_domain: String,
 }
@@ -55,7 +55,7 @@ impl Default for Config {
             control_plane: String::new(),
             control_plane_name: "localhost".into(),
             roots_pem: String::new(),
-            credential: String::new(),
+            credential: String::new().into(),
             trust_domain: "cluster.local".into(),
         }
     }

@@ -75,8 +75,13 @@ fn main() -> std::process::ExitCode {
         });
     let read =
         |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    // The credential file is read again for each request (a projected token rotates); it
+    // must be readable now.
     let (roots_pem, credential) = match (read(&cli.ca_roots), read(&cli.credential_file)) {
-        (Ok(r), Ok(c)) => (r, c.trim().to_string()),
+        (Ok(r), Ok(_)) => (
+            r,
+            trellis_core::credential::Credential::File(cli.credential_file.clone()),
+        ),
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("trellis-ztunnel: {e}");
             return std::process::ExitCode::FAILURE;

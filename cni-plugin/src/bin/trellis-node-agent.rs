@@ -126,10 +126,9 @@ fn main() -> ExitCode {
                 };
                 let roots = std::fs::read_to_string(&ca_roots)
                     .map_err(|e| format!("{}: {e}", ca_roots.display()))?;
-                let credential = std::fs::read_to_string(&credential_file)
-                    .map_err(|e| format!("{}: {e}", credential_file.display()))?
-                    .trim()
-                    .to_string();
+                // Read again for each xDS stream (a projected token rotates); readable now.
+                let credential = trellis_core::credential::Credential::File(credential_file);
+                credential.token()?;
                 let tls = tonic::transport::ClientTlsConfig::new()
                     .ca_certificate(tonic::transport::Certificate::from_pem(roots))
                     .domain_name(xds_server_name);

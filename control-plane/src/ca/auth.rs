@@ -3,8 +3,8 @@
 //! Istio's model: a node's ztunnel asks on behalf of the pods scheduled on its node
 //! (impersonation); a waypoint asks only for its own identity. Nobody is anonymous.
 //! The local-mode authenticator checks a per-node (or per-waypoint) bearer credential
-//! issued when the node joins; the Kubernetes one (ServiceAccount token + TokenReview)
-//! implements the same trait later.
+//! issued when the node joins; on Kubernetes, [`super::token_review`] verifies the caller's
+//! projected ServiceAccount token with the API server.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -35,10 +35,25 @@ impl fmt::Display for Caller {
     }
 }
 
-/// Establishes who is calling from the request's metadata.
+/// Establishes who is calling from the request's metadata (asynchronously: on Kubernetes
+/// it asks the API server).
+#[tonic::async_trait]
 pub trait Authenticator: Send + Sync {
     /// The caller, or [`CaError::Unauthenticated`].
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, CaError>;
+    async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, CaError>;
+}
+
+/// The token of an `authorization: Bearer <token>` header.
+pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, CaError> {
+    let value = metadata
+        .get("authorization")
+        .ok_or_else(|| CaError::Unauthenticated("no authorization header".into()))?
+        .to_str()
+        .map_err(|_| CaError::Unauthenticated("authorization header is not text".into()))?;
+    let token = value.strip_prefix("Bearer ").ok_or_else(|| {
+        CaError::Unauthenticated("authorization is not a Bearer credential".into())
+    })?;
+    Ok(token.trim())
 }
 
 /// Which identities run on which node: the pods scheduled there. The control plane's model
@@ -191,19 +206,20 @@ impl LocalCredentials {
     }
 }
 
+#[tonic::async_trait]
 impl Authenticator for LocalCredentials {
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, CaError> {
-        let value = metadata
-            .get("authorization")
-            .ok_or_else(|| CaError::Unauthenticated("no authorization header".into()))?
-            .to_str()
-            .map_err(|_| CaError::Unauthenticated("authorization header is not text".into()))?;
-        let token = value.strip_prefix("Bearer ").ok_or_else(|| {
-            CaError::Unauthenticated("authorization is not a Bearer credential".into())
-        })?;
+    async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, CaError> {
+        self.check(metadata)
+    }
+}
+
+impl LocalCredentials {
+    /// The caller whose credential `metadata` carries.
+    pub fn check(&self, metadata: &MetadataMap) -> Result<Caller, CaError> {
+        let token = bearer_token(metadata)?;
         // Looking up the digest of the presented token compares digests, not tokens: timing
         // reveals nothing about a valid token.
-        let digest = sha256(token.trim().as_bytes());
+        let digest = sha256(token.as_bytes());
         let lookup = || {
             self.digests
                 .read()

@@ -109,7 +109,7 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let caller = match self.auth.authenticate(request.metadata()) {
+        let caller = match self.auth.authenticate(request.metadata()).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(

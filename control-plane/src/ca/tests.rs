@@ -8,7 +8,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use trellis_core::tls::WorkloadCert;
 
-use super::auth::{Authenticator, Caller, LocalCredentials};
+use super::auth::{Caller, LocalCredentials};
 use super::store::{CaFiles, CaStore, DirStore, generate_root};
 use super::*;
 use x509_parser::prelude::{FromDer, X509CertificationRequest};
@@ -285,22 +285,22 @@ fn local_credentials_authenticate_persist_and_rotate() {
         m
     };
     assert_eq!(
-        creds.authenticate(&bearer(&token)).unwrap(),
+        creds.check(&bearer(&token)).unwrap(),
         Caller::Node("node1".into())
     );
     assert!(matches!(
-        creds.authenticate(&bearer("nope")),
+        creds.check(&bearer("nope")),
         Err(CaError::Unauthenticated(_))
     ));
     assert!(matches!(
-        creds.authenticate(&MetadataMap::new()),
+        creds.check(&MetadataMap::new()),
         Err(CaError::Unauthenticated(_))
     ));
 
     // A restarted control plane still knows the node; no file holds the token itself.
     let reopened = LocalCredentials::open(dir.path()).unwrap();
     assert_eq!(
-        reopened.authenticate(&bearer(&token)).unwrap(),
+        reopened.check(&bearer(&token)).unwrap(),
         Caller::Node("node1".into())
     );
     for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
@@ -308,8 +308,8 @@ fn local_credentials_authenticate_persist_and_rotate() {
     }
     // Re-issuing replaces the old credential.
     let newer = reopened.issue_node("node1").unwrap();
-    assert!(reopened.authenticate(&bearer(&token)).is_err());
-    assert!(reopened.authenticate(&bearer(&newer)).is_ok());
+    assert!(reopened.check(&bearer(&token)).is_err());
+    assert!(reopened.check(&bearer(&newer)).is_ok());
 }
 
 #[test]

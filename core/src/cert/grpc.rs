@@ -20,8 +20,9 @@ pub struct GrpcCaConfig {
     pub root_pem: String,
     /// The name the CA's serving certificate carries (DNS name or IP).
     pub server_name: String,
-    /// This proxy's credential (local mode: the node credential issued when it joined).
-    pub credential: String,
+    /// This proxy's credential (local mode: the node credential issued when it joined;
+    /// Kubernetes: its projected token file, read again for each request).
+    pub credential: crate::credential::Credential,
     /// Deadline of connection establishment.
     pub connect_timeout: Duration,
     /// Deadline of one request.
@@ -43,7 +44,7 @@ impl std::fmt::Debug for GrpcCaConfig {
 pub struct GrpcCaClient {
     client: IstioCertificateServiceClient<Channel>,
     endpoint: String,
-    authorization: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    credential: crate::credential::Credential,
 }
 
 impl GrpcCaClient {
@@ -70,13 +71,12 @@ impl GrpcCaClient {
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
             .connect_lazy();
-        let authorization = format!("Bearer {}", config.credential)
-            .parse()
-            .map_err(|_| CertError::Local("the credential is not printable ASCII".into()))?;
+        // A credential that cannot be used is an error now, not at the first renewal.
+        config.credential.header().map_err(CertError::Local)?;
         Ok(GrpcCaClient {
             client: IstioCertificateServiceClient::new(channel),
             endpoint: config.endpoint.clone(),
-            authorization,
+            credential: config.credential.clone(),
         })
     }
 }
@@ -102,8 +102,8 @@ impl CaClient for GrpcCaClient {
             validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
             metadata: Some(metadata),
         });
-        req.metadata_mut()
-            .insert("authorization", self.authorization.clone());
+        let authorization = self.credential.header().map_err(CertError::Local)?;
+        req.metadata_mut().insert("authorization", authorization);
         match self.client.clone().create_certificate(req).await {
             Ok(resp) => Ok(resp.into_inner().cert_chain),
             Err(status) => match status.code() {
