@@ -280,6 +280,19 @@ impl Agent {
         Ok(())
     }
 
+    /// Releases every captured pod (the release is being uninstalled): capture rules and
+    /// return paths removed, ztunnel told. Returns what could not be undone.
+    pub async fn release_all(&self) -> Vec<Failure> {
+        let _work = self.work.lock().await;
+        let mut failures = Vec::new();
+        for p in self.pods() {
+            if let Err(e) = self.release(&p.container_id, false).await {
+                failures.push(format!("{}/{}: {e}", p.namespace, p.name));
+            }
+        }
+        failures
+    }
+
     /// Brings every pod in line with what the control plane says; forgets pods whose
     /// namespace is gone.
     pub async fn reconcile(&self) {

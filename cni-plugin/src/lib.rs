@@ -9,4 +9,5 @@ pub mod agent;
 pub mod install;
 pub mod plugin;
 pub mod protocol;
+pub mod removal;
 pub mod rules;

@@ -70,7 +70,11 @@ mod tests {
         std::fs::write(&path, "second").unwrap();
         assert_eq!(c.header().unwrap(), "Bearer second");
         std::fs::remove_file(&path).unwrap();
-        assert!(c.header().unwrap_err().contains("cannot read the credential"));
+        assert!(
+            c.header()
+                .unwrap_err()
+                .contains("cannot read the credential")
+        );
         assert!(Credential::from("bad\nvalue").header().is_err());
         assert!(!format!("{:?}", Credential::from("s3cret")).contains("s3cret"));
     }

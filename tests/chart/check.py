@@ -185,6 +185,15 @@ def main():
         err = check_waypoint_template(by_kind, values)
         if err:
             fail(f"{name}: {err}")
+        # The node agent restores the node on uninstall: it names its DaemonSet and may
+        # read exactly that.
+        agent = [d for d in by_kind["DaemonSet"] if d["metadata"]["name"] == "trellis-node-agent"][0]
+        if f"--daemonset={NAMESPACE}/trellis-node-agent" not in agent["spec"]["template"]["spec"]["containers"][0]["args"]:
+            fail(f"{name}: the node agent is not told its DaemonSet")
+        agent_roles = [r for r in by_kind.get("Role", []) if r["metadata"]["name"] == "trellis-node-agent"]
+        if not agent_roles or agent_roles[0]["rules"] != [{"apiGroups": ["apps"], "resources": ["daemonsets"],
+                                                          "resourceNames": ["trellis-node-agent"], "verbs": ["get"]}]:
+            fail(f"{name}: the node agent's Role is not exactly 'get its own DaemonSet'")
         if name == "lab" and "PodDisruptionBudget" in by_kind:
             fail("lab: PodDisruptionBudget rendered although disabled")
 

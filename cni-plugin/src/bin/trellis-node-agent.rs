@@ -64,6 +64,11 @@ enum Command {
         /// Cluster id in workload uids.
         #[arg(long, default_value = "Kubernetes")]
         cluster_id: String,
+        /// On Kubernetes: this agent's DaemonSet, NAMESPACE/NAME. Stopping while it is gone
+        /// or being deleted (the release is uninstalled) releases every pod and removes the
+        /// plugin from the node; any other stop keeps them.
+        #[arg(long)]
+        daemonset: Option<String>,
     },
     /// Remove the plugin from the node's CNI configuration and bin directory.
     Uninstall {
@@ -109,6 +114,7 @@ fn main() -> ExitCode {
             ca_roots,
             credential_file,
             cluster_id,
+            daemonset,
         } => {
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -178,6 +184,18 @@ fn main() -> ExitCode {
                         .map_err(|e| e.to_string())?;
                 tracing::info!(list = %list.display(), "trellis-cni installed");
                 trellis_core::shutdown::terminated().await;
+                if let Some(ds) = daemonset
+                    && uninstalling(&ds).await
+                {
+                    for e in agent.release_all().await {
+                        tracing::error!(error = %e, "uninstall: a pod could not be released");
+                    }
+                    install::uninstall(&cni_bin_dir, &cni_conf_dir).map_err(|e| e.to_string())?;
+                    tracing::info!(
+                        "node agent uninstalled: pods released, trellis-cni removed from the node"
+                    );
+                    return Ok(());
+                }
                 tracing::info!("node agent stopping; the plugin stays installed");
                 Ok::<(), String>(())
             });
@@ -188,6 +206,29 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Whether the agent's DaemonSet `ds` (NAMESPACE/NAME) is gone or being deleted. When that
+/// cannot be known, it is not (the plugin stays: fail closed).
+async fn uninstalling(ds: &str) -> bool {
+    let Some((ns, name)) = ds.split_once('/') else {
+        tracing::error!(daemonset = %ds, "--daemonset must be NAMESPACE/NAME; keeping the plugin installed");
+        return false;
+    };
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot reach the Kubernetes API; keeping the plugin installed");
+            return false;
+        }
+    };
+    match trellis_cni_plugin::removal::daemonset_removed(client, ns, name).await {
+        Ok(removed) => removed,
+        Err(e) => {
+            tracing::error!(error = %e, "keeping the plugin installed");
+            false
         }
     }
 }
