@@ -25,6 +25,8 @@ command -v nsenter >/dev/null   || need+=(util-linux)
 command -v curl >/dev/null      || need+=(curl)
 command -v tcpdump >/dev/null   || need+=(tcpdump)
 command -v cc >/dev/null        || need+=(gcc)
+# The kind script cannot run here (no Docker engine); it is at least statically checked.
+command -v shellcheck >/dev/null || need+=(shellcheck)
 # The Helm chart checks run in a Python virtual environment (PyPI helm-python-sdk and
 # kubernetes-validate).
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
@@ -83,3 +85,5 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import helm_python, k
   "$venv/bin/pip" install -q --disable-pip-version-check -r tests/chart/requirements.txt
 fi
 "$venv/bin/python" tests/chart/check.py
+echo "== shell scripts (shellcheck), the kind end-to-end script among them"
+shellcheck tests/kind/run.sh scripts/*.sh
