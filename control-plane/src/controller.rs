@@ -9,6 +9,7 @@
 
 pub mod apply;
 pub mod lease;
+pub mod routes;
 pub mod status;
 pub mod waypoint;
 

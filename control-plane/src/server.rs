@@ -528,8 +528,13 @@ async fn run_kube_source(
             );
         }
         if writer.is_some() {
-            let mut now =
-                controller_inputs(&model, &shared, listed.len() == KINDS.len(), &roots_pem);
+            let mut now = controller_inputs(
+                &model,
+                &mesh,
+                &shared,
+                listed.len() == KINDS.len(),
+                &roots_pem,
+            );
             if let Some((_, namespaces)) = now.trust_bundle.as_mut() {
                 namespaces.insert(own_namespace.clone());
             }
@@ -550,12 +555,13 @@ async fn run_kube_source(
 /// Gateways with their Services' addresses.
 fn controller_inputs(
     model: &Model,
+    mesh: &crate::config::model::MeshConfig,
     shared: &Shared,
     synced: bool,
     roots_pem: &str,
 ) -> crate::controller::Inputs {
     use crate::controller::status;
-    let statuses = status_report(shared)
+    let mut statuses: BTreeMap<_, _> = status_report(shared)
         .policies
         .iter()
         .filter_map(|p| {
@@ -564,6 +570,7 @@ fn controller_inputs(
             Some((target, body))
         })
         .collect();
+    statuses.extend(crate::controller::routes::route_statuses(model, mesh));
     let waypoints: BTreeMap<_, _> = model
         .gateways()
         .filter(|(_, gw)| gw.is_waypoint())

@@ -694,3 +694,148 @@ async fn the_trust_bundle_is_published_in_each_namespace_given() {
         "/api/v1/namespaces/dev/configmaps/trellis-ca-root-cert"
     );
 }
+
+const ROUTES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: shop}
+spec:
+  gatewayClassName: other-vendor
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: cart, namespace: shop, generation: 7}
+spec:
+  parentRefs:
+    - {group: "", kind: Service, name: cart, port: 80}
+    - {name: waypoint}
+    - {name: ingress}
+    - {group: "", kind: Service, name: gone}
+  rules:
+    - backendRefs: [{name: cart, port: 80}, {name: cart-v2, port: 80}]
+status:
+  parents:
+    - parentRef: {name: ingress}
+      controllerName: example.com/other-vendor
+      conditions: [{type: Accepted, status: "True", reason: Accepted, message: theirs}]
+"#;
+
+#[test]
+fn route_status_covers_trellis_parents_and_keeps_other_controllers_entries() {
+    use trellis_control_plane::controller::routes::{CONTROLLER_NAME, route_statuses};
+    let model = model_from(ROUTES);
+    let statuses = route_statuses(&model, &MeshConfig::default());
+    assert_eq!(statuses.len(), 1, "{statuses:?}");
+    let (target, body) = statuses.iter().next().unwrap();
+    assert_eq!(
+        (target.kind, target.plural, target.status),
+        ("HTTPRoute", "httproutes", true)
+    );
+    let parents = body["status"]["parents"].as_array().unwrap();
+    assert_eq!(parents.len(), 4, "{parents:#?}");
+    assert_eq!(
+        parents[0]["controllerName"], "example.com/other-vendor",
+        "kept as written"
+    );
+    assert_eq!(parents[0]["conditions"][0]["message"], "theirs");
+    let ours: Vec<&Value> = parents[1..].iter().collect();
+    for p in &ours {
+        assert_eq!(p["controllerName"], CONTROLLER_NAME);
+        let resolved = &p["conditions"][1];
+        assert_eq!(resolved["type"], "ResolvedRefs");
+        assert_eq!(resolved["status"], "False");
+        assert_eq!(resolved["reason"], "BackendNotFound");
+        assert!(
+            resolved["message"]
+                .as_str()
+                .unwrap()
+                .contains("shop/cart-v2")
+        );
+        assert_eq!(p["conditions"][0]["observedGeneration"], 7);
+    }
+    // The Service bound to the waypoint, the waypoint itself, a Service that does not exist.
+    assert_eq!(
+        ours[0]["parentRef"],
+        json!({"group": "", "kind": "Service", "name": "cart", "port": 80})
+    );
+    assert_eq!(ours[0]["conditions"][0]["status"], "True");
+    assert_eq!(ours[1]["parentRef"], json!({"name": "waypoint"}));
+    assert_eq!(ours[1]["conditions"][0]["status"], "True");
+    assert_eq!(ours[2]["parentRef"]["name"], "gone");
+    assert_eq!(ours[2]["conditions"][0]["status"], "False");
+    assert_eq!(ours[2]["conditions"][0]["reason"], "NoMatchingParent");
+}
+
+#[test]
+fn a_mesh_route_of_a_service_without_a_waypoint_is_not_accepted() {
+    use trellis_control_plane::controller::routes::route_statuses;
+    let yaml = ROUTES.replace(", istio.io/use-waypoint: waypoint", "");
+    let statuses = route_statuses(&model_from(&yaml), &MeshConfig::default());
+    let body = statuses.values().next().unwrap();
+    let service_parent = &body["status"]["parents"][1];
+    assert_eq!(service_parent["parentRef"]["name"], "cart");
+    let accepted = &service_parent["conditions"][0];
+    assert_eq!(accepted["status"], "False");
+    assert!(
+        accepted["message"]
+            .as_str()
+            .unwrap()
+            .contains("no waypoint"),
+        "{accepted}"
+    );
+}
+
+#[tokio::test]
+async fn route_condition_times_are_kept_per_parent_while_unchanged() {
+    use trellis_control_plane::controller::routes::route_statuses;
+    let (client, mut rx) = api_server(applied);
+    let mut reconciler = Reconciler::new(client, None);
+    let model = model_from(ROUTES);
+    let inputs = Inputs {
+        synced: true,
+        statuses: route_statuses(&model, &MeshConfig::default()),
+        ..Inputs::default()
+    };
+    reconciler.reconcile(&inputs, None).await;
+    let first = drain(&mut rx);
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        first[0].path,
+        "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/cart/status"
+    );
+    let t = &first[0].body["status"]["parents"][1]["conditions"][0]["lastTransitionTime"];
+    assert!(t.is_string(), "{}", first[0].body);
+    // The backend appears: ResolvedRefs turns True; Accepted keeps its time.
+    let yaml = format!(
+        "{ROUTES}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: cart-v2, namespace: shop}}\nspec: {{clusterIP: 10.96.0.11, ports: [{{port: 80}}]}}\n"
+    );
+    let model = model_from(&yaml);
+    let inputs = Inputs {
+        synced: true,
+        statuses: route_statuses(&model, &MeshConfig::default()),
+        ..Inputs::default()
+    };
+    reconciler.reconcile(&inputs, None).await;
+    let second = drain(&mut rx);
+    assert_eq!(second.len(), 1);
+    let p = &second[0].body["status"]["parents"][1];
+    assert_eq!(p["conditions"][1]["status"], "True");
+    assert_eq!(&p["conditions"][0]["lastTransitionTime"], t);
+}

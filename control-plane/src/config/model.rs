@@ -290,6 +290,17 @@ impl Model {
         })
     }
 
+    /// The Gateway `ns/name`.
+    pub fn gateway(&self, ns: &str, name: &str) -> Option<&Gateway> {
+        self.gateways.get(&(ns.to_string(), name.to_string()))
+    }
+
+    /// The labels of Service `ns/name`, if it exists.
+    pub fn service_labels(&self, ns: &str, name: &str) -> Option<BTreeMap<String, String>> {
+        let svc = self.services.get(&(ns.to_string(), name.to_string()))?;
+        Some(svc.metadata.labels.clone().unwrap_or_default())
+    }
+
     /// `metadata.generation` of a security policy.
     pub fn generation(&self, id: &ObjectRef) -> Option<i64> {
         let k = key(id);

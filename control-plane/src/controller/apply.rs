@@ -162,6 +162,36 @@ fn stamp_transitions(mut body: Value, previous: Option<&Value>) -> Value {
             .cloned()
     };
     stamp_list(body.pointer_mut("/status/conditions"), &before, &now);
+    // Route statuses: conditions per parent, matched to the previous write by parentRef.
+    if let Some(parents) = body
+        .pointer_mut("/status/parents")
+        .and_then(Value::as_array_mut)
+    {
+        for parent in parents {
+            let Some(conditions) = parent.get("conditions").cloned() else {
+                continue;
+            };
+            let previous_parent = previous
+                .and_then(|p| p.pointer("/status/parents"))
+                .and_then(Value::as_array)
+                .and_then(|list| {
+                    list.iter()
+                        .find(|p| p.get("parentRef") == parent.get("parentRef"))
+                });
+            let before = |kind: &Value, status: &Value| -> Option<Value> {
+                previous_parent?
+                    .get("conditions")?
+                    .as_array()?
+                    .iter()
+                    .find(|c| c.get("type") == Some(kind) && c.get("status") == Some(status))?
+                    .get("lastTransitionTime")
+                    .cloned()
+            };
+            let mut conditions = conditions;
+            stamp_list(Some(&mut conditions), &before, &now);
+            parent["conditions"] = conditions;
+        }
+    }
     body
 }
 

@@ -1,0 +1,223 @@
+//! The status of `HTTPRoute`s and `GRPCRoute`s (pure: the model in, the apply
+//! configuration of each route's `status` out).
+//!
+//! A route gets an entry in `status.parents` for each parent Trellis serves: a waypoint
+//! `Gateway`, or a `Service` (a mesh route, served by the service's waypoint). Conditions:
+//! - `Accepted`: `True`; `False` with `NoMatchingParent` when the Service does not exist
+//!   or has no waypoint (the route cannot take effect until one is bound);
+//! - `ResolvedRefs`: `True`, or `False` with `BackendNotFound` naming the backend Services
+//!   that do not exist.
+//!
+//! Parents of other implementations (Gateways of other classes) are not Trellis's to judge:
+//! their entries, written by their controllers, are carried over unchanged (the Gateway
+//! API's `status.parents` is one list, which server-side apply owns whole).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde_json::{Value, json};
+
+use super::apply::Target;
+use crate::config::gateway::ParentReference;
+use crate::config::model::{MeshConfig, Model};
+
+/// The controller name in route status (the waypoint GatewayClass's `controllerName`).
+pub const CONTROLLER_NAME: &str = "trellis.dev/waypoint-controller";
+
+/// A backend as the status check needs it: (group, kind, namespace, name).
+type Backend<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>, &'a str);
+
+/// Every route status Trellis writes.
+pub fn route_statuses(model: &Model, mesh: &MeshConfig) -> BTreeMap<Target, Value> {
+    let mut out = BTreeMap::new();
+    for (_, r) in model.http_routes() {
+        let backends: Vec<Backend<'_>> = r
+            .spec
+            .rules
+            .iter()
+            .flat_map(|rule| rule.backend_refs.iter())
+            .map(|b| {
+                (
+                    b.group.as_deref(),
+                    b.kind.as_deref(),
+                    b.namespace.as_deref(),
+                    b.name.as_str(),
+                )
+            })
+            .collect();
+        let route = Route {
+            kind: "HTTPRoute",
+            plural: "httproutes",
+            metadata: &r.metadata,
+            parents: &r.spec.parent_refs,
+            backends,
+            status: r.status.as_ref(),
+        };
+        out.extend(route.status(model, mesh));
+    }
+    for (_, r) in model.grpc_routes() {
+        let backends: Vec<Backend<'_>> = r
+            .spec
+            .rules
+            .iter()
+            .flat_map(|rule| rule.backend_refs.iter())
+            .map(|b| {
+                (
+                    b.group.as_deref(),
+                    b.kind.as_deref(),
+                    b.namespace.as_deref(),
+                    b.name.as_str(),
+                )
+            })
+            .collect();
+        let route = Route {
+            kind: "GRPCRoute",
+            plural: "grpcroutes",
+            metadata: &r.metadata,
+            parents: &r.spec.parent_refs,
+            backends,
+            status: r.status.as_ref(),
+        };
+        out.extend(route.status(model, mesh));
+    }
+    out
+}
+
+struct Route<'a> {
+    kind: &'static str,
+    plural: &'static str,
+    metadata: &'a ObjectMeta,
+    parents: &'a [ParentReference],
+    backends: Vec<Backend<'a>>,
+    status: Option<&'a Value>,
+}
+
+impl Route<'_> {
+    fn status(&self, model: &Model, mesh: &MeshConfig) -> Option<(Target, Value)> {
+        let ns = self.metadata.namespace.clone().unwrap_or_default();
+        let name = self.metadata.name.clone().unwrap_or_default();
+        let generation = self.metadata.generation;
+        let condition = |kind: &str, ok: bool, reason: &str, message: &str| {
+            let mut c = json!({"type": kind, "status": if ok { "True" } else { "False" },
+                               "reason": reason, "message": message});
+            if let Some(g) = generation {
+                c["observedGeneration"] = Value::from(g);
+            }
+            c
+        };
+        // Backends that do not exist (only Services are looked up).
+        let missing: Vec<String> = self
+            .backends
+            .iter()
+            .filter(|(group, kind, _, _)| {
+                group.unwrap_or("").is_empty() && kind.unwrap_or("Service") == "Service"
+            })
+            .filter_map(|(_, _, bns, bname)| {
+                let bns = bns.unwrap_or(&ns);
+                model
+                    .service_labels(bns, bname)
+                    .is_none()
+                    .then(|| format!("{bns}/{bname}"))
+            })
+            .collect();
+        let resolved = if missing.is_empty() {
+            condition("ResolvedRefs", true, "ResolvedRefs", "every backend exists")
+        } else {
+            condition(
+                "ResolvedRefs",
+                false,
+                "BackendNotFound",
+                &format!("no such Service: {}", missing.join(", ")),
+            )
+        };
+        let mut ours = Vec::new();
+        for p in self.parents {
+            let pns = p.namespace.clone().unwrap_or_else(|| ns.clone());
+            let accepted = if p.is_service() {
+                match model.service_labels(&pns, &p.name) {
+                    None => condition(
+                        "Accepted",
+                        false,
+                        "NoMatchingParent",
+                        &format!("no Service {pns}/{}", p.name),
+                    ),
+                    Some(labels) => match model.waypoint_of(&pns, &labels, "service", mesh) {
+                        Some(_) => condition(
+                            "Accepted",
+                            true,
+                            "Accepted",
+                            "served by the Service's waypoint",
+                        ),
+                        None => condition(
+                            "Accepted",
+                            false,
+                            "NoMatchingParent",
+                            &format!(
+                                "Service {pns}/{} has no waypoint: bind one (label istio.io/use-waypoint) for the route to take effect",
+                                p.name
+                            ),
+                        ),
+                    },
+                }
+            } else {
+                let is_gateway = p.group.as_deref().unwrap_or("gateway.networking.k8s.io")
+                    == "gateway.networking.k8s.io"
+                    && p.kind.as_deref().unwrap_or("Gateway") == "Gateway";
+                match model.gateway(&pns, &p.name) {
+                    Some(gw) if is_gateway && gw.is_waypoint() => {
+                        condition("Accepted", true, "Accepted", "attached to the waypoint")
+                    }
+                    // Another implementation's parent, or none at all: not ours to judge.
+                    _ => continue,
+                }
+            };
+            let parent_ref = serde_json::to_value(p).unwrap_or_default();
+            ours.push(json!({
+                "parentRef": strip_nulls(parent_ref),
+                "controllerName": CONTROLLER_NAME,
+                "conditions": [accepted, resolved.clone()],
+            }));
+        }
+        if ours.is_empty() {
+            return None;
+        }
+        let mut parents: Vec<Value> = self
+            .status
+            .and_then(|s| s.get("parents"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|p| p.get("controllerName").and_then(Value::as_str) != Some(CONTROLLER_NAME))
+            .cloned()
+            .collect();
+        parents.extend(ours);
+        Some((
+            Target {
+                api_version: "gateway.networking.k8s.io/v1",
+                kind: self.kind,
+                plural: self.plural,
+                namespace: ns.clone(),
+                name: name.clone(),
+                status: true,
+            },
+            json!({
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": self.kind,
+                "metadata": {"name": name, "namespace": ns},
+                "status": {"parents": parents},
+            }),
+        ))
+    }
+}
+
+fn strip_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, strip_nulls(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
