@@ -160,7 +160,10 @@ async fn list_watch_and_relist_after_410_keep_the_model_in_step() {
 fn an_object_that_stops_loading_keeps_its_last_good_version() {
     let mut state = KubeState::default();
     let mut model = Model::default();
-    let kind = &KINDS[4]; // AuthorizationPolicy
+    let kind = KINDS
+        .iter()
+        .find(|k| k.kind == "AuthorizationPolicy")
+        .unwrap();
     let good = json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
         "metadata": {"name": "deny-dev", "namespace": "shop"},
         "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["dev"]}}]}]},

@@ -78,6 +78,18 @@ pub const KINDS: &[Kind] = &[
         plural: "serviceaccounts",
     },
     Kind {
+        group: "",
+        version: "v1",
+        kind: "Node",
+        plural: "nodes",
+    },
+    Kind {
+        group: "discovery.k8s.io",
+        version: "v1",
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+    },
+    Kind {
         group: "security.istio.io",
         version: "v1",
         kind: "AuthorizationPolicy",

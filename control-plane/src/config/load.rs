@@ -9,7 +9,8 @@
 use std::fmt;
 use std::path::Path;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
@@ -30,6 +31,19 @@ pub enum Object {
     Gateway(Box<Gateway>),
     HttpRoute(Box<HttpRoute>),
     GrpcRoute(Box<GrpcRoute>),
+    /// A Node: only its labels are kept (locality); its spec and status are large and
+    /// change often.
+    Node(Box<NodeLabels>),
+    EndpointSlice(Box<EndpointSlice>),
+}
+
+/// What Trellis keeps of a `Node`: its name and labels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeLabels {
+    /// Node name.
+    pub name: String,
+    /// Its labels (topology among them).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Which object, for messages: `AuthorizationPolicy foo/httpbin`.
@@ -210,6 +224,15 @@ fn parse_document(file: &str, position: &str, mut value: Value) -> Document {
         ("", "v1", "Service") => typed(value, &mut warnings).map(|o| Object::Service(Box::new(o))),
         ("", "v1", "ServiceAccount") => {
             typed(value, &mut warnings).map(|o| Object::ServiceAccount(Box::new(o)))
+        }
+        ("", "v1", "Node") => typed::<Node>(value, &mut warnings).map(|n| {
+            Object::Node(Box::new(NodeLabels {
+                name: n.metadata.name.unwrap_or_default(),
+                labels: n.metadata.labels.unwrap_or_default(),
+            }))
+        }),
+        ("discovery.k8s.io", "v1", "EndpointSlice") => {
+            typed(value, &mut warnings).map(|o| Object::EndpointSlice(Box::new(o)))
         }
         (
             "security.istio.io",

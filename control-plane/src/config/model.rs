@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use trellis_proto::istio::workload as wl;
 
@@ -82,6 +83,10 @@ pub struct Model {
     gateways: BTreeMap<Key, Gateway>,
     http_routes: BTreeMap<Key, HttpRoute>,
     grpc_routes: BTreeMap<Key, GrpcRoute>,
+    /// Node labels by node name (workloads' locality).
+    nodes: BTreeMap<String, BTreeMap<String, String>>,
+    /// EndpointSlices: endpoints of Services not backed by pods.
+    endpoint_slices: BTreeMap<Key, EndpointSlice>,
     /// A change reached across namespaces (a waypoint moved): every namespace is dirty.
     dirty_all: bool,
     /// Namespaces whose objects changed since [`Model::take_dirty`] was last called.
@@ -95,9 +100,21 @@ fn key(id: &ObjectRef) -> Key {
 impl Model {
     /// Adds or replaces an object.
     pub fn apply(&mut self, id: &ObjectRef, object: Object) {
+        if let Object::Node(n) = object {
+            // Only the locality labels matter, and only to the pods on that node.
+            let before = self.nodes.insert(n.name.clone(), n.labels.clone());
+            if before.as_ref().map(locality_labels) != Some(locality_labels(&n.labels)) {
+                self.touch_node(&n.name);
+            }
+            return;
+        }
         self.touch(id);
         let k = key(id);
         match object {
+            Object::Node(_) => {}
+            Object::EndpointSlice(o) => {
+                self.endpoint_slices.insert(k, *o);
+            }
             Object::Namespace(o) => {
                 self.namespaces.insert(id.name.clone(), *o);
             }
@@ -133,9 +150,18 @@ impl Model {
 
     /// Removes an object; removing an unknown object is not an error.
     pub fn delete(&mut self, id: &ObjectRef) {
+        if id.kind == "Node" {
+            if self.nodes.remove(&id.name).is_some() {
+                self.touch_node(&id.name);
+            }
+            return;
+        }
         self.touch(id);
         let k = key(id);
         match id.kind.as_str() {
+            "EndpointSlice" => {
+                self.endpoint_slices.remove(&k);
+            }
             "Namespace" => {
                 self.namespaces.remove(&id.name);
             }
@@ -182,6 +208,17 @@ impl Model {
             self.dirty_all = true;
         }
         self.dirty.insert(ns.clone());
+    }
+
+    /// Marks the namespaces of the pods on `node` changed.
+    fn touch_node(&mut self, node: &str) {
+        let namespaces: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(_, p)| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+            .map(|((ns, _), _)| ns.clone())
+            .collect();
+        self.dirty.extend(namespaces);
     }
 
     /// The namespaces touched by changes since the last call (and forgets them).
@@ -375,7 +412,120 @@ impl Model {
     pub fn workloads_in(&self, ns: &str, mesh: &MeshConfig) -> Vec<wl::Workload> {
         in_namespace(&self.pods, ns)
             .filter_map(|(_, pod)| self.workload(pod, mesh))
+            .chain(
+                in_namespace(&self.endpoint_slices, ns)
+                    .flat_map(|(_, slice)| self.endpoint_workloads(slice, mesh)),
+            )
             .collect()
+    }
+
+    /// Workloads for the endpoints of an EndpointSlice that are not pods (a Service
+    /// without a selector, endpoints managed by hand or by another controller): plain TCP
+    /// destinations (never HBONE: nothing says they are in the mesh), one per address,
+    /// carrying the Service's ports. Endpoints pointing at a pod are skipped: the pod is a
+    /// workload already.
+    fn endpoint_workloads(&self, slice: &EndpointSlice, mesh: &MeshConfig) -> Vec<wl::Workload> {
+        let ns = slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let slice_name = slice.metadata.name.clone().unwrap_or_default();
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            return Vec::new();
+        }
+        let Some(svc_name) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+        else {
+            return Vec::new();
+        };
+        let Some(svc) = self.services.get(&(ns.clone(), svc_name.clone())) else {
+            return Vec::new();
+        };
+        // Service port → the slice's port of the same name.
+        let slice_ports = slice.ports.clone().unwrap_or_default();
+        let ports: Vec<wl::Port> = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
+            .filter_map(|p| {
+                let target = slice_ports
+                    .iter()
+                    .find(|sp| sp.name.as_deref().unwrap_or("") == p.name.as_deref().unwrap_or(""))?
+                    .port?;
+                Some(wl::Port {
+                    service_port: u32::try_from(p.port).ok()?,
+                    target_port: u32::try_from(target).ok()?,
+                })
+            })
+            .collect();
+        let service_key = format!("{ns}/{}", hostname(svc_name, &ns, mesh));
+        let mut out = Vec::new();
+        for ep in &slice.endpoints {
+            if ep.target_ref.as_ref().and_then(|t| t.kind.as_deref()) == Some("Pod") {
+                continue;
+            }
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready) != Some(false);
+            let node = ep.node_name.clone().unwrap_or_default();
+            let mut locality = self.locality(&node);
+            if let Some(zone) = &ep.zone {
+                locality.get_or_insert_with(Default::default).zone = zone.clone();
+            }
+            for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+                out.push(wl::Workload {
+                    uid: format!(
+                        "{}/discovery.k8s.io/EndpointSlice/{ns}/{slice_name}/{ip}",
+                        mesh.cluster_id
+                    ),
+                    name: slice_name.clone(),
+                    namespace: ns.clone(),
+                    addresses: vec![ip_bytes(ip)],
+                    tunnel_protocol: wl::TunnelProtocol::None as i32,
+                    trust_domain: mesh.trust_domain.clone(),
+                    node: node.clone(),
+                    canonical_name: svc_name.clone(),
+                    canonical_revision: "latest".into(),
+                    workload_type: wl::WorkloadType::Pod as i32,
+                    workload_name: svc_name.clone(),
+                    services: [(
+                        service_key.clone(),
+                        wl::PortList {
+                            ports: ports.clone(),
+                        },
+                    )]
+                    .into(),
+                    status: if ready {
+                        wl::WorkloadStatus::Healthy as i32
+                    } else {
+                        wl::WorkloadStatus::Unhealthy as i32
+                    },
+                    cluster_id: mesh.cluster_id.clone(),
+                    locality: locality.clone(),
+                    ..Default::default()
+                });
+            }
+        }
+        out
+    }
+
+    /// The locality of `node` from its topology labels (`None` when it has none).
+    fn locality(&self, node: &str) -> Option<wl::Locality> {
+        let labels = self.nodes.get(node)?;
+        let [region, zone, subzone] = locality_labels(labels);
+        if region.is_none() && zone.is_none() && subzone.is_none() {
+            return None;
+        }
+        Some(wl::Locality {
+            region: region.unwrap_or_default(),
+            zone: zone.unwrap_or_default(),
+            subzone: subzone.unwrap_or_default(),
+        })
     }
 
     /// The services of namespace `ns`.
@@ -447,6 +597,11 @@ impl Model {
         self.pods
             .values()
             .filter_map(|pod| self.workload(pod, mesh))
+            .chain(
+                self.endpoint_slices
+                    .values()
+                    .flat_map(|slice| self.endpoint_workloads(slice, mesh)),
+            )
             .collect()
     }
 
@@ -562,6 +717,9 @@ impl Model {
             } else {
                 wl::NetworkMode::Standard as i32
             },
+            locality: spec
+                .and_then(|s| s.node_name.as_deref())
+                .and_then(|n| self.locality(n)),
             ..Default::default()
         })
     }
@@ -673,6 +831,17 @@ fn ip_bytes(ip: IpAddr) -> Vec<u8> {
         IpAddr::V4(a) => a.octets().to_vec(),
         IpAddr::V6(a) => a.octets().to_vec(),
     }
+}
+
+/// A node's region, zone and subzone labels (Kubernetes' topology labels; Istio's for the
+/// subzone).
+fn locality_labels(labels: &BTreeMap<String, String>) -> [Option<String>; 3] {
+    [
+        "topology.kubernetes.io/region",
+        "topology.kubernetes.io/zone",
+        "topology.istio.io/subzone",
+    ]
+    .map(|k| labels.get(k).cloned())
 }
 
 fn pod_ips(pod: &Pod) -> Vec<Vec<u8>> {
