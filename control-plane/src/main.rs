@@ -35,9 +35,10 @@ enum Command {
     /// Serve the configuration (the manifests below --config-dir, or the Kubernetes API)
     /// over xDS, and be the CA.
     Serve {
-        /// Where the configuration comes from: `directory` (--config-dir) or `kubernetes`
-        /// (the API server: in-cluster, else the kubeconfig).
-        #[arg(long, env = "TRELLIS_CONFIG_SOURCE", default_value = "directory", value_parser = ["directory", "kubernetes"])]
+        /// Where the configuration comes from: `directory` (--config-dir), `kubernetes` (the
+        /// API server: in-cluster, else the kubeconfig), or `auto`: the directory when
+        /// --config-dir is given, else Kubernetes when running in a cluster.
+        #[arg(long, env = "TRELLIS_CONFIG_SOURCE", default_value = "auto", value_parser = ["auto", "directory", "kubernetes"])]
         config_source: String,
         /// Directory of YAML manifests (read recursively, watched).
         #[arg(
@@ -168,6 +169,22 @@ fn mesh_config(path: Option<&Path>) -> Result<MeshConfig, String> {
     Ok(mesh)
 }
 
+/// The configuration source `auto` stands for: the directory when one is given, else the
+/// Kubernetes API when running in a cluster (the service-account environment is there).
+fn source_of(requested: &str, has_dir: bool) -> Result<&'static str, String> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    match requested {
+        "directory" => Ok("directory"),
+        "kubernetes" => Ok("kubernetes"),
+        _ if has_dir => Ok("directory"),
+        _ if in_cluster => Ok("kubernetes"),
+        _ => Err(
+            "no configuration source: give --config-dir, or --config-source=kubernetes (or run in a cluster)"
+                .into(),
+        ),
+    }
+}
+
 fn run(command: Command) -> Result<ExitCode, String> {
     match command {
         Command::Serve {
@@ -186,6 +203,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             token_audience,
             ztunnel_service_account,
         } => {
+            let config_source = source_of(&config_source, config_dir.is_some())?;
             let mut opts = Options::new(config_dir.unwrap_or_default());
             opts.mesh = mesh_config(mesh_path.as_deref())?;
             opts.state_dir = state_dir;

@@ -91,3 +91,45 @@ fn a_credential_is_printed_once_and_only_its_digest_is_stored() {
     assert!(!stored.contains(token), "the token itself is not kept");
     assert!(stored.ends_with("node node1\n"), "{stored}");
 }
+
+#[test]
+fn without_a_directory_outside_a_cluster_serve_says_what_to_give() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--state-dir"])
+        .arg(dir.path())
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("TRELLIS_CONFIG_DIR")
+        .env_remove("TRELLIS_CONFIG_SOURCE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no configuration source: give --config-dir"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn in_a_cluster_without_a_directory_serve_reads_the_kubernetes_api() {
+    // The service-account environment of a pod, without the token: the source is
+    // Kubernetes, and reaching it fails with a message that says so.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--state-dir"])
+        .arg(dir.path())
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .env("KUBERNETES_SERVICE_PORT", "443")
+        .env("KUBECONFIG", dir.path().join("none"))
+        .env_remove("TRELLIS_CONFIG_DIR")
+        .env_remove("TRELLIS_CONFIG_SOURCE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cannot reach the Kubernetes API"),
+        "{stderr}"
+    );
+}
