@@ -192,8 +192,8 @@ def main():
             fail(f"{name}: the node agent is not told its DaemonSet")
         agent_roles = [r for r in by_kind.get("Role", []) if r["metadata"]["name"] == "trellis-node-agent"]
         if not agent_roles or agent_roles[0]["rules"] != [{"apiGroups": ["apps"], "resources": ["daemonsets"],
-                                                          "resourceNames": ["trellis-node-agent"], "verbs": ["get"]}]:
-            fail(f"{name}: the node agent's Role is not exactly 'get its own DaemonSet'")
+                                                          "resourceNames": ["trellis-node-agent"], "verbs": ["get", "list", "watch"]}]:
+            fail(f"{name}: the node agent's Role is not exactly 'read and watch its own DaemonSet'")
         if name == "lab" and "PodDisruptionBudget" in by_kind:
             fail("lab: PodDisruptionBudget rendered although disabled")
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use trellis_cni_plugin::agent::{Agent, AgentConfig, bind_cni_socket};
 use trellis_cni_plugin::install;
+use trellis_cni_plugin::removal::RemovalWatch;
 use trellis_core::xds::{XdsClient, XdsConfig};
 use trellis_core::zds::ZdsListener;
 use trellis_proto::type_url::ADDRESS;
@@ -183,9 +184,13 @@ fn main() -> ExitCode {
                     install::install(&plugin, &cni_bin_dir, &cni_conf_dir, &cni_socket, fail_open)
                         .map_err(|e| e.to_string())?;
                 tracing::info!(list = %list.display(), "trellis-cni installed");
+                let removal = match &daemonset {
+                    Some(ds) => Some(watch_removal(ds).await?),
+                    None => None,
+                };
                 trellis_core::shutdown::terminated().await;
-                if let Some(ds) = daemonset
-                    && uninstalling(&ds).await
+                if let Some(removal) = removal
+                    && removal.uninstalling().await
                 {
                     for e in agent.release_all().await {
                         tracing::error!(error = %e, "uninstall: a pod could not be released");
@@ -210,25 +215,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Whether the agent's DaemonSet `ds` (NAMESPACE/NAME) is gone or being deleted. When that
-/// cannot be known, it is not (the plugin stays: fail closed).
-async fn uninstalling(ds: &str) -> bool {
-    let Some((ns, name)) = ds.split_once('/') else {
-        tracing::error!(daemonset = %ds, "--daemonset must be NAMESPACE/NAME; keeping the plugin installed");
-        return false;
-    };
-    let client = match kube::Client::try_default().await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot reach the Kubernetes API; keeping the plugin installed");
-            return false;
-        }
-    };
-    match trellis_cni_plugin::removal::daemonset_removed(client, ns, name).await {
-        Ok(removed) => removed,
-        Err(e) => {
-            tracing::error!(error = %e, "keeping the plugin installed");
-            false
-        }
-    }
+/// Starts watching the agent's DaemonSet `ds` (NAMESPACE/NAME), if running on Kubernetes.
+async fn watch_removal(ds: &str) -> Result<RemovalWatch, String> {
+    let (ns, name) = ds
+        .split_once('/')
+        .ok_or_else(|| format!("--daemonset {ds:?}: expected NAMESPACE/NAME"))?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("--daemonset needs the Kubernetes API: {e}"))?;
+    Ok(RemovalWatch::start(client, ns, name))
 }
