@@ -104,16 +104,21 @@ impl Reconciler {
         self.writer.forget();
     }
 
-    /// One round. `deployments` is `None` until the managed Deployments were listed.
-    /// Returns how many writes failed.
-    pub async fn reconcile(&mut self, inputs: &Inputs, deployments: Option<&Deployments>) -> usize {
+    /// One round. `deployments` is `None` until the managed Deployments were listed; the
+    /// round stops writing once `leading()` is false. Returns how many writes failed.
+    pub async fn reconcile(
+        &mut self,
+        inputs: &Inputs,
+        deployments: Option<&Deployments>,
+        leading: &(dyn Fn() -> bool + Sync),
+    ) -> usize {
         let mut desired = inputs.statuses.clone();
         if let Some((roots, namespaces)) = &inputs.trust_bundle {
             desired.extend(trust_bundle_config_maps(roots, namespaces));
         }
         let Some(template) = &self.template else {
             // Not deploying waypoints: statuses only.
-            return self.writer.sync(&desired).await;
+            return self.writer.sync(&desired, leading).await;
         };
         for ((ns, name), (gw, service_ip)) in &inputs.waypoints {
             let made = waypoint::objects(gw, template);
@@ -141,6 +146,9 @@ impl Reconciler {
                 .filter(|k| !inputs.waypoints.contains_key(*k))
                 .collect();
             for (ns, name) in stale {
+                if !leading() {
+                    return failed;
+                }
                 tracing::info!(gateway = %format!("{ns}/{name}"), "no waypoint Gateway any more: deleting its objects");
                 for t in waypoint::object_targets(ns, name).iter().rev() {
                     if !self.writer.delete(t).await {
@@ -149,7 +157,7 @@ impl Reconciler {
                 }
             }
         }
-        failed + self.writer.sync(&desired).await
+        failed + self.writer.sync(&desired, leading).await
     }
 }
 
@@ -213,7 +221,10 @@ pub async fn run(
             continue;
         }
         let now = inputs.borrow_and_update().clone();
-        reconciler.reconcile(&now, deployments.as_ref()).await;
+        let leading = || *leader.borrow();
+        reconciler
+            .reconcile(&now, deployments.as_ref(), &leading)
+            .await;
     }
     election.abort();
 }

@@ -368,7 +368,7 @@ async fn the_reconciler_applies_waypoints_and_statuses_and_only_what_changed() {
     // First round: everything is applied, with server-side apply as trellis-control-plane.
     assert_eq!(
         reconciler
-            .reconcile(&inputs, Some(&Deployments::new()))
+            .reconcile(&inputs, Some(&Deployments::new()), &|| true)
             .await,
         0
     );
@@ -428,7 +428,7 @@ async fn the_reconciler_applies_waypoints_and_statuses_and_only_what_changed() {
     // Nothing changed: no API call.
     assert_eq!(
         reconciler
-            .reconcile(&inputs, Some(&Deployments::new()))
+            .reconcile(&inputs, Some(&Deployments::new()), &|| true)
             .await,
         0
     );
@@ -445,7 +445,10 @@ async fn the_reconciler_applies_waypoints_and_statuses_and_only_what_changed() {
         .unwrap()
         .1 = Some("10.96.0.20".into());
     let ready = Deployments::from([(("shop".to_string(), "waypoint".to_string()), 1)]);
-    assert_eq!(reconciler.reconcile(&inputs, Some(&ready)).await, 0);
+    assert_eq!(
+        reconciler.reconcile(&inputs, Some(&ready), &|| true).await,
+        0
+    );
     let seen = drain(&mut rx);
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(
@@ -466,7 +469,10 @@ async fn the_reconciler_applies_waypoints_and_statuses_and_only_what_changed() {
 
     // The Gateway is no longer a waypoint: its objects are deleted (Deployment first).
     inputs.waypoints.clear();
-    assert_eq!(reconciler.reconcile(&inputs, Some(&ready)).await, 0);
+    assert_eq!(
+        reconciler.reconcile(&inputs, Some(&ready), &|| true).await,
+        0
+    );
     let deletes: Vec<String> = drain(&mut rx)
         .into_iter()
         .filter(|s| s.method == "DELETE")
@@ -483,7 +489,7 @@ async fn the_reconciler_applies_waypoints_and_statuses_and_only_what_changed() {
 
     // Before every kind was read, a Deployment without a Gateway is not deleted.
     inputs.synced = false;
-    reconciler.reconcile(&inputs, Some(&ready)).await;
+    reconciler.reconcile(&inputs, Some(&ready), &|| true).await;
     assert!(drain(&mut rx).iter().all(|s| s.method != "DELETE"));
 }
 
@@ -533,12 +539,12 @@ async fn a_failed_write_is_retried_and_a_missing_object_is_not_a_failure() {
         trust_bundle: None,
     };
     assert_eq!(
-        reconciler.reconcile(&inputs, None).await,
+        reconciler.reconcile(&inputs, None, &|| true).await,
         1,
         "the 500 is a failure"
     );
     assert_eq!(drain(&mut rx).len(), 2);
-    assert_eq!(reconciler.reconcile(&inputs, None).await, 0);
+    assert_eq!(reconciler.reconcile(&inputs, None, &|| true).await, 0);
     let seen = drain(&mut rx);
     assert_eq!(
         seen.len(),
@@ -672,7 +678,7 @@ async fn the_trust_bundle_is_published_in_each_namespace_given() {
         )),
         ..Inputs::default()
     };
-    assert_eq!(reconciler.reconcile(&inputs, None).await, 0);
+    assert_eq!(reconciler.reconcile(&inputs, None, &|| true).await, 0);
     let seen = drain(&mut rx);
     let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
     assert_eq!(
@@ -686,7 +692,7 @@ async fn the_trust_bundle_is_published_in_each_namespace_given() {
     assert_eq!(seen[0].content_type, "application/apply-patch+yaml");
     // A namespace joins: only its ConfigMap is written.
     inputs.trust_bundle.as_mut().unwrap().1.insert("dev".into());
-    reconciler.reconcile(&inputs, None).await;
+    reconciler.reconcile(&inputs, None, &|| true).await;
     let seen = drain(&mut rx);
     assert_eq!(seen.len(), 1);
     assert_eq!(
@@ -813,7 +819,7 @@ async fn route_condition_times_are_kept_per_parent_while_unchanged() {
         statuses: route_statuses(&model, &MeshConfig::default()),
         ..Inputs::default()
     };
-    reconciler.reconcile(&inputs, None).await;
+    reconciler.reconcile(&inputs, None, &|| true).await;
     let first = drain(&mut rx);
     assert_eq!(first.len(), 1);
     assert_eq!(
@@ -832,10 +838,105 @@ async fn route_condition_times_are_kept_per_parent_while_unchanged() {
         statuses: route_statuses(&model, &MeshConfig::default()),
         ..Inputs::default()
     };
-    reconciler.reconcile(&inputs, None).await;
+    reconciler.reconcile(&inputs, None, &|| true).await;
     let second = drain(&mut rx);
     assert_eq!(second.len(), 1);
     let p = &second[0].body["status"]["parents"][1];
     assert_eq!(p["conditions"][1]["status"], "True");
     assert_eq!(&p["conditions"][0]["lastTransitionTime"], t);
+}
+
+/// A leader whose API requests stop being answered steps down at its renew deadline, on its
+/// own timer (a hanging request cannot stretch its leadership).
+#[tokio::test]
+async fn a_leader_whose_renewals_hang_steps_down_at_the_deadline() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "trellis-system");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut created = false;
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().clone();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            if created {
+                held.push(send); // the API server stops answering
+                continue;
+            }
+            let (code, reply) = if method == "GET" {
+                not_found()
+            } else {
+                created = true;
+                (201, serde_json::from_slice(&body).unwrap())
+            };
+            send.send_response(
+                Response::builder()
+                    .status(code)
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    let config = fast("cp-0");
+    let deadline = config.renew_deadline;
+    let (tx, mut leader) = watch::channel(false);
+    let election = tokio::spawn(elect(client, config, tx));
+    tokio::time::timeout(Duration::from_secs(10), leader.wait_for(|l| *l))
+        .await
+        .expect("leads")
+        .unwrap();
+    let led_at = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), leader.wait_for(|l| !*l))
+        .await
+        .expect("steps down")
+        .unwrap();
+    let led_for = led_at.elapsed();
+    election.abort();
+    assert!(
+        led_for <= deadline + Duration::from_millis(150),
+        "led {led_for:?} past the renew deadline {deadline:?}"
+    );
+}
+
+/// A renewal of its own Lease that meets a conflict (409) is retried; the leader does not
+/// step down for it.
+#[tokio::test]
+async fn a_renewal_conflict_does_not_end_leadership() {
+    let puts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let p = puts.clone();
+    let (client, _rx) = api_server(move |method, _, body| match method {
+        "GET" => (200, lease("cp-0", "2026-12-01T00:00:00.000000Z", "3")),
+        "PUT" => {
+            // The second renewal conflicts; the others go through.
+            if p.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                conflict()
+            } else {
+                (200, body.clone())
+            }
+        }
+        _ => conflict(),
+    });
+    let (tx, mut leader) = watch::channel(false);
+    let changes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let election = tokio::spawn(elect(client, fast("cp-0"), tx));
+    tokio::time::timeout(Duration::from_secs(10), leader.wait_for(|l| *l))
+        .await
+        .expect("leads")
+        .unwrap();
+    let c = changes.clone();
+    let mut watcher = leader.clone();
+    let counting = tokio::spawn(async move {
+        while watcher.changed().await.is_ok() {
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    while puts.load(std::sync::atomic::Ordering::SeqCst) < 4 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    election.abort();
+    counting.abort();
+    assert_eq!(
+        changes.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "leadership never flipped"
+    );
 }

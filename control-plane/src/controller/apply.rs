@@ -91,12 +91,20 @@ impl Writer {
     /// Applies every body of `desired` that differs from the last one applied. Bodies are
     /// complete apply configurations (apiVersion, kind, metadata.name/namespace, and the
     /// fields owned). Condition `lastTransitionTime`s are stamped here: kept from the last
-    /// write while a condition's `status` stays the same, else now. Returns how many
-    /// writes failed (they are retried by the next call).
-    pub async fn sync(&mut self, desired: &BTreeMap<Target, Value>) -> usize {
+    /// write while a condition's `status` stays the same, else now. Stops as soon as
+    /// `leading()` turns false (another replica writes now). Returns how many writes failed
+    /// (they are retried by the next call).
+    pub async fn sync(
+        &mut self,
+        desired: &BTreeMap<Target, Value>,
+        leading: &(dyn Fn() -> bool + Sync),
+    ) -> usize {
         let mut failed = 0;
         self.written.retain(|t, _| desired.contains_key(t));
         for (target, body) in desired {
+            if !leading() {
+                break;
+            }
             let body = stamp_transitions(body.clone(), self.written.get(target));
             if self.written.get(target) == Some(&body) {
                 continue;

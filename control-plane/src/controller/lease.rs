@@ -61,45 +61,85 @@ struct Seen {
 
 /// Runs the election until `leader` has no receiver left, reporting whether this replica
 /// leads on `leader`.
+///
+/// Leadership is counted from when the last successful renewal was *sent* (the API server
+/// applied it later, and other replicas count their `duration` from when they saw it), and
+/// it ends at that time plus `renew_deadline` on a timer of its own: a renewal that hangs
+/// cannot stretch it.
 pub async fn elect(client: kube::Client, config: LeaseConfig, leader: watch::Sender<bool>) {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let mut seen: Option<Seen> = None;
+    // When the last successful renewal (or acquisition) was sent.
     let mut renewed: Option<Instant> = None;
-    loop {
-        let leads = match try_acquire_or_renew(&api, &config, &mut seen).await {
-            Ok(true) => {
-                renewed = Some(Instant::now());
-                true
-            }
-            Ok(false) => false,
-            Err(e) => {
-                tracing::warn!(lease = %config.name, error = %e, "lease: cannot read or write");
-                // Keep leading through a short API outage, not past the renew deadline.
-                renewed.is_some_and(|t| t.elapsed() < config.renew_deadline)
-            }
-        };
-        if !leads {
-            renewed = None;
-        }
+    let publish = |leads: bool| {
         if *leader.borrow() != leads {
             tracing::info!(lease = %config.name, identity = %config.identity, leads, "leadership changed");
-            if leader.send(leads).is_err() {
-                return;
+            leader.send_replace(leads);
+        }
+    };
+    loop {
+        let sent = Instant::now();
+        let attempt = tokio::time::timeout(
+            config.renew_deadline,
+            try_acquire_or_renew(&api, &config, &mut seen),
+        );
+        tokio::pin!(attempt);
+        let result = loop {
+            let deadline = renewed.map(|t| t + config.renew_deadline);
+            tokio::select! {
+                r = &mut attempt => break r,
+                () = tokio::time::sleep_until(deadline.unwrap_or(sent)), if deadline.is_some() => {
+                    // Not renewed in time: step down now, whatever the request does later.
+                    renewed = None;
+                    publish(false);
+                }
+            }
+        };
+        match result {
+            Ok(Ok(true)) => renewed = Some(sent),
+            Ok(Ok(false)) => renewed = None,
+            Ok(Err(e)) => {
+                tracing::warn!(lease = %config.name, error = %e, "lease: cannot read or write");
+            }
+            Err(_) => {
+                tracing::warn!(lease = %config.name, "lease: the API server did not answer in time")
             }
         }
+        // A leader keeps leading through a short API outage, not past the renew deadline.
+        if renewed.is_some_and(|t| t.elapsed() >= config.renew_deadline) {
+            renewed = None;
+        }
+        publish(renewed.is_some());
         if leader.is_closed() {
             return;
         }
-        tokio::time::sleep(config.retry).await;
+        let next = match renewed {
+            Some(t) => (t + config.renew_deadline).min(Instant::now() + config.retry),
+            None => Instant::now() + config.retry,
+        };
+        tokio::time::sleep_until(next).await;
     }
 }
+
+/// A renewal of our own Lease that lost a race (409): another writer touched the Lease;
+/// whether it is still ours is read again next round.
+#[derive(Debug)]
+struct RenewalConflict;
+
+impl std::fmt::Display for RenewalConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the renewal conflicted with another write; reading the Lease again")
+    }
+}
+
+impl std::error::Error for RenewalConflict {}
 
 /// One round: returns whether this replica holds the Lease afterwards.
 async fn try_acquire_or_renew(
     api: &Api<Lease>,
     config: &LeaseConfig,
     seen: &mut Option<Seen>,
-) -> Result<bool, kube::Error> {
+) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
     let now = MicroTime(Timestamp::now());
     let Some(current) = api.get_opt(&config.name).await? else {
         let lease = Lease {
@@ -121,7 +161,7 @@ async fn try_acquire_or_renew(
             Ok(_) => Ok(true),
             // Another replica created it first.
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         };
     };
     let spec = current.spec.clone().unwrap_or_default();
@@ -170,7 +210,10 @@ async fn try_acquire_or_renew(
             }
             Ok(true)
         }
+        // Renewing our own: not lost yet (the renew deadline decides); taking it over:
+        // another replica was faster.
+        Err(kube::Error::Api(s)) if s.code == 409 && ours => Err(Box::new(RenewalConflict)),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
