@@ -88,6 +88,8 @@ pub type Deployments = BTreeMap<(String, String), i32>;
 pub struct Reconciler {
     writer: Writer,
     template: Option<WaypointTemplate>,
+    /// Waypoint objects found free or already this Gateway's: (target, Gateway uid).
+    verified: BTreeSet<(Target, String)>,
 }
 
 impl Reconciler {
@@ -96,12 +98,47 @@ impl Reconciler {
         Reconciler {
             writer: Writer::new(client),
             template,
+            verified: BTreeSet::new(),
         }
     }
 
     /// Forgets what was written (leadership was lost: another replica writes now).
     pub fn forget(&mut self) {
         self.writer.forget();
+        self.verified.clear();
+    }
+
+    /// Why the Gateway `gw` cannot have `objects`: one of them exists and is not
+    /// controlled by this Gateway (a user's Service, the namespace's `default`
+    /// ServiceAccount, ztunnel's ServiceAccount...). Never taken over. `Err` when the API
+    /// could not be asked (retried next round).
+    async fn conflict(
+        &mut self,
+        uid: &str,
+        objects: &[(Target, Value)],
+    ) -> Result<Option<String>, ()> {
+        for (target, _) in objects {
+            let key = (target.clone(), uid.to_string());
+            if self.verified.contains(&key) {
+                continue;
+            }
+            match self.writer.controller_of(target).await {
+                Ok(None) => {}
+                Ok(Some(Some((kind, owner)))) if kind == "Gateway" && owner == uid => {}
+                Ok(Some(_)) => {
+                    return Ok(Some(format!(
+                        "{} {}/{} exists and is not this waypoint's: rename the Gateway or remove it",
+                        target.kind, target.namespace, target.name
+                    )));
+                }
+                Err(e) => {
+                    tracing::warn!(%target, error = %e, "cannot check the waypoint's objects; retrying");
+                    return Err(());
+                }
+            }
+            self.verified.insert(key);
+        }
+        Ok(None)
     }
 
     /// One round. `deployments` is `None` until the managed Deployments were listed; the
@@ -116,12 +153,24 @@ impl Reconciler {
         if let Some((roots, namespaces)) = &inputs.trust_bundle {
             desired.extend(trust_bundle_config_maps(roots, namespaces));
         }
-        let Some(template) = &self.template else {
+        let Some(template) = self.template.clone() else {
             // Not deploying waypoints: statuses only.
             return self.writer.sync(&desired, leading).await;
         };
+        let mut failed = 0;
         for ((ns, name), (gw, service_ip)) in &inputs.waypoints {
-            let made = waypoint::objects(gw, template);
+            let mut made = waypoint::objects(gw, &template);
+            if let Ok(objects) = &made {
+                let uid = gw.metadata.uid.clone().unwrap_or_default();
+                match self.conflict(&uid, objects).await {
+                    Ok(None) => {}
+                    Ok(Some(p)) => made = Err(p),
+                    Err(()) => {
+                        failed += 1;
+                        continue;
+                    }
+                }
+            }
             let problem = made.as_ref().err().cloned();
             if let Err(p) = &made {
                 tracing::warn!(gateway = %format!("{ns}/{name}"), problem = %p, "waypoint not deployed");
@@ -135,7 +184,6 @@ impl Reconciler {
             let (t, body) = waypoint::gateway_status(gw, &observed, problem.as_deref());
             desired.insert(t, body);
         }
-        let mut failed = 0;
         // Waypoint objects no waypoint calls for: the Gateway changed class (a deleted
         // Gateway's objects go with it through their owner reference anyway).
         if inputs.synced
@@ -151,7 +199,7 @@ impl Reconciler {
                 }
                 tracing::info!(gateway = %format!("{ns}/{name}"), "no waypoint Gateway any more: deleting its objects");
                 for t in waypoint::object_targets(ns, name).iter().rev() {
-                    if !self.writer.delete(t).await {
+                    if !self.writer.delete_gateway_owned(t).await {
                         failed += 1;
                     }
                 }

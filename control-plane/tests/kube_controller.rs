@@ -329,21 +329,48 @@ fn gateway_status_is_programmed_with_its_address_once_the_deployment_is_ready() 
     );
 }
 
-/// The API server's answer to a server-side apply: the object as applied.
-fn applied(method: &str, path: &str, body: &Value) -> (u16, Value) {
-    match method {
-        "PATCH" => (200, body.clone()),
-        "DELETE" => (
-            200,
-            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
-        ),
-        _ => panic!("unexpected {method} {path}"),
+/// An API server that keeps what is applied: server-side apply stores the object (with a
+/// uid), GET returns it (404 when absent), DELETE removes it. `seed` is there from the start.
+fn store(seed: Vec<(&str, Value)>) -> impl Fn(&str, &str, &Value) -> (u16, Value) + Send + 'static {
+    let objects: std::sync::Mutex<BTreeMap<String, Value>> =
+        std::sync::Mutex::new(seed.into_iter().map(|(p, v)| (p.to_string(), v)).collect());
+    move |method, path, body| {
+        let mut objects = objects.lock().unwrap();
+        match method {
+            "PATCH" if path.ends_with("/status") => (200, body.clone()),
+            "PATCH" => {
+                let mut o = body.clone();
+                o["metadata"]["uid"] = format!("uid-of-{path}").into();
+                objects.insert(path.to_string(), o.clone());
+                (200, o)
+            }
+            "GET" => match objects.get(path) {
+                Some(o) => (200, o.clone()),
+                None => not_found(),
+            },
+            "DELETE" => match objects.remove(path) {
+                Some(_) => (
+                    200,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+                ),
+                None => not_found(),
+            },
+            _ => panic!("unexpected {method} {path}"),
+        }
     }
+}
+
+/// What was written (applied or deleted), in order.
+fn writes(seen: &[Seen]) -> Vec<(&str, &str)> {
+    seen.iter()
+        .filter(|s| s.method != "GET")
+        .map(|s| (s.method.as_str(), s.path.as_str()))
+        .collect()
 }
 
 #[tokio::test]
 async fn the_reconciler_applies_waypoints_and_statuses_and_only_what_changed() {
-    let (client, mut rx) = api_server(applied);
+    let (client, mut rx) = api_server(store(vec![]));
     let mut reconciler = Reconciler::new(client, Some(template()));
     let policy = ObjectRef {
         kind: "AuthorizationPolicy".into(),
@@ -372,13 +399,20 @@ async fn the_reconciler_applies_waypoints_and_statuses_and_only_what_changed() {
             .await,
         0
     );
-    let seen = drain(&mut rx);
-    let paths: Vec<(&str, &str)> = seen
+    let all = drain(&mut rx);
+    let checked: Vec<&str> = all
         .iter()
-        .map(|s| (s.method.as_str(), s.path.as_str()))
+        .filter(|s| s.method == "GET")
+        .map(|s| s.path.as_str())
         .collect();
     assert_eq!(
-        paths,
+        checked.len(),
+        3,
+        "the waypoint's objects are checked before they are applied: {checked:?}"
+    );
+    let seen: Vec<Seen> = all.into_iter().filter(|s| s.method != "GET").collect();
+    assert_eq!(
+        writes(&seen),
         [
             (
                 "PATCH",
@@ -497,6 +531,7 @@ async fn the_reconciler_applies_waypoints_and_statuses_and_only_what_changed() {
 async fn a_failed_write_is_retried_and_a_missing_object_is_not_a_failure() {
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let c = calls.clone();
+    let stored = store(vec![]);
     let (client, mut rx) = api_server(move |method, path, body| {
         let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if path.contains("/gone/") {
@@ -508,7 +543,7 @@ async fn a_failed_write_is_retried_and_a_missing_object_is_not_a_failure() {
                 json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "etcd timeout", "code": 500}),
             );
         }
-        applied(method, path, body)
+        stored(method, path, body)
     });
     let mut reconciler = Reconciler::new(client, None);
     let ids: Vec<ObjectRef> = ["allow", "gone"]
@@ -667,7 +702,7 @@ async fn a_lost_race_for_the_lease_does_not_lead() {
 
 #[tokio::test]
 async fn the_trust_bundle_is_published_in_each_namespace_given() {
-    let (client, mut rx) = api_server(applied);
+    let (client, mut rx) = api_server(store(vec![]));
     let mut reconciler = Reconciler::new(client, None);
     let roots = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
     let mut inputs = Inputs {
@@ -811,7 +846,7 @@ fn a_mesh_route_of_a_service_without_a_waypoint_is_not_accepted() {
 #[tokio::test]
 async fn route_condition_times_are_kept_per_parent_while_unchanged() {
     use trellis_control_plane::controller::routes::route_statuses;
-    let (client, mut rx) = api_server(applied);
+    let (client, mut rx) = api_server(store(vec![]));
     let mut reconciler = Reconciler::new(client, None);
     let model = model_from(ROUTES);
     let inputs = Inputs {
@@ -938,5 +973,69 @@ async fn a_renewal_conflict_does_not_end_leadership() {
         changes.load(std::sync::atomic::Ordering::SeqCst),
         0,
         "leadership never flipped"
+    );
+}
+
+/// A Gateway named like something that exists (a user's Service, the namespace's `default`
+/// ServiceAccount) does not take it over: nothing is applied, its status says why.
+#[tokio::test]
+async fn a_waypoint_never_takes_over_objects_it_did_not_create() {
+    let users_service = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "cart", "namespace": "shop", "uid": "svc-uid"},
+        "spec": {"selector": {"app": "cart"}}});
+    let (client, mut rx) = api_server(store(vec![(
+        "/api/v1/namespaces/shop/services/cart",
+        users_service,
+    )]));
+    let mut reconciler = Reconciler::new(client, Some(template()));
+    let inputs = Inputs {
+        synced: true,
+        waypoints: BTreeMap::from([(
+            ("shop".to_string(), "cart".to_string()),
+            (waypoint_gateway("cart"), None),
+        )]),
+        ..Inputs::default()
+    };
+    reconciler
+        .reconcile(&inputs, Some(&Deployments::new()), &|| true)
+        .await;
+    let seen = drain(&mut rx);
+    let written = writes(&seen);
+    assert_eq!(
+        written,
+        [(
+            "PATCH",
+            "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/cart/status"
+        )],
+        "only the Gateway's status"
+    );
+    let status = &seen.iter().find(|s| s.method == "PATCH").unwrap().body["status"];
+    assert_eq!(status["conditions"][0]["status"], "False");
+    let message = status["conditions"][0]["message"].as_str().unwrap();
+    assert!(message.contains("Service shop/cart exists"), "{message}");
+
+    // Nor does cleaning up delete what a user labelled like a waypoint's Deployment.
+    let users_deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "mine", "namespace": "shop", "uid": "d-uid",
+                     "labels": {"gateway.istio.io/managed": "trellis.dev-waypoint-controller"}}});
+    let (client, mut rx) = api_server(store(vec![(
+        "/apis/apps/v1/namespaces/shop/deployments/mine",
+        users_deployment,
+    )]));
+    let mut reconciler = Reconciler::new(client, Some(template()));
+    let managed = Deployments::from([(("shop".to_string(), "mine".to_string()), 1)]);
+    reconciler
+        .reconcile(
+            &Inputs {
+                synced: true,
+                ..Inputs::default()
+            },
+            Some(&managed),
+            &|| true,
+        )
+        .await;
+    assert!(
+        drain(&mut rx).iter().all(|s| s.method != "DELETE"),
+        "not created for a Gateway: left alone"
     );
 }

@@ -50,6 +50,13 @@ fn reviews(token: &str) -> Value {
             Some("node2"),
         ),
         "h.waypoint.s" => sa("shop", "waypoint", "waypoint-5d9", "uid-9", None),
+        "h.impostor.s" => sa(
+            "trellis-system",
+            "trellis-ztunnel",
+            "impostor-5f7",
+            "uid-7",
+            None,
+        ),
         "h.legacy.s" => json!({"authenticated": true, "audiences": ["trellis-ca"],
                                 "user": {"username": "system:serviceaccount:shop:waypoint"}}),
         "h.other-audience.s" => {
@@ -91,8 +98,16 @@ fn api(local: Option<Arc<LocalCredentials>>) -> Api {
                 }
                 ("GET", "/api/v1/namespaces/trellis-system/pods/ztunnel-abc") => json!({
                     "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": "ztunnel-abc", "namespace": "trellis-system", "uid": "uid-1"},
+                    "metadata": {"name": "ztunnel-abc", "namespace": "trellis-system", "uid": "uid-1",
+                                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                                     "name": "trellis-ztunnel", "uid": "ds-1", "controller": true}]},
                     "spec": {"nodeName": "node1", "containers": [{"name": "ztunnel"}]}}),
+                ("GET", "/api/v1/namespaces/trellis-system/pods/impostor-5f7") => json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "impostor-5f7", "namespace": "trellis-system", "uid": "uid-7",
+                                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                     "name": "impostor", "uid": "rs-1", "controller": true}]},
+                    "spec": {"nodeName": "node1", "containers": [{"name": "x"}]}}),
                 other => panic!("unexpected {other:?}"),
             };
             send.send_response(Response::new(Body::from(
@@ -154,6 +169,9 @@ async fn a_token_of_another_pod_or_node_is_refused() {
     assert!(why.contains("earlier pod"), "{why}");
     let why = refused(a.auth.authenticate(&bearer("h.ztunnel-other-node.s")).await);
     assert!(why.contains("node2") && why.contains("node1"), "{why}");
+    // ztunnel's ServiceAccount in a pod that is not the DaemonSet's.
+    let why = refused(a.auth.authenticate(&bearer("h.impostor.s")).await);
+    assert!(why.contains("not run by a DaemonSet"), "{why}");
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@
 //!   the ztunnel of the node its pod runs on: the pod is read from the API, its uid must be
 //!   the token's (a pod deleted and re-created under the same name is another pod), and
 //!   when the token names a node (`authentication.kubernetes.io/node-name`, Kubernetes
-//!   1.30+) it must be the pod's node. The CA then issues only identities of pods on that
+//!   1.30+) it must be the pod's node; the pod must be run by a DaemonSet. The CA then issues only identities of pods on that
 //!   node.
 //! - Any other ServiceAccount runs as its own identity (waypoints): it may obtain only
 //!   `spiffe://<trust domain>/ns/<namespace>/sa/<name>`.
@@ -180,10 +180,21 @@ pub fn check_review(
     Ok((namespace.into(), account.into(), pod, uid, one(NODE_NAME)))
 }
 
-/// The node `pod` runs on, checked against the token's pod uid and node name.
+/// The node `pod` runs on, checked against the token's pod uid and node name. The pod must
+/// be a DaemonSet's (ztunnel's): a pod someone else created with ztunnel's ServiceAccount
+/// (a Deployment's, a bare pod) is not a node's ztunnel.
 pub fn node_of(pod: &Pod, token_uid: &str, token_node: Option<&str>) -> Result<String, String> {
     if pod.metadata.uid.as_deref() != Some(token_uid) {
         return Err("the token belongs to an earlier pod of that name".into());
+    }
+    let controller = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    if controller.is_none_or(|o| o.kind != "DaemonSet") {
+        return Err("the pod is not run by a DaemonSet, so it is no node's ztunnel".into());
     }
     let node = pod
         .spec

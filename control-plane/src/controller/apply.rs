@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
+    Preconditions,
 };
 use serde_json::Value;
 
@@ -135,22 +136,61 @@ impl Writer {
         failed
     }
 
-    /// Deletes `target` (already gone counts as done). Returns whether it is gone.
-    pub async fn delete(&mut self, target: &Target) -> bool {
+    /// Who controls the existing `target`: `Ok(None)` when it does not exist, else the
+    /// controller owner reference's (kind, uid), if any.
+    pub async fn controller_of(
+        &self,
+        target: &Target,
+    ) -> Result<Option<Option<(String, String)>>, kube::Error> {
+        let Some(existing) = target.api(&self.client).get_opt(&target.name).await? else {
+            return Ok(None);
+        };
+        Ok(Some(controller_ref(&existing.metadata)))
+    }
+
+    /// Deletes `target` if a `Gateway` controls it (never anything a user made). Already
+    /// gone, or not a Gateway's, counts as done. Returns whether that is settled.
+    pub async fn delete_gateway_owned(&mut self, target: &Target) -> bool {
         self.written.remove(target);
-        match target
-            .api(&self.client)
-            .delete(&target.name, &DeleteParams::background())
-            .await
-        {
+        let api = target.api(&self.client);
+        let existing = match api.get_opt(&target.name).await {
+            Ok(Some(o)) => o,
+            Ok(None) => return true,
+            Err(e) => {
+                tracing::warn!(%target, error = %e, "cannot read before deleting; retrying");
+                return false;
+            }
+        };
+        if controller_ref(&existing.metadata).is_none_or(|(kind, _)| kind != "Gateway") {
+            tracing::warn!(%target, "not created for a waypoint Gateway: left alone");
+            return true;
+        }
+        // Only that object: one re-created meanwhile under the name is another object.
+        let mut params = DeleteParams::background();
+        params.preconditions = existing.metadata.uid.clone().map(|uid| Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        });
+        match api.delete(&target.name, &params).await {
             Ok(_) => true,
-            Err(kube::Error::Api(s)) if s.code == 404 => true,
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => true,
             Err(e) => {
                 tracing::warn!(%target, error = %e, "cannot delete; retrying");
                 false
             }
         }
     }
+}
+
+/// The (kind, uid) of `meta`'s controller owner reference.
+fn controller_ref(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<(String, String)> {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .map(|o| (o.kind.clone(), o.uid.clone()))
 }
 
 /// Sets each `status.conditions[*].lastTransitionTime` of `body`: the time of the same
