@@ -239,6 +239,10 @@ pub async fn run(
     let mut listing: Deployments = BTreeMap::new();
     let mut reconciler = Reconciler::new(client, config.template);
     let mut retry = tokio::time::interval(Duration::from_secs(5));
+    // What was written is re-applied now and then (unchanged objects cost the API server
+    // nothing): an object someone deleted or edited comes back.
+    let mut resync = tokio::time::interval(Duration::from_secs(300));
+    resync.tick().await;
     loop {
         tokio::select! {
             changed = inputs.changed() => if changed.is_err() { break },
@@ -258,11 +262,14 @@ pub async fn run(
                     }
                     Ok(watcher::Event::Delete(d)) => {
                         if let Some(m) = deployments.as_mut() { m.remove(&key(&d)); }
+                        // Deleted by someone: applied again if still called for.
+                        reconciler.forget();
                     }
                     Err(e) => tracing::warn!(error = %e, "watching waypoint Deployments failed; retrying"),
                 }
             }
             _ = retry.tick() => {}
+            _ = resync.tick() => reconciler.forget(),
         }
         if !*leader.borrow_and_update() {
             reconciler.forget();

@@ -566,7 +566,12 @@ fn controller_inputs(
         .iter()
         .filter_map(|p| {
             let target = status::target(&p.id)?;
-            let body = status::policy_status(&p.id, &p.status, model.generation(&p.id));
+            let mut body = status::policy_status(&p.id, &p.status, model.generation(&p.id));
+            // The object the status was computed for, as a precondition: never written onto
+            // a policy deleted and re-created under the same name meanwhile.
+            if let Some(uid) = model.metadata(&p.id).and_then(|m| m.uid.clone()) {
+                body["metadata"]["uid"] = uid.into();
+            }
             Some((target, body))
         })
         .collect();

@@ -444,6 +444,10 @@ async fn the_reconciler_applies_waypoints_and_statuses_and_only_what_changed() {
         seen[0].body["metadata"]["ownerReferences"][0]["uid"],
         "gw-uid-1"
     );
+    assert_eq!(
+        seen[1].body["metadata"]["uid"], "gw-uid-1",
+        "a status names the object it is for (a precondition on a re-created Gateway)"
+    );
     let gw_status = &seen[1].body["status"];
     assert_eq!(
         gw_status["conditions"][1]["status"], "False",

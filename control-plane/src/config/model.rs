@@ -338,16 +338,24 @@ impl Model {
         Some(svc.metadata.labels.clone().unwrap_or_default())
     }
 
-    /// `metadata.generation` of a security policy.
-    pub fn generation(&self, id: &ObjectRef) -> Option<i64> {
+    /// The metadata of a security policy or Gateway (what status writes refer to).
+    pub fn metadata(
+        &self,
+        id: &ObjectRef,
+    ) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> {
         let k = key(id);
         match id.kind.as_str() {
-            "AuthorizationPolicy" => self.authorization_policies.get(&k)?.metadata.generation,
-            "PeerAuthentication" => self.peer_authentications.get(&k)?.metadata.generation,
-            "RequestAuthentication" => self.request_authentications.get(&k)?.metadata.generation,
-            "Gateway" => self.gateways.get(&k)?.metadata.generation,
+            "AuthorizationPolicy" => Some(&self.authorization_policies.get(&k)?.metadata),
+            "PeerAuthentication" => Some(&self.peer_authentications.get(&k)?.metadata),
+            "RequestAuthentication" => Some(&self.request_authentications.get(&k)?.metadata),
+            "Gateway" => Some(&self.gateways.get(&k)?.metadata),
             _ => None,
         }
+    }
+
+    /// `metadata.generation` of a security policy or Gateway.
+    pub fn generation(&self, id: &ObjectRef) -> Option<i64> {
+        self.metadata(id)?.generation
     }
 
     /// The first cluster IP of Service `ns/name`, once assigned.

@@ -203,7 +203,10 @@ impl Route<'_> {
             json!({
                 "apiVersion": "gateway.networking.k8s.io/v1",
                 "kind": self.kind,
-                "metadata": {"name": name, "namespace": ns},
+                "metadata": super::waypoint::with_uid(
+                    json!({"name": name, "namespace": ns}),
+                    self.metadata.uid.as_deref(),
+                ),
                 "status": {"parents": parents},
             }),
         ))

@@ -341,10 +341,19 @@ pub fn gateway_status(gw: &Gateway, observed: &Observed, problem: Option<&str>) 
         json!({
             "apiVersion": "gateway.networking.k8s.io/v1",
             "kind": "Gateway",
-            "metadata": {"name": name, "namespace": ns},
+            "metadata": with_uid(json!({"name": name, "namespace": ns}), gw.metadata.uid.as_deref()),
             "status": status,
         }),
     )
+}
+
+/// `metadata` with `uid` set when known: the API server then refuses the write if the
+/// object under that name is another one (deleted and re-created meanwhile).
+pub fn with_uid(mut metadata: Value, uid: Option<&str>) -> Value {
+    if let Some(uid) = uid {
+        metadata["uid"] = uid.into();
+    }
+    metadata
 }
 
 fn names(gw: &Gateway) -> (String, String) {
