@@ -530,6 +530,7 @@ async fn run_kube_source(
         if writer.is_some() {
             let mut now = controller_inputs(
                 &model,
+                &state,
                 &mesh,
                 &shared,
                 listed.len() == KINDS.len(),
@@ -555,6 +556,7 @@ async fn run_kube_source(
 /// Gateways with their Services' addresses.
 fn controller_inputs(
     model: &Model,
+    state: &crate::config::kube::KubeState,
     mesh: &crate::config::model::MeshConfig,
     shared: &Shared,
     synced: bool,
@@ -566,7 +568,12 @@ fn controller_inputs(
         .iter()
         .filter_map(|p| {
             let target = status::target(&p.id)?;
-            let mut body = status::policy_status(&p.id, &p.status, model.generation(&p.id));
+            let mut body = status::policy_status(
+                &p.id,
+                &p.status,
+                model.generation(&p.id),
+                state.observed_status(&p.id),
+            );
             // The object the status was computed for, as a precondition: never written onto
             // a policy deleted and re-created under the same name meanwhile.
             if let Some(uid) = model.metadata(&p.id).and_then(|m| m.uid.clone()) {
@@ -716,9 +723,15 @@ fn status_report(shared: &Shared) -> StatusReport {
         }
         let reason = format!("{}: {} ({})", e.field, e.reason, e.file);
         match policies.get_mut(id) {
-            Some(p) => p.status.reasons.push(format!(
-                "the latest version was rejected, the previous one stays in effect: {reason}"
-            )),
+            Some(p) => {
+                p.status.reasons.push(format!(
+                    "the latest version was rejected, the previous one stays in effect: {reason}"
+                ));
+                // Not what the user wrote last: never plainly "Accepted".
+                if p.status.state == PolicyState::Accepted {
+                    p.status.state = PolicyState::AcceptedWithWarnings;
+                }
+            }
             None => {
                 policies.insert(
                     id.clone(),

@@ -157,7 +157,7 @@ fn policy_statuses_say_what_ztunnel_enforces() {
             (target.api_version, target.plural, target.status),
             ("security.istio.io/v1", "authorizationpolicies", true)
         );
-        status::policy_status(&id, s, model.generation(&id))
+        status::policy_status(&id, s, model.generation(&id), None)
     };
 
     let ok = status_of("allow-frontend");
@@ -383,7 +383,7 @@ async fn the_reconciler_applies_waypoints_and_statuses_and_only_what_changed() {
         synced: true,
         statuses: BTreeMap::from([(
             status::target(&policy).unwrap(),
-            status::policy_status(&policy, &snap.statuses[&policy], Some(3)),
+            status::policy_status(&policy, &snap.statuses[&policy], Some(3), None),
         )]),
         waypoints: BTreeMap::from([(
             ("shop".to_string(), "waypoint".to_string()),
@@ -570,7 +570,7 @@ async fn a_failed_write_is_retried_and_a_missing_object_is_not_a_failure() {
             .map(|id| {
                 (
                     status::target(id).unwrap(),
-                    status::policy_status(id, st, None),
+                    status::policy_status(id, st, None, None),
                 )
             })
             .collect(),
@@ -1041,5 +1041,89 @@ async fn a_waypoint_never_takes_over_objects_it_did_not_create() {
     assert!(
         drain(&mut rx).iter().all(|s| s.method != "DELETE"),
         "not created for a Gateway: left alone"
+    );
+}
+
+/// Statuses as observed on the API: other conditions are written back (Istio's CRDs make
+/// the list one value), and an unchanged condition keeps its time across restarts.
+#[test]
+fn a_policy_status_keeps_other_conditions_and_an_unchanged_conditions_time() {
+    let model = model_from(POLICIES);
+    let snap = Snapshot::build(&model, &MeshConfig::default());
+    let id = ObjectRef {
+        kind: "AuthorizationPolicy".into(),
+        namespace: "shop".into(),
+        name: "allow-frontend".into(),
+    };
+    let observed = json!({"conditions": [
+        {"type": "WaypointAccepted", "status": "True", "reason": "Accepted",
+         "lastTransitionTime": "2026-11-01T00:00:00Z"},
+        {"type": "ZtunnelAccepted", "status": "True", "reason": "Accepted",
+         "lastTransitionTime": "2026-11-02T00:00:00Z"},
+    ]});
+    let body = status::policy_status(&id, &snap.statuses[&id], Some(3), Some(&observed));
+    let conditions = body["status"]["conditions"].as_array().unwrap();
+    assert_eq!(conditions.len(), 2);
+    assert_eq!(
+        conditions[0]["type"], "WaypointAccepted",
+        "another controller's, kept"
+    );
+    assert_eq!(conditions[1]["type"], "ZtunnelAccepted");
+    assert_eq!(
+        conditions[1]["lastTransitionTime"], "2026-11-02T00:00:00Z",
+        "unchanged: same time"
+    );
+    // Rejected now: the status changed, so the time is not carried.
+    let rejected = &snap.statuses[&ObjectRef {
+        name: "both".into(),
+        ..id.clone()
+    }];
+    let body = status::policy_status(&id, rejected, Some(4), Some(&observed));
+    assert!(
+        body["status"]["conditions"][1]
+            .get("lastTransitionTime")
+            .is_none()
+    );
+}
+
+#[test]
+fn route_entries_of_ours_for_parents_gone_are_removed() {
+    use trellis_control_plane::controller::routes::{CONTROLLER_NAME, route_statuses};
+    // The route's only parent is now another vendor's Gateway; our entry from before stays
+    // in its observed status.
+    let yaml = ROUTES
+        .replace(
+            "    - {group: \"\", kind: Service, name: cart, port: 80}\n    - {name: waypoint}\n",
+            "",
+        )
+        .replace("    - {group: \"\", kind: Service, name: gone}\n", "")
+        .replace(
+            "      conditions: [{type: Accepted, status: \"True\", reason: Accepted, message: theirs}]\n",
+            &format!("      conditions: [{{type: Accepted, status: \"True\", reason: Accepted, message: theirs}}]\n    - parentRef: {{name: waypoint}}\n      controllerName: {CONTROLLER_NAME}\n      conditions: [{{type: Accepted, status: \"True\", reason: Accepted, message: old}}]\n"),
+        );
+    let statuses = route_statuses(&model_from(&yaml), &MeshConfig::default());
+    let body = statuses
+        .values()
+        .next()
+        .expect("written, to drop our old entry");
+    let parents = body["status"]["parents"].as_array().unwrap();
+    assert_eq!(parents.len(), 1, "{parents:?}");
+    assert_eq!(parents[0]["controllerName"], "example.com/other-vendor");
+}
+
+#[test]
+fn a_gateway_conditions_time_survives_a_restart() {
+    let mut gw = waypoint_gateway("waypoint");
+    gw.status = serde_json::from_value(json!({"conditions": [
+        {"type": "Accepted", "status": "True", "lastTransitionTime": "2026-11-03T00:00:00Z"},
+        {"type": "Programmed", "status": "True", "lastTransitionTime": "2026-11-04T00:00:00Z"},
+    ]}))
+    .unwrap();
+    let (_, pending) = gateway_status(&gw, &Observed::default(), None);
+    let c = &pending["status"]["conditions"];
+    assert_eq!(c[0]["lastTransitionTime"], "2026-11-03T00:00:00Z");
+    assert!(
+        c[1].get("lastTransitionTime").is_none(),
+        "Programmed turned False: a new time"
     );
 }

@@ -196,8 +196,8 @@ async fn clients_follow_a_directory_edited_while_they_are_connected() {
         .find(|p| p["name"] == "deny-dev")
         .unwrap();
     assert_eq!(
-        policy["state"], "Accepted",
-        "the last good version is in effect"
+        policy["state"], "AcceptedWithWarnings",
+        "the last good version is in effect, and the rejected edit is a warning (never plainly Accepted)"
     );
     assert!(
         policy["reasons"][0]

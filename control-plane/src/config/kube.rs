@@ -203,6 +203,9 @@ pub struct KubeState {
     warnings: BTreeMap<ObjectRef, Vec<String>>,
     /// The last watch error per kind (cleared by the next successful list).
     watch_errors: BTreeMap<&'static str, String>,
+    /// The status of the security policies as read (not configuration: kept aside for the
+    /// status writer, which carries over other controllers' conditions and times).
+    statuses: BTreeMap<ObjectRef, serde_json::Value>,
 }
 
 impl KubeState {
@@ -219,6 +222,7 @@ impl KubeState {
                 };
                 self.errors.remove(&id);
                 self.warnings.remove(&id);
+                self.statuses.remove(&id);
                 let had = self.known.get_mut(kind.kind).is_some_and(|k| k.remove(&id));
                 if had {
                     model.delete(&id);
@@ -238,6 +242,7 @@ impl KubeState {
                     model.delete(id);
                     self.errors.remove(id);
                     self.warnings.remove(id);
+                    self.statuses.remove(id);
                 }
                 *known = listed;
                 !gone.is_empty()
@@ -272,6 +277,16 @@ impl KubeState {
             namespace: meta(&json, "namespace"),
             name: meta(&json, "name"),
         };
+        if kind.group == "security.istio.io" {
+            match json.get("status") {
+                Some(s) if !s.is_null() => {
+                    self.statuses.insert(id.clone(), s.clone());
+                }
+                _ => {
+                    self.statuses.remove(&id);
+                }
+            }
+        }
         match parse_object("kubernetes", json) {
             Document::Loaded(l) => {
                 if listing {
@@ -323,6 +338,11 @@ impl KubeState {
     /// Unknown-field warnings per object.
     pub fn object_warnings(&self) -> BTreeMap<ObjectRef, Vec<String>> {
         self.warnings.clone()
+    }
+
+    /// The status of policy `id` as last read from the API.
+    pub fn observed_status(&self, id: &ObjectRef) -> Option<&serde_json::Value> {
+        self.statuses.get(id)
     }
 
     /// Kinds whose watch currently fails, with the last error.

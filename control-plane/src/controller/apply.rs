@@ -193,6 +193,23 @@ fn controller_ref(
         .map(|o| (o.kind.clone(), o.uid.clone()))
 }
 
+/// Gives each condition of `conditions` the `lastTransitionTime` of the condition of the
+/// same type and status in `observed` (the object's status as read from the API): a
+/// condition that did not change keeps its time across restarts and leader changes.
+pub fn carry_times(conditions: &mut [Value], observed: &[Value]) {
+    for c in conditions {
+        let same = observed
+            .iter()
+            .find(|o| o.get("type") == c.get("type") && o.get("status") == c.get("status"));
+        if let Some(t) = same
+            .and_then(|o| o.get("lastTransitionTime"))
+            .filter(|t| t.is_string())
+        {
+            c["lastTransitionTime"] = t.clone();
+        }
+    }
+}
+
 /// Sets each `status.conditions[*].lastTransitionTime` of `body`: the time of the same
 /// condition type in `previous` if its `status` is unchanged, else now.
 fn stamp_transitions(mut body: Value, previous: Option<&Value>) -> Value {
@@ -216,6 +233,12 @@ fn stamp_transitions(mut body: Value, previous: Option<&Value>) -> Value {
         .and_then(Value::as_array_mut)
     {
         for parent in parents {
+            // Other controllers' entries are carried over as they wrote them.
+            if parent.get("controllerName").and_then(Value::as_str)
+                != Some(super::routes::CONTROLLER_NAME)
+            {
+                continue;
+            }
             let Some(conditions) = parent.get("conditions").cloned() else {
                 continue;
             };
@@ -252,6 +275,10 @@ fn stamp_list(
         return;
     };
     for c in list {
+        // A time already given (carried over from the object as observed) stays.
+        if c.get("lastTransitionTime").is_some_and(Value::is_string) {
+            continue;
+        }
         let (Some(kind), Some(status)) = (c.get("type").cloned(), c.get("status").cloned()) else {
             continue;
         };

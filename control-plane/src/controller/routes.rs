@@ -130,6 +130,14 @@ impl Route<'_> {
                 &format!("no such Service: {}", missing.join(", ")),
             )
         };
+        let observed: Vec<Value> = self
+            .status
+            .and_then(|s| s.get("parents"))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let is_ours =
+            |p: &Value| p.get("controllerName").and_then(Value::as_str) == Some(CONTROLLER_NAME);
         let mut ours = Vec::new();
         for p in self.parents {
             let pns = p.namespace.clone().unwrap_or_else(|| ns.clone());
@@ -171,25 +179,29 @@ impl Route<'_> {
                     _ => continue,
                 }
             };
-            let parent_ref = serde_json::to_value(p).unwrap_or_default();
+            let parent_ref = strip_nulls(serde_json::to_value(p).unwrap_or_default());
+            let mut conditions = vec![accepted, resolved.clone()];
+            let observed_conditions = observed
+                .iter()
+                .filter(|o| is_ours(o))
+                .find(|o| o.get("parentRef") == Some(&parent_ref))
+                .and_then(|o| o.get("conditions"))
+                .and_then(Value::as_array);
+            if let Some(before) = observed_conditions {
+                super::apply::carry_times(&mut conditions, before);
+            }
             ours.push(json!({
-                "parentRef": strip_nulls(parent_ref),
+                "parentRef": parent_ref,
                 "controllerName": CONTROLLER_NAME,
-                "conditions": [accepted, resolved.clone()],
+                "conditions": conditions,
             }));
         }
-        if ours.is_empty() {
+        // Nothing of ours to say, and nothing of ours said before: no write. (Entries of
+        // ours for parents the route no longer has are removed by writing without them.)
+        if ours.is_empty() && !observed.iter().any(is_ours) {
             return None;
         }
-        let mut parents: Vec<Value> = self
-            .status
-            .and_then(|s| s.get("parents"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter(|p| p.get("controllerName").and_then(Value::as_str) != Some(CONTROLLER_NAME))
-            .cloned()
-            .collect();
+        let mut parents: Vec<Value> = observed.iter().filter(|p| !is_ours(p)).cloned().collect();
         parents.extend(ours);
         Some((
             Target {

@@ -9,8 +9,10 @@
 //! - `False`, reason `Invalid`, why it was rejected.
 //!
 //! `RequestAuthentication` is enforced by waypoints, not ztunnel: it gets `Accepted` with
-//! the same reasons. Conditions of other controllers on the same object are left alone
-//! (server-side apply owns only this condition).
+//! the same reasons. Conditions of other types on the same object (other controllers')
+//! are written back as observed: with Istio's CRDs the list is one value, which a
+//! server-side apply replaces whole. A condition whose status did not change keeps its
+//! `lastTransitionTime`.
 
 use serde_json::{Value, json};
 
@@ -40,8 +42,13 @@ pub fn target(id: &ObjectRef) -> Option<Target> {
 }
 
 /// The apply configuration of the status of policy `id`, at metadata.generation
-/// `generation`.
-pub fn policy_status(id: &ObjectRef, status: &PolicyStatus, generation: Option<i64>) -> Value {
+/// `generation`; `observed` is its status as read from the API.
+pub fn policy_status(
+    id: &ObjectRef,
+    status: &PolicyStatus,
+    generation: Option<i64>,
+    observed: Option<&Value>,
+) -> Value {
     let kind = if id.kind == "RequestAuthentication" {
         "Accepted"
     } else {
@@ -67,10 +74,22 @@ pub fn policy_status(id: &ObjectRef, status: &PolicyStatus, generation: Option<i
     if let Some(g) = generation {
         condition["observedGeneration"] = Value::from(g.to_string());
     }
+    let observed: Vec<Value> = observed
+        .and_then(|s| s.get("conditions"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut conditions: Vec<Value> = observed
+        .iter()
+        .filter(|c| c.get("type").and_then(Value::as_str) != Some(kind))
+        .cloned()
+        .collect();
+    conditions.push(condition);
+    super::apply::carry_times(&mut conditions, &observed);
     json!({
         "apiVersion": "security.istio.io/v1",
         "kind": id.kind,
         "metadata": {"name": id.name, "namespace": id.namespace},
-        "status": {"conditions": [condition]},
+        "status": {"conditions": conditions},
     })
 }

@@ -323,6 +323,10 @@ pub fn gateway_status(gw: &Gateway, observed: &Observed, problem: Option<&str>) 
             },
         ],
     };
+    let mut conditions = conditions;
+    if let Some(observed) = &gw.status {
+        super::apply::carry_times(&mut conditions, &observed.conditions);
+    }
     let mut status = json!({"conditions": conditions});
     if problem.is_none()
         && let Some(ip) = &observed.service_ip
