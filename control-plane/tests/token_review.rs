@@ -223,3 +223,17 @@ async fn issued_credentials_still_work_beside_tokens() {
     );
     assert!(a.calls.lock().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn an_expired_token_is_refused_without_asking_the_api_server() {
+    use base64::Engine;
+    let a = api(None);
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"exp":1700000000}"#);
+    let why = refused(
+        a.auth
+            .authenticate(&bearer(&format!("eyJhbGciOiJSUzI1NiJ9.{payload}.c2ln")))
+            .await,
+    );
+    assert!(why.contains("expired"), "{why}");
+    assert!(a.calls.lock().unwrap().is_empty());
+}

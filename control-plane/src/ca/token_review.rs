@@ -15,8 +15,10 @@
 //!
 //! Verdicts are cached by the token's digest (accepted for at most five minutes and never
 //! past the token's expiry; refused for ten seconds), so a proxy's streams and renewals
-//! cost one review, and a flood of bad tokens cannot turn into a flood of API calls. Only
-//! tokens shaped like JWTs are sent to the API server at all.
+//! cost one review. What reaches the API server is bounded: only tokens shaped like
+//! unexpired JWTs are sent, at most [`MAX_REVIEWS`] at a time (a caller that cannot get a
+//! turn within two seconds is refused, and retries like any refused proxy); when the cache
+//! is full, refusals and expired verdicts go first.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -36,6 +38,8 @@ use super::auth::{Authenticator, Caller, LocalCredentials, bearer_token};
 const ACCEPTED_FOR: Duration = Duration::from_secs(300);
 const REFUSED_FOR: Duration = Duration::from_secs(10);
 const MAX_CACHED: usize = 100_000;
+/// Token reviews in flight at most.
+pub const MAX_REVIEWS: usize = 16;
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
@@ -51,6 +55,7 @@ pub struct TokenReviewAuth {
     /// ztunnel's ServiceAccount: (namespace, name).
     ztunnel: (String, String),
     cache: Mutex<HashMap<[u8; 32], Verdict>>,
+    reviews: tokio::sync::Semaphore,
     /// Credentials issued by `trellis-control-plane credential`, accepted too (for proxies
     /// run outside the cluster).
     local: Option<std::sync::Arc<LocalCredentials>>,
@@ -79,6 +84,7 @@ impl TokenReviewAuth {
             trust_domain: trust_domain.into(),
             ztunnel,
             cache: Mutex::new(HashMap::new()),
+            reviews: tokio::sync::Semaphore::new(MAX_REVIEWS),
             local: None,
         }
     }
@@ -102,9 +108,13 @@ impl TokenReviewAuth {
         if cache.len() >= MAX_CACHED {
             let now = Instant::now();
             cache.retain(|_, (_, t)| *t > now);
-            if cache.len() >= MAX_CACHED {
-                cache.clear();
-            }
+        }
+        if cache.len() >= MAX_CACHED {
+            // Refusals before acceptances: a flood of bad tokens must not evict proxies.
+            cache.retain(|_, (v, _)| v.is_ok());
+        }
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
         }
         cache.insert(digest, (verdict, until));
     }
@@ -251,6 +261,20 @@ impl Authenticator for TokenReviewAuth {
         let verdict = match self.cached(&digest) {
             Some(v) => v,
             None => {
+                if time_left(token) == Some(Duration::ZERO) {
+                    return Err(CaError::Unauthenticated("the token has expired".into()));
+                }
+                let Ok(Ok(_turn)) =
+                    tokio::time::timeout(Duration::from_secs(2), self.reviews.acquire()).await
+                else {
+                    return Err(CaError::Unauthenticated(
+                        "too many token reviews in progress; retry".into(),
+                    ));
+                };
+                // Another caller may have reviewed the same token while this one waited.
+                if let Some(v) = self.cached(&digest) {
+                    return v.map_err(CaError::Unauthenticated);
+                }
                 let (verdict, until) = match self.review(token).await {
                     Ok((caller, until)) => (Ok(caller), until),
                     Err(e) => (Err(e), Instant::now() + REFUSED_FOR),
