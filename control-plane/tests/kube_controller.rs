@@ -273,7 +273,7 @@ fn a_waypoint_gateway_gets_an_owned_deployment_service_and_service_account() {
     // A name a Service cannot have is refused, and the status says why.
     let bad = waypoint_gateway("way.point");
     let problem = waypoint::objects(&bad, &template()).unwrap_err();
-    assert!(problem.contains("DNS label"), "{problem}");
+    assert!(problem.contains("DNS-1035 label"), "{problem}");
     let (_, s) = gateway_status(&bad, &Observed::default(), Some(&problem));
     assert_eq!(s["status"]["conditions"][0]["status"], "False");
     assert!(s["status"].get("addresses").is_none());
@@ -1126,4 +1126,53 @@ fn a_gateway_conditions_time_survives_a_restart() {
         c[1].get("lastTransitionTime").is_none(),
         "Programmed turned False: a new time"
     );
+}
+
+#[tokio::test]
+async fn a_body_the_api_server_refuses_as_invalid_is_not_resent_until_it_changes() {
+    let (client, mut rx) = api_server(|method, path, body| {
+        if method == "PATCH" && path.contains("/dev/") {
+            (
+                422,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                         "reason": "Invalid", "message": "data: Too long", "code": 422}),
+            )
+        } else {
+            (200, body.clone())
+        }
+    });
+    let mut reconciler = Reconciler::new(client, None);
+    let mut inputs = Inputs {
+        synced: true,
+        trust_bundle: Some(("pem-1".into(), ["dev".to_string()].into())),
+        ..Inputs::default()
+    };
+    assert_eq!(reconciler.reconcile(&inputs, None, &|| true).await, 1);
+    assert_eq!(drain(&mut rx).len(), 1);
+    assert_eq!(reconciler.reconcile(&inputs, None, &|| true).await, 0);
+    assert!(drain(&mut rx).is_empty(), "not sent again unchanged");
+    inputs.trust_bundle = Some(("pem-2".into(), ["dev".to_string()].into()));
+    reconciler.reconcile(&inputs, None, &|| true).await;
+    assert_eq!(drain(&mut rx).len(), 1, "a changed body is sent");
+}
+
+#[test]
+fn waypoint_service_ports_get_valid_names_and_names_must_start_with_a_letter() {
+    let mut gw = waypoint_gateway("waypoint");
+    gw.spec.listeners.push(
+        serde_json::from_value(
+            json!({"name": "a.very-long.listener-name", "port": 8080, "protocol": "HTTP"}),
+        )
+        .unwrap(),
+    );
+    let objects = waypoint::objects(&gw, &template()).unwrap();
+    let names: Vec<&str> = objects[1].1["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["mesh", "port-8080", "status-port"]);
+    assert!(names.iter().all(|n| n.len() <= 15 && !n.contains('.')));
+    assert!(waypoint::objects(&waypoint_gateway("1waypoint"), &template()).is_err());
 }

@@ -79,7 +79,7 @@ def check_gatewayclass(doc):
 # waypoint.rs, which refuses unknown ones): the rendered file must fit it.
 WAYPOINT_REQUIRED = {"image", "controlPlane", "trustDomain"}
 WAYPOINT_KNOWN = WAYPOINT_REQUIRED | {"imagePullPolicy", "imagePullSecrets", "resources",
-                                      "logLevel", "tokenAudience", "rootCertConfigMap"}
+                                      "logLevel", "tokenAudience"}
 
 
 def check_waypoint_template(by_kind, values):

@@ -64,6 +64,9 @@ impl std::fmt::Display for Target {
 pub struct Writer {
     client: kube::Client,
     written: BTreeMap<Target, Value>,
+    /// Bodies the API server refused as invalid (4xx): not sent again until they change
+    /// (or the next full re-apply).
+    refused: BTreeMap<Target, Value>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -80,6 +83,7 @@ impl Writer {
         Writer {
             client,
             written: BTreeMap::new(),
+            refused: BTreeMap::new(),
         }
     }
 
@@ -87,6 +91,7 @@ impl Writer {
     /// [`Writer::sync`] applies everything again.
     pub fn forget(&mut self) {
         self.written.clear();
+        self.refused.clear();
     }
 
     /// Applies every body of `desired` that differs from the last one applied. Bodies are
@@ -106,6 +111,10 @@ impl Writer {
             if !leading() {
                 break;
             }
+            if self.refused.get(target) == Some(body) {
+                continue;
+            }
+            let desired_body = body;
             let body = stamp_transitions(body.clone(), self.written.get(target));
             if self.written.get(target) == Some(&body) {
                 continue;
@@ -121,11 +130,21 @@ impl Writer {
             match result {
                 Ok(_) => {
                     tracing::debug!(%target, "applied");
+                    self.refused.remove(target);
                     self.written.insert(target.clone(), body);
                 }
                 // The object went away meanwhile (its status has nothing to go on).
                 Err(kube::Error::Api(s)) if s.code == 404 && target.status => {
                     tracing::debug!(%target, "gone before its status was written");
+                }
+                // Invalid as sent (not a conflict, not throttling): sending it again
+                // cannot help.
+                Err(kube::Error::Api(s))
+                    if (400..500).contains(&s.code) && ![404, 409, 429].contains(&s.code) =>
+                {
+                    tracing::error!(%target, code = s.code, reason = %s.message, "the API server refused this; not retried until it changes");
+                    self.refused.insert(target.clone(), desired_body.clone());
+                    failed += 1;
                 }
                 Err(e) => {
                     tracing::warn!(%target, error = %e, "cannot apply; retrying");

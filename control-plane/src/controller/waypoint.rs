@@ -55,9 +55,6 @@ pub struct WaypointTemplate {
     /// Audience of the projected token waypoints authenticate with.
     #[serde(default = "token_audience")]
     pub token_audience: String,
-    /// ConfigMap holding the trust bundle (`root-cert.pem`), in every enrolled namespace.
-    #[serde(default = "root_cert_config_map")]
-    pub root_cert_config_map: String,
 }
 
 fn if_not_present() -> String {
@@ -68,9 +65,6 @@ fn info() -> String {
 }
 fn token_audience() -> String {
     "trellis-ca".into()
-}
-fn root_cert_config_map() -> String {
-    "trellis-ca-root-cert".into()
 }
 
 impl WaypointTemplate {
@@ -90,7 +84,7 @@ pub fn objects(gw: &Gateway, t: &WaypointTemplate) -> Result<Vec<(Target, Value)
     let (ns, name) = names(gw);
     if !is_dns_label(&name) {
         return Err(format!(
-            "the name {name:?} is not a DNS label (lowercase letters, digits and '-', at most 63 characters): the waypoint's Service cannot have it"
+            "the name {name:?} is not a DNS-1035 label (a lowercase letter, then lowercase letters, digits and '-', at most 63 characters): the waypoint's Service cannot have it"
         ));
     }
     let infra = gw.spec.infrastructure.clone().unwrap_or_default();
@@ -129,10 +123,17 @@ pub fn objects(gw: &Gateway, t: &WaypointTemplate) -> Result<Vec<(Target, Value)
 
     let mut ports: Vec<Value> = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
+    // Port names are ours (a Service port name is at most 15 characters, no dots; listener
+    // names may be longer): `mesh` for HBONE, else `port-N`.
     for l in &gw.spec.listeners {
         if seen.insert(l.port) {
+            let port_name = if l.port == HBONE_PORT {
+                "mesh".to_string()
+            } else {
+                format!("port-{}", l.port)
+            };
             ports.push(
-                json!({"name": l.name, "port": l.port, "targetPort": l.port, "protocol": "TCP"}),
+                json!({"name": port_name, "port": l.port, "targetPort": l.port, "protocol": "TCP"}),
             );
         }
     }
@@ -232,7 +233,7 @@ pub fn objects(gw: &Gateway, t: &WaypointTemplate) -> Result<Vec<(Target, Value)
                             "expirationSeconds": 3600,
                             "path": "trellis-token",
                         }}]}},
-                        {"name": "ca-root", "configMap": {"name": t.root_cert_config_map}},
+                        {"name": "ca-root", "configMap": {"name": super::TRUST_BUNDLE_CONFIG_MAP}},
                     ],
                 },
             },
@@ -368,7 +369,7 @@ fn names(gw: &Gateway) -> (String, String) {
 }
 
 fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
+    s.starts_with(|c: char| c.is_ascii_lowercase())
         && s.len() <= 63
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
