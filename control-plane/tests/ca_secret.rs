@@ -2,9 +2,8 @@
 //! `trellis-ca`, generated once and shared by every replica. kube's `Client` over a
 //! `tower-test` mock service stands in for the API server (it cannot run here).
 
-use http::{Request, Response};
-use http_body_util::BodyExt;
-use kube::client::Body;
+mod common;
+use common::{Seen, api_server, status};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use trellis_control_plane::ca::secret::{
@@ -12,56 +11,15 @@ use trellis_control_plane::ca::secret::{
 };
 use trellis_control_plane::ca::store::{RootOfTrust, generate_root};
 
-/// Answers with `answer(method, path, body)`, reporting (method, path, body) of each call.
-fn api_server(
-    answer: impl Fn(&str, &str, &Value) -> (u16, Value) + Send + 'static,
-) -> (
-    kube::Client,
-    mpsc::UnboundedReceiver<(String, String, Value)>,
-) {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "trellis-system");
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            let (parts, body) = req.into_parts();
-            let bytes = body
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let (code, reply) = answer(parts.method.as_str(), parts.uri.path(), &body);
-            let _ = tx.send((parts.method.to_string(), parts.uri.path().to_string(), body));
-            send.send_response(
-                Response::builder()
-                    .status(code)
-                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
-                    .unwrap(),
-            );
-        }
-    });
-    (client, rx)
-}
-
-fn status(code: u16, reason: &str) -> (u16, Value) {
-    (
-        code,
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "reason": reason, "message": reason, "code": code}),
-    )
-}
-
 fn secret_json(name: &str, files: &trellis_control_plane::ca::store::CaFiles) -> Value {
     serde_json::to_value(secret_from_files("trellis-system", name, files)).unwrap()
 }
 
-fn seen(rx: &mut mpsc::UnboundedReceiver<(String, String, Value)>) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    while let Ok((m, p, _)) = rx.try_recv() {
-        out.push((m, p));
-    }
-    out
+fn seen(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Vec<(String, String)> {
+    common::drain(rx)
+        .into_iter()
+        .map(|s| (s.method, s.path))
+        .collect()
 }
 
 #[test]
@@ -109,9 +67,9 @@ async fn the_first_replica_generates_and_stores_the_root() {
     let (root, origin) = load_or_generate(&client, "cluster.local").await.unwrap();
     assert_eq!(origin, Origin::Generated);
     let mut created = None;
-    while let Ok((m, _, body)) = rx.try_recv() {
-        if m == "POST" {
-            created = Some(body);
+    while let Ok(s) = rx.try_recv() {
+        if s.method == "POST" {
+            created = Some(s.body);
         }
     }
     let created = created.expect("the Secret was created");

@@ -18,69 +18,43 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 
 use super::apply::Target;
-use crate::config::gateway::ParentReference;
+use crate::config::gateway::{HttpBackendRef, ParentReference};
 use crate::config::model::{MeshConfig, Model};
 
 /// The controller name in route status (the waypoint GatewayClass's `controllerName`).
 pub const CONTROLLER_NAME: &str = "trellis.dev/waypoint-controller";
 
-/// A backend as the status check needs it: (group, kind, namespace, name).
-type Backend<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>, &'a str);
-
 /// Every route status Trellis writes.
 pub fn route_statuses(model: &Model, mesh: &MeshConfig) -> BTreeMap<Target, Value> {
-    let mut out = BTreeMap::new();
-    for (_, r) in model.http_routes() {
-        let backends: Vec<Backend<'_>> = r
+    let http = model.http_routes().map(|(_, r)| Route {
+        kind: "HTTPRoute",
+        plural: "httproutes",
+        metadata: &r.metadata,
+        parents: &r.spec.parent_refs,
+        backends: r
             .spec
             .rules
             .iter()
-            .flat_map(|rule| rule.backend_refs.iter())
-            .map(|b| {
-                (
-                    b.group.as_deref(),
-                    b.kind.as_deref(),
-                    b.namespace.as_deref(),
-                    b.name.as_str(),
-                )
-            })
-            .collect();
-        let route = Route {
-            kind: "HTTPRoute",
-            plural: "httproutes",
-            metadata: &r.metadata,
-            parents: &r.spec.parent_refs,
-            backends,
-            status: r.status.as_ref(),
-        };
-        out.extend(route.status(model, mesh));
-    }
-    for (_, r) in model.grpc_routes() {
-        let backends: Vec<Backend<'_>> = r
+            .flat_map(|rule| &rule.backend_refs)
+            .collect(),
+        status: r.status.as_ref(),
+    });
+    let grpc = model.grpc_routes().map(|(_, r)| Route {
+        kind: "GRPCRoute",
+        plural: "grpcroutes",
+        metadata: &r.metadata,
+        parents: &r.spec.parent_refs,
+        backends: r
             .spec
             .rules
             .iter()
-            .flat_map(|rule| rule.backend_refs.iter())
-            .map(|b| {
-                (
-                    b.group.as_deref(),
-                    b.kind.as_deref(),
-                    b.namespace.as_deref(),
-                    b.name.as_str(),
-                )
-            })
-            .collect();
-        let route = Route {
-            kind: "GRPCRoute",
-            plural: "grpcroutes",
-            metadata: &r.metadata,
-            parents: &r.spec.parent_refs,
-            backends,
-            status: r.status.as_ref(),
-        };
-        out.extend(route.status(model, mesh));
-    }
-    out
+            .flat_map(|rule| &rule.backend_refs)
+            .collect(),
+        status: r.status.as_ref(),
+    });
+    http.chain(grpc)
+        .filter_map(|route| route.status(model, mesh))
+        .collect()
 }
 
 struct Route<'a> {
@@ -88,7 +62,7 @@ struct Route<'a> {
     plural: &'static str,
     metadata: &'a ObjectMeta,
     parents: &'a [ParentReference],
-    backends: Vec<Backend<'a>>,
+    backends: Vec<&'a HttpBackendRef>,
     status: Option<&'a Value>,
 }
 
@@ -109,15 +83,16 @@ impl Route<'_> {
         let missing: Vec<String> = self
             .backends
             .iter()
-            .filter(|(group, kind, _, _)| {
-                group.unwrap_or("").is_empty() && kind.unwrap_or("Service") == "Service"
+            .filter(|b| {
+                b.group.as_deref().unwrap_or("").is_empty()
+                    && b.kind.as_deref().unwrap_or("Service") == "Service"
             })
-            .filter_map(|(_, _, bns, bname)| {
-                let bns = bns.unwrap_or(&ns);
+            .filter_map(|b| {
+                let bns = b.namespace.as_deref().unwrap_or(&ns);
                 model
-                    .service_labels(bns, bname)
+                    .service_labels(bns, &b.name)
                     .is_none()
-                    .then(|| format!("{bns}/{bname}"))
+                    .then(|| format!("{bns}/{}", b.name))
             })
             .collect();
         let resolved = if missing.is_empty() {
