@@ -655,9 +655,13 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let auth = self.auth.clone();
         Box::pin(async move {
+            let mut req = req;
             let metadata = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
             match auth.authenticate(&metadata).await {
-                Ok(_) => inner.call(req).await,
+                Ok(caller) => {
+                    req.extensions_mut().insert(caller);
+                    inner.call(req).await
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "xDS stream refused");
                     Ok(Status::unauthenticated(e.to_string()).into_http())

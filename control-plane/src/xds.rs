@@ -243,12 +243,17 @@ impl AggregatedDiscoveryService for XdsServer {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         // Bounded: a proxy that stops reading stalls only its own stream.
         let (tx, rx) = mpsc::channel(16);
+        let caller = request
+            .extensions()
+            .get::<crate::ca::auth::Caller>()
+            .map(ToString::to_string);
         let stream = Stream {
             inbound: request.into_inner(),
             tx,
             snapshots: self.snapshots.clone(),
             acks: self.acks.clone(),
             proxy: String::new(),
+            caller,
             closing: self.closing.clone(),
             types: BTreeMap::new(),
             next_nonce: 0,
@@ -311,6 +316,8 @@ struct Stream {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     acks: Arc<AckTracker>,
     proxy: String,
+    /// Who authenticated the stream (set by the server's authentication layer).
+    caller: Option<String>,
     closing: Option<watch::Receiver<bool>>,
     types: BTreeMap<String, TypeState>,
     next_nonce: u64,
@@ -361,7 +368,12 @@ impl Stream {
         if self.proxy.is_empty()
             && let Some(node) = &req.node
         {
-            self.proxy = node.id.clone();
+            // The id a proxy gives itself, qualified by who authenticated: a caller cannot
+            // stand in for (and, leaving, erase) another proxy's ACK record.
+            self.proxy = match &self.caller {
+                Some(c) => format!("{} [{c}]", node.id),
+                None => node.id.clone(),
+            };
         }
         let type_url = req.type_url.clone();
         let first = !self.types.contains_key(&type_url);

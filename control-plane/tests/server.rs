@@ -182,6 +182,12 @@ async fn clients_follow_a_directory_edited_while_they_are_connected() {
     })
     .await;
     let s = status(&m).await;
+    // Each proxy is listed under its own id and who authenticated it.
+    let proxies = s["proxies"].to_string();
+    assert!(
+        proxies.contains("ztunnel~node1 [ztunnel of node node1]"),
+        "{proxies}"
+    );
     let err = &s["errors"][0];
     assert!(
         err["file"].as_str().unwrap().ends_with("policy.yaml"),
