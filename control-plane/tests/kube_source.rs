@@ -200,3 +200,28 @@ fn an_object_that_stops_loading_keeps_its_last_good_version() {
     assert!(state.objects().is_empty());
     assert!(state.errors().is_empty());
 }
+
+#[test]
+fn a_status_only_update_changes_nothing_in_the_model() {
+    let mut state = KubeState::default();
+    let mut model = Model::default();
+    let kind = KINDS
+        .iter()
+        .find(|k| k.kind == "AuthorizationPolicy")
+        .unwrap();
+    let policy = json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-dev", "namespace": "shop", "resourceVersion": "7", "generation": 1},
+        "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["dev"]}}]}]}});
+    assert!(state.apply(Event::Apply(kind, policy.clone()), &mut model));
+    model.take_dirty();
+    // The control plane wrote the status: a new resourceVersion, same spec and generation.
+    let mut with_status = policy.clone();
+    with_status["metadata"]["resourceVersion"] = "8".into();
+    with_status["status"] = json!({"conditions": [{"type": "ZtunnelAccepted", "status": "True"}]});
+    assert!(!state.apply(Event::Apply(kind, with_status), &mut model));
+    assert!(model.take_dirty().is_empty(), "nothing to re-translate");
+    // A spec change is a change.
+    let mut edited = policy;
+    edited["spec"]["action"] = "ALLOW".into();
+    assert!(state.apply(Event::Apply(kind, edited), &mut model));
+}

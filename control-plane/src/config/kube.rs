@@ -305,6 +305,11 @@ impl KubeState {
                     .entry(kind.kind)
                     .or_default()
                     .insert(l.id.clone());
+                // An update that changes nothing the model keeps (a policy's status, which
+                // the control plane itself writes) re-translates nothing.
+                if model.holds(&l.id, &l.object) {
+                    return false;
+                }
                 model.apply(&l.id, l.object);
                 true
             }

@@ -138,11 +138,13 @@ pub fn parse_file(file: &Path, text: &str) -> Vec<Document> {
 
 /// Parses one object read from the Kubernetes API (JSON), exactly as a manifest of a file
 /// named `source`: the same kinds, checks, errors and warnings as the directory source. The
-/// server-maintained `metadata.managedFields` and the status of the security policies
-/// (Trellis's own output) are dropped first.
+/// server-maintained `metadata.managedFields` and `resourceVersion` and the status of the
+/// security policies (Trellis's own output) are dropped first.
 pub fn parse_object(source: &str, mut json: serde_json::Value) -> Document {
     if let Some(meta) = json.get_mut("metadata").and_then(|m| m.as_object_mut()) {
         meta.remove("managedFields");
+        // Changes with every write, status included; nothing in the model reads it.
+        meta.remove("resourceVersion");
     }
     let group = json
         .get("apiVersion")

@@ -148,6 +148,26 @@ impl Model {
         }
     }
 
+    /// Whether the model already holds exactly `object` as `id` (applying it would change
+    /// nothing).
+    pub fn holds(&self, id: &ObjectRef, object: &Object) -> bool {
+        let k = key(id);
+        match object {
+            Object::Namespace(o) => self.namespaces.get(&id.name) == Some(o),
+            Object::Pod(o) => self.pods.get(&k) == Some(o),
+            Object::Service(o) => self.services.get(&k) == Some(o),
+            Object::ServiceAccount(o) => self.service_accounts.get(&k) == Some(o),
+            Object::AuthorizationPolicy(o) => self.authorization_policies.get(&k) == Some(o),
+            Object::PeerAuthentication(o) => self.peer_authentications.get(&k) == Some(o),
+            Object::RequestAuthentication(o) => self.request_authentications.get(&k) == Some(o),
+            Object::Gateway(o) => self.gateways.get(&k) == Some(o),
+            Object::HttpRoute(o) => self.http_routes.get(&k) == Some(o),
+            Object::GrpcRoute(o) => self.grpc_routes.get(&k) == Some(o),
+            Object::Node(n) => self.nodes.get(&n.name) == Some(&n.labels),
+            Object::EndpointSlice(o) => self.endpoint_slices.get(&k) == Some(o),
+        }
+    }
+
     /// Removes an object; removing an unknown object is not an error.
     pub fn delete(&mut self, id: &ObjectRef) {
         if id.kind == "Node" {
