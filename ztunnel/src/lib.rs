@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod copy;
 pub mod inpod;
 pub mod memory;
 pub mod mesh;

@@ -216,14 +216,14 @@ async fn serve(listeners: [TcpListener; 3], ctx: Arc<PodCtx>, mut stopped: watch
     }
 }
 
-/// Copies both ways until both sides are done. 64 KiB buffers: a bulk transfer moves in
-/// fewer, larger reads, writes and HTTP/2 frames than with the default 8 KiB.
+/// Copies both ways until both sides are done (buffers that grow with the traffic: see
+/// [`crate::copy`]).
 async fn copy<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(a, b, 64 << 10, 64 << 10).await
+    crate::copy::bidirectional(a, b).await
 }
 
 fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
