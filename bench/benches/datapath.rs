@@ -161,9 +161,11 @@ fn measure(c: &Cluster) -> Result<()> {
     println!("| Scenario | direct | through 2 ztunnels | ratio |");
     println!("|---|---|---|---|");
     // `DATAPATH_ONLY=connect` runs only the new-connection scenario (for profiling it),
-    // `DATAPATH_ONLY=latency` ping-pong and new connections.
+    // `DATAPATH_ONLY=latency` ping-pong and new connections, `DATAPATH_ONLY=throughput` the
+    // bulk echoes.
     let only = std::env::var("DATAPATH_ONLY").unwrap_or_default();
     let only_connect = only == "connect";
+    let only_throughput = only == "throughput";
     let mut cpu_bulk = 0.0;
     for streams in [1usize, 4]
         .into_iter()
@@ -181,7 +183,7 @@ fn measure(c: &Cluster) -> Result<()> {
     let gb = 2.0 * BULK as f64 / 1e9;
     for (size, label) in [(1usize, "1 B"), (1024, "1 KiB")]
         .into_iter()
-        .filter(|_| !only_connect)
+        .filter(|_| !only_connect && !only_throughput)
     {
         let (d50, d99) = rr(c, &dc, &direct_to, size, false)?;
         let (m50, m99) = rr(c, &mc, &mesh_to, size, false)?;
@@ -190,14 +192,17 @@ fn measure(c: &Cluster) -> Result<()> {
             m50 - d50
         );
     }
-    let (d50, d99) = rr(c, &dc, &direct_to, 1024, true)?;
-    let (cpu0, _) = zt_usage();
-    let (m50, m99) = rr(c, &mc, &mesh_to, 1024, true)?;
-    let cpu_conn = zt_usage().0 - cpu0;
-    println!(
-        "| new connection per 1 KiB request p50 / p99 | {d50:.0} / {d99:.0} µs | {m50:.0} / {m99:.0} µs | +{:.0} µs p50 |",
-        m50 - d50
-    );
+    let mut cpu_conn = 0.0;
+    if !only_throughput {
+        let (d50, d99) = rr(c, &dc, &direct_to, 1024, true)?;
+        let (cpu0, _) = zt_usage();
+        let (m50, m99) = rr(c, &mc, &mesh_to, 1024, true)?;
+        cpu_conn = zt_usage().0 - cpu0;
+        println!(
+            "| new connection per 1 KiB request p50 / p99 | {d50:.0} / {d99:.0} µs | {m50:.0} / {m99:.0} µs | +{:.0} µs p50 |",
+            m50 - d50
+        );
+    }
     let (_, rss) = zt_usage();
     // Once idle again (ztunnel returns freed heap to the system a second after its last
     // connection closes), and the peak over the whole run.

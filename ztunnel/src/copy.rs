@@ -55,7 +55,8 @@ impl Direction {
     }
 
     /// Moves what `reader` gives to `writer` until the reader ends (then shuts the writer
-    /// down) or one of them is not ready.
+    /// down) or one of them is not ready. While the writer is busy, the free part of the
+    /// buffer is filled from the reader, so the next write is a large one.
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -70,57 +71,82 @@ impl Direction {
             if self.done {
                 return Poll::Ready(Ok(self.copied));
             }
-            // Write what is buffered.
-            while self.start < self.end {
-                let n = ready!(
-                    writer
-                        .as_mut()
-                        .poll_write(cx, &self.buf[self.start..self.end])
-                )?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "the peer accepts no more data",
-                    )));
+            if self.start == self.end && !self.eof {
+                // Empty: read (into a grown buffer if the last read filled the old one).
+                self.start = 0;
+                self.end = 0;
+                if self.grow {
+                    self.buf = vec![0; BULK];
+                    self.grow = false;
                 }
-                self.start += n;
-                self.copied += n as u64;
-                self.unflushed = true;
+                match self.poll_fill(cx, reader.as_mut()) {
+                    Poll::Ready(r) => r?,
+                    Poll::Pending => {
+                        // Nothing to read now: push out what was written before waiting.
+                        if self.unflushed {
+                            ready!(writer.as_mut().poll_flush(cx))?;
+                            self.unflushed = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+                continue;
             }
-            self.start = 0;
-            self.end = 0;
-            if self.grow {
-                self.buf = vec![0; BULK];
-                self.grow = false;
+            while self.start < self.end {
+                match writer
+                    .as_mut()
+                    .poll_write(cx, &self.buf[self.start..self.end])
+                {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::WriteZero,
+                            "the peer accepts no more data",
+                        )));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        self.start += n;
+                        self.copied += n as u64;
+                        self.unflushed = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // The writer is busy: read ahead into the free tail meanwhile.
+                        if self.end < self.buf.len()
+                            && !self.eof
+                            && let Poll::Ready(r) = self.poll_fill(cx, reader.as_mut())
+                        {
+                            r?;
+                            continue;
+                        }
+                        return Poll::Pending;
+                    }
+                }
             }
             if self.eof {
                 ready!(writer.as_mut().poll_flush(cx))?;
                 ready!(writer.as_mut().poll_shutdown(cx))?;
                 self.done = true;
-                continue;
-            }
-            // Read more; before waiting for it, push out what was written.
-            let mut rb = ReadBuf::new(&mut self.buf);
-            match reader.as_mut().poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    if n == 0 {
-                        self.eof = true;
-                    } else {
-                        self.end = n;
-                        self.grow = n == self.buf.len() && self.buf.len() < BULK;
-                    }
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    if self.unflushed {
-                        ready!(writer.as_mut().poll_flush(cx))?;
-                        self.unflushed = false;
-                    }
-                    return Poll::Pending;
-                }
             }
         }
+    }
+
+    /// Reads into `buf[end..]`; marks the end of stream, and a read that filled the buffer.
+    fn poll_fill<R>(&mut self, cx: &mut Context<'_>, reader: Pin<&mut R>) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+    {
+        let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
+        ready!(reader.poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        if n == 0 {
+            self.eof = true;
+        } else {
+            self.end += n;
+            if self.end == self.buf.len() && self.buf.len() < BULK {
+                self.grow = true;
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
