@@ -474,6 +474,15 @@ async fn run_kube_source(
     let writer = controller.map(|c| tokio::spawn(crate::controller::run(client, c, inputs_rx)));
     let mut state = KubeState::default();
     let mut listed = std::collections::BTreeSet::new();
+    // What the writer's inputs were last computed from (they are recomputed only when it
+    // changed: a batch of events that changed nothing costs nothing).
+    type InputsFrom = (
+        u64,
+        Vec<crate::config::load::ConfigError>,
+        BTreeMap<crate::config::load::ObjectRef, Vec<String>>,
+        bool,
+    );
+    let mut inputs_from: Option<InputsFrom> = None;
     while let Some(first) = rx.recv().await {
         let mut changed = false;
         let mut next = Some(first);
@@ -497,6 +506,13 @@ async fn run_kube_source(
                 id: None,
             }
         }));
+        let warnings = state.object_warnings();
+        let from = (
+            state.status_changes(),
+            errors.clone(),
+            warnings.clone(),
+            listed.len() == KINDS.len(),
+        );
         *shared
             .outstanding
             .write()
@@ -504,7 +520,7 @@ async fn run_kube_source(
         *shared
             .object_warnings
             .write()
-            .unwrap_or_else(|e| e.into_inner()) = state.object_warnings();
+            .unwrap_or_else(|e| e.into_inner()) = warnings;
         if changed {
             let dirty = model.take_dirty();
             let prev = shared.publisher.current();
@@ -527,7 +543,8 @@ async fn run_kube_source(
                 "configuration read from the Kubernetes API"
             );
         }
-        if writer.is_some() {
+        if writer.is_some() && (changed || inputs_from.as_ref() != Some(&from)) {
+            inputs_from = Some(from);
             let mut now = controller_inputs(
                 &model,
                 &state,

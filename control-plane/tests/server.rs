@@ -474,3 +474,104 @@ async fn on_the_kubernetes_api_it_is_ready_after_listing_and_serves_the_objects(
     );
     api.abort();
 }
+
+/// The whole Kubernetes path with the writer on (the API server mocked as above): the
+/// replica takes the Lease, publishes the trust bundle in the enrolled namespace and its own,
+/// and writes the policy's status — all by server-side apply.
+#[tokio::test]
+async fn on_the_kubernetes_api_the_leader_writes_trust_bundles_and_policy_statuses() {
+    use http::{Request, Response};
+    use http_body_util::BodyExt;
+    use kube::client::Body;
+    use serde_json::json;
+    use trellis_control_plane::controller::ControllerConfig;
+    use trellis_control_plane::controller::lease::LeaseConfig;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let state = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let mut opts = Options::new(config.path());
+    opts.state_dir = state.path().to_path_buf();
+    opts.grpc = "127.0.0.1:0".parse().unwrap();
+    opts.admin = "127.0.0.1:0".parse().unwrap();
+    opts.kubernetes = Some(trellis_control_plane::server::KubeClient(
+        kube::Client::new(service, "trellis-system"),
+    ));
+    opts.controller = Some(ControllerConfig {
+        lease: LeaseConfig {
+            retry: Duration::from_millis(100),
+            ..LeaseConfig::new("trellis-system", "trellis-control-plane", "cp-0")
+        },
+        template: None,
+    });
+    let (patches_tx, mut patches) =
+        tokio::sync::mpsc::unbounded_channel::<(String, serde_json::Value)>();
+    let api = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().clone();
+            let path = req.uri().path().to_string();
+            let watching = req.uri().query().unwrap_or("").contains("watch=true");
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if watching {
+                open.push(send);
+                continue;
+            }
+            let not_found = json!({"apiVersion": "v1", "kind": "Status", "metadata": {},
+                "status": "Failure", "reason": "NotFound", "message": "not found", "code": 404});
+            let (code, reply) = match method.as_str() {
+                // The CA Secret and the Lease do not exist yet; both are created.
+                "GET" if path.contains("/secrets/") || path.contains("/leases/") => {
+                    (404, not_found)
+                }
+                "POST" => (201, body),
+                "PATCH" => {
+                    let _ = patches_tx.send((path.clone(), body.clone()));
+                    (200, body)
+                }
+                _ => {
+                    let resource = path.rsplit('/').next().unwrap_or("").to_string();
+                    let items = match resource.as_str() {
+                        "namespaces" => vec![json!({"metadata": {"name": "shop",
+                            "labels": {"istio.io/dataplane-mode": "ambient"}}})],
+                        "authorizationpolicies" => vec![json!({
+                            "metadata": {"name": "deny-dev", "namespace": "shop", "uid": "ap-1", "generation": 2},
+                            "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["dev"]}}]}]}})],
+                        _ => vec![],
+                    };
+                    (
+                        200,
+                        json!({"metadata": {"resourceVersion": "1"}, "items": items}),
+                    )
+                }
+            };
+            send.send_response(
+                Response::builder()
+                    .status(code)
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    let cp = ControlPlane::start(opts).await.unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while seen.len() < 3 {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (path, body) = tokio::time::timeout(left, patches.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only these were written: {:?}", seen.keys()))
+            .unwrap();
+        seen.insert(path, body);
+    }
+    let bundle = &seen["/api/v1/namespaces/shop/configmaps/trellis-ca-root-cert"];
+    assert_eq!(bundle["data"]["root-cert.pem"], cp.roots_pem());
+    assert!(seen.contains_key("/api/v1/namespaces/trellis-system/configmaps/trellis-ca-root-cert"));
+    let status =
+        &seen["/apis/security.istio.io/v1/namespaces/shop/authorizationpolicies/deny-dev/status"];
+    assert_eq!(status["metadata"]["uid"], "ap-1");
+    assert_eq!(status["status"]["conditions"][0]["type"], "ZtunnelAccepted");
+    assert_eq!(status["status"]["conditions"][0]["observedGeneration"], "2");
+    cp.shutdown().await;
+    api.abort();
+}

@@ -206,6 +206,8 @@ pub struct KubeState {
     /// The status of the security policies as read (not configuration: kept aside for the
     /// status writer, which carries over other controllers' conditions and times).
     statuses: BTreeMap<ObjectRef, serde_json::Value>,
+    /// Counts changes of `statuses`.
+    status_changes: u64,
 }
 
 impl KubeState {
@@ -278,13 +280,12 @@ impl KubeState {
             name: meta(&json, "name"),
         };
         if kind.group == "security.istio.io" {
-            match json.get("status") {
-                Some(s) if !s.is_null() => {
-                    self.statuses.insert(id.clone(), s.clone());
-                }
-                _ => {
-                    self.statuses.remove(&id);
-                }
+            let before = match json.get("status") {
+                Some(s) if !s.is_null() => self.statuses.insert(id.clone(), s.clone()),
+                _ => self.statuses.remove(&id),
+            };
+            if before.as_ref() != self.statuses.get(&id) {
+                self.status_changes += 1;
             }
         }
         match parse_object("kubernetes", json) {
@@ -343,6 +344,11 @@ impl KubeState {
     /// Unknown-field warnings per object.
     pub fn object_warnings(&self) -> BTreeMap<ObjectRef, Vec<String>> {
         self.warnings.clone()
+    }
+
+    /// A number that changes whenever a policy's status as read changes.
+    pub fn status_changes(&self) -> u64 {
+        self.status_changes
     }
 
     /// The status of policy `id` as last read from the API.
