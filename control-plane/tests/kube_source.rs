@@ -225,3 +225,59 @@ fn a_status_only_update_changes_nothing_in_the_model() {
     edited["spec"]["action"] = "ALLOW".into();
     assert!(state.apply(Event::Apply(kind, edited), &mut model));
 }
+
+static NODES: [Kind; 1] = [KINDS[4]];
+
+/// Nodes are watched with metadata-only requests (their spec and status, images included,
+/// never cross the wire); their labels still give workloads their locality.
+#[tokio::test]
+async fn nodes_are_read_as_metadata_only() {
+    assert_eq!(NODES[0].kind, "Node");
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let (tx, mut rx) = mpsc::channel(64);
+    let watcher = tokio::spawn(watch(client, &NODES, tx));
+    let (req, send) = tokio::time::timeout(Duration::from_secs(30), handle.next_request())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(req.uri().path(), "/api/v1/nodes");
+    let accept = req
+        .headers()
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(accept.contains("as=PartialObjectMetadataList"), "{accept}");
+    let body = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+        "metadata": {"resourceVersion": "3"},
+        "items": [{"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                   "metadata": {"name": "node1", "resourceVersion": "3",
+                                "labels": {"topology.kubernetes.io/zone": "z1"}}}]});
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap(),
+    );
+    let mut state = KubeState::default();
+    let mut model = Model::default();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let done = matches!(e, Event::ListDone(_));
+        if let Event::Listed(_, o) = &e {
+            assert_eq!(o["kind"], "Node");
+            assert_eq!(o["metadata"]["labels"]["topology.kubernetes.io/zone"], "z1");
+        }
+        state.apply(e, &mut model);
+        if done {
+            break;
+        }
+    }
+    watcher.abort();
+    assert!(state.errors().is_empty(), "{:?}", state.errors());
+    assert_eq!(state.objects().len(), 1);
+}

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use futures::StreamExt;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PartialObjectMeta};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use tokio::sync::mpsc;
@@ -30,6 +30,9 @@ pub struct Kind {
     pub kind: &'static str,
     /// Resource name in URLs.
     pub plural: &'static str,
+    /// Only the metadata is read (a metadata watch): the kind's spec and status are large,
+    /// change often and are not used.
+    pub metadata_only: bool,
 }
 
 impl Kind {
@@ -58,72 +61,84 @@ pub const KINDS: &[Kind] = &[
         version: "v1",
         kind: "Namespace",
         plural: "namespaces",
+        metadata_only: false,
     },
     Kind {
         group: "",
         version: "v1",
         kind: "Pod",
         plural: "pods",
+        metadata_only: false,
     },
     Kind {
         group: "",
         version: "v1",
         kind: "Service",
         plural: "services",
+        metadata_only: false,
     },
     Kind {
         group: "",
         version: "v1",
         kind: "ServiceAccount",
         plural: "serviceaccounts",
+        metadata_only: false,
     },
     Kind {
         group: "",
         version: "v1",
         kind: "Node",
         plural: "nodes",
+        metadata_only: true,
     },
     Kind {
         group: "discovery.k8s.io",
         version: "v1",
         kind: "EndpointSlice",
         plural: "endpointslices",
+        metadata_only: false,
     },
     Kind {
         group: "security.istio.io",
         version: "v1",
         kind: "AuthorizationPolicy",
         plural: "authorizationpolicies",
+        metadata_only: false,
     },
     Kind {
         group: "security.istio.io",
         version: "v1",
         kind: "PeerAuthentication",
         plural: "peerauthentications",
+        metadata_only: false,
     },
     Kind {
         group: "security.istio.io",
         version: "v1",
         kind: "RequestAuthentication",
         plural: "requestauthentications",
+        metadata_only: false,
     },
     Kind {
         group: "gateway.networking.k8s.io",
         version: "v1",
         kind: "Gateway",
         plural: "gateways",
+        metadata_only: false,
     },
     Kind {
         group: "gateway.networking.k8s.io",
         version: "v1",
         kind: "HTTPRoute",
         plural: "httproutes",
+        metadata_only: false,
     },
     Kind {
         group: "gateway.networking.k8s.io",
         version: "v1",
         kind: "GRPCRoute",
         plural: "grpcroutes",
+        metadata_only: false,
     },
 ];
 
@@ -154,33 +169,26 @@ pub async fn watch(client: kube::Client, kinds: &'static [Kind], tx: mpsc::Sende
         let (client, tx) = (client.clone(), tx.clone());
         async move {
             let ar = kind.resource();
-            let api: Api<DynamicObject> = Api::all_with(client, &ar);
-            let mut stream = watcher(api, watcher::Config::default())
-                .default_backoff()
-                .boxed();
-            while let Some(item) = stream.next().await {
-                let json = |o: DynamicObject| {
-                    // Items of a list carry no apiVersion/kind: name them.
-                    let mut v = serde_json::to_value(o).unwrap_or_default();
-                    if let Some(m) = v.as_object_mut() {
-                        m.insert("apiVersion".into(), kind.api_version().into());
-                        m.insert("kind".into(), kind.kind.into());
-                    }
-                    v
-                };
-                let event = match item {
-                    Ok(watcher::Event::Apply(o)) => Event::Apply(kind, json(o)),
-                    Ok(watcher::Event::Delete(o)) => Event::Delete(kind, json(o)),
-                    Ok(watcher::Event::Init) => Event::ListStart(kind),
-                    Ok(watcher::Event::InitApply(o)) => Event::Listed(kind, json(o)),
-                    Ok(watcher::Event::InitDone) => Event::ListDone(kind),
-                    Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
-                        if status.code == 404 =>
-                    {
-                        Event::Absent(kind, status.message.clone())
-                    }
-                    Err(e) => Event::Error(kind, e.to_string()),
-                };
+            let config = watcher::Config::default();
+            let mut stream = if kind.metadata_only {
+                // Metadata-only requests: the API server sends no spec and status.
+                let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(client, &ar);
+                watcher(api, config)
+                    .default_backoff()
+                    .map(move |item| {
+                        event(kind, item, |o| serde_json::json!({"metadata": o.metadata}))
+                    })
+                    .boxed()
+            } else {
+                let api: Api<DynamicObject> = Api::all_with(client, &ar);
+                watcher(api, config)
+                    .default_backoff()
+                    .map(move |item| {
+                        event(kind, item, |o| serde_json::to_value(o).unwrap_or_default())
+                    })
+                    .boxed()
+            };
+            while let Some(event) = stream.next().await {
                 if tx.send(event).await.is_err() {
                     return;
                 }
@@ -188,6 +196,34 @@ pub async fn watch(client: kube::Client, kinds: &'static [Kind], tx: mpsc::Sende
         }
     });
     futures::future::join_all(tasks).await;
+}
+
+/// What a watcher's `item` means, each object as JSON by `json` (named with the kind's
+/// apiVersion and kind: items of a list carry neither).
+fn event<T>(
+    kind: &'static Kind,
+    item: Result<watcher::Event<T>, watcher::Error>,
+    json: impl Fn(T) -> serde_json::Value,
+) -> Event {
+    let json = |o: T| {
+        let mut v = json(o);
+        if let Some(m) = v.as_object_mut() {
+            m.insert("apiVersion".into(), kind.api_version().into());
+            m.insert("kind".into(), kind.kind.into());
+        }
+        v
+    };
+    match item {
+        Ok(watcher::Event::Apply(o)) => Event::Apply(kind, json(o)),
+        Ok(watcher::Event::Delete(o)) => Event::Delete(kind, json(o)),
+        Ok(watcher::Event::Init) => Event::ListStart(kind),
+        Ok(watcher::Event::InitApply(o)) => Event::Listed(kind, json(o)),
+        Ok(watcher::Event::InitDone) => Event::ListDone(kind),
+        Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 404 => {
+            Event::Absent(kind, status.message.clone())
+        }
+        Err(e) => Event::Error(kind, e.to_string()),
+    }
 }
 
 /// The objects the Kubernetes source has put into the model, and what did not load.
