@@ -19,6 +19,11 @@ type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 static PODS: [Kind; 1] = [KINDS[1]];
 
+/// The watched kind named `name`.
+fn kind(name: &str) -> &'static Kind {
+    KINDS.iter().find(|k| k.kind == name).unwrap()
+}
+
 fn pod(name: &str, ip: &str) -> Value {
     json!({
         "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
@@ -160,10 +165,7 @@ async fn list_watch_and_relist_after_410_keep_the_model_in_step() {
 fn an_object_that_stops_loading_keeps_its_last_good_version() {
     let mut state = KubeState::default();
     let mut model = Model::default();
-    let kind = KINDS
-        .iter()
-        .find(|k| k.kind == "AuthorizationPolicy")
-        .unwrap();
+    let kind = kind("AuthorizationPolicy");
     let good = json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
         "metadata": {"name": "deny-dev", "namespace": "shop"},
         "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["dev"]}}]}]},
@@ -205,10 +207,7 @@ fn an_object_that_stops_loading_keeps_its_last_good_version() {
 fn a_status_only_update_changes_nothing_in_the_model() {
     let mut state = KubeState::default();
     let mut model = Model::default();
-    let kind = KINDS
-        .iter()
-        .find(|k| k.kind == "AuthorizationPolicy")
-        .unwrap();
+    let kind = kind("AuthorizationPolicy");
     let policy = json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
         "metadata": {"name": "deny-dev", "namespace": "shop", "resourceVersion": "7", "generation": 1},
         "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["dev"]}}]}]}});

@@ -354,6 +354,28 @@ async fn the_admin_endpoint_answers_ready_and_refuses_the_rest() {
     m.cp.shutdown().await;
 }
 
+/// Options for a control plane on a mocked Kubernetes API (`service`, a `tower-test` mock
+/// standing in for the API server) whose client's namespace is `namespace`; ephemeral
+/// ports; the state and config directories are returned to keep them alive.
+fn kube_options(
+    service: tower_test::mock::Mock<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >,
+    namespace: &str,
+) -> (Options, tempfile::TempDir, tempfile::TempDir) {
+    let state = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let mut opts = Options::new(config.path());
+    opts.state_dir = state.path().to_path_buf();
+    opts.grpc = "127.0.0.1:0".parse().unwrap();
+    opts.admin = "127.0.0.1:0".parse().unwrap();
+    opts.kubernetes = Some(trellis_control_plane::server::KubeClient(
+        kube::Client::new(service, namespace),
+    ));
+    (opts, state, config)
+}
+
 /// The control plane on the Kubernetes API (kube's `Client` over a `tower-test` mock
 /// service stands in for the API server): not ready until every kind has been listed (kinds
 /// whose CRD is not installed count as empty), then it serves what the API holds.
@@ -363,15 +385,7 @@ async fn on_the_kubernetes_api_it_is_ready_after_listing_and_serves_the_objects(
     use kube::client::Body;
     use serde_json::json;
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let state = tempfile::tempdir().unwrap();
-    let config = tempfile::tempdir().unwrap();
-    let mut opts = Options::new(config.path());
-    opts.state_dir = state.path().to_path_buf();
-    opts.grpc = "127.0.0.1:0".parse().unwrap();
-    opts.admin = "127.0.0.1:0".parse().unwrap();
-    opts.kubernetes = Some(trellis_control_plane::server::KubeClient(
-        kube::Client::new(service, "default"),
-    ));
+    let (opts, state, config) = kube_options(service, "default");
     // The API server: lists per resource; watches are held open; no CA Secret yet (the
     // control plane creates one).
     let (hold_lists, mut lists_held) = tokio::sync::watch::channel(true);
@@ -487,15 +501,7 @@ async fn on_the_kubernetes_api_the_leader_writes_trust_bundles_and_policy_status
     use trellis_control_plane::controller::ControllerConfig;
     use trellis_control_plane::controller::lease::LeaseConfig;
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let state = tempfile::tempdir().unwrap();
-    let config = tempfile::tempdir().unwrap();
-    let mut opts = Options::new(config.path());
-    opts.state_dir = state.path().to_path_buf();
-    opts.grpc = "127.0.0.1:0".parse().unwrap();
-    opts.admin = "127.0.0.1:0".parse().unwrap();
-    opts.kubernetes = Some(trellis_control_plane::server::KubeClient(
-        kube::Client::new(service, "trellis-system"),
-    ));
+    let (mut opts, _state, _config) = kube_options(service, "trellis-system");
     opts.controller = Some(ControllerConfig {
         lease: LeaseConfig {
             retry: Duration::from_millis(100),
