@@ -22,6 +22,14 @@ use trellis_e2e::{Cluster, Pod};
 const BULK: u64 = 512 << 20;
 const RR: usize = 2000;
 
+/// Round trips per latency measurement: `DATAPATH_COUNT` overrides (for profiling).
+fn rr_count() -> usize {
+    std::env::var("DATAPATH_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(RR)
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
@@ -99,7 +107,7 @@ fn rr(c: &Cluster, from: &Pod, to: &str, size: usize, new_conn: bool) -> Result<
         "--size",
         &size.to_string(),
         "--count",
-        &RR.to_string(),
+        &rr_count().to_string(),
     ]);
     if new_conn {
         cmd.arg("--new-connection");
@@ -153,30 +161,49 @@ fn measure(c: &Cluster) -> Result<()> {
             .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
     };
     let (_, idle_rss) = zt_usage();
+    // The floor: the direct pair with two plain user-space TCP relays in the path (one in
+    // a pod on each node, like the two ztunnels), no capture, TLS or HTTP/2. What the mesh
+    // adds beyond this is what ztunnel's own work costs.
+    let r1 = c.add_pod(n1, "direct", "relay1", "relay", &[])?;
+    let r2 = c.add_pod(n2, "direct", "relay2", "relay", &[])?;
+    for (p, target) in [
+        (&r2, format!("{}:9000", ds.ip)),
+        (&r1, format!("{}:9001", r2.ip)),
+    ] {
+        mesh.register_pod(p)?;
+        let mut cmd = testapp()?;
+        cmd.args(["relay", "--listen", "0.0.0.0:9001", "--target", &target]);
+        let mut s = c.spawn(p, &format!("{}-relay", p.name), cmd)?;
+        s.wait_for_output("listening", Duration::from_secs(10))?;
+        servers.push(s);
+    }
     let mesh_to = format!("{}:9000", ms.ip);
     let direct_to = format!("{}:9000", ds.ip);
+    let relay_to = format!("{}:9001", r1.ip);
     // Warm-up: the first HBONE connection and certificates.
     bulk(c, &mc, &mesh_to, 1)?;
 
-    println!("| Scenario | direct | through 2 ztunnels | ratio |");
-    println!("|---|---|---|---|");
+    println!("| Scenario | direct | through 2 plain relays (floor) | through 2 ztunnels | ratio |");
+    println!("|---|---|---|---|---|");
     // `DATAPATH_ONLY=connect` runs only the new-connection scenario (for profiling it),
     // `DATAPATH_ONLY=latency` ping-pong and new connections, `DATAPATH_ONLY=throughput` the
-    // bulk echoes.
+    // bulk echoes, `DATAPATH_ONLY=pingpong` only ping-pong.
     let only = std::env::var("DATAPATH_ONLY").unwrap_or_default();
     let only_connect = only == "connect";
     let only_throughput = only == "throughput";
     let mut cpu_bulk = 0.0;
     for streams in [1usize, 4]
         .into_iter()
-        .filter(|_| !only_connect && only != "latency")
+        .filter(|_| !only_connect && only != "latency" && only != "pingpong")
     {
         let d = bulk(c, &dc, &direct_to, streams)?;
+        let r = bulk(c, &dc, &relay_to, streams)?;
         let (cpu0, _) = zt_usage();
         let m = bulk(c, &mc, &mesh_to, streams)?;
         cpu_bulk += zt_usage().0 - cpu0;
         println!(
-            "| echo throughput, {streams} stream(s) | {d:.0} Mbit/s | {m:.0} Mbit/s | {:.0}% of direct |",
+            "| echo throughput, {streams} stream(s) | {d:.0} Mbit/s | {r:.0} Mbit/s ({:.0}%) | {m:.0} Mbit/s | {:.0}% of direct |",
+            100.0 * r / d,
             100.0 * m / d
         );
     }
@@ -186,20 +213,24 @@ fn measure(c: &Cluster) -> Result<()> {
         .filter(|_| !only_connect && !only_throughput)
     {
         let (d50, d99) = rr(c, &dc, &direct_to, size, false)?;
+        let (r50, r99) = rr(c, &dc, &relay_to, size, false)?;
         let (m50, m99) = rr(c, &mc, &mesh_to, size, false)?;
         println!(
-            "| ping-pong {label} p50 / p99 | {d50:.0} / {d99:.0} µs | {m50:.0} / {m99:.0} µs | +{:.0} µs p50 |",
+            "| ping-pong {label} p50 / p99 | {d50:.0} / {d99:.0} µs | {r50:.0} / {r99:.0} µs (+{:.0}) | {m50:.0} / {m99:.0} µs | +{:.0} µs p50 |",
+            r50 - d50,
             m50 - d50
         );
     }
     let mut cpu_conn = 0.0;
-    if !only_throughput {
+    if !only_throughput && only != "pingpong" {
         let (d50, d99) = rr(c, &dc, &direct_to, 1024, true)?;
+        let (r50, r99) = rr(c, &dc, &relay_to, 1024, true)?;
         let (cpu0, _) = zt_usage();
         let (m50, m99) = rr(c, &mc, &mesh_to, 1024, true)?;
         cpu_conn = zt_usage().0 - cpu0;
         println!(
-            "| new connection per 1 KiB request p50 / p99 | {d50:.0} / {d99:.0} µs | {m50:.0} / {m99:.0} µs | +{:.0} µs p50 |",
+            "| new connection per 1 KiB request p50 / p99 | {d50:.0} / {d99:.0} µs | {r50:.0} / {r99:.0} µs (+{:.0}) | {m50:.0} / {m99:.0} µs | +{:.0} µs p50 |",
+            r50 - d50,
             m50 - d50
         );
     }
@@ -222,7 +253,7 @@ fn measure(c: &Cluster) -> Result<()> {
     println!(
         "\nztunnel CPU (both nodes): {:.2} s per GB echoed (each byte both ways), {:.3} s per 1,000 new-connection requests",
         cpu_bulk / gb,
-        cpu_conn / (RR as f64 / 1000.0)
+        cpu_conn / (rr_count() as f64 / 1000.0)
     );
     println!(
         "ztunnel RSS (per node, mean of two): idle {:.1} MB, right after the run {:.1} MB, 3 s after the run {:.1} MB, peak {:.1} MB",

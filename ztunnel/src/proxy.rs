@@ -339,7 +339,7 @@ fn finish(
     src: SocketAddr,
     dst: SocketAddr,
     start: Instant,
-    mut o: Outcome,
+    o: Outcome,
 ) {
     o.labels.closed(o.flags, o.sent, o.received);
     telemetry::access_log(&telemetry::AccessLog {

@@ -82,33 +82,23 @@ pub fn install_metrics() -> Result<PrometheusHandle, Box<dyn std::error::Error +
 }
 
 /// One end of a connection as the metrics name it (Istio's label values): what xDS says
-/// of the workload at that address, and its identity.
-#[derive(Debug, Clone)]
-pub struct End {
-    workload: String,
-    namespace: String,
-    principal: String,
-    app: String,
-    version: String,
-    canonical_service: String,
-    canonical_revision: String,
-    cluster: String,
+/// of the workload at that address, and its identity. Borrowed from the xDS store: the
+/// labels of a connection are looked up, not built, once their set has been seen.
+#[derive(Debug, Clone, Copy)]
+pub struct End<'a> {
+    workload: &'a str,
+    namespace: &'a str,
+    principal: Option<&'a SpiffeId>,
+    canonical_service: &'a str,
+    canonical_revision: &'a str,
+    cluster: &'a str,
 }
 
-fn or_unknown(s: &str) -> String {
-    if s.is_empty() {
-        "unknown".into()
-    } else {
-        s.to_string()
-    }
-}
-
-impl End {
+impl<'a> End<'a> {
     /// The end at workload `w` (when xDS knows it) with identity `principal` (verified for
     /// the peer of inbound HBONE, expected for outbound, the pod's own for the local end).
-    pub fn new(w: Option<&Workload>, principal: Option<&SpiffeId>) -> End {
-        // Read in place: this runs for every connection (no copy of the workload).
-        let field = |f: fn(&Workload) -> &str| or_unknown(w.map_or("", f));
+    pub fn new(w: Option<&'a Workload>, principal: Option<&'a SpiffeId>) -> End<'a> {
+        let field = |f: fn(&Workload) -> &str| w.map_or("", f);
         End {
             workload: field(|w| {
                 if w.workload_name.is_empty() {
@@ -118,116 +108,267 @@ impl End {
                 }
             }),
             namespace: field(|w| &w.namespace),
-            principal: principal.map_or_else(|| "unknown".into(), ToString::to_string),
-            app: field(|w| &w.canonical_name),
-            version: field(|w| &w.canonical_revision),
+            principal,
             canonical_service: field(|w| &w.canonical_name),
             canonical_revision: field(|w| &w.canonical_revision),
             cluster: field(|w| &w.cluster_id),
         }
     }
 
+    /// The values of the eight labels of one end, in [`LABEL_NAMES`]' order (`app` and
+    /// `version` are the canonical service and revision, as Istio fills them).
+    fn values(&self) -> [Value<'a>; 8] {
+        [
+            Value::Text(self.workload),
+            Value::Text(self.namespace),
+            self.principal.map_or(Value::Text(""), Value::Identity),
+            Value::Text(self.canonical_service),
+            Value::Text(self.canonical_revision),
+            Value::Text(self.canonical_service),
+            Value::Text(self.canonical_revision),
+            Value::Text(self.cluster),
+        ]
+    }
+
     /// The local pod when xDS does not (yet) know it: what ZDS said.
-    pub fn pod(pod: &PodInfo, principal: Option<&SpiffeId>) -> End {
-        let mut e = End::new(None, principal);
-        e.workload = pod.name.clone();
-        e.namespace = pod.namespace.clone();
-        e
+    pub fn pod(pod: &'a PodInfo, principal: Option<&'a SpiffeId>) -> End<'a> {
+        End {
+            workload: &pod.name,
+            namespace: &pod.namespace,
+            ..End::new(None, principal)
+        }
     }
 }
 
-/// The label set of one connection's metrics: Istio's standard TCP labels.
+/// Label names in the order [`ConnLabels`] keeps the values (Istio's standard TCP labels;
+/// `response_flags` is set when the connection closes).
+const LABEL_NAMES: [&str; 23] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "connection_security_policy",
+    "response_flags",
+];
+
+/// One label value before it is owned: text, or an identity (written `spiffe://…`).
+#[derive(Clone, Copy)]
+enum Value<'a> {
+    Text(&'a str),
+    Identity(&'a SpiffeId),
+}
+
+impl Value<'_> {
+    /// The value as Istio reports it: empty is `unknown`.
+    fn render(self) -> String {
+        match self {
+            Value::Text("") => "unknown".into(),
+            Value::Text(t) => t.to_string(),
+            Value::Identity(id) => id.to_string(),
+        }
+    }
+
+    fn hash_into(self, h: &mut impl std::hash::Hasher) {
+        match self {
+            Value::Text("") => h.write(b"unknown"),
+            Value::Text(t) => h.write(t.as_bytes()),
+            Value::Identity(id) => {
+                for part in [id.trust_domain(), id.namespace(), id.service_account()] {
+                    h.write(part.as_bytes());
+                    h.write_u8(0xff);
+                }
+            }
+        }
+        h.write_u8(0xfe);
+    }
+
+    /// Whether `rendered` is what [`Value::render`] gives, without rendering.
+    fn same_as(self, rendered: &str) -> bool {
+        match self {
+            Value::Text("") => rendered == "unknown",
+            Value::Text(t) => rendered == t,
+            Value::Identity(id) => {
+                let mut rest = rendered;
+                for (prefix, part) in [
+                    ("spiffe://", id.trust_domain()),
+                    ("/ns/", id.namespace()),
+                    ("/sa/", id.service_account()),
+                ] {
+                    match rest.strip_prefix(prefix).and_then(|r| r.strip_prefix(part)) {
+                        Some(r) => rest = r,
+                        None => return false,
+                    }
+                }
+                rest.is_empty()
+            }
+        }
+    }
+}
+
+/// The counters of one label set, registered once and kept (registering walks the
+/// recorder's map and copies every label: per connection it cost more than the rest of
+/// the bookkeeping).
+struct Counters {
+    /// The label values, `response_flags` last (as `-`).
+    values: Vec<String>,
+    opened: metrics::Counter,
+    /// closed, sent bytes, received bytes — per response flag seen so far.
+    closed: std::sync::Mutex<Vec<(&'static str, [metrics::Counter; 3])>>,
+}
+
+impl Counters {
+    fn labels(&self, flags: &str) -> Vec<metrics::Label> {
+        LABEL_NAMES
+            .iter()
+            .zip(&self.values)
+            .map(|(k, v)| {
+                let v = if *k == "response_flags" { flags } else { v };
+                metrics::Label::new(*k, v.to_string())
+            })
+            .collect()
+    }
+}
+
+/// The label sets seen, by a hash of their values (each entry checked value by value).
+/// Bounded: past [`CACHE_MAX`] sets it starts over (the recorder keeps the series; only
+/// the shortcut to them is dropped).
+static CACHE: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<u64, Vec<std::sync::Arc<Counters>>>>,
+> = std::sync::LazyLock::new(Default::default);
+const CACHE_MAX: usize = 8192;
+
+/// The metric labels of one connection: Istio's standard TCP labels.
 pub struct ConnLabels {
-    labels: Vec<(&'static str, String)>,
+    counters: std::sync::Arc<Counters>,
 }
 
 impl ConnLabels {
     /// Labels for a connection in `direction` between `source` and `destination` (to
     /// `service` when the client addressed one); `mtls` when it is carried by HBONE.
-    pub fn new(
+    pub fn new<'a>(
         direction: Direction,
-        source: &End,
-        destination: &End,
-        service: Option<&Service>,
+        source: &End<'a>,
+        destination: &End<'a>,
+        service: Option<&'a Service>,
         mtls: bool,
     ) -> ConnLabels {
+        use std::hash::Hasher;
         let reporter = match direction {
             Direction::Outbound => "source",
             Direction::Inbound => "destination",
         };
-        let (svc, svc_name, svc_ns) = service.map_or_else(
-            || ("unknown".into(), "unknown".into(), "unknown".into()),
-            |s| {
-                (
-                    or_unknown(&s.hostname),
-                    or_unknown(&s.name),
-                    or_unknown(&s.namespace),
-                )
-            },
-        );
-        let mut labels = vec![("reporter", reporter.to_string())];
-        for (prefix, e) in [("source", source), ("destination", destination)] {
-            let [w, ns, p, app, v, cs, cr, c] = match prefix {
-                "source" => [
-                    "source_workload",
-                    "source_workload_namespace",
-                    "source_principal",
-                    "source_app",
-                    "source_version",
-                    "source_canonical_service",
-                    "source_canonical_revision",
-                    "source_cluster",
-                ],
-                _ => [
-                    "destination_workload",
-                    "destination_workload_namespace",
-                    "destination_principal",
-                    "destination_app",
-                    "destination_version",
-                    "destination_canonical_service",
-                    "destination_canonical_revision",
-                    "destination_cluster",
-                ],
-            };
-            labels.extend([
-                (w, e.workload.clone()),
-                (ns, e.namespace.clone()),
-                (p, e.principal.clone()),
-                (app, e.app.clone()),
-                (v, e.version.clone()),
-                (cs, e.canonical_service.clone()),
-                (cr, e.canonical_revision.clone()),
-                (c, e.cluster.clone()),
-            ]);
+        let [s0, s1, s2, s3, s4, s5, s6, s7] = source.values();
+        let [d0, d1, d2, d3, d4, d5, d6, d7] = destination.values();
+        let svc = |f: fn(&Service) -> &str| Value::Text(service.map_or("", f));
+        let values: [Value<'a>; 23] = [
+            Value::Text(reporter),
+            s0,
+            s1,
+            s2,
+            s3,
+            s4,
+            s5,
+            s6,
+            s7,
+            d0,
+            d1,
+            d2,
+            d3,
+            d4,
+            d5,
+            d6,
+            d7,
+            svc(|s| &s.hostname),
+            svc(|s| &s.name),
+            svc(|s| &s.namespace),
+            Value::Text("tcp"),
+            Value::Text(if mtls { "mutual_tls" } else { "unknown" }),
+            Value::Text("-"),
+        ];
+        let mut h = std::hash::DefaultHasher::new();
+        for v in values {
+            v.hash_into(&mut h);
         }
-        labels.extend([
-            ("destination_service", svc),
-            ("destination_service_name", svc_name),
-            ("destination_service_namespace", svc_ns),
-            ("request_protocol", "tcp".to_string()),
-            ("response_flags", "-".to_string()),
-            (
-                "connection_security_policy",
-                if mtls { "mutual_tls" } else { "unknown" }.to_string(),
-            ),
-        ]);
-        ConnLabels { labels }
+        let key = h.finish();
+        let mut cache = CACHE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let found = cache.get(&key).and_then(|entries| {
+            entries
+                .iter()
+                .find(|c| values.iter().zip(&c.values).all(|(v, s)| v.same_as(s)))
+                .cloned()
+        });
+        let counters = match found {
+            Some(c) => c,
+            None => {
+                if cache.len() >= CACHE_MAX {
+                    cache.clear();
+                }
+                let values: Vec<String> = values.iter().map(|v| v.render()).collect();
+                let mut c = Counters {
+                    values,
+                    opened: metrics::Counter::noop(),
+                    closed: std::sync::Mutex::new(Vec::new()),
+                };
+                c.opened = metrics::counter!("istio_tcp_connections_opened_total", c.labels("-"));
+                let c = std::sync::Arc::new(c);
+                cache.entry(key).or_default().push(c.clone());
+                c
+            }
+        };
+        ConnLabels { counters }
     }
 
     /// Counts an opened connection.
     pub fn opened(&self) {
-        metrics::counter!("istio_tcp_connections_opened_total", &self.labels).increment(1);
+        self.counters.opened.increment(1);
     }
 
     /// Counts a closed connection and its bytes; `flags` is Istio's response flag (`-`,
     /// `DENY` for a policy deny, `CONNECT` when the upstream could not be reached).
-    pub fn closed(&mut self, flags: &str, sent: u64, received: u64) {
-        if let Some(f) = self.labels.iter_mut().find(|(k, _)| *k == "response_flags") {
-            f.1 = flags.to_string();
-        }
-        metrics::counter!("istio_tcp_connections_closed_total", &self.labels).increment(1);
-        metrics::counter!("istio_tcp_sent_bytes_total", &self.labels).increment(sent);
-        metrics::counter!("istio_tcp_received_bytes_total", &self.labels).increment(received);
+    pub fn closed(&self, flags: &'static str, sent: u64, received: u64) {
+        let c = &self.counters;
+        let mut closed = c
+            .closed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let i = match closed.iter().position(|(f, _)| *f == flags) {
+            Some(i) => i,
+            None => {
+                let labels = c.labels(flags);
+                closed.push((
+                    flags,
+                    [
+                        metrics::counter!("istio_tcp_connections_closed_total", labels.clone()),
+                        metrics::counter!("istio_tcp_sent_bytes_total", labels.clone()),
+                        metrics::counter!("istio_tcp_received_bytes_total", labels),
+                    ],
+                ));
+                closed.len() - 1
+            }
+        };
+        let [n, s, r] = &closed[i].1;
+        n.increment(1);
+        s.increment(sent);
+        r.increment(received);
     }
 }
 
@@ -257,12 +398,21 @@ pub struct AccessLog<'a> {
     pub result: &'a str,
 }
 
+/// `namespace/name`, written straight into the log line.
+struct PodName<'a>(&'a PodInfo);
+
+impl std::fmt::Display for PodName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.0.namespace, self.0.name)
+    }
+}
+
 /// Writes the connection's access-log line.
 pub fn access_log(l: &AccessLog<'_>) {
     tracing::info!(
         target: "access",
         direction = l.direction.as_str(),
-        pod = %format!("{}/{}", l.pod.namespace, l.pod.name),
+        pod = %PodName(l.pod),
         src = %l.src,
         dst = %l.dst,
         route = l.route,
@@ -312,4 +462,110 @@ fn respond<B>(req: &hyper::Request<B>, metrics: &PrometheusHandle) -> hyper::Res
         .status(code)
         .body(Full::new(Bytes::from(body)))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, ns: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: ns.into(),
+            canonical_name: "app".into(),
+            cluster_id: "Kubernetes".into(),
+            ..Default::default()
+        }
+    }
+
+    /// The value of the series of `metric` whose labels include all of `labels`.
+    fn series(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{metric}{{")))
+            .find(|l| labels.iter().all(|want| l.contains(want)))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    #[test]
+    fn connections_with_the_same_labels_share_series_and_flags_split_them() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let (src_w, dst_w) = (workload("lbl-src", "a"), workload("lbl-dst", "b"));
+        let src_id = SpiffeId::new("cluster.local", "a", "sa-a").unwrap();
+        let dst_id = SpiffeId::new("cluster.local", "b", "sa-b").unwrap();
+        let other_id = SpiffeId::new("cluster.local", "b", "sa-other").unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            let src = End::new(Some(&src_w), Some(&src_id));
+            let dst = End::new(Some(&dst_w), Some(&dst_id));
+            for flags in ["-", "-", "DENY"] {
+                let l = ConnLabels::new(Direction::Outbound, &src, &dst, None, true);
+                l.opened();
+                l.closed(flags, 10, 20);
+            }
+            // Another peer identity is another label set, not a hit of the first.
+            let dst2 = End::new(Some(&dst_w), Some(&other_id));
+            let l = ConnLabels::new(Direction::Outbound, &src, &dst2, None, true);
+            l.opened();
+            // An unknown end reads `unknown`.
+            let l = ConnLabels::new(Direction::Inbound, &End::new(None, None), &dst, None, false);
+            l.opened();
+        });
+        let text = handle.render();
+        let base = [
+            "reporter=\"source\"",
+            "source_workload=\"lbl-src\"",
+            "source_principal=\"spiffe://cluster.local/ns/a/sa/sa-a\"",
+            "destination_workload=\"lbl-dst\"",
+            "destination_app=\"app\"",
+            "destination_cluster=\"Kubernetes\"",
+            "destination_service=\"unknown\"",
+            "request_protocol=\"tcp\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ];
+        let with = |extra: &[&'static str]| -> Vec<&str> {
+            base.iter().copied().chain(extra.iter().copied()).collect()
+        };
+        let b = "destination_principal=\"spiffe://cluster.local/ns/b/sa/sa-b\"";
+        let other = "destination_principal=\"spiffe://cluster.local/ns/b/sa/sa-other\"";
+        let opened = "istio_tcp_connections_opened_total";
+        assert_eq!(series(&text, opened, &with(&[b])), Some(3.0), "{text}");
+        assert_eq!(series(&text, opened, &with(&[other])), Some(1.0), "{text}");
+        let closed = "istio_tcp_connections_closed_total";
+        let ok = with(&[b, "response_flags=\"-\""]);
+        assert_eq!(series(&text, closed, &ok), Some(2.0), "{text}");
+        assert_eq!(series(&text, "istio_tcp_sent_bytes_total", &ok), Some(20.0));
+        assert_eq!(
+            series(&text, "istio_tcp_received_bytes_total", &ok),
+            Some(40.0)
+        );
+        let deny = with(&[b, "response_flags=\"DENY\""]);
+        assert_eq!(series(&text, closed, &deny), Some(1.0), "{text}");
+        let unknown = [
+            "reporter=\"destination\"",
+            "source_workload=\"unknown\"",
+            "source_principal=\"unknown\"",
+            "connection_security_policy=\"unknown\"",
+            b,
+        ];
+        assert_eq!(series(&text, opened, &unknown), Some(1.0), "{text}");
+    }
+
+    #[test]
+    fn an_identity_value_matches_only_its_own_rendering() {
+        let id = SpiffeId::new("td", "ns", "sa").unwrap();
+        let v = Value::Identity(&id);
+        assert!(v.same_as("spiffe://td/ns/ns/sa/sa"));
+        for other in [
+            "spiffe://td/ns/ns/sa/sa2",
+            "spiffe://td/ns/ns/sa/s",
+            "spiffe://td2/ns/ns/sa/sa",
+            "spiffe://td/ns/nsx/sa/sa",
+            "unknown",
+            "",
+        ] {
+            assert!(!v.same_as(other), "{other}");
+        }
+        assert!(Value::Text("").same_as("unknown"));
+        assert!(!Value::Text("x").same_as("unknown"));
+    }
 }

@@ -5,6 +5,9 @@
 //!   pod name. `/status/CODE` answers with that status, `/delay/MS` answers after a delay.
 //! - `tcp`: a client that sends a message or N pseudo-random bytes to an echo server and
 //!   checks that exactly those bytes come back.
+//! - `relay`: a plain TCP relay (accept, connect to a fixed target, copy both ways): the
+//!   smallest user-space proxy hop, which the data-path benchmark puts in the path as the
+//!   floor a proxy cannot go below on the machine.
 //! - `http`: a client that sends N requests over one connection and prints the status
 //!   counts, latency percentiles and the last response.
 //!
@@ -72,6 +75,16 @@ enum Cmd {
         /// Open a new connection for every request.
         #[arg(long)]
         new_connection: bool,
+    },
+    /// Relay every connection accepted on `listen` to `target` (plain TCP, no inspection)
+    /// until SIGTERM.
+    Relay {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Where each accepted connection is relayed.
+        #[arg(long)]
+        target: SocketAddr,
     },
     /// Send HTTP requests over one connection.
     Http {
@@ -146,6 +159,9 @@ async fn run(cli: Cli) -> Result<()> {
             count,
             new_connection,
         } => tcp::round_trips(addr, size, count, new_connection).await,
+        Cmd::Relay { listen, target } => {
+            tokio::task::spawn_blocking(move || tcp::relay(listen, target)).await?
+        }
         Cmd::Http {
             url,
             requests,

@@ -23,6 +23,51 @@ pub(crate) async fn echo_server(listener: TcpListener) -> Result<()> {
     }
 }
 
+/// Relays each connection accepted on `listen` to `target` with the least work a user-space
+/// hop can do: blocking sockets, a thread per direction, read then write (Nagle off on
+/// both sockets), half-close passed on. Runs until the process ends.
+pub(crate) fn relay(listen: SocketAddr, target: SocketAddr) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    fn pump(mut from: TcpStream, mut to: TcpStream) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    }
+    let listener =
+        TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    println!("listening relay {} -> {target}", listener.local_addr()?);
+    loop {
+        let (client, peer) = listener.accept()?;
+        std::thread::spawn(move || {
+            let upstream = match TcpStream::connect(target) {
+                Ok(s) => s,
+                Err(e) => {
+                    println!("relay {peer} -> {target}: connect failed: {e}");
+                    return;
+                }
+            };
+            let _ = client.set_nodelay(true);
+            let _ = upstream.set_nodelay(true);
+            let (Ok(c2), Ok(u2)) = (client.try_clone(), upstream.try_clone()) else {
+                return;
+            };
+            let back = std::thread::spawn(move || pump(u2, c2));
+            pump(client, upstream);
+            let _ = back.join();
+        });
+    }
+}
+
 /// Sends `message`, half-closes, and prints everything the server sends back.
 pub(crate) async fn send_message(addr: SocketAddr, message: &str) -> Result<()> {
     let mut stream = TcpStream::connect(addr)
