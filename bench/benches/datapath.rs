@@ -207,7 +207,14 @@ fn measure(c: &Cluster) -> Result<()> {
             100.0 * m / d
         );
     }
-    let gb = 2.0 * BULK as f64 / 1e9;
+    // Each bulk run echoes BULK bytes (each byte through each ztunnel both ways); CPU is
+    // summed over the runs made.
+    let bulk_runs = if only_connect || only == "latency" || only == "pingpong" {
+        0.0
+    } else {
+        2.0
+    };
+    let gb = bulk_runs * 2.0 * BULK as f64 / 1e9;
     for (size, label) in [(1usize, "1 B"), (1024, "1 KiB")]
         .into_iter()
         .filter(|_| !only_connect && !only_throughput)
@@ -252,7 +259,7 @@ fn measure(c: &Cluster) -> Result<()> {
     }
     println!(
         "\nztunnel CPU (both nodes): {:.2} s per GB echoed (each byte both ways), {:.3} s per 1,000 new-connection requests",
-        cpu_bulk / gb,
+        if gb > 0.0 { cpu_bulk / gb } else { 0.0 },
         cpu_conn / (rr_count() as f64 / 1000.0)
     );
     println!(
