@@ -109,24 +109,18 @@ fn to_io(e: h2::Error) -> io::Error {
     }
 }
 
-impl AsyncRead for H2Stream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+impl H2Stream {
+    /// The next bytes the peer sent, as HTTP/2 received them (no copy); `None` once the
+    /// peer has ended its side. A refused CONNECT (sent without waiting) is an error here.
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.pending))));
+        }
         loop {
-            if !self.pending.is_empty() {
-                let n = self.pending.len().min(buf.remaining());
-                let chunk = self.pending.split_to(n);
-                buf.put_slice(&chunk);
-                return Poll::Ready(Ok(()));
-            }
             if self.eof {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(None));
             }
-            let this = &mut *self;
-            let recv = match &mut this.recv {
+            let recv = match &mut self.recv {
                 Recv::Ready(r) => r,
                 Recv::Refused(status) => {
                     return Poll::Ready(Err(io::Error::new(
@@ -136,11 +130,11 @@ impl AsyncRead for H2Stream {
                 }
                 Recv::Waiting { response, deadline } => match Pin::new(response).poll(cx) {
                     Poll::Ready(Ok(resp)) if resp.status() == StatusCode::OK => {
-                        this.recv = Recv::Ready(resp.into_body());
+                        self.recv = Recv::Ready(resp.into_body());
                         continue;
                     }
                     Poll::Ready(Ok(resp)) => {
-                        this.recv = Recv::Refused(resp.status());
+                        self.recv = Recv::Refused(resp.status());
                         continue;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(to_io(e))),
@@ -156,15 +150,65 @@ impl AsyncRead for H2Stream {
             match ready!(recv.poll_data(cx)) {
                 Some(Ok(data)) => {
                     // Give the window back as soon as the bytes are ours: they are bounded
-                    // by what the caller reads next.
-                    let len = data.len();
-                    let _ = recv.flow_control().release_capacity(len);
-                    this.pending = data;
+                    // by what the caller writes next.
+                    let _ = recv.flow_control().release_capacity(data.len());
+                    if !data.is_empty() {
+                        return Poll::Ready(Ok(Some(data)));
+                    }
                 }
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
-                None => this.eof = true,
+                None => self.eof = true,
             }
         }
+    }
+
+    /// Sends the first bytes of `data` as one DATA frame — as many as flow control allows
+    /// now — and advances `data` past them (no copy); returns how many.
+    pub fn poll_send(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_window(cx, data.len()))?;
+        if n == 0 {
+            // h2 may report a window that is already used up: asking again waits.
+            return Poll::Ready(Ok(0));
+        }
+        self.send
+            .send_data(data.split_to(n), false)
+            .map_err(to_io)?;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Waits for send window for up to `len` bytes; returns how much there is.
+    fn poll_window(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
+        self.send.reserve_capacity(len);
+        match ready!(self.send.poll_capacity(cx)) {
+            Some(Ok(cap)) => Poll::Ready(Ok(cap.min(len))),
+            Some(Err(e)) => Poll::Ready(Err(to_io(e))),
+            None => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "HBONE stream closed",
+            ))),
+        }
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pending.is_empty() {
+            match ready!(self.poll_chunk(cx))? {
+                Some(data) => self.pending = data,
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = self.pending.len().min(buf.remaining());
+        let chunk = self.pending.split_to(n);
+        buf.put_slice(&chunk);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -187,18 +231,7 @@ impl AsyncWrite for H2Stream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        self.send.reserve_capacity(buf.len());
-        let cap = match ready!(self.send.poll_capacity(cx)) {
-            Some(Ok(cap)) => cap,
-            Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
-            None => {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "HBONE stream closed",
-                )));
-            }
-        };
-        let n = cap.min(buf.len());
+        let n = ready!(self.poll_window(cx, buf.len()))?;
         self.send
             .send_data(Bytes::copy_from_slice(&buf[..n]), false)
             .map_err(to_io)?;

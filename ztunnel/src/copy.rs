@@ -6,6 +6,11 @@
 //! a request and a response never allocate (and zero) 2 × 64 KiB each — an idle or
 //! request/response connection costs 16 KiB of buffers instead of 128 KiB.
 //!
+//! Between a TCP connection and an HBONE stream ([`tcp_hbone`]) the bytes are not copied in
+//! user space at all: what is read from the socket goes into the buffer that becomes the
+//! DATA frame, and what HTTP/2 received is written to the socket from its own buffer (the
+//! generic copy moved every byte twice more: into a frame, and out of one).
+//!
 //! Semantics are those of `tokio::io::copy_bidirectional`: each direction reads until end of
 //! stream, writes everything, flushes and shuts its writer down (the half-close reaches the
 //! other side); the copy ends when both directions have, with the byte counts, or at the
@@ -16,7 +21,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use trellis_core::hbone::H2Stream;
 
 /// The first buffer of each direction.
 pub const INITIAL: usize = 8 << 10;
@@ -169,6 +177,162 @@ where
     .await
 }
 
+/// Copies `tcp` → `hbone` and `hbone` → `tcp` until both directions are done, without
+/// copying the bytes in user space; returns the bytes copied each way (tcp → hbone,
+/// hbone → tcp). Same semantics as [`bidirectional`].
+pub async fn tcp_hbone(tcp: &mut TcpStream, hbone: &mut H2Stream) -> io::Result<(u64, u64)> {
+    let (mut up, mut down) = (Up::new(), Down::default());
+    poll_fn(|cx| {
+        // The stream's receiving side first: a refusal of the CONNECT (the answer arrives
+        // before the reset that ends the sending side) is seen as such.
+        let backward = down.poll_copy(cx, hbone, tcp)?;
+        let forward = up.poll_copy(cx, tcp, hbone)?;
+        match (forward, backward) {
+            (Poll::Ready(sent), Poll::Ready(received)) => Poll::Ready(Ok((sent, received))),
+            _ => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// TCP → HBONE: reads into a buffer whose filled part is handed to HTTP/2 as a frame.
+struct Up {
+    /// Read, not yet handed over; its spare capacity is where the next read goes.
+    buf: BytesMut,
+    /// Handed to the stream in parts as flow control allows.
+    chunk: Bytes,
+    /// What a new buffer is allocated with: [`INITIAL`], [`BULK`] once a read filled one.
+    size: usize,
+    eof: bool,
+    done: bool,
+    copied: u64,
+}
+
+impl Up {
+    fn new() -> Up {
+        Up {
+            buf: BytesMut::new(),
+            chunk: Bytes::new(),
+            size: INITIAL,
+            eof: false,
+            done: false,
+            copied: 0,
+        }
+    }
+
+    fn poll_copy(
+        &mut self,
+        cx: &mut Context<'_>,
+        tcp: &TcpStream,
+        hbone: &mut H2Stream,
+    ) -> Poll<io::Result<u64>> {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(self.copied));
+            }
+            if self.chunk.is_empty() && !self.buf.is_empty() {
+                self.chunk = self.buf.split().freeze();
+            }
+            if !self.chunk.is_empty() {
+                match hbone.poll_send(cx, &mut self.chunk) {
+                    Poll::Ready(Ok(n)) => {
+                        self.copied += n as u64;
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // No window yet: read ahead into the buffer's free part meanwhile.
+                        if !self.eof
+                            && self.buf.capacity() > self.buf.len()
+                            && let Poll::Ready(r) = self.poll_fill(cx, tcp)
+                        {
+                            r?;
+                            continue;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *hbone).poll_shutdown(cx))?;
+                self.done = true;
+                continue;
+            }
+            ready!(self.poll_fill(cx, tcp))?;
+        }
+    }
+
+    /// Reads what the socket has into the buffer's spare capacity (a new buffer when it has
+    /// none); marks the end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, tcp: &TcpStream) -> Poll<io::Result<()>> {
+        if self.buf.capacity() == self.buf.len() {
+            self.buf.reserve(self.size);
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        loop {
+            ready!(tcp.poll_read_ready(cx))?;
+            match tcp.try_read_buf(&mut self.buf) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(n) => {
+                    if n >= room {
+                        self.size = BULK;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+/// HBONE → TCP: writes each received frame's bytes to the socket from HTTP/2's buffer.
+#[derive(Default)]
+struct Down {
+    chunk: Bytes,
+    eof: bool,
+    done: bool,
+    copied: u64,
+}
+
+impl Down {
+    fn poll_copy(
+        &mut self,
+        cx: &mut Context<'_>,
+        hbone: &mut H2Stream,
+        tcp: &mut TcpStream,
+    ) -> Poll<io::Result<u64>> {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(self.copied));
+            }
+            while !self.chunk.is_empty() {
+                let n = ready!(Pin::new(&mut *tcp).poll_write(cx, &self.chunk))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "the peer accepts no more data",
+                    )));
+                }
+                self.chunk.advance(n);
+                self.copied += n as u64;
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *tcp).poll_shutdown(cx))?;
+                self.done = true;
+                continue;
+            }
+            match ready!(hbone.poll_chunk(cx))? {
+                Some(data) => self.chunk = data,
+                None => self.eof = true,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,5 +416,109 @@ mod tests {
         client.write_all(b"hello").await.unwrap();
         let r = bidirectional(&mut proxy_front, &mut proxy_back).await;
         assert!(r.is_err(), "{r:?}");
+    }
+
+    /// A connected pair of loopback TCP sockets.
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// Both ends of one HBONE stream over an in-memory connection: the client's (CONNECT
+    /// sent without waiting) and the server's, answered with `status`.
+    async fn hbone_pair(status: http::StatusCode) -> (H2Stream, Option<H2Stream>) {
+        let (client_io, server_io) = duplex(1 << 16);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx = std::sync::Mutex::new(Some(tx));
+        tokio::spawn(trellis_core::hbone::serve(server_io, move |inc| {
+            let tx = tx.lock().unwrap().take();
+            async move {
+                let stream = if status == http::StatusCode::OK {
+                    Some(inc.accept().unwrap())
+                } else {
+                    inc.refuse(status);
+                    None
+                };
+                if let Some(tx) = tx {
+                    let _ = tx.send(stream);
+                }
+            }
+        }));
+        let client = trellis_core::hbone::Client::handshake(client_io)
+            .await
+            .unwrap();
+        let stream = client
+            .connect_early(
+                "10.1.2.3:80".parse().unwrap(),
+                &[],
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        (stream, rx.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn tcp_through_an_hbone_stream_arrives_whole_both_ways_with_half_closes() {
+        // client app <-> [tcp_hbone] <-> HTTP/2 <-> [tcp_hbone] <-> server app; more than a
+        // stream window (4 MiB) one way, so sending waits for window and reads ahead.
+        let request: Vec<u8> = (0..9_000_000u32).map(|i| (i % 251) as u8).collect();
+        let reply: Vec<u8> = (0..1_500_000u32).map(|i| (i % 241) as u8).collect();
+        let (mut client_stream, server_stream) = hbone_pair(http::StatusCode::OK).await;
+        let mut server_stream = server_stream.unwrap();
+        let (mut app_client, mut near) = tcp_pair().await;
+        let (mut far, mut app_server) = tcp_pair().await;
+        let source = tokio::spawn(async move { tcp_hbone(&mut near, &mut client_stream).await });
+        let destination =
+            tokio::spawn(async move { tcp_hbone(&mut far, &mut server_stream).await });
+        let reply2 = reply.clone();
+        let server = tokio::spawn(async move {
+            let mut got = Vec::new();
+            app_server.read_to_end(&mut got).await.unwrap(); // until the client's half-close
+            app_server.write_all(&reply2).await.unwrap();
+            app_server.shutdown().await.unwrap();
+            got
+        });
+        let (mut r, mut w) = app_client.split();
+        let (_, answer) = tokio::join!(
+            async {
+                w.write_all(&request).await.unwrap();
+                w.shutdown().await.unwrap();
+            },
+            async {
+                let mut answer = Vec::new();
+                r.read_to_end(&mut answer).await.unwrap();
+                answer
+            }
+        );
+        let at_server = server.await.unwrap();
+        assert!(
+            at_server == request,
+            "the request arrived altered ({} bytes)",
+            at_server.len()
+        );
+        assert!(
+            answer == reply,
+            "the reply arrived altered ({} bytes)",
+            answer.len()
+        );
+        let (req, rep) = (request.len() as u64, reply.len() as u64);
+        assert_eq!(source.await.unwrap().unwrap(), (req, rep));
+        // The server's side counts the other way round: its socket sent the reply.
+        assert_eq!(destination.await.unwrap().unwrap(), (rep, req));
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_ends_the_copy_with_an_error_and_the_status() {
+        let (mut stream, none) = hbone_pair(http::StatusCode::FORBIDDEN).await;
+        assert!(none.is_none());
+        let (mut app, mut near) = tcp_pair().await;
+        app.write_all(b"hello").await.unwrap();
+        let _app = app;
+        let r = tcp_hbone(&mut near, &mut stream).await;
+        assert!(r.is_err(), "{r:?}");
+        assert_eq!(stream.refused(), Some(http::StatusCode::FORBIDDEN));
     }
 }

@@ -448,15 +448,17 @@ async fn outbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
                         .connect(key, target, &[], ctx.config.connect_timeout)
                         .await
                     {
-                        Ok(mut tunnel) => match copy(&mut client, &mut tunnel).await {
-                            Ok((a, b)) => (o.sent, o.received) = (a, b),
-                            // The CONNECT went out without waiting: a refusal arrives here.
-                            Err(_) if tunnel.refused() == Some(http::StatusCode::FORBIDDEN) => {
-                                o.flags = "DENY";
-                                o.result = "denied by the destination's policy".into();
+                        Ok(mut tunnel) => {
+                            match crate::copy::tcp_hbone(&mut client, tunnel.stream_mut()).await {
+                                Ok((a, b)) => (o.sent, o.received) = (a, b),
+                                // The CONNECT went out without waiting: a refusal arrives here.
+                                Err(_) if tunnel.refused() == Some(http::StatusCode::FORBIDDEN) => {
+                                    o.flags = "DENY";
+                                    o.result = "denied by the destination's policy".into();
+                                }
+                                Err(e) => o.result = format!("reset: {e}"),
                             }
-                            Err(e) => o.result = format!("reset: {e}"),
-                        },
+                        }
                         Err(e) => {
                             o.flags = "CONNECT";
                             o.result = format!("HBONE to {via} failed: {e}");
@@ -630,10 +632,13 @@ async fn hbone_inbound(
                                 inc.refuse(http::StatusCode::SERVICE_UNAVAILABLE);
                             }
                             Ok(mut app) => match inc.accept() {
-                                Ok(mut tunnel) => match copy(&mut tunnel, &mut app).await {
-                                    Ok((a, b)) => (o.sent, o.received) = (a, b),
-                                    Err(e) => o.result = format!("reset: {e}"),
-                                },
+                                Ok(mut tunnel) => {
+                                    match crate::copy::tcp_hbone(&mut app, &mut tunnel).await {
+                                        // Sent is what the client sent: tunnel → app.
+                                        Ok((up, down)) => (o.sent, o.received) = (down, up),
+                                        Err(e) => o.result = format!("reset: {e}"),
+                                    }
+                                }
                                 Err(e) => o.result = format!("HBONE: {e}"),
                             },
                         }

@@ -100,6 +100,12 @@ impl Drop for PooledStream {
 }
 
 impl PooledStream {
+    /// The tunnel itself (to copy without going through `AsyncRead`/`AsyncWrite`); it
+    /// still counts as a stream of its connection while this lives.
+    pub fn stream_mut(&mut self) -> &mut H2Stream {
+        &mut self.stream
+    }
+
     /// The peer's refusal of the CONNECT, once a read has seen it (see [`H2Stream::refused`]).
     pub fn refused(&self) -> Option<http::StatusCode> {
         self.stream.refused()
