@@ -192,6 +192,7 @@ fn measure(c: &Cluster) -> Result<()> {
     let only_connect = only == "connect";
     let only_throughput = only == "throughput";
     let mut cpu_bulk = 0.0;
+    let mut bulk_runs = 0.0;
     for streams in [1usize, 4]
         .into_iter()
         .filter(|_| !only_connect && only != "latency" && only != "pingpong")
@@ -201,6 +202,7 @@ fn measure(c: &Cluster) -> Result<()> {
         let (cpu0, _) = zt_usage();
         let m = bulk(c, &mc, &mesh_to, streams)?;
         cpu_bulk += zt_usage().0 - cpu0;
+        bulk_runs += 1.0;
         println!(
             "| echo throughput, {streams} stream(s) | {d:.0} Mbit/s | {r:.0} Mbit/s ({:.0}%) | {m:.0} Mbit/s | {:.0}% of direct |",
             100.0 * r / d,
@@ -209,11 +211,7 @@ fn measure(c: &Cluster) -> Result<()> {
     }
     // Each bulk run echoes BULK bytes (each byte through each ztunnel both ways); CPU is
     // summed over the runs made.
-    let bulk_runs = if only_connect || only == "latency" || only == "pingpong" {
-        0.0
-    } else {
-        2.0
-    };
+
     let gb = bulk_runs * 2.0 * BULK as f64 / 1e9;
     for (size, label) in [(1usize, "1 B"), (1024, "1 KiB")]
         .into_iter()

@@ -170,7 +170,8 @@ impl H2Stream {
         }
         let n = ready!(self.poll_window(cx, data.len()))?;
         if n == 0 {
-            // h2 may report a window that is already used up: asking again waits.
+            // Defensive: h2 (0.4) waits rather than report an empty window; were it to,
+            // the caller asks again and waits then.
             return Poll::Ready(Ok(0));
         }
         self.send
@@ -179,16 +180,37 @@ impl H2Stream {
         Poll::Ready(Ok(n))
     }
 
-    /// Waits for send window for up to `len` bytes; returns how much there is.
+    /// Waits for send window for up to `len` bytes; returns how much there is. When the
+    /// sending side has ended (the peer answered a CONNECT sent without waiting with a
+    /// refusal, then reset the stream), the answer is taken first, so the error reports
+    /// the refusal and [`H2Stream::refused`] has it.
     fn poll_window(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
         self.send.reserve_capacity(len);
-        match ready!(self.send.poll_capacity(cx)) {
-            Some(Ok(cap)) => Poll::Ready(Ok(cap.min(len))),
-            Some(Err(e)) => Poll::Ready(Err(to_io(e))),
-            None => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "HBONE stream closed",
-            ))),
+        let err = match ready!(self.send.poll_capacity(cx)) {
+            Some(Ok(cap)) => return Poll::Ready(Ok(cap.min(len))),
+            Some(Err(e)) => to_io(e),
+            None => io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed"),
+        };
+        self.settle_answer(cx);
+        if let Recv::Refused(status) = self.recv {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("the peer answered {status} to CONNECT"),
+            )));
+        }
+        Poll::Ready(Err(err))
+    }
+
+    /// Takes the answer to a CONNECT sent without waiting, if it has arrived.
+    fn settle_answer(&mut self, cx: &mut Context<'_>) {
+        if let Recv::Waiting { response, .. } = &mut self.recv
+            && let Poll::Ready(Ok(resp)) = Pin::new(response).poll(cx)
+        {
+            self.recv = if resp.status() == StatusCode::OK {
+                Recv::Ready(resp.into_body())
+            } else {
+                Recv::Refused(resp.status())
+            };
         }
     }
 }

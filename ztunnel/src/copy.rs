@@ -183,8 +183,8 @@ where
 pub async fn tcp_hbone(tcp: &mut TcpStream, hbone: &mut H2Stream) -> io::Result<(u64, u64)> {
     let (mut up, mut down) = (Up::new(), Down::default());
     poll_fn(|cx| {
-        // The stream's receiving side first: a refusal of the CONNECT (the answer arrives
-        // before the reset that ends the sending side) is seen as such.
+        // The receiving side first, so an answer already there is read before sending
+        // (a refusal arriving meanwhile is still recognised: see `H2Stream::poll_window`).
         let backward = down.poll_copy(cx, hbone, tcp)?;
         let forward = up.poll_copy(cx, tcp, hbone)?;
         match (forward, backward) {
@@ -262,10 +262,14 @@ impl Up {
         }
     }
 
-    /// Reads what the socket has into the buffer's spare capacity (a new buffer when it has
-    /// none); marks the end of stream.
+    /// Reads what the socket has into the buffer's spare capacity; marks the end of stream.
+    /// An empty buffer starts with a whole buffer's room (what is left behind the last
+    /// chunk handed over would split a message in two reads and two frames): `reserve`
+    /// takes back the old allocation once HTTP/2 has let go of the earlier chunks, or
+    /// allocates a new one. Only a read that fills a whole buffer grows the next ones.
     fn poll_fill(&mut self, cx: &mut Context<'_>, tcp: &TcpStream) -> Poll<io::Result<()>> {
-        if self.buf.capacity() == self.buf.len() {
+        let spare = self.buf.capacity() - self.buf.len();
+        if spare == 0 || (self.buf.is_empty() && spare < self.size) {
             self.buf.reserve(self.size);
         }
         let room = self.buf.capacity() - self.buf.len();
@@ -277,7 +281,7 @@ impl Up {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(n) => {
-                    if n >= room {
+                    if n >= room && room >= self.size {
                         self.size = BULK;
                     }
                     return Poll::Ready(Ok(()));
@@ -461,6 +465,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn small_messages_travel_as_one_frame_each_and_keep_the_small_buffer() {
+        let (mut stream, server) = hbone_pair(http::StatusCode::OK).await;
+        let mut server = server.unwrap();
+        let (mut app, near) = tcp_pair().await;
+        let mut up = Up::new();
+        // 100 × 200 B is more than the first buffer: each message must still be read
+        // whole (not split across the end of the buffer) and sent as one frame.
+        for i in 0..100u64 {
+            app.write_all(&[i as u8; 200]).await.unwrap();
+            let want = (i + 1) * 200;
+            let sent = poll_fn(|cx| match up.poll_copy(cx, &near, &mut stream) {
+                Poll::Pending if up.copied >= want => Poll::Ready(up.copied),
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(r) => panic!("the copy ended: {r:?}"),
+            });
+            let sent = tokio::time::timeout(std::time::Duration::from_secs(10), sent)
+                .await
+                .expect("the message was not sent");
+            assert_eq!(sent, want);
+            let frame = poll_fn(|cx| server.poll_chunk(cx)).await.unwrap().unwrap();
+            assert_eq!(frame.len(), 200, "message {i} arrived split");
+            assert!(frame.iter().all(|&b| b == i as u8));
+        }
+        assert_eq!(up.size, INITIAL, "small messages must not grow the buffer");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_recognised_when_sending_fails_first() {
+        // The peer refused (403) and reset the stream; nothing has read the answer yet.
+        let (mut stream, none) = hbone_pair(http::StatusCode::FORBIDDEN).await;
+        assert!(none.is_none());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let err = loop {
+            let mut data = Bytes::from_static(b"hello");
+            match poll_fn(|cx| stream.poll_send(cx, &mut data)).await {
+                Err(e) => break e,
+                // Sent before the reset arrived: try again shortly.
+                Ok(_) => {
+                    assert!(std::time::Instant::now() < deadline, "the reset never came");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+        assert_eq!(stream.refused(), Some(http::StatusCode::FORBIDDEN));
+    }
+
+    #[tokio::test]
     async fn tcp_through_an_hbone_stream_arrives_whole_both_ways_with_half_closes() {
         // client app <-> [tcp_hbone] <-> HTTP/2 <-> [tcp_hbone] <-> server app; more than a
         // stream window (4 MiB) one way, so sending waits for window and reads ahead.
@@ -482,17 +534,23 @@ mod tests {
             got
         });
         let (mut r, mut w) = app_client.split();
-        let (_, answer) = tokio::join!(
-            async {
-                w.write_all(&request).await.unwrap();
-                w.shutdown().await.unwrap();
-            },
-            async {
-                let mut answer = Vec::new();
-                r.read_to_end(&mut answer).await.unwrap();
-                answer
-            }
-        );
+        let exchange = async {
+            tokio::join!(
+                async {
+                    w.write_all(&request).await.unwrap();
+                    w.shutdown().await.unwrap();
+                },
+                async {
+                    let mut answer = Vec::new();
+                    r.read_to_end(&mut answer).await.unwrap();
+                    answer
+                }
+            )
+        };
+        // A lost wake-up or half-close would hang: fail instead.
+        let (_, answer) = tokio::time::timeout(std::time::Duration::from_secs(60), exchange)
+            .await
+            .expect("the exchange did not finish");
         let at_server = server.await.unwrap();
         assert!(
             at_server == request,

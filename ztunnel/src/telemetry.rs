@@ -502,6 +502,10 @@ mod tests {
                 l.opened();
                 l.closed(flags, 10, 20);
             }
+            // The same labels find the same counters (a hit, not a new registration).
+            let a = ConnLabels::new(Direction::Outbound, &src, &dst, None, true);
+            let b = ConnLabels::new(Direction::Outbound, &src, &dst, None, true);
+            assert!(std::sync::Arc::ptr_eq(&a.counters, &b.counters));
             // Another peer identity is another label set, not a hit of the first.
             let dst2 = End::new(Some(&dst_w), Some(&other_id));
             let l = ConnLabels::new(Direction::Outbound, &src, &dst2, None, true);
