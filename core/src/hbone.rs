@@ -100,6 +100,14 @@ impl H2Stream {
     }
 }
 
+/// A refused CONNECT as the I/O error a read or write of the stream reports.
+fn refused_io(status: StatusCode) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionRefused,
+        HboneError::Refused(status).to_string(),
+    )
+}
+
 fn to_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         e.into_io()
@@ -122,12 +130,7 @@ impl H2Stream {
             }
             let recv = match &mut self.recv {
                 Recv::Ready(r) => r,
-                Recv::Refused(status) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::ConnectionRefused,
-                        format!("the peer answered {status} to CONNECT"),
-                    )));
-                }
+                Recv::Refused(status) => return Poll::Ready(Err(refused_io(*status))),
                 Recv::Waiting { response, deadline } => match Pin::new(response).poll(cx) {
                     Poll::Ready(Ok(resp)) if resp.status() == StatusCode::OK => {
                         self.recv = Recv::Ready(resp.into_body());
@@ -193,10 +196,7 @@ impl H2Stream {
         };
         self.settle_answer(cx);
         if let Recv::Refused(status) = self.recv {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                format!("the peer answered {status} to CONNECT"),
-            )));
+            return Poll::Ready(Err(refused_io(status)));
         }
         Poll::Ready(Err(err))
     }
