@@ -78,9 +78,9 @@ echo "== tests (unit, integration, end-to-end)"
 cargo nextest run --workspace --all-targets --locked --no-fail-fast
 echo "== doc tests"
 cargo test --workspace --doc --locked
-echo "== Helm chart: render and lint (Helm engine), validate (Kubernetes 1.30, strict), CRD schemas"
+echo "== Helm chart: render and lint (Helm engine), validate (Kubernetes 1.30, strict; CRD kinds against their CRD schemas with CEL), the control plane's writes"
 venv=target/chart-venv
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import helm_python, kubernetes_validate, jsonschema, yaml' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import helm_python, kubernetes_validate, jsonschema, yaml, celpy' 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r tests/chart/requirements.txt
 fi

@@ -27,6 +27,7 @@ use apply::{Target, Writer};
 use waypoint::{Observed, WaypointTemplate};
 
 use crate::config::gateway::Gateway;
+use crate::config::model::{MeshConfig, Model};
 
 /// What the writes are computed from, taken from the model after each change.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -76,6 +77,77 @@ pub fn trust_bundle_config_maps(
                 }),
             )
         })
+        .collect()
+}
+
+/// Waypoint Gateways by (namespace, name), each with its Service's cluster IP if known.
+pub fn waypoints(model: &Model) -> BTreeMap<(String, String), (Gateway, Option<String>)> {
+    model
+        .gateways()
+        .filter(|(_, gw)| gw.is_waypoint())
+        .map(|((ns, name), gw)| {
+            let ip = model.service_vip(ns, name).map(|ip| ip.to_string());
+            ((ns.clone(), name.clone()), (gw.clone(), ip))
+        })
+        .collect()
+}
+
+/// Where the trust bundle goes: wherever mesh pods run, enrolled namespaces and those of
+/// waypoints (their pods mount it).
+pub fn bundle_namespaces(
+    model: &Model,
+    waypoints: &BTreeMap<(String, String), (Gateway, Option<String>)>,
+) -> BTreeSet<String> {
+    let mut namespaces = model.enrolled_namespaces();
+    namespaces.extend(waypoints.keys().map(|(ns, _)| ns.clone()));
+    namespaces
+}
+
+/// What the writer applies for `model` on an API that holds nothing of Trellis's yet (no
+/// status observed, no waypoint Deployment ready): policy and route statuses, the trust
+/// bundle's ConfigMaps when `roots_pem` is given and, with a `template`, each waypoint's
+/// objects and Gateway status. `trellis-control-plane render` prints it, so the writes can
+/// be checked against the API's schemas without a cluster.
+pub fn first_writes(
+    model: &Model,
+    mesh: &MeshConfig,
+    template: Option<&WaypointTemplate>,
+    roots_pem: Option<&str>,
+) -> BTreeMap<Target, Value> {
+    let snapshot = crate::config::snapshot::Snapshot::build(model, mesh);
+    let mut desired: BTreeMap<Target, Value> = snapshot
+        .statuses
+        .iter()
+        .filter_map(|(id, s)| {
+            let body = status::policy_status(id, s, model.generation(id), None);
+            Some((status::target(id)?, body))
+        })
+        .collect();
+    desired.extend(routes::route_statuses(model, mesh));
+    let waypoints = waypoints(model);
+    if let Some(roots) = roots_pem {
+        desired.extend(trust_bundle_config_maps(
+            roots,
+            &bundle_namespaces(model, &waypoints),
+        ));
+    }
+    if let Some(template) = template {
+        for (gw, service_ip) in waypoints.values() {
+            let made = waypoint::objects(gw, template);
+            let problem = made.as_ref().err().cloned();
+            desired.extend(made.unwrap_or_default());
+            let observed = Observed {
+                ready_replicas: None,
+                service_ip: service_ip.clone(),
+            };
+            let (t, body) = waypoint::gateway_status(gw, &observed, problem.as_deref());
+            desired.insert(t, body);
+        }
+    }
+    // Condition times as the writer stamps them when it applies.
+    desired
+        .into_iter()
+        .map(|(t, body)| (t, apply::stamp_transitions(body, None)))
         .collect()
 }
 

@@ -116,6 +116,25 @@ enum Command {
         #[arg(long)]
         mesh_config: Option<PathBuf>,
     },
+    /// Print, as a YAML stream, what the Kubernetes writer would apply for a directory of
+    /// manifests on an API holding nothing of Trellis's yet: policy and route statuses,
+    /// waypoint ServiceAccount/Service/Deployment and Gateway status, trust-bundle
+    /// ConfigMaps. For checking the writes against the API's schemas without a cluster.
+    Render {
+        /// Directory of YAML manifests.
+        #[arg(long)]
+        config_dir: PathBuf,
+        /// Mesh config file.
+        #[arg(long)]
+        mesh_config: Option<PathBuf>,
+        /// The waypoint template (as `serve --waypoint-config`); without it no waypoint
+        /// objects are rendered.
+        #[arg(long)]
+        waypoint_config: Option<PathBuf>,
+        /// The trust bundle (PEM); without it no trust-bundle ConfigMaps are rendered.
+        #[arg(long)]
+        roots: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -316,7 +335,61 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 ExitCode::SUCCESS
             })
         }
+        Command::Render {
+            config_dir,
+            mesh_config,
+            waypoint_config,
+            roots,
+        } => render(
+            &config_dir,
+            mesh_config.as_deref(),
+            waypoint_config.as_deref(),
+            roots.as_deref(),
+        ),
     }
+}
+
+fn render(
+    config_dir: &Path,
+    mesh_path: Option<&Path>,
+    waypoint_config: Option<&Path>,
+    roots: Option<&Path>,
+) -> Result<ExitCode, String> {
+    let read =
+        |path: &Path| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
+    let mesh = mesh_config(mesh_path)?;
+    let template = match waypoint_config {
+        Some(path) => Some(WaypointTemplate::parse(
+            &path.display().to_string(),
+            &read(path)?,
+        )?),
+        None => None,
+    };
+    let roots = roots.map(read).transpose()?;
+    let mut model = Model::default();
+    let change = DirSource::new(config_dir)
+        .scan(&mut model)
+        .map_err(|e| format!("{}: {e}", config_dir.display()))?;
+    for e in &change.errors {
+        eprintln!("error: {e}");
+    }
+    let writes = trellis_control_plane::controller::first_writes(
+        &model,
+        &mesh,
+        template.as_ref(),
+        roots.as_deref(),
+    );
+    let mut out = String::new();
+    for (target, body) in &writes {
+        let yaml = serde_yaml_ng::to_string(body).map_err(|e| format!("{target}: {e}"))?;
+        out.push_str(&format!("---\n# {target}\n{yaml}"));
+    }
+    print!("{out}");
+    Ok(if change.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn write_atomically(path: &Path, text: &str) -> Result<(), String> {

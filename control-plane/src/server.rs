@@ -600,18 +600,8 @@ fn controller_inputs(
         })
         .collect();
     statuses.extend(crate::controller::routes::route_statuses(model, mesh));
-    let waypoints: BTreeMap<_, _> = model
-        .gateways()
-        .filter(|(_, gw)| gw.is_waypoint())
-        .map(|((ns, name), gw)| {
-            let ip = model.service_vip(ns, name).map(|ip| ip.to_string());
-            ((ns.clone(), name.clone()), (gw.clone(), ip))
-        })
-        .collect();
-    // The trust bundle goes wherever mesh pods run: enrolled namespaces, and those of
-    // waypoints (their pods mount it).
-    let mut bundle_namespaces = model.enrolled_namespaces();
-    bundle_namespaces.extend(waypoints.keys().map(|(ns, _)| ns.clone()));
+    let waypoints = crate::controller::waypoints(model);
+    let bundle_namespaces = crate::controller::bundle_namespaces(model, &waypoints);
     crate::controller::Inputs {
         synced,
         statuses,

@@ -3,27 +3,57 @@
 
 - Renders it with the Helm engine (PyPI helm-python-sdk, Helm's Go SDK over a C ABI) for the
   default values and two non-default value sets, and lints it (strict, Kubernetes 1.30).
-- Validates every rendered object with kubernetes-validate --strict against Kubernetes 1.30
-  (objects of kinds Kubernetes does not define, the Gateway API's GatewayClass, are checked
-  against their required shape here).
+- Validates every rendered object: built-in kinds with kubernetes-validate --strict against
+  Kubernetes 1.30; kinds defined by a CRD (the Gateway API's GatewayClass) against that CRD's
+  schema, CEL rules included (crdschema.py): the chart's own security.istio.io CRDs, and the
+  Gateway API standard CRDs of the version docs/install.md names (tests/chart/crds/). The
+  GatewayClass description that once made `helm install` fail is refused by the check.
 - Checks that the values schema rejects wrong values, and that the security.istio.io CRD
   schemas accept the seed articles' example policies (examples/) and reject a misspelled
   field, as the API server's strict field validation would.
+- Validates the same way the manifests in tests/chart/manifests/ and what the control
+  plane would write for them (`trellis-control-plane render`: waypoint ServiceAccount,
+  Service, Deployment, Gateway, route and policy statuses, trust-bundle ConfigMaps), and
+  the Gateway `trellisctl waypoint generate` prints.
 
 Exit status 0 when everything holds; otherwise each failure is printed and the status is 1.
 """
 
 import copy
 import pathlib
+import subprocess
 import sys
+import tempfile
 
 import helm_python as helm
 import jsonschema
 import kubernetes_validate
 import yaml
 
+import crdschema
+
+
+class _JsonLikeLoader(yaml.SafeLoader):
+    """YAML as the API server reads it: a timestamp is a string, not a datetime."""
+
+
+_JsonLikeLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
+}
+
+
+def load_all(text):
+    return [d for d in yaml.load_all(text, Loader=_JsonLikeLoader) if d]
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "trellis"
+GATEWAY_API_CRDS = pathlib.Path(__file__).resolve().parent / "crds" / "gateway-api"
+MANIFESTS = pathlib.Path(__file__).resolve().parent / "manifests"
+BIN = ROOT / "target" / "debug"
+# The description the GatewayClass had when the API server refused the chart (issue 20):
+# 71 bytes, the Gateway API allows 64.
+OLD_GATEWAYCLASS_DESCRIPTION = "Trellis waypoint proxies (L7 policy and routing for ambient workloads)"
 KUBE = "1.30.0"
 NAMESPACE = "trellis-system"
 
@@ -61,18 +91,32 @@ def render(chart, values):
     for path, text in sorted(out.items()):
         if not path.endswith(".yaml"):
             continue
-        for doc in yaml.safe_load_all(text):
-            if doc:
-                docs.append((path, doc))
+        for doc in load_all(text):
+            docs.append((path, doc))
     return docs, out
 
 
-def check_gatewayclass(doc):
-    spec = doc.get("spec") or {}
-    ok = (doc.get("apiVersion") == "gateway.networking.k8s.io/v1"
-          and doc.get("metadata", {}).get("name")
-          and "/" in spec.get("controllerName", ""))
-    return None if ok else f"GatewayClass shape: {doc}"
+def gateway_api_crds():
+    """The Gateway API CRDs kept as test data, each with the file it came from."""
+    crds = []
+    for f in sorted(GATEWAY_API_CRDS.glob("*.yaml")):
+        for doc in load_all(f.read_text()):
+            if doc and doc.get("kind") == "CustomResourceDefinition":
+                crds.append((f"{f.parent.name}/{f.name}", doc))
+    return crds
+
+
+def validate(doc, schemas):
+    """Why the API server would refuse `doc` (a list of reasons; empty when it accepts it)."""
+    if schemas.covers(doc):
+        return schemas.validate(doc)
+    try:
+        kubernetes_validate.validate(doc, KUBE, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [f"{e.message} at {'/'.join(map(str, e.path))}"]
+    except Exception as e:  # noqa: BLE001 - an unknown kind is a failure here too
+        return [str(e)]
+    return []
 
 
 # The fields of the control plane's WaypointTemplate (control-plane/src/controller/
@@ -129,9 +173,75 @@ def strict(schema):
     return s
 
 
+def check_manifests_and_writes(schemas, waypoint_template):
+    """The manifests of tests/chart/manifests/, what the control plane writes for them and
+    the Gateway `trellisctl waypoint generate` prints: each one as the API server would take
+    it. A status is validated merged into the object it is written to."""
+    inputs = {}
+    for f in sorted(MANIFESTS.glob("*.yaml")):
+        for doc in load_all(f.read_text()):
+            if not doc:
+                continue
+            key = (doc["kind"], doc["metadata"].get("namespace"), doc["metadata"]["name"])
+            inputs[key] = doc
+            for err in validate(doc, schemas):
+                fail(f"{f.name}: {doc['kind']}/{doc['metadata']['name']}: {err}")
+    if waypoint_template is None:
+        fail("no waypoint template rendered: the control plane's writes are not checked")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        template = pathlib.Path(tmp) / "waypoint.yaml"
+        template.write_text(waypoint_template)
+        # Any PEM text: the ConfigMap carries it unchanged.
+        roots = pathlib.Path(tmp) / "roots.pem"
+        roots.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+        out = subprocess.run([str(BIN / "trellis-control-plane"), "render",
+                              "--config-dir", str(MANIFESTS), "--waypoint-config", str(template),
+                              "--roots", str(roots)],
+                             capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        fail(f"trellis-control-plane render failed ({out.returncode}): {out.stderr.strip()}")
+        return
+    written = {}
+    for doc in load_all(out.stdout):
+        if not doc:
+            continue
+        key = (doc["kind"], doc["metadata"].get("namespace"), doc["metadata"]["name"])
+        if "status" in doc and key in inputs:
+            merged = copy.deepcopy(inputs[key])
+            merged["status"] = doc["status"]
+            doc = merged
+        written.setdefault(doc["kind"], []).append(doc)
+        for err in validate(doc, schemas):
+            fail(f"control plane writes {doc['kind']}/{doc['metadata']['name']}: {err}")
+    expected = {"ServiceAccount": 1, "Service": 1, "Deployment": 1, "Gateway": 1, "HTTPRoute": 1,
+                "GRPCRoute": 1, "AuthorizationPolicy": 2, "PeerAuthentication": 1, "ConfigMap": 1}
+    counts = {k: len(v) for k, v in written.items()}
+    if counts != expected:
+        fail(f"control plane writes {counts}, expected {expected}")
+    print(f"control plane writes: {sum(counts.values())} objects checked ({', '.join(sorted(counts))})")
+    out = subprocess.run([str(BIN / "trellisctl"), "waypoint", "generate", "-n", "shop",
+                          "--name", "shop-waypoint", "--for", "all"],
+                         capture_output=True, text=True, check=False)
+    docs = [d for d in load_all(out.stdout) if d] if out.returncode == 0 else []
+    if not any(d["kind"] == "Gateway" for d in docs):
+        fail(f"trellisctl waypoint generate printed no Gateway: {out.stderr.strip()}")
+    for doc in docs:
+        for err in validate(doc, schemas):
+            fail(f"trellisctl waypoint generate: {doc['kind']}/{doc['metadata']['name']}: {err}")
+
+
 def main():
     chart = helm.Chart.load(str(CHART))
     crd_schemas = {}
+    gateway_crds = gateway_api_crds()
+    if len(gateway_crds) < 4:
+        fail(f"Gateway API CRDs missing under {GATEWAY_API_CRDS}: found {[n for n, _ in gateway_crds]}")
+    # The default value set's schemas: the chart's CRDs and the Gateway API's.
+    schemas = crdschema.CrdSchemas()
+    for source, crd in gateway_crds:
+        schemas.add_crd(crd, source)
+    waypoint_template = None
     for name, values in VALUE_SETS.items():
         try:
             chart.validate_schema(values)
@@ -150,23 +260,25 @@ def main():
         print(f"{name}: {len(docs)} objects: {', '.join(kinds)}")
         if not any(p.endswith("NOTES.txt") for p in raw):
             fail(f"{name}: no NOTES.txt")
+        # The chart's own CRDs first: objects of their kinds are checked against them.
+        set_schemas = crdschema.CrdSchemas()
+        for source, crd in gateway_crds:
+            set_schemas.add_crd(crd, source)
+        for path, doc in docs:
+            if doc["kind"] == "CustomResourceDefinition":
+                set_schemas.add_crd(doc, path)
+                if name == "defaults":
+                    schemas.add_crd(doc, path)
         for path, doc in docs:
             where = f"{name}: {path}: {doc['kind']}/{doc.get('metadata', {}).get('name')}"
-            if doc["kind"] == "GatewayClass":
-                err = check_gatewayclass(doc)
-                if err:
-                    fail(f"{where}: {err}")
-                continue
-            try:
-                kubernetes_validate.validate(doc, KUBE, strict=True)
-            except kubernetes_validate.ValidationError as e:
-                fail(f"{where}: {e.message} at {'/'.join(map(str, e.path))}")
-            except Exception as e:  # noqa: BLE001
-                fail(f"{where}: {e}")
+            for err in validate(doc, set_schemas):
+                fail(f"{where}: {err}")
             if doc["kind"] == "CustomResourceDefinition":
                 for v in doc["spec"]["versions"]:
                     crd_schemas[(doc["spec"]["names"]["kind"], v["name"])] = \
                         v["schema"]["openAPIV3Schema"]
+            if doc["kind"] == "GatewayClass" and not set_schemas.covers(doc):
+                fail(f"{where}: no CRD schema for {doc['apiVersion']} {doc['kind']}")
         # What each value set must change.
         by_kind = {}
         for _, d in docs:
@@ -176,6 +288,16 @@ def main():
                 fail("defaults: the three security.istio.io CRDs are not all rendered")
             if "GatewayClass" not in by_kind:
                 fail("defaults: no waypoint GatewayClass")
+            else:
+                # The check would have caught the description the API server refused.
+                old = copy.deepcopy(by_kind["GatewayClass"][0])
+                old["spec"]["description"] = OLD_GATEWAYCLASS_DESCRIPTION
+                errors = validate(old, set_schemas)
+                if not any("spec.description" in e and "too long" in e for e in errors):
+                    fail(f"defaults: the old GatewayClass description is not refused: {errors}")
+            mesh = [d for d in by_kind.get("ConfigMap", []) if d["metadata"]["name"] == "trellis-mesh"]
+            if mesh:
+                waypoint_template = mesh[0]["data"].get("waypoint.yaml")
         if name == "with-istio-base":
             if "CustomResourceDefinition" in by_kind or "GatewayClass" in by_kind:
                 fail("with-istio-base: CRDs or GatewayClass rendered although disabled")
@@ -210,7 +332,7 @@ def main():
     # The CRD schemas accept the example policies and reject a misspelled field.
     examples = []
     for f in sorted((ROOT / "examples").glob("**/*.yaml")):
-        for doc in yaml.safe_load_all(f.read_text()):
+        for doc in load_all(f.read_text()):
             if doc and doc.get("apiVersion", "").startswith("security.istio.io/"):
                 examples.append((f.name, doc))
     if not examples:
@@ -236,24 +358,30 @@ def main():
             fail(f"{fname}: a misspelled field in {doc['kind']}/{doc['metadata']['name']} was accepted")
         except jsonschema.ValidationError:
             pass
-    # The status the control plane writes (server-side apply) fits the schema.
+    # The status conditions are maps keyed by type (server-side apply merges them).
     for kind in ("AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication"):
         schema = crd_schemas.get((kind, "v1"))
         if schema is None:
+            fail(f"{kind}: no v1 CRD schema rendered")
             continue
-        doc = {"apiVersion": "security.istio.io/v1", "kind": kind,
-               "metadata": {"name": "p", "namespace": "shop"}, "spec": {},
-               "status": {"conditions": [{"type": "ZtunnelAccepted", "status": "True",
-                                          "reason": "Accepted", "message": "attached to ztunnel",
-                                          "observedGeneration": "3",
-                                          "lastTransitionTime": "2026-12-01T00:00:00Z"}]}}
-        try:
-            jsonschema.validate(doc, strict(schema))
-        except jsonschema.ValidationError as e:
-            fail(f"{kind}: the control plane's status is rejected: {e.message}")
         conditions = schema["properties"]["status"]["properties"]["conditions"]
         if conditions.get("x-kubernetes-list-map-keys") != ["type"]:
             fail(f"{kind}: status.conditions is not a map keyed by type (server-side apply would take the whole list)")
+    # The example policies, validated as a whole (CEL rules included).
+    for fname, doc in examples:
+        for err in validate(doc, schemas):
+            fail(f"examples/{fname}: {doc['kind']}/{doc['metadata']['name']}: {err}")
+    check_manifests_and_writes(schemas, waypoint_template)
+    # A CEL rule of the Gateway API CRDs is live: two listeners of one name are refused.
+    twice = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+             "metadata": {"name": "w", "namespace": "shop"},
+             "spec": {"gatewayClassName": "istio-waypoint",
+                      "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"},
+                                    {"name": "mesh", "port": 15009, "protocol": "HBONE"}]}}
+    if not validate(twice, schemas):
+        fail("a Gateway with two listeners named alike was accepted: the CRD's rules are not applied")
+    print(f"CRD schemas: {schemas.rules_evaluated} CEL rule evaluations, "
+          f"{schemas.transition_rules_skipped} transition rules (updates only) not evaluated")
     print(f"CRD schemas: {len(examples)} example policies checked")
 
     if failures:

@@ -231,7 +231,7 @@ pub fn carry_times(conditions: &mut [Value], observed: &[Value]) {
 
 /// Sets each `status.conditions[*].lastTransitionTime` of `body`: the time of the same
 /// condition type in `previous` if its `status` is unchanged, else now.
-fn stamp_transitions(mut body: Value, previous: Option<&Value>) -> Value {
+pub fn stamp_transitions(mut body: Value, previous: Option<&Value>) -> Value {
     let now = k8s_openapi::jiff::Timestamp::now()
         .round(k8s_openapi::jiff::Unit::Second)
         .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now())
