@@ -97,22 +97,224 @@ metadata: {name: foo, labels: {istio.io/dataplane-mode: ambient}}
 }
 
 #[test]
-fn unknown_fields_warn_and_the_object_loads() {
+fn unknown_fields_of_other_kinds_warn_and_the_object_loads() {
     let text = r#"
-apiVersion: security.istio.io/v1beta1
-kind: PeerAuthentication
-metadata: {name: p, namespace: foo}
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: w, namespace: foo}
 spec:
-  mtls: {mode: PERMISSIVE}
-  mtlsMode: STRICT
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+  colour: blue
 "#;
-    let docs = parse_file(Path::new("pa.yaml"), text);
+    let docs = parse_file(Path::new("gw.yaml"), text);
     let ok = loaded(&docs);
     assert_eq!(ok.len(), 1, "{docs:?}");
     assert_eq!(
         ok[0].warnings,
-        ["pa.yaml: PeerAuthentication foo/p: spec.mtlsMode: unknown field, ignored"]
+        ["gw.yaml: Gateway foo/w: spec.colour: unknown field, ignored"]
     );
+}
+
+/// A valid policy using every field of its kind, one key per line (`KEY:` at the start of
+/// its line after indentation), so each key can be misspelt in turn.
+const EVERY_FIELD: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: every-field
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: cart
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/shop/sa/web"]
+        notPrincipals: ["cluster.local/ns/shop/sa/admin"]
+        requestPrincipals: ["iss/sub"]
+        notRequestPrincipals: ["iss/other"]
+        namespaces: [shop]
+        notNamespaces: [dev]
+        serviceAccounts: [shop/web]
+        notServiceAccounts: [shop/admin]
+        ipBlocks: [10.0.0.0/8]
+        notIpBlocks: [10.1.0.0/16]
+        remoteIpBlocks: [192.168.0.0/16]
+        notRemoteIpBlocks: [192.168.1.0/24]
+    to:
+    - operation:
+        hosts: [cart.foo]
+        notHosts: [admin.foo]
+        ports: ["8080"]
+        notPorts: ["9090"]
+        methods: [GET]
+        notMethods: [DELETE]
+        paths: ["/api/*"]
+        notPaths: ["/api/admin"]
+    when:
+    - key: request.headers[x-user]
+      values: [alice]
+      notValues: [mallory]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: targeted
+  namespace: foo
+spec:
+  targetRefs:
+  - group: gateway.networking.k8s.io
+    kind: Gateway
+    name: waypoint
+    namespace: foo
+  targetRef:
+    group: ""
+    kind: Service
+    name: cart
+  action: CUSTOM
+  provider:
+    name: ext-authz
+  rules:
+  - to:
+    - operation:
+        paths: ["/admin"]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: every-field
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: cart
+  mtls:
+    mode: STRICT
+  portLevelMtls:
+    8080:
+      mode: PERMISSIVE
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata:
+  name: every-field
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: cart
+  jwtRules:
+  - issuer: https://issuer.example.com
+    audiences: [cart]
+    jwksUri: https://issuer.example.com/keys
+    fromHeaders:
+    - name: x-jwt
+      prefix: "Bearer "
+    fromParams: [token]
+    outputPayloadToHeader: x-jwt-payload
+    forwardOriginalToken: true
+"#;
+
+#[test]
+fn a_misspelt_field_rejects_a_security_policy_whichever_field_it_is() {
+    // The policies load as written (the targeted one gets its status from translation).
+    let docs = parse_file(Path::new("p.yaml"), EVERY_FIELD);
+    assert!(errors(&docs).is_empty(), "{:?}", errors(&docs));
+    assert_eq!(loaded(&docs).len(), 4);
+    let lines: Vec<&str> = EVERY_FIELD.lines().collect();
+    let mut checked = 0;
+    for (n, line) in lines.iter().enumerate() {
+        let body = line.trim_start().trim_start_matches("- ");
+        let Some((key, _)) = body.split_once(':') else {
+            continue;
+        };
+        // Keys of maps the user names (labels, ports) and the outer envelope are not fields.
+        let indent = line.len() - line.trim_start().len();
+        if indent == 0
+            || key.starts_with('"')
+            || key.parse::<u32>().is_ok()
+            || ["app", "name", "namespace"].contains(&key)
+                && lines[n - 1].trim_start().starts_with("matchLabels")
+        {
+            continue;
+        }
+        if ["name", "namespace"].contains(&key) && indent == 2 {
+            continue;
+        }
+        let mut typo = lines.clone();
+        let wrong = line.replacen(key, &format!("{key}x"), 1);
+        typo[n] = &wrong;
+        let text = typo.join("\n");
+        let docs = parse_file(Path::new("p.yaml"), &text);
+        let errs = errors(&docs);
+        assert_eq!(errs.len(), 1, "misspelt {key:?} (line {n}): {errs:?}");
+        assert!(
+            errs[0].contains(&format!("{key}x: unknown field"))
+                || errs[0].contains(&format!("missing field `{key}`")),
+            "misspelt {key:?}: the error names the field: {errs:?}"
+        );
+        assert_eq!(
+            loaded(&docs).len(),
+            3,
+            "misspelt {key:?}: only that object is refused"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 50, "{checked} keys checked");
+}
+
+#[test]
+fn an_empty_source_operation_or_condition_rejects_the_policy() {
+    let policy = |rule: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: foo}}\nspec:\n  rules:\n  - {rule}\n"
+        )
+    };
+    let cases = [
+        (
+            "from: [{source: {}}]",
+            "spec.rules[0].from[0].source: must not be empty",
+        ),
+        (
+            "from: [{}]",
+            "spec.rules[0].from[0].source: must not be empty",
+        ),
+        (
+            "to: [{operation: {}}]",
+            "spec.rules[0].to[0].operation: must not be empty",
+        ),
+        (
+            "when: [{key: source.ip}]",
+            "spec.rules[0].when[0]: one of values or notValues is required",
+        ),
+        (
+            "when: [{key: source.namespaces, values: [a]}]",
+            "spec.rules[0].when[0].key: unknown attribute \"source.namespaces\"",
+        ),
+        (
+            "when: [{key: \"request.headers[]\", values: [a]}]",
+            "spec.rules[0].when[0].key: unknown attribute",
+        ),
+    ];
+    for (rule, want) in cases {
+        let docs = parse_file(Path::new("p.yaml"), &policy(rule));
+        let errs = errors(&docs);
+        assert_eq!(errs.len(), 1, "{rule}: {docs:?}");
+        assert!(errs[0].contains(want), "{rule}: {errs:?}");
+    }
+    // What Istio accepts stays accepted: an empty rule matches everything, known keys.
+    for rule in [
+        "{}",
+        "when: [{key: \"request.auth.claims[groups]\", values: [admin]}]",
+        "when: [{key: \"experimental.envoy.filters.network.mysql_proxy[db.table]\", values: [x]}]",
+        "from: [{source: {notNamespaces: [dev]}}]",
+    ] {
+        let docs = parse_file(Path::new("p.yaml"), &policy(rule));
+        assert!(errors(&docs).is_empty(), "{rule}: {:?}", errors(&docs));
+    }
 }
 
 #[test]

@@ -195,6 +195,81 @@ pub struct Condition {
     pub not_values: Vec<String>,
 }
 
+/// The `when` keys Istio documents (exact, or a prefix ending in `[` closed by `]`, or the
+/// `experimental.envoy.filters.` family).
+const CONDITION_KEYS: &[&str] = &[
+    "source.ip",
+    "remote.ip",
+    "source.namespace",
+    "source.principal",
+    "request.auth.principal",
+    "request.auth.audiences",
+    "request.auth.presenter",
+    "destination.ip",
+    "destination.port",
+    "connection.sni",
+];
+
+fn known_condition_key(key: &str) -> bool {
+    let bracketed = |prefix: &str| {
+        key.strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(']'))
+            .is_some_and(|inner| !inner.is_empty())
+    };
+    CONDITION_KEYS.contains(&key)
+        || bracketed("request.headers[")
+        || bracketed("request.auth.claims[")
+        || key.starts_with("experimental.envoy.filters.")
+}
+
+impl AuthorizationPolicy {
+    /// What Istio's validation refuses beyond the schema: an empty `source` or `operation`
+    /// (all its fields missing or misspelt: it would match everything, so a typo would make
+    /// an ALLOW allow everyone), a `when` condition without a key or values, or with a key
+    /// Istio does not know. Returns (field, reason).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        for (i, rule) in self.spec.rules.iter().enumerate() {
+            let at = format!("spec.rules[{i}]");
+            for (j, f) in rule.from.iter().enumerate() {
+                if f.source == Source::default() {
+                    return Err((
+                        format!("{at}.from[{j}].source"),
+                        "must not be empty: a source without fields would match every peer".into(),
+                    ));
+                }
+            }
+            for (j, t) in rule.to.iter().enumerate() {
+                if t.operation == Operation::default() {
+                    return Err((
+                        format!("{at}.to[{j}].operation"),
+                        "must not be empty: an operation without fields would match every request"
+                            .into(),
+                    ));
+                }
+            }
+            for (j, c) in rule.when.iter().enumerate() {
+                let at = format!("{at}.when[{j}]");
+                if c.key.is_empty() {
+                    return Err((format!("{at}.key"), "is required".into()));
+                }
+                if !known_condition_key(&c.key) {
+                    return Err((
+                        format!("{at}.key"),
+                        format!(
+                            "unknown attribute {:?}: see Istio's authorization policy conditions for the keys",
+                            c.key
+                        ),
+                    ));
+                }
+                if c.values.is_empty() && c.not_values.is_empty() {
+                    return Err((at, "one of values or notValues is required".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `PeerAuthentication`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PeerAuthentication {

@@ -246,16 +246,37 @@ fn parse_document(file: &str, position: &str, mut value: Value) -> Document {
                 m.remove("apiVersion");
                 m.remove("kind");
             }
+            // The status is the control plane's own (read back from the API), not input.
+            if let Some(m) = value.as_mapping_mut() {
+                m.remove("status");
+            }
+            // A misspelt field of a security policy changes what it matches (a `source`
+            // whose only field is misspelt matches everyone): refused, as the API server's
+            // schema validation refuses it; the last good version stays in force.
+            let strict = |warnings: &mut Vec<String>| {
+                match warnings.first() {
+                Some(field) => Err((
+                    field.clone(),
+                    "unknown field: a misspelt field would change what this security policy matches, so the policy is rejected (its last good version, if any, stays in force)".to_string(),
+                )),
+                None => Ok(()),
+            }
+            };
             match k {
-                "AuthorizationPolicy" => {
-                    typed(value, &mut warnings).map(|o| Object::AuthorizationPolicy(Box::new(o)))
-                }
-                "PeerAuthentication" => {
-                    typed(value, &mut warnings).map(|o| Object::PeerAuthentication(Box::new(o)))
-                }
-                _ => {
-                    typed(value, &mut warnings).map(|o| Object::RequestAuthentication(Box::new(o)))
-                }
+                "AuthorizationPolicy" => typed::<AuthorizationPolicy>(value, &mut warnings)
+                    .and_then(|p| {
+                        strict(&mut warnings)?;
+                        p.validate()?;
+                        Ok(Object::AuthorizationPolicy(Box::new(p)))
+                    }),
+                "PeerAuthentication" => typed(value, &mut warnings).and_then(|p| {
+                    strict(&mut warnings)?;
+                    Ok(Object::PeerAuthentication(Box::new(p)))
+                }),
+                _ => typed(value, &mut warnings).and_then(|p| {
+                    strict(&mut warnings)?;
+                    Ok(Object::RequestAuthentication(Box::new(p)))
+                }),
             }
         }
         (
