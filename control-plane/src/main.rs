@@ -289,7 +289,18 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 }
             }
             .map_err(|e| e.to_string())?;
-            println!("{token}");
+            // Exactly the token, no newline: `> file` then gives a file that a bearer-token
+            // client can send verbatim (Istio's ztunnel does; a newline makes the header
+            // invalid). A terminal still gets its line end, on stderr.
+            use std::io::{IsTerminal, Write};
+            let mut stdout = std::io::stdout();
+            stdout
+                .write_all(token.as_bytes())
+                .and_then(|()| stdout.flush())
+                .map_err(|e| format!("cannot print the credential: {e}"))?;
+            if stdout.is_terminal() {
+                eprintln!();
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Check {

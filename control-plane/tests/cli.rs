@@ -85,8 +85,10 @@ fn a_credential_is_printed_once_and_only_its_digest_is_stored() {
         String::from_utf8_lossy(&out.stderr)
     );
     let token = String::from_utf8(out.stdout).unwrap();
-    let token = token.trim();
-    assert_eq!(token.len(), 64);
+    // Exactly the token: a file made with `> file` is sent verbatim by some clients.
+    assert_eq!(token.len(), 64, "{token:?}");
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{token:?}");
+    let token = token.as_str();
     let stored = std::fs::read_to_string(dir.path().join("credentials/node_node1.sha256")).unwrap();
     assert!(!stored.contains(token), "the token itself is not kept");
     assert!(stored.ends_with("node node1\n"), "{stored}");

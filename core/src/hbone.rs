@@ -242,6 +242,17 @@ impl H2Stream {
             _ => None,
         }
     }
+
+    /// Whether the peer refused the CONNECT by policy (see [`is_policy_deny`]).
+    pub fn denied_by_policy(&self) -> bool {
+        self.refused().is_some_and(is_policy_deny)
+    }
+}
+
+/// Whether a CONNECT refused with `status` was refused by the destination's policy: Trellis
+/// answers 403 (docs/hbone.md), Istio's ztunnel 401; both mean the same to the client.
+pub fn is_policy_deny(status: StatusCode) -> bool {
+    status == StatusCode::FORBIDDEN || status == StatusCode::UNAUTHORIZED
 }
 
 impl AsyncWrite for H2Stream {

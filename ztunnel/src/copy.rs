@@ -578,5 +578,22 @@ mod tests {
         let r = tcp_hbone(&mut near, &mut stream).await;
         assert!(r.is_err(), "{r:?}");
         assert_eq!(stream.refused(), Some(http::StatusCode::FORBIDDEN));
+        assert!(stream.denied_by_policy());
+    }
+
+    #[tokio::test]
+    async fn istio_ztunnels_401_is_a_policy_deny_too_and_503_is_not() {
+        for (status, deny) in [
+            (http::StatusCode::UNAUTHORIZED, true),
+            (http::StatusCode::SERVICE_UNAVAILABLE, false),
+        ] {
+            let (mut stream, _) = hbone_pair(status).await;
+            let (mut app, mut near) = tcp_pair().await;
+            app.write_all(b"hello").await.unwrap();
+            let _app = app;
+            assert!(tcp_hbone(&mut near, &mut stream).await.is_err());
+            assert_eq!(stream.refused(), Some(status));
+            assert_eq!(stream.denied_by_policy(), deny, "{status}");
+        }
     }
 }

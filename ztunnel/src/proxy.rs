@@ -452,7 +452,8 @@ async fn outbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
                             match crate::copy::tcp_hbone(&mut client, tunnel.stream_mut()).await {
                                 Ok((a, b)) => (o.sent, o.received) = (a, b),
                                 // The CONNECT went out without waiting: a refusal arrives here.
-                                Err(_) if tunnel.refused() == Some(http::StatusCode::FORBIDDEN) => {
+                                // 403 from Trellis, 401 from Istio's ztunnel.
+                                Err(_) if tunnel.denied_by_policy() => {
                                     o.flags = "DENY";
                                     o.result = "denied by the destination's policy".into();
                                 }

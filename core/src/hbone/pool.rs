@@ -110,6 +110,11 @@ impl PooledStream {
     pub fn refused(&self) -> Option<http::StatusCode> {
         self.stream.refused()
     }
+
+    /// Whether the peer refused the CONNECT by policy (see [`super::is_policy_deny`]).
+    pub fn denied_by_policy(&self) -> bool {
+        self.stream.denied_by_policy()
+    }
 }
 
 impl AsyncRead for PooledStream {
