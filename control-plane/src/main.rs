@@ -60,9 +60,13 @@ enum Command {
         /// xDS and CA address (gRPC over TLS).
         #[arg(long, default_value = "0.0.0.0:15012")]
         grpc_addr: SocketAddr,
-        /// Admin address (plain HTTP: /ready, /debug/status).
+        /// Admin address (plain HTTP, unauthenticated: /ready, /debug/status). Keep it on
+        /// localhost.
         #[arg(long, default_value = "127.0.0.1:15014")]
         admin_addr: SocketAddr,
+        /// Serve /ready alone here too (for a kubelet's probe on the pod's address).
+        #[arg(long)]
+        readiness_addr: Option<SocketAddr>,
         /// Names and IPs clients dial, for the serving certificate (repeatable).
         #[arg(long = "serving-name", default_values = ["localhost", "127.0.0.1"])]
         serving_names: Vec<String>,
@@ -213,6 +217,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             state_dir,
             grpc_addr,
             admin_addr,
+            readiness_addr,
             serving_names,
             poll_ms,
             write_roots,
@@ -228,6 +233,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             opts.state_dir = state_dir;
             opts.grpc = grpc_addr;
             opts.admin = admin_addr;
+            opts.readiness = readiness_addr;
             opts.serving_names = serving_names;
             opts.poll_interval = Duration::from_millis(poll_ms.max(10));
             opts.token_audience = token_audience;

@@ -45,8 +45,12 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// xDS and CA (gRPC over TLS).
     pub grpc: SocketAddr,
-    /// Admin endpoint (plain HTTP; keep it on localhost).
+    /// Admin endpoint (plain HTTP, unauthenticated: `/debug/status` shows every policy and
+    /// proxy; keep it on localhost).
     pub admin: SocketAddr,
+    /// Readiness only (`/ready`, nothing else): what a kubelet probes on the pod's address
+    /// while the admin endpoint stays on localhost. `None`: not served.
+    pub readiness: Option<SocketAddr>,
     /// DNS names and IPs in the serving certificate (what clients dial).
     pub serving_names: Vec<String>,
     /// How often the directory is polled.
@@ -84,6 +88,7 @@ impl Options {
             state_dir: PathBuf::from("/var/lib/trellis/control-plane"),
             grpc: SocketAddr::from(([0, 0, 0, 0], 15012)),
             admin: SocketAddr::from(([127, 0, 0, 1], 15014)),
+            readiness: None,
             serving_names: vec!["localhost".into(), "127.0.0.1".into()],
             poll_interval: Duration::from_millis(500),
             debounce: Duration::from_millis(200),
@@ -156,6 +161,7 @@ struct Shared {
 pub struct ControlPlane {
     grpc_addr: SocketAddr,
     admin_addr: SocketAddr,
+    readiness_addr: Option<SocketAddr>,
     roots_pem: String,
     credentials: Arc<LocalCredentials>,
     shared: Arc<Shared>,
@@ -251,7 +257,7 @@ impl ControlPlane {
             );
         }
 
-        let (shutdown, mut stopped) = watch::channel(false);
+        let (shutdown, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
 
         // Watch the Kubernetes API; publish each change.
@@ -389,19 +395,34 @@ impl ControlPlane {
         let admin_addr = admin
             .local_addr()
             .map_err(|e| StartError::Listen(opts.admin, e))?;
-        {
+        let mut listeners = vec![(admin, Endpoints::Admin)];
+        let mut readiness_addr = None;
+        if let Some(addr) = opts.readiness {
+            let ready = TcpListener::bind(addr)
+                .await
+                .map_err(|e| StartError::Listen(addr, e))?;
+            readiness_addr = Some(
+                ready
+                    .local_addr()
+                    .map_err(|e| StartError::Listen(addr, e))?,
+            );
+            listeners.push((ready, Endpoints::ReadinessOnly));
+        }
+        for (listener, endpoints) in listeners {
             let shared = shared.clone();
+            let mut stopped = stopped.clone();
             tasks.push(tokio::spawn(async move {
                 tokio::select! {
-                    () = serve_admin(admin, shared) => {}
+                    () = serve_admin(listener, shared, endpoints) => {}
                     _ = stopped.wait_for(|s| *s) => {}
                 }
             }));
         }
-        tracing::info!(%grpc_addr, %admin_addr, "control plane serving");
+        tracing::info!(%grpc_addr, %admin_addr, ?readiness_addr, "control plane serving");
         Ok(ControlPlane {
             grpc_addr,
             admin_addr,
+            readiness_addr,
             roots_pem,
             credentials,
             shared,
@@ -418,6 +439,11 @@ impl ControlPlane {
     /// Where the admin endpoint is served.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// Where readiness alone is served, if asked for.
+    pub fn readiness_addr(&self) -> Option<SocketAddr> {
+        self.readiness_addr
     }
 
     /// The trust bundle (PEM roots) clients verify the server and each other with.
@@ -792,7 +818,16 @@ fn status_json(r: &StatusReport) -> serde_json::Value {
     })
 }
 
-async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
+/// What an admin listener answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoints {
+    /// `/ready` and `/debug/status`.
+    Admin,
+    /// `/ready` only.
+    ReadinessOnly,
+}
+
+async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, endpoints: Endpoints) {
     loop {
         let (conn, _) = match listener.accept().await {
             Ok(c) => c,
@@ -806,7 +841,7 @@ async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
                 let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin(&req, &shared)) }
+                async move { Ok::<_, std::convert::Infallible>(admin(&req, &shared, endpoints)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .header_read_timeout(Duration::from_secs(5))
@@ -817,7 +852,11 @@ async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn admin<B>(req: &hyper::Request<B>, shared: &Shared) -> hyper::Response<Full<Bytes>> {
+fn admin<B>(
+    req: &hyper::Request<B>,
+    shared: &Shared,
+    endpoints: Endpoints,
+) -> hyper::Response<Full<Bytes>> {
     let reply = |code: u16, kind: &str, body: String| {
         hyper::Response::builder()
             .status(code)
@@ -836,6 +875,11 @@ fn admin<B>(req: &hyper::Request<B>, shared: &Shared) -> hyper::Response<Full<By
             503,
             "text/plain",
             "not ready: the configuration has not been read in full yet\n".into(),
+        ),
+        _ if endpoints == Endpoints::ReadinessOnly => reply(
+            404,
+            "text/plain",
+            "not found; this port serves /ready only\n".into(),
         ),
         "/debug/status" => {
             let body = status_json(&status_report(shared));

@@ -62,6 +62,7 @@ async fn start(files: &[(&str, String)]) -> Mesh {
     opts.state_dir = state.path().to_path_buf();
     opts.grpc = "127.0.0.1:0".parse().unwrap();
     opts.admin = "127.0.0.1:0".parse().unwrap();
+    opts.readiness = Some("127.0.0.1:0".parse().unwrap());
     opts.poll_interval = Duration::from_millis(50);
     opts.debounce = Duration::from_millis(50);
     let cp = ControlPlane::start(opts).await.unwrap();
@@ -340,6 +341,11 @@ async fn the_admin_endpoint_answers_ready_and_refuses_the_rest() {
     .await;
     assert_eq!(admin_get(m.cp.admin_addr(), "/ready").await.0, 200);
     assert_eq!(admin_get(m.cp.admin_addr(), "/nope").await.0, 404);
+    // The readiness port (the one a kubelet probes on the pod's address) answers /ready and
+    // nothing else: the debug status stays on the admin port, on localhost.
+    let ready = m.cp.readiness_addr().unwrap();
+    assert_eq!(admin_get(ready, "/ready").await.0, 200);
+    assert_eq!(admin_get(ready, "/debug/status").await.0, 404);
     let s = status(&m).await;
     assert_eq!(s["policies"][0]["name"], "deny-dev");
     assert_eq!(s["policies"][0]["state"], "Accepted");

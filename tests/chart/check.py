@@ -316,6 +316,21 @@ def main():
         if not agent_roles or agent_roles[0]["rules"] != [{"apiGroups": ["apps"], "resources": ["daemonsets"],
                                                           "resourceNames": ["trellis-node-agent"], "verbs": ["get", "list", "watch"]}]:
             fail(f"{name}: the node agent's Role is not exactly 'read and watch its own DaemonSet'")
+        # Exposure: unauthenticated debug endpoints stay on loopback and off the Services.
+        cp = [d for d in by_kind["Deployment"] if d["metadata"]["name"] == "trellis-control-plane"][0]
+        cp_args = cp["spec"]["template"]["spec"]["containers"][0]["args"]
+        if "--admin-addr=127.0.0.1:15014" not in cp_args:
+            fail(f"{name}: the control plane's admin port is not bound to localhost: {cp_args}")
+        for svc in by_kind.get("Service", []):
+            exposed = {p["port"] for p in svc["spec"]["ports"]} & {15000, 15014}
+            if exposed:
+                fail(f"{name}: Service {svc['metadata']['name']} publishes admin port(s) {sorted(exposed)}")
+        for kind in ("Deployment", "DaemonSet"):
+            for d in by_kind.get(kind, []):
+                for c in d["spec"]["template"]["spec"]["containers"]:
+                    for arg in c.get("args", []):
+                        if arg.startswith("--admin-addr=") and not arg.startswith("--admin-addr=127.0.0.1:"):
+                            fail(f"{name}: {kind} {d['metadata']['name']}: {arg} is not on localhost")
         if name == "lab" and "PodDisruptionBudget" in by_kind:
             fail("lab: PodDisruptionBudget rendered although disabled")
 
