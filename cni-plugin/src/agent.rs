@@ -495,18 +495,8 @@ fn del_request(uid: &str) -> WorkloadRequest {
     }
 }
 
-/// Binds the plugin's socket (replacing a stale one), readable by root only.
+/// Binds the plugin's socket (replacing a stale one), reachable by its owner (root) only
+/// from the moment it exists.
 pub fn bind_cni_socket(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let l = UnixListener::bind(path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    trellis_core::sockfile::bind_owner_only(path, |p| UnixListener::bind(p))
 }

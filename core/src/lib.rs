@@ -13,6 +13,7 @@ pub mod hbone;
 pub mod identity;
 pub mod netns;
 pub mod shutdown;
+pub mod sockfile;
 pub mod tls;
 pub mod xds;
 pub mod zds;

@@ -242,18 +242,15 @@ pub struct ZdsListener {
 
 impl ZdsListener {
     /// Listens at `path`, replacing a stale socket file left by an earlier run.
+    /// The socket file is owner-only from the start (it hands out network namespaces;
+    /// see [`crate::sockfile`]).
     pub fn bind(path: &Path) -> io::Result<ZdsListener> {
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let fd = seqpacket()?;
-        let addr = UnixAddr::new(path).map_err(io::Error::from)?;
-        bind(fd.as_raw_fd(), &addr).map_err(io::Error::from)?;
+        let fd = crate::sockfile::bind_owner_only(path, |at| {
+            let fd = seqpacket()?;
+            let addr = UnixAddr::new(at).map_err(io::Error::from)?;
+            bind(fd.as_raw_fd(), &addr).map_err(io::Error::from)?;
+            Ok(fd)
+        })?;
         listen(&fd, Backlog::new(16).map_err(io::Error::from)?).map_err(io::Error::from)?;
         Ok(ZdsListener { fd: register(fd)? })
     }
