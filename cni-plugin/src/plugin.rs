@@ -300,7 +300,15 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
 }
 
 fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
-    let req = pod_request(env, conf, "DEL")?;
+    // DEL succeeds when there is nothing to do (CNI spec): a runtime cleaning up a sandbox
+    // that never got far may call it without CNI_ARGS, an interface or prevResult.
+    let req = match pod_request(env, conf, "DEL") {
+        Ok(req) => req,
+        Err(e) => {
+            eprintln!("trellis-cni: DEL with nothing to do ({e}); succeeding");
+            return Ok(());
+        }
+    };
     // DEL must succeed when there is nothing to do; an agent that is away releases pods
     // whose namespaces are gone when it is back.
     if let Err(e) = ask(conf, &req) {

@@ -173,4 +173,10 @@ fn fail_open_passes_the_previous_result_through_and_del_never_fails() {
     let (ok, v) = call(Some("DEL"), Some(ARGS), &conf(json!({})));
     assert!(ok, "DEL with the agent away still succeeds: {v}");
     assert!(v.is_null(), "DEL prints nothing");
+    // Nothing to do: no pod named, no previous result. Still success, as the spec asks.
+    let (ok, v) = call(Some("DEL"), None, &conf(json!({"prevResult": null})));
+    assert!(ok, "DEL without CNI_ARGS succeeds: {v}");
+    assert!(v.is_null(), "DEL prints nothing");
+    let (ok, v) = call(Some("DEL"), Some("IgnoreUnknown=1"), &conf(json!({})));
+    assert!(ok, "DEL without the pod's name succeeds: {v}");
 }
