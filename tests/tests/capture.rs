@@ -270,9 +270,37 @@ fn enrollment_follows_the_namespace_label_while_pods_run() {
             || Ok(!logged(&mesh, "node1", "outbound", &addr)?.is_empty()),
         )?;
 
+        // The client's certificate is held (and its expiry exported) while it is served.
+        let client_id = "spiffe://cluster.local/ns/plain/sa/client";
+        let holds = |id: &str| -> Result<(bool, bool)> {
+            let mut cmd = Command::new("curl");
+            cmd.args(["-sf", "http://127.0.0.1:15000/config_dump"]);
+            let dump: Value = serde_json::from_str(&c.run(n1, "curl", cmd)?)?;
+            let held = dump["certificates"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|c| c["identity"] == id));
+            let exported = mesh
+                .metrics(c, n1)?
+                .lines()
+                .any(|l| l.starts_with("trellis_cert_expiry_seconds{") && l.contains(id));
+            Ok((held, exported))
+        };
+        eventually(
+            "the client's certificate held and exported",
+            Duration::from_secs(10),
+            || Ok(holds(client_id)? == (true, true)),
+        )?;
+
         // Label removed: released, traffic flows directly again.
         mesh.namespace("plain", false)?;
         mesh.wait_captured(c, &client, false)?;
+        // The last pod with that identity left ztunnel: its certificate is no longer held,
+        // renewed or exported.
+        eventually(
+            "the released pod's certificate forgotten",
+            Duration::from_secs(10),
+            || Ok(holds(client_id)? == (false, false)),
+        )?;
         let before = logged(&mesh, "node1", "outbound", &addr)?.len();
         echo(c, &client, &addr, 1_000_000)?;
         std::thread::sleep(Duration::from_millis(500));

@@ -137,6 +137,30 @@ impl Pods {
         if let Some(p) = removed {
             tracing::info!(pod = %format!("{}/{}", p.info.namespace, p.info.name), uid, "no longer serving pod");
             p.proxy.stop(self.config.drain_timeout);
+            self.forget_identity_unless_served(&p.info);
+        }
+    }
+
+    /// Stops holding (renewing, exporting) the certificate of `left`'s identity when no
+    /// pod served now has that identity. Draining connections keep the certificate they
+    /// hold; a pod of that identity added later fetches a new one.
+    fn forget_identity_unless_served(&self, left: &PodInfo) {
+        let still_served = {
+            let s = self.served.lock().unwrap_or_else(|e| e.into_inner());
+            s.values().any(|p| {
+                p.info.namespace == left.namespace && p.info.service_account == left.service_account
+            })
+        };
+        if still_served {
+            return;
+        }
+        if let Ok(id) = trellis_core::SpiffeId::new(
+            &self.mesh.trust_domain,
+            &left.namespace,
+            &left.service_account,
+        ) {
+            tracing::info!(identity = %id, "the last pod with this identity left: its certificate is no longer renewed");
+            self.mesh.certs.forget(&id);
         }
     }
 

@@ -85,6 +85,16 @@ pub async fn run(
     let metrics = telemetry::install_metrics()?;
     let mesh = Arc::new(connect_mesh(&config)?);
     let pods = inpod::Pods::new(config.clone(), mesh.clone());
+    let held: telemetry::HeldIdentities = {
+        let mesh = mesh.clone();
+        Arc::new(move || {
+            mesh.certs
+                .identities()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        })
+    };
     let (admin_addr, ready_addr) = admin::start(
         admin::Admin {
             mesh,
@@ -97,7 +107,7 @@ pub async fn run(
     )
     .await?;
     tracing::info!(admin = %admin_addr, readiness = %ready_addr, "admin and readiness serving");
-    let admin = telemetry::serve(config.metrics_addr, metrics).await?;
+    let admin = telemetry::serve(config.metrics_addr, metrics, held).await?;
     tracing::info!(metrics = %admin, zds = %config.zds_socket.display(), node = %config.node_name, "ztunnel starting");
     let zds = tokio::spawn(inpod::run_zds_client(config.clone(), pods.clone()));
     let trim = tokio::spawn(memory::trim_when_idle());

@@ -7,6 +7,7 @@
 //! for the peer of inbound HBONE); what is not known is `unknown`, as Istio reports it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -426,8 +427,16 @@ pub fn access_log(l: &AccessLog<'_>) {
     );
 }
 
+/// The identities whose certificates are held now (the expiry series of any other
+/// identity is not exported: the `metrics` crate cannot unregister a series).
+pub type HeldIdentities = Arc<dyn Fn() -> std::collections::HashSet<String> + Send + Sync>;
+
 /// Serves `/metrics` on `addr`; returns the bound address.
-pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: PrometheusHandle,
+    held: HeldIdentities,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
@@ -437,9 +446,10 @@ pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle) -> std::io::Resu
                 continue;
             };
             let metrics = metrics.clone();
+            let held = held.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                    let body = respond(&req, &metrics);
+                    let body = respond(&req, &metrics, &held);
                     async move { Ok::<_, std::convert::Infallible>(body) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
@@ -453,9 +463,13 @@ pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle) -> std::io::Resu
     Ok(bound)
 }
 
-fn respond<B>(req: &hyper::Request<B>, metrics: &PrometheusHandle) -> hyper::Response<Full<Bytes>> {
+fn respond<B>(
+    req: &hyper::Request<B>,
+    metrics: &PrometheusHandle,
+    held: &HeldIdentities,
+) -> hyper::Response<Full<Bytes>> {
     let (code, body) = match req.uri().path() {
-        "/metrics" => (200, metrics.render()),
+        "/metrics" => (200, without_forgotten_certs(&metrics.render(), &held())),
         _ => (404, "try /metrics\n".to_string()),
     };
     hyper::Response::builder()
@@ -464,9 +478,42 @@ fn respond<B>(req: &hyper::Request<B>, metrics: &PrometheusHandle) -> hyper::Res
         .unwrap_or_default()
 }
 
+/// `text` without the certificate-expiry series of identities not in `held`.
+fn without_forgotten_certs(text: &str, held: &std::collections::HashSet<String>) -> String {
+    const SERIES: &str = "trellis_cert_expiry_seconds{";
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        if let Some(labels) = line.strip_prefix(SERIES) {
+            let identity = labels
+                .split_once("identity=\"")
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .map(|(id, _)| id);
+            if identity.is_some_and(|id| !held.contains(id)) {
+                continue;
+            }
+        }
+        out.push_str(line);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_expiry_series_of_a_forgotten_identity_is_not_exported() {
+        let text = "# TYPE trellis_cert_expiry_seconds gauge\n\
+trellis_cert_expiry_seconds{identity=\"spiffe://td/ns/a/sa/a\"} 100\n\
+trellis_cert_expiry_seconds{identity=\"spiffe://td/ns/b/sa/b\"} 0\n\
+istio_tcp_connections_opened_total{x=\"y\"} 3\n";
+        let held = ["spiffe://td/ns/a/sa/a".to_string()].into_iter().collect();
+        let out = without_forgotten_certs(text, &held);
+        assert!(out.contains("ns/a/sa/a\"} 100"), "{out}");
+        assert!(!out.contains("ns/b/sa/b"), "{out}");
+        assert!(out.contains("istio_tcp_connections_opened_total"), "{out}");
+        assert!(out.starts_with("# TYPE"), "{out}");
+    }
 
     fn workload(name: &str, ns: &str) -> Workload {
         Workload {
