@@ -92,8 +92,30 @@ impl Agent {
     /// An agent deciding enrollment from `xds`, with the pods of `state_file` (if any).
     pub fn new(config: AgentConfig, xds: XdsClient) -> Result<Arc<Agent>, String> {
         let pods: BTreeMap<String, PodEntry> = match std::fs::read(&config.state_file) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{}: {e}", config.state_file.display()))?,
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(pods) => pods,
+                // A corrupt state file must not keep the agent down (no new pod could be
+                // captured then): it is kept aside for a post-mortem and the agent starts
+                // from what it learns again (CNI ADDs, the control plane).
+                Err(e) => {
+                    let aside = config.state_file.with_extension(format!(
+                        "corrupt-{}",
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or_default()
+                    ));
+                    let kept = std::fs::rename(&config.state_file, &aside);
+                    tracing::error!(
+                        file = %config.state_file.display(),
+                        error = %e,
+                        kept_as = %aside.display(),
+                        kept = kept.is_ok(),
+                        "the node agent's state file is corrupt; starting without it (pods captured before are not known until they are added again)"
+                    );
+                    BTreeMap::new()
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(format!("{}: {e}", config.state_file.display())),
         };

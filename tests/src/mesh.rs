@@ -293,8 +293,19 @@ impl Mesh {
 
     /// Restarts the node agent of `node`.
     pub fn restart_agent(&mut self, c: &Cluster, node: &Node) -> Result<()> {
+        self.restart_agent_after(c, node, || Ok(()))
+    }
+
+    /// Restarts the node agent of `node`, running `meanwhile` while it is down.
+    pub fn restart_agent_after(
+        &mut self,
+        c: &Cluster,
+        node: &Node,
+        meanwhile: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
         let i = self.index(node.name())?;
         self.nodes[i].agent.stop(Duration::from_secs(5))?;
+        meanwhile()?;
         let roots = self.cp_dir.join("roots.pem");
         let credential = node.state_dir().join("node-credential");
         self.nodes[i].agent = Self::spawn_agent(c, node, &roots, &credential, &c.nodes()[0])?;

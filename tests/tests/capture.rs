@@ -429,6 +429,22 @@ fn restarts_of_ztunnel_and_the_node_agent_lose_nothing() {
             Duration::from_secs(10),
             || Ok(logged(&mesh, "node2", "inbound", &addr)?.len() > before),
         )?;
+
+        // The agent of node1 restarts over a corrupt state file: it starts anyway, keeps the
+        // file aside, and captures a pod added after it is back.
+        let state = n1.state_dir().join("node-agent.json");
+        mesh.restart_agent_after(c, n1, || Ok(std::fs::write(&state, b"{\"truncated")?))?;
+        let a2 = c.add_pod(n1, "shop", "a2", "a2", &[])?;
+        mesh.register_pod(&a2)?;
+        mesh.wait_captured(c, &a2, true)?;
+        let aside = std::fs::read_dir(n1.state_dir())?
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("node-agent.corrupt-")
+            });
+        ensure!(aside, "the corrupt state file was not kept aside");
         Ok(())
     });
 }
