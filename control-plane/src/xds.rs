@@ -308,6 +308,10 @@ struct TypeState {
     /// Whether any response was sent (the first one is sent even when empty: it tells the
     /// proxy it is in sync).
     answered: bool,
+    /// The snapshot generation whose response the proxy rejected: nothing is resent until
+    /// the configuration (or the subscription) changes — a proxy that rejects a response
+    /// deterministically would otherwise get it again at once, in a hot loop.
+    nacked: Option<u64>,
 }
 
 struct Stream {
@@ -382,12 +386,15 @@ impl Stream {
             match state.pending.take() {
                 Some(p) if p.nonce == req.response_nonce => {
                     if let Some(err) = &req.error_detail {
+                        // Logged once per configuration version: it is not resent.
                         tracing::warn!(
                             proxy = %self.proxy, type_url = %type_url, nonce = %p.nonce,
+                            generation = p.snapshot.generation,
                             code = err.code, error = %err.message,
-                            "proxy rejected (NACK) the update; it keeps its previous config"
+                            "proxy rejected (NACK) the update; it keeps its previous config; not resent until the configuration changes"
                         );
                         state.synced_generation = None;
+                        state.nacked = Some(p.snapshot.generation);
                     } else {
                         match &p.patch {
                             // By name: the response changed exactly these.
@@ -413,6 +420,7 @@ impl Stream {
         if !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty() {
             // The subscription changed: the next response is computed in full.
             state.synced_generation = None;
+            state.nacked = None;
         }
         for name in req.resource_names_subscribe {
             if name == "*" {
@@ -451,6 +459,9 @@ impl Stream {
             return Ok(());
         }
         if state.synced_generation == Some(snap.generation) {
+            return Ok(());
+        }
+        if state.nacked == Some(snap.generation) {
             return Ok(());
         }
         let (wildcard, names) = (state.wildcard, &state.names);

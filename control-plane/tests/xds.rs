@@ -200,6 +200,14 @@ async fn a_nack_keeps_the_previous_version_and_nothing_is_sent_until_it_is_answe
         acks.lagging(ADDRESS, WORKLOAD, &new_version),
         ["ztunnel~node1"]
     );
+    // The rejected response is not sent again (a proxy that rejects it deterministically
+    // would loop hot)...
+    proxy.nothing_for(Duration::from_millis(300)).await;
+    // ...until the configuration changes.
+    publish.publish(cluster("10.244.1.4", true));
+    let next = proxy.recv().await;
+    assert_eq!(names(&next), [WORKLOAD]);
+    assert_ne!(next.resources[0].version, new_version);
 }
 
 #[tokio::test]
