@@ -267,6 +267,34 @@ fn a_misspelt_field_rejects_a_security_policy_whichever_field_it_is() {
 }
 
 #[test]
+fn port_level_mtls_reads_json_string_keys_as_the_kubernetes_api_returns_them() {
+    use trellis_control_plane::config::load::parse_object;
+    let pa = serde_json::json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "p", "namespace": "foo"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "cart"}},
+            "mtls": {"mode": "STRICT"},
+            "portLevelMtls": {"8080": {"mode": "PERMISSIVE"}},
+        },
+    });
+    let Document::Loaded(l) = parse_object("kubernetes", pa.clone()) else {
+        panic!("{:?}", parse_object("kubernetes", pa))
+    };
+    let Object::PeerAuthentication(p) = &l.object else {
+        panic!()
+    };
+    assert_eq!(p.spec.port_level_mtls[&8080].mode, MtlsMode::Permissive);
+    let mut bad = pa;
+    bad["spec"]["portLevelMtls"] = serde_json::json!({"http": {"mode": "PERMISSIVE"}});
+    let Document::Invalid(e) = parse_object("kubernetes", bad) else {
+        panic!("a non-numeric port key was accepted")
+    };
+    assert!(e.to_string().contains("is not a port number"), "{e}");
+}
+
+#[test]
 fn an_empty_source_operation_or_condition_rejects_the_policy() {
     let policy = |rule: &str| {
         format!(

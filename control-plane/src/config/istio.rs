@@ -313,9 +313,51 @@ pub struct PeerAuthenticationSpec {
     /// The mode for all ports.
     #[serde(default)]
     pub mtls: Option<Mtls>,
-    /// Per-port modes (only with a selector).
-    #[serde(default)]
+    /// Per-port modes (only with a selector). Keys are ports written as numbers in YAML,
+    /// but always strings in JSON (what the Kubernetes API returns): both are read.
+    #[serde(default, deserialize_with = "port_keys")]
     pub port_level_mtls: BTreeMap<u32, Mtls>,
+}
+
+/// A port as a map key: a number, or a string holding one.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct PortKey(u32);
+
+impl<'de> Deserialize<'de> for PortKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<PortKey, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PortKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a port number (1-65535)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortKey, E> {
+                u32::try_from(v)
+                    .ok()
+                    .filter(|p| (1..=65535).contains(p))
+                    .map(PortKey)
+                    .ok_or_else(|| E::custom(format!("{v} is not a port number (1-65535)")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortKey, E> {
+                self.visit_u64(
+                    u64::try_from(v)
+                        .map_err(|_| E::custom(format!("{v} is not a port number (1-65535)")))?,
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PortKey, E> {
+                self.visit_u64(
+                    v.parse()
+                        .map_err(|_| E::custom(format!("{v:?} is not a port number (1-65535)")))?,
+                )
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+fn port_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, Mtls>, D::Error> {
+    let m = BTreeMap::<PortKey, Mtls>::deserialize(d)?;
+    Ok(m.into_iter().map(|(k, v)| (k.0, v)).collect())
 }
 
 /// `RequestAuthentication`.
