@@ -103,20 +103,22 @@ pub fn bundle_namespaces(
     namespaces
 }
 
-/// What the writer applies for `model` on an API that holds nothing of Trellis's yet (no
-/// status observed, no waypoint Deployment ready): policy and route statuses, the trust
-/// bundle's ConfigMaps when `roots_pem` is given and, with a `template`, each waypoint's
-/// objects and Gateway status. `trellis-control-plane render` prints it, so the writes can
-/// be checked against the API's schemas without a cluster.
+/// What the writer applies for `model` (loaded with `errors`) on an API that holds nothing
+/// of Trellis's yet (no status observed, no waypoint Deployment ready): policy statuses
+/// (rejected versions included) and route statuses, the trust bundle's ConfigMaps when
+/// `roots_pem` is given and, with a `template`, each waypoint's objects and Gateway status.
+/// `trellis-control-plane render` prints it, so the writes can be checked against the
+/// API's schemas without a cluster.
 pub fn first_writes(
     model: &Model,
     mesh: &MeshConfig,
+    errors: &[crate::config::load::ConfigError],
     template: Option<&WaypointTemplate>,
     roots_pem: Option<&str>,
 ) -> BTreeMap<Target, Value> {
-    let snapshot = crate::config::snapshot::Snapshot::build(model, mesh);
-    let mut desired: BTreeMap<Target, Value> = snapshot
-        .statuses
+    let mut statuses = crate::config::snapshot::Snapshot::build(model, mesh).statuses;
+    crate::config::authz::with_load_errors(&mut statuses, errors);
+    let mut desired: BTreeMap<Target, Value> = statuses
         .iter()
         .filter_map(|(id, s)| {
             let body = status::policy_status(id, s, model.generation(id), None);
@@ -133,15 +135,15 @@ pub fn first_writes(
     }
     if let Some(template) = template {
         for (gw, service_ip) in waypoints.values() {
-            let made = waypoint::objects(gw, template);
-            let problem = made.as_ref().err().cloned();
-            desired.extend(made.unwrap_or_default());
             let observed = Observed {
                 ready_replicas: None,
                 service_ip: service_ip.clone(),
             };
-            let (t, body) = waypoint::gateway_status(gw, &observed, problem.as_deref());
-            desired.insert(t, body);
+            desired.extend(waypoint_writes(
+                gw,
+                waypoint::objects(gw, template),
+                &observed,
+            ));
         }
     }
     // Condition times as the writer stamps them when it applies.
@@ -149,6 +151,19 @@ pub fn first_writes(
         .into_iter()
         .map(|(t, body)| (t, apply::stamp_transitions(body, None)))
         .collect()
+}
+
+/// The writes for waypoint `gw`: its objects if they could be made (`made`), and its
+/// status, which says why not otherwise.
+fn waypoint_writes(
+    gw: &Gateway,
+    made: Result<Vec<(Target, Value)>, String>,
+    observed: &Observed,
+) -> Vec<(Target, Value)> {
+    let problem = made.as_ref().err().cloned();
+    let mut writes = made.unwrap_or_default();
+    writes.push(waypoint::gateway_status(gw, observed, problem.as_deref()));
+    writes
 }
 
 /// Managed waypoint Deployments seen on the API, by (namespace, name): their ready
@@ -243,18 +258,15 @@ impl Reconciler {
                     }
                 }
             }
-            let problem = made.as_ref().err().cloned();
             if let Err(p) = &made {
                 tracing::warn!(gateway = %format!("{ns}/{name}"), problem = %p, "waypoint not deployed");
             }
-            desired.extend(made.unwrap_or_default());
             let observed = Observed {
                 ready_replicas: deployments
                     .and_then(|d| d.get(&(ns.clone(), name.clone())).copied()),
                 service_ip: service_ip.clone(),
             };
-            let (t, body) = waypoint::gateway_status(gw, &observed, problem.as_deref());
-            desired.insert(t, body);
+            desired.extend(waypoint_writes(gw, made, &observed));
         }
         // Waypoint objects no waypoint calls for: the Gateway changed class (a deleted
         // Gateway's objects go with it through their owner reference anyway).

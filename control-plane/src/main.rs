@@ -393,6 +393,7 @@ fn render(
     let writes = trellis_control_plane::controller::first_writes(
         &model,
         &mesh,
+        &change.errors,
         template.as_ref(),
         roots.as_deref(),
     );
@@ -401,12 +402,10 @@ fn render(
         let yaml = serde_yaml_ng::to_string(body).map_err(|e| format!("{target}: {e}"))?;
         out.push_str(&format!("---\n# {target}\n{yaml}"));
     }
+    // Refused objects are part of what is rendered (their status says so); `check` is the
+    // command that fails on them.
     print!("{out}");
-    Ok(if change.errors.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ExitCode::SUCCESS)
 }
 
 fn write_atomically(path: &Path, text: &str) -> Result<(), String> {

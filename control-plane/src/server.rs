@@ -711,10 +711,26 @@ fn status_report(shared: &Shared) -> StatusReport {
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    let authz = snap.of_type(trellis_proto::type_url::AUTHORIZATION);
-    let mut policies: BTreeMap<ObjectRef, PolicyReport> = snap
-        .statuses
+    let mut statuses = snap.statuses.clone();
+    // Fields that were ignored change what a policy means: they are part of its status.
+    for (id, warnings) in shared
+        .object_warnings
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
         .iter()
+    {
+        if let Some(status) = statuses.get_mut(id) {
+            status.reasons.extend(warnings.iter().cloned());
+            if status.state == PolicyState::Accepted {
+                status.state = PolicyState::AcceptedWithWarnings;
+            }
+        }
+    }
+    // A policy whose latest edit did not load: say so on its status.
+    crate::config::authz::with_load_errors(&mut statuses, &errors);
+    let authz = snap.of_type(trellis_proto::type_url::AUTHORIZATION);
+    let policies: BTreeMap<ObjectRef, PolicyReport> = statuses
+        .into_iter()
         .map(|(id, status)| {
             let name = format!("{}/{}", id.namespace, id.name);
             let pending_at = match authz.and_then(|a| a.get(&name)) {
@@ -725,65 +741,14 @@ fn status_report(shared: &Shared) -> StatusReport {
                 }
                 _ => Vec::new(),
             };
-            (
-                id.clone(),
-                PolicyReport {
-                    id: id.clone(),
-                    status: status.clone(),
-                    pending_at,
-                },
-            )
+            let report = PolicyReport {
+                id: id.clone(),
+                status,
+                pending_at,
+            };
+            (id, report)
         })
         .collect();
-    // Fields that were ignored change what a policy means: they are part of its status.
-    for (id, warnings) in shared
-        .object_warnings
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-    {
-        if let Some(p) = policies.get_mut(id) {
-            p.status.reasons.extend(warnings.iter().cloned());
-            if p.status.state == PolicyState::Accepted {
-                p.status.state = PolicyState::AcceptedWithWarnings;
-            }
-        }
-    }
-    // A policy whose latest edit did not load: say so on its status.
-    for e in &errors {
-        let Some(id) = &e.id else { continue };
-        if !matches!(
-            id.kind.as_str(),
-            "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication"
-        ) {
-            continue;
-        }
-        let reason = format!("{}: {} ({})", e.field, e.reason, e.file);
-        match policies.get_mut(id) {
-            Some(p) => {
-                p.status.reasons.push(format!(
-                    "the latest version was rejected, the previous one stays in effect: {reason}"
-                ));
-                // Not what the user wrote last: never plainly "Accepted".
-                if p.status.state == PolicyState::Accepted {
-                    p.status.state = PolicyState::AcceptedWithWarnings;
-                }
-            }
-            None => {
-                policies.insert(
-                    id.clone(),
-                    PolicyReport {
-                        id: id.clone(),
-                        status: PolicyStatus {
-                            state: PolicyState::Rejected,
-                            reasons: vec![reason],
-                        },
-                        pending_at: Vec::new(),
-                    },
-                );
-            }
-        }
-    }
     StatusReport {
         generation: snap.generation,
         policies: policies.into_values().collect(),

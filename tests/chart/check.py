@@ -184,6 +184,11 @@ def check_manifests_and_writes(schemas, waypoint_template):
                 continue
             key = (doc["kind"], doc["metadata"].get("namespace"), doc["metadata"]["name"])
             inputs[key] = doc
+            if doc["metadata"]["name"] == "misspelt":
+                # Meant to be refused by the control plane (and by the API server too).
+                if not validate(doc, schemas):
+                    fail(f"{f.name}: the misspelt policy passes the CRD schema")
+                continue
             for err in validate(doc, schemas):
                 fail(f"{f.name}: {doc['kind']}/{doc['metadata']['name']}: {err}")
     if waypoint_template is None:
@@ -210,12 +215,19 @@ def check_manifests_and_writes(schemas, waypoint_template):
         if "status" in doc and key in inputs:
             merged = copy.deepcopy(inputs[key])
             merged["status"] = doc["status"]
+            if key[2] == "misspelt":
+                # As the API server would hold it: unknown fields pruned.
+                merged["spec"] = {"action": "DENY"}
             doc = merged
         written.setdefault(doc["kind"], []).append(doc)
         for err in validate(doc, schemas):
             fail(f"control plane writes {doc['kind']}/{doc['metadata']['name']}: {err}")
     expected = {"ServiceAccount": 1, "Service": 1, "Deployment": 1, "Gateway": 1, "HTTPRoute": 1,
-                "GRPCRoute": 1, "AuthorizationPolicy": 2, "PeerAuthentication": 1, "ConfigMap": 1}
+                "GRPCRoute": 1, "AuthorizationPolicy": 3, "PeerAuthentication": 1, "ConfigMap": 1}
+    rejected = [d for d in written.get("AuthorizationPolicy", []) if d["metadata"]["name"] == "misspelt"]
+    if not rejected or rejected[0]["status"]["conditions"][0]["reason"] != "Invalid" \
+            or "namespacez" not in rejected[0]["status"]["conditions"][0]["message"]:
+        fail(f"the misspelt policy's status does not say it is rejected and why: {rejected}")
     counts = {k: len(v) for k, v in written.items()}
     if counts != expected:
         fail(f"control plane writes {counts}, expected {expected}")

@@ -199,6 +199,44 @@ fn not_for_ztunnel(reason: &str) -> ZtunnelPolicy {
     }
 }
 
+/// Adds to `statuses` what the loader refused (`errors`): a security policy whose latest
+/// version did not load keeps its previous version's status, with the reason and never
+/// plainly accepted; one that never loaded is rejected with the reason.
+pub fn with_load_errors(
+    statuses: &mut std::collections::BTreeMap<super::load::ObjectRef, PolicyStatus>,
+    errors: &[super::load::ConfigError],
+) {
+    for e in errors {
+        let Some(id) = &e.id else { continue };
+        if !matches!(
+            id.kind.as_str(),
+            "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication"
+        ) {
+            continue;
+        }
+        let reason = format!("{}: {} ({})", e.field, e.reason, e.file);
+        match statuses.get_mut(id) {
+            Some(status) => {
+                status.reasons.push(format!(
+                    "the latest version was rejected, the previous one stays in effect: {reason}"
+                ));
+                if status.state == PolicyState::Accepted {
+                    status.state = PolicyState::AcceptedWithWarnings;
+                }
+            }
+            None => {
+                statuses.insert(
+                    id.clone(),
+                    PolicyStatus {
+                        state: PolicyState::Rejected,
+                        reasons: vec![reason],
+                    },
+                );
+            }
+        }
+    }
+}
+
 /// Condition keys ztunnel can evaluate.
 const L4_CONDITIONS: &[&str] = &[
     "source.ip",

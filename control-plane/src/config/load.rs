@@ -146,18 +146,8 @@ pub fn parse_object(source: &str, mut json: serde_json::Value) -> Document {
         // Changes with every write, status included; nothing in the model reads it.
         meta.remove("resourceVersion");
     }
-    let group = json
-        .get("apiVersion")
-        .and_then(|v| v.as_str())
-        .and_then(|v| v.split_once('/'))
-        .map_or("", |(g, _)| g)
-        .to_string();
-    // (A Gateway's status stays: it carries the waypoint's address.)
-    if group == "security.istio.io"
-        && let Some(o) = json.as_object_mut()
-    {
-        o.remove("status");
-    }
+    // A security policy's status is dropped in `parse_document`; a Gateway's stays: it
+    // carries the waypoint's address.
     match serde_yaml_ng::to_value(&json) {
         Ok(value) => parse_document(source, "object", value),
         Err(e) => Document::Invalid(ConfigError {
@@ -169,6 +159,9 @@ pub fn parse_object(source: &str, mut json: serde_json::Value) -> Document {
         }),
     }
 }
+
+/// Why a security policy with an unknown field is refused.
+const UNKNOWN_SECURITY_FIELD: &str = "unknown field: a misspelt field would change what this security policy matches, so the policy is rejected (its last good version, if any, stays in force)";
 
 fn parse_document(file: &str, position: &str, mut value: Value) -> Document {
     let invalid = |object: String, field: &str, reason: String| {
@@ -246,37 +239,31 @@ fn parse_document(file: &str, position: &str, mut value: Value) -> Document {
                 m.remove("apiVersion");
                 m.remove("kind");
             }
-            // The status is the control plane's own (read back from the API), not input.
+            // The status is the control plane's own (read back from the API), not input; from
+            // either source.
             if let Some(m) = value.as_mapping_mut() {
                 m.remove("status");
             }
-            // A misspelt field of a security policy changes what it matches (a `source`
-            // whose only field is misspelt matches everyone): refused, as the API server's
-            // schema validation refuses it; the last good version stays in force.
-            let strict = |warnings: &mut Vec<String>| {
-                match warnings.first() {
-                Some(field) => Err((
-                    field.clone(),
-                    "unknown field: a misspelt field would change what this security policy matches, so the policy is rejected (its last good version, if any, stays in force)".to_string(),
-                )),
-                None => Ok(()),
-            }
-            };
-            match k {
+            let object = match k {
                 "AuthorizationPolicy" => typed::<AuthorizationPolicy>(value, &mut warnings)
                     .and_then(|p| {
-                        strict(&mut warnings)?;
                         p.validate()?;
                         Ok(Object::AuthorizationPolicy(Box::new(p)))
                     }),
-                "PeerAuthentication" => typed(value, &mut warnings).and_then(|p| {
-                    strict(&mut warnings)?;
-                    Ok(Object::PeerAuthentication(Box::new(p)))
-                }),
-                _ => typed(value, &mut warnings).and_then(|p| {
-                    strict(&mut warnings)?;
-                    Ok(Object::RequestAuthentication(Box::new(p)))
-                }),
+                "PeerAuthentication" => {
+                    typed(value, &mut warnings).map(|o| Object::PeerAuthentication(Box::new(o)))
+                }
+                _ => {
+                    typed(value, &mut warnings).map(|o| Object::RequestAuthentication(Box::new(o)))
+                }
+            };
+            // A misspelt field of a security policy changes what it matches (a `source`
+            // whose only field is misspelt matches everyone): refused, as the API server's
+            // schema validation refuses it; the last good version stays in force. Named
+            // before any other reason: it is usually the cause.
+            match warnings.first() {
+                Some(field) => Err((field.clone(), UNKNOWN_SECURITY_FIELD.to_string())),
+                None => object,
             }
         }
         (
