@@ -26,6 +26,32 @@ use trellis_proto::envoy::service::discovery::v3::{
 
 use crate::config::snapshot::{Held, Snapshot};
 
+/// Resource types one stream may subscribe to (Trellis's proxies use two or three).
+pub const MAX_TYPES_PER_STREAM: usize = 16;
+/// Names one stream may subscribe to, or announce as held, per type (well above a large
+/// cluster's workloads and services): the per-stream state stays bounded.
+pub const MAX_NAMES_PER_TYPE: usize = 200_000;
+
+/// The node a proxy says it runs on: `NODE_NAME` in its metadata (Istio's ztunnel sends it),
+/// else the second part of an id `ztunnel~<node>` / `node-agent~<node>` (Trellis's).
+fn claimed_node(node: &trellis_proto::envoy::config::core::v3::Node) -> Option<String> {
+    let from_metadata = node
+        .metadata
+        .as_ref()
+        .and_then(|m| m.fields.get("NODE_NAME"))
+        .and_then(|v| match &v.kind {
+            Some(prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        });
+    from_metadata.or_else(|| {
+        let mut parts = node.id.split('~');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("ztunnel" | "node-agent"), Some(n), None) if !n.is_empty() => Some(n.to_string()),
+            _ => None,
+        }
+    })
+}
+
 /// Resource name → version.
 pub type Versions = BTreeMap<String, String>;
 
@@ -246,7 +272,7 @@ impl AggregatedDiscoveryService for XdsServer {
         let caller = request
             .extensions()
             .get::<crate::ca::auth::Caller>()
-            .map(ToString::to_string);
+            .cloned();
         let stream = Stream {
             inbound: request.into_inner(),
             tx,
@@ -321,7 +347,7 @@ struct Stream {
     acks: Arc<AckTracker>,
     proxy: String,
     /// Who authenticated the stream (set by the server's authentication layer).
-    caller: Option<String>,
+    caller: Option<crate::ca::auth::Caller>,
     closing: Option<watch::Receiver<bool>>,
     types: BTreeMap<String, TypeState>,
     next_nonce: u64,
@@ -368,10 +394,28 @@ impl Stream {
         }
     }
 
+    /// Ends the stream with `status` (sent to the proxy, logged).
+    async fn refuse(&self, status: Status) -> Result<(), ()> {
+        tracing::warn!(proxy = %self.proxy, caller = ?self.caller.as_ref().map(ToString::to_string), reason = %status.message(), "xDS stream refused");
+        let _ = self.tx.send(Err(status)).await;
+        Err(())
+    }
+
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), ()> {
         if self.proxy.is_empty()
             && let Some(node) = &req.node
         {
+            // A node's ztunnel (or node agent) speaks for its own node only.
+            if let (Some(crate::ca::auth::Caller::Node(authenticated)), Some(claimed)) =
+                (&self.caller, claimed_node(node))
+                && claimed != *authenticated
+            {
+                return self
+                    .refuse(Status::permission_denied(format!(
+                        "the proxy claims node {claimed:?} but authenticated as the ztunnel of node {authenticated:?}"
+                    )))
+                    .await;
+            }
             // The id a proxy gives itself, qualified by who authenticated: a caller cannot
             // stand in for (and, leaving, erase) another proxy's ACK record.
             self.proxy = match &self.caller {
@@ -381,6 +425,23 @@ impl Stream {
         }
         let type_url = req.type_url.clone();
         let first = !self.types.contains_key(&type_url);
+        if first && self.types.len() >= MAX_TYPES_PER_STREAM {
+            return self
+                .refuse(Status::resource_exhausted(format!(
+                    "at most {MAX_TYPES_PER_STREAM} resource types per stream"
+                )))
+                .await;
+        }
+        let subscribed = self.types.get(&type_url).map_or(0, |t| t.names.len());
+        if subscribed + req.resource_names_subscribe.len() > MAX_NAMES_PER_TYPE
+            || req.initial_resource_versions.len() > MAX_NAMES_PER_TYPE
+        {
+            return self
+                .refuse(Status::resource_exhausted(format!(
+                    "at most {MAX_NAMES_PER_TYPE} resource names per type and stream"
+                )))
+                .await;
+        }
         let state = self.types.entry(type_url.clone()).or_default();
         if !req.response_nonce.is_empty() {
             match state.pending.take() {

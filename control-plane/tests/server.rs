@@ -282,6 +282,67 @@ async fn streams_without_a_known_credential_are_refused() {
 }
 
 #[tokio::test]
+async fn a_node_cannot_claim_another_nodes_proxy_id_and_subscriptions_are_bounded() {
+    let m = start(&[("00-base.yaml", BASE.into())]).await;
+    let mut raw = AggregatedDiscoveryServiceClient::new(channel(&m));
+    let credential = m.cp.credentials().issue_node("node1").unwrap();
+    let open = |first: DeltaDiscoveryRequest| {
+        let mut req = tonic::Request::new(tokio_stream::iter(vec![first]));
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {credential}").parse().unwrap(),
+        );
+        req
+    };
+    let claiming = |id: &str| DeltaDiscoveryRequest {
+        type_url: ADDRESS.into(),
+        node: Some(trellis_proto::envoy::config::core::v3::Node {
+            id: id.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    async fn first_answer(
+        raw: &mut AggregatedDiscoveryServiceClient<Channel>,
+        req: tonic::Request<tokio_stream::Iter<std::vec::IntoIter<DeltaDiscoveryRequest>>>,
+    ) -> Result<
+        Option<trellis_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse>,
+        tonic::Status,
+    > {
+        raw.delta_aggregated_resources(req)
+            .await?
+            .into_inner()
+            .message()
+            .await
+    }
+    // node1's credential speaking as node2's ztunnel: refused.
+    let err = first_answer(&mut raw, open(claiming("ztunnel~node2")))
+        .await
+        .expect_err("node1 stood in for node2");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("node2"), "{err}");
+    // Its own id is served.
+    let ok = first_answer(&mut raw, open(claiming("ztunnel~node1"))).await;
+    assert!(matches!(ok, Ok(Some(_))), "{ok:?}");
+    // A subscription past the bound ends the stream instead of growing its state.
+    let mut huge = claiming("ztunnel~node1");
+    huge.resource_names_subscribe = (0..=trellis_control_plane::xds::MAX_NAMES_PER_TYPE)
+        .map(|i| format!("shop/w{i}"))
+        .collect();
+    let err = first_answer(&mut raw, open(huge))
+        .await
+        .expect_err("an unbounded subscription was taken");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+        ),
+        "{err}"
+    );
+    m.cp.shutdown().await;
+}
+
+#[tokio::test]
 async fn the_ca_follows_pods_as_they_are_scheduled() {
     let m = start(&[("00-base.yaml", BASE.into())]).await;
     let ca = |node: &str| {
