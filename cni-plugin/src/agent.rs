@@ -470,17 +470,30 @@ impl Agent {
             *self.ztunnel.lock().await = Some(sock);
             let captured: Vec<PodEntry> = self.pods().into_iter().filter(|p| p.captured).collect();
             let mut replayed = 0;
+            let mut unserved = Vec::new();
             for p in &captured {
-                let result = match Netns::open(&p.netns) {
-                    Ok(netns) => self.send(self.add_request(p), Some(&netns)).await,
-                    Err(e) => Err(format!("netns {}: {e}", p.netns.display())),
-                };
-                match result {
+                match self.replay(p).await {
                     Ok(()) => replayed += 1,
                     Err(e) => {
-                        tracing::warn!(uid = %p.uid, error = %e, "replay of a captured pod failed")
+                        tracing::error!(pod = %format!("{}/{}", p.namespace, p.name), uid = %p.uid, error = %e, "ztunnel does not serve this captured pod: its traffic is refused (capture stays) until a retry succeeds");
+                        unserved.push(p.container_id.clone());
                     }
                 }
+            }
+            if self.ztunnel.lock().await.is_none() {
+                // The connection broke during the replay: ztunnel reconnects and gets it
+                // again; no SnapshotSent for a replay that did not happen.
+                continue;
+            }
+            // Not marked served: the reconciler captures them again (rules, return path,
+            // add) every few seconds until ztunnel takes them.
+            if !unserved.is_empty() {
+                for key in &unserved {
+                    if let Some(e) = self.lock().get_mut(key) {
+                        e.captured = false;
+                    }
+                }
+                self.save();
             }
             let sent = WorkloadRequest {
                 payload: Some(workload_request::Payload::SnapshotSent(SnapshotSent {})),
@@ -490,6 +503,27 @@ impl Agent {
                 Err(e) => tracing::warn!(error = %e, "snapshot to ztunnel failed"),
             }
         }
+    }
+
+    /// Sends `p` to a (re)connected ztunnel, trying a few times: a refusal may be passing
+    /// (a port of the pod's namespace still held by a dying process).
+    async fn replay(&self, p: &PodEntry) -> Result<(), Failure> {
+        let mut delay = Duration::from_millis(100);
+        let mut last = String::new();
+        for _ in 0..3 {
+            let netns =
+                Netns::open(&p.netns).map_err(|e| format!("netns {}: {e}", p.netns.display()))?;
+            match self.send(self.add_request(p), Some(&netns)).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+            if self.ztunnel.lock().await.is_none() {
+                break;
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        Err(last)
     }
 
     /// Re-applies the node rule (after a restart) and reconciles on every control-plane

@@ -283,8 +283,19 @@ impl Mesh {
 
     /// Restarts the ztunnel of `node`.
     pub fn restart_ztunnel(&mut self, c: &Cluster, node: &Node) -> Result<()> {
+        self.restart_ztunnel_after(c, node, || Ok(()))
+    }
+
+    /// Restarts the ztunnel of `node`, running `meanwhile` while it is down.
+    pub fn restart_ztunnel_after(
+        &mut self,
+        c: &Cluster,
+        node: &Node,
+        meanwhile: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
         let i = self.index(node.name())?;
         self.nodes[i].ztunnel.stop(Duration::from_secs(5))?;
+        meanwhile()?;
         let roots = self.cp_dir.join("roots.pem");
         let credential = node.state_dir().join("node-credential");
         self.nodes[i].ztunnel = Self::spawn_ztunnel(c, node, &roots, &credential, &c.nodes()[0])?;

@@ -449,6 +449,69 @@ fn restarts_of_ztunnel_and_the_node_agent_lose_nothing() {
     });
 }
 
+/// ztunnel restarts and cannot serve a captured pod at once (a process of the pod holds
+/// ztunnel's outbound port): the node agent does not count the pod as served, retries, and
+/// the pod is served once the port is free — never left captured and unserved for good.
+#[test]
+fn a_replay_ztunnel_refuses_is_retried_until_the_pod_is_served() {
+    with_cluster("capture_replay_refused", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mut mesh = Mesh::start(c)?;
+        mesh.namespace("shop", true)?;
+        let a = c.add_pod(n1, "shop", "a", "a", &[])?;
+        let b = c.add_pod(n2, "shop", "b", "b", &[])?;
+        mesh.register_pod(&a)?;
+        mesh.register_pod(&b)?;
+        mesh.wait_captured(c, &a, true)?;
+        mesh.wait_captured(c, &b, true)?;
+        let _s = serve(c, &b)?;
+        let addr = format!("{}:9000", b.ip);
+        echo(c, &a, &addr, 100_000)?;
+
+        // While ztunnel is down, something in pod a takes port 15001.
+        let mut squatter = None;
+        mesh.restart_ztunnel_after(c, n1, || {
+            let mut cmd = testapp();
+            cmd.args([
+                "serve",
+                "--tcp-echo",
+                "0.0.0.0:15001",
+                "--http",
+                "0.0.0.0:18080",
+            ]);
+            let mut p = c.spawn(&a, "squatter", cmd)?;
+            p.wait_for_output("listening http", Duration::from_secs(10))?;
+            squatter = Some(p);
+            Ok(())
+        })?;
+        eventually(
+            "the new ztunnel to refuse pod a",
+            Duration::from_secs(20),
+            || {
+                Ok(mesh
+                    .ztunnel("node1")?
+                    .output()
+                    .contains("cannot open the pod's listeners"))
+            },
+        )?;
+        std::thread::sleep(Duration::from_secs(1));
+        drop(squatter);
+
+        // The port is free again: the agent's retry gets a served, and a's connections
+        // go through ztunnel again.
+        eventually(
+            "pod a served by the new ztunnel",
+            Duration::from_secs(30),
+            || {
+                let _ = echo(c, &a, &addr, 1_000);
+                Ok(!logged(&mesh, "node1", "outbound", &addr)?.is_empty())
+            },
+        )?;
+        mesh.wait_captured(c, &a, true)?;
+        Ok(())
+    });
+}
+
 #[test]
 fn a_captured_pod_cannot_get_around_ztunnel() {
     with_cluster("capture_bypass", 2, |c| {
