@@ -512,6 +512,72 @@ fn a_replay_ztunnel_refuses_is_retried_until_the_pod_is_served() {
     });
 }
 
+/// A policy applied while a connection is open reaches that connection: the destination's
+/// ztunnel closes it once the policy denies it (as Istio's ztunnel does), and logs why;
+/// a connection the policy still allows stays open.
+#[test]
+fn a_deny_applied_closes_open_connections_it_denies() {
+    use std::io::{Read, Write};
+    with_cluster("authz_open_conns", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mesh = Mesh::start(c)?;
+        mesh.namespace("shop", true)?;
+        mesh.namespace("dev", true)?;
+        let front = c.add_pod(n1, "shop", "front", "front", &[])?;
+        let tool = c.add_pod(n1, "dev", "tool", "tool", &[])?;
+        let api = c.add_pod(n2, "shop", "api", "api", &[])?;
+        for p in [&front, &tool, &api] {
+            mesh.register_pod(p)?;
+            mesh.wait_captured(c, p, true)?;
+        }
+        let _s = serve(c, &api)?;
+        let to: std::net::SocketAddr = format!("{}:9000", api.ip).parse()?;
+        let open = |from: &Pod| -> Result<std::net::TcpStream> {
+            let s = trellis_e2e::in_netns(trellis_e2e::Netns::netns(from), move || {
+                std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            })??;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok(s)
+        };
+        let round = |s: &mut std::net::TcpStream, msg: &[u8]| -> bool {
+            let mut back = vec![0u8; msg.len()];
+            s.write_all(msg).is_ok() && s.read_exact(&mut back).is_ok() && back == msg
+        };
+        let mut from_dev = open(&tool)?;
+        let mut from_shop = open(&front)?;
+        ensure!(round(&mut from_dev, b"hello") && round(&mut from_shop, b"hello"));
+
+        mesh.apply(
+            "deny-dev.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-dev, namespace: shop}\nspec:\n  action: DENY\n  rules: [{from: [{source: {namespaces: [dev]}}]}]\n",
+        )?;
+        // The open connection from dev is closed by api's ztunnel...
+        eventually(
+            "the open connection from dev closed",
+            Duration::from_secs(20),
+            || Ok(!round(&mut from_dev, b"still there?")),
+        )?;
+        eventually(
+            "the close in api's ztunnel log",
+            Duration::from_secs(10),
+            || {
+                Ok(mesh.access_log("node2")?.iter().any(|l| {
+                    l["fields"]["result"].as_str().is_some_and(|r| {
+                        r.contains("the policy changed while the connection was open")
+                            && r.contains("shop/deny-dev")
+                    })
+                }))
+            },
+        )?;
+        // ...the one from shop, still allowed, stays open.
+        ensure!(
+            round(&mut from_shop, b"still allowed"),
+            "a connection the new policy allows was closed"
+        );
+        Ok(())
+    });
+}
+
 #[test]
 fn a_captured_pod_cannot_get_around_ztunnel() {
     with_cluster("capture_bypass", 2, |c| {

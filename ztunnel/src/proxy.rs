@@ -516,6 +516,29 @@ fn authorize(ctx: &PodCtx, conn: &Conn) -> Result<Option<String>, String> {
     }
 }
 
+/// Resolves, with the reason, once the policy in force no longer allows `conn`: checked
+/// again on every configuration change, as Istio's ztunnel does, so a DENY applied (or an
+/// ALLOW removed) closes connections already open. Costs nothing until a change arrives.
+async fn revoked(ctx: &PodCtx, conn: &Conn) -> String {
+    let mut changes = ctx.mesh.xds.changes();
+    // Only changes after this connection was authorized count.
+    changes.borrow_and_update();
+    loop {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Err(reason) = authorize(ctx, conn) {
+            return reason;
+        }
+    }
+}
+
+/// The outcome of a connection closed because its policy changed.
+fn closed_by_policy(o: &mut Outcome, reason: String) {
+    o.flags = "DENY";
+    o.result = format!("closed: the policy changed while the connection was open; {reason}");
+}
+
 async fn plaintext_inbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
     let start = Instant::now();
     let Ok(dst) = original_dst(&client) else {
@@ -536,9 +559,13 @@ async fn plaintext_inbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<Pod
         Ok(policy) => {
             o.policy = policy;
             match connect_as(&ctx.netns, peer, dst, ctx.config.connect_timeout).await {
-                Ok(mut up) => match copy(&mut client, &mut up).await {
-                    Ok((a, b)) => (o.sent, o.received) = (a, b),
-                    Err(e) => o.result = format!("reset: {e}"),
+                Ok(mut up) => tokio::select! {
+                    biased;
+                    r = copy(&mut client, &mut up) => match r {
+                        Ok((a, b)) => (o.sent, o.received) = (a, b),
+                        Err(e) => o.result = format!("reset: {e}"),
+                    },
+                    reason = revoked(&ctx, &conn) => closed_by_policy(&mut o, reason),
                 },
                 Err(e) => {
                     o.flags = "CONNECT";
@@ -633,13 +660,15 @@ async fn hbone_inbound(
                                 inc.refuse(http::StatusCode::SERVICE_UNAVAILABLE);
                             }
                             Ok(mut app) => match inc.accept() {
-                                Ok(mut tunnel) => {
-                                    match crate::copy::tcp_hbone(&mut app, &mut tunnel).await {
+                                Ok(mut tunnel) => tokio::select! {
+                                    biased;
+                                    r = crate::copy::tcp_hbone(&mut app, &mut tunnel) => match r {
                                         // Sent is what the client sent: tunnel → app.
                                         Ok((up, down)) => (o.sent, o.received) = (down, up),
                                         Err(e) => o.result = format!("reset: {e}"),
-                                    }
-                                }
+                                    },
+                                    reason = revoked(&ctx, &conn) => closed_by_policy(&mut o, reason),
+                                },
                                 Err(e) => o.result = format!("HBONE: {e}"),
                             },
                         }
