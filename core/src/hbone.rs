@@ -52,6 +52,11 @@ pub enum HboneError {
     /// A request that is not a valid HBONE CONNECT.
     #[error("invalid HBONE request: {0}")]
     BadRequest(String),
+    /// The client could not open the connection: no certificate, TCP connect, or the TLS
+    /// handshake (the peer's identity is not the expected one, an unknown CA, ...). The
+    /// text says which, with the peer.
+    #[error("{0}")]
+    Dial(String),
     /// Took too long.
     #[error("HBONE {0} timed out")]
     Timeout(&'static str),

@@ -367,7 +367,7 @@ fn a_service_bound_to_a_waypoint_is_reached_through_it() {
         )
         .context("the waypoint's certificate")?;
         let roots = Arc::new(TrustBundle::from_pem("cluster.local", &mesh.roots_pem()?)?);
-        let _wp = FakeWaypoint::start(&wp, cert, roots)?;
+        let _wp = FakeWaypoint::start(&wp, cert, roots.clone())?;
 
         let want = "waypoint saw 10.96.0.10:80 from spiffe://cluster.local/ns/shop/sa/client";
         let mut last = String::new();
@@ -400,6 +400,44 @@ fn a_service_bound_to_a_waypoint_is_reached_through_it() {
             out.is_some_and(|l| l["fields"]["peer_identity"] == id),
             "the client's ztunnel logs the waypoint as the peer"
         );
+
+        // The waypoint pod now answers with another identity's certificate (web's, which
+        // node2 may obtain): the client refuses it (secure naming), and its log says the
+        // TLS handshake failed and what it expected, not that a request was invalid.
+        let _wp = {
+            drop(_wp);
+            let wrong = issue(&mesh, c, n2, "shop", "web").context("web's certificate")?;
+            FakeWaypoint::start(&wp, wrong, roots)?
+        };
+        eventually(
+            "the client's ztunnel to refuse the impostor",
+            Duration::from_secs(20),
+            || {
+                let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-testapp"));
+                cmd.args([
+                    "tcp",
+                    "10.96.0.10:80",
+                    "--message",
+                    "hello",
+                    "--timeout",
+                    "5",
+                ]);
+                let answer = c
+                    .run(&client, "client-to-impostor", cmd)
+                    .unwrap_or_default();
+                ensure!(
+                    !answer.contains("waypoint saw"),
+                    "the impostor was reached: {answer}"
+                );
+                Ok(mesh.access_log("node1")?.iter().any(|l| {
+                    l["fields"]["result"].as_str().is_some_and(|r| {
+                        r.contains("TLS handshake with")
+                            && r.contains(&format!("expecting {id}"))
+                            && !r.contains("invalid HBONE request")
+                    })
+                }))
+            },
+        )?;
         Ok(())
     });
 }

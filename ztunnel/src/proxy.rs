@@ -126,18 +126,20 @@ fn dialer(netns: Arc<Netns>, mesh: Arc<Mesh>, config: Arc<Config>) -> Dial {
         let (netns, mesh, config) = (netns.clone(), mesh.clone(), config.clone());
         Box::pin(async move {
             let cert = mesh.certs.fetch(&key.source).await.map_err(|e| {
-                hbone::HboneError::BadRequest(format!("no certificate for {}: {e}", key.source))
+                hbone::HboneError::Dial(format!("no certificate for {}: {e}", key.source))
             })?;
             let tls = trellis_core::tls::client_config(
                 &cert,
                 mesh.bundle.clone(),
                 key.destination.clone(),
             )
-            .map_err(|e| hbone::HboneError::BadRequest(e.to_string()))?;
+            .map_err(|e| {
+                hbone::HboneError::Dial(format!("TLS configuration for {}: {e}", key.source))
+            })?;
             let tcp = connect_in(&netns, key.address, config.connect_timeout)
                 .await
                 .map_err(|e| {
-                    hbone::HboneError::BadRequest(format!(
+                    hbone::HboneError::Dial(format!(
                         "connect to {}: {e}; is the HBONE port 15008 reachable?",
                         key.address
                     ))
@@ -151,7 +153,10 @@ fn dialer(netns: Arc<Netns>, mesh: Arc<Mesh>, config: Arc<Config>) -> Dial {
             .map_err(|_| hbone::HboneError::Timeout("TLS handshake"))
             .and_then(|r| {
                 r.map_err(|e| {
-                    hbone::HboneError::BadRequest(format!("TLS with {}: {e}", key.destination))
+                    hbone::HboneError::Dial(format!(
+                        "TLS handshake with {} expecting {} failed: {e}",
+                        key.address, key.destination
+                    ))
                 })
             });
             handshake_done("outbound", tls.is_ok());
