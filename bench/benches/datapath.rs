@@ -139,7 +139,7 @@ fn measure(c: &Cluster) -> Result<()> {
     let dc = c.add_pod(n1, "direct", "client", "client", &[])?;
     let ds = c.add_pod(n2, "direct", "server", "server", &[])?;
     for p in [&mc, &ms, &dc, &ds] {
-        mesh.register_pod(p)?;
+        mesh.register_pod(c, p)?;
     }
     mesh.wait_captured(c, &mc, true)?;
     mesh.wait_captured(c, &ms, true)?;
@@ -170,7 +170,7 @@ fn measure(c: &Cluster) -> Result<()> {
         (&r2, format!("{}:9000", ds.ip)),
         (&r1, format!("{}:9001", r2.ip)),
     ] {
-        mesh.register_pod(p)?;
+        mesh.register_pod(c, p)?;
         let mut cmd = testapp()?;
         cmd.args(["relay", "--listen", "0.0.0.0:9001", "--target", &target]);
         let mut s = c.spawn(p, &format!("{}-relay", p.name), cmd)?;

@@ -45,6 +45,20 @@ pub struct AgentConfig {
     pub state_file: PathBuf,
     /// Longest wait for one ztunnel Ack.
     pub zds_timeout: Duration,
+    /// At ADD, how long to wait for the control plane to tell about the pod (its watch of
+    /// the API may lag the kubelet by a moment) before answering "undecided".
+    pub enrollment_wait: Duration,
+}
+
+/// What the control plane says of a pod's enrollment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Enrollment {
+    /// No complete xDS response yet: nothing can be decided.
+    Unsynced,
+    /// The control plane does not know the pod (yet).
+    Unknown,
+    /// In the mesh (`true`) or not.
+    Known(bool),
 }
 
 /// One pod of this node, as the plugin reported it.
@@ -160,19 +174,35 @@ impl Agent {
         }
     }
 
-    /// Whether the control plane says `namespace/name` is in the mesh. `None` until the
-    /// first complete xDS response: nothing is decided on an empty store.
-    fn enrolled(&self, namespace: &str, name: &str) -> Option<bool> {
+    /// What the control plane says of `namespace/name`: nothing is decided on an empty
+    /// store, nor for a pod it has not published (it publishes every scheduled pod, with or
+    /// without an address, so a pod is known before its sandbox exists).
+    fn enrollment(&self, namespace: &str, name: &str) -> Enrollment {
         if !self.xds.is_synced() {
-            return None;
+            return Enrollment::Unsynced;
         }
         let uid = format!("{}//Pod/{namespace}/{name}", self.config.cluster_id);
-        Some(
-            self.xds
-                .store()
-                .workload(&uid)
-                .is_some_and(|w| w.tunnel_protocol == TunnelProtocol::Hbone as i32),
-        )
+        match self.xds.store().workload(&uid) {
+            Some(w) => Enrollment::Known(w.tunnel_protocol == TunnelProtocol::Hbone as i32),
+            None => Enrollment::Unknown,
+        }
+    }
+
+    /// [`Self::enrollment`], waiting up to `enrollment_wait` for it to become known.
+    async fn decide(&self, namespace: &str, name: &str) -> Enrollment {
+        let deadline = tokio::time::Instant::now() + self.config.enrollment_wait;
+        let mut changes = self.xds.changes();
+        loop {
+            changes.borrow_and_update();
+            let now = self.enrollment(namespace, name);
+            if matches!(now, Enrollment::Known(_)) {
+                return now;
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return now,
+            }
+        }
     }
 
     /// Applies the node's probe rule for the captured pods.
@@ -326,8 +356,11 @@ impl Agent {
                 let _ = self.release(&key, true).await;
                 continue;
             }
-            let Some(want) = self.enrolled(&p.namespace, &p.name) else {
-                return;
+            let want = match self.enrollment(&p.namespace, &p.name) {
+                Enrollment::Unsynced => return,
+                // Not published (yet, or any more while its sandbox goes): left as it is.
+                Enrollment::Unknown => continue,
+                Enrollment::Known(want) => want,
             };
             let result = match (want, p.captured) {
                 (true, false) => self.capture(&key).await,
@@ -346,15 +379,21 @@ impl Agent {
             ok: true,
             captured,
             error: String::new(),
+            undecided: false,
         };
         let fail = |error: String| PodReply {
             ok: false,
             captured: false,
             error,
+            undecided: false,
         };
         match req.command.as_str() {
             "STATUS" => ok(false),
             "ADD" => {
+                // Decided before the pod starts, from what the control plane published
+                // about it (its labels and its namespace's): the pod is captured from its
+                // first packet, or its ADD fails.
+                let decision = self.decide(&req.namespace, &req.name).await;
                 let _work = self.work.lock().await;
                 let entry = PodEntry {
                     uid: if req.uid.is_empty() {
@@ -371,8 +410,8 @@ impl Agent {
                 };
                 self.lock().insert(req.container_id.clone(), entry);
                 self.save();
-                match self.enrolled(&req.namespace, &req.name) {
-                    Some(true) => match self.capture(&req.container_id).await {
+                match decision {
+                    Enrollment::Known(true) => match self.capture(&req.container_id).await {
                         Ok(()) => ok(true),
                         Err(e) => {
                             // Enrolled but not capturable: the pod must not start bypassing
@@ -382,9 +421,23 @@ impl Agent {
                             fail(e)
                         }
                     },
-                    // Not (yet) known as enrolled: the pod starts; it is captured as soon as
-                    // the control plane says so.
-                    _ => ok(false),
+                    Enrollment::Known(false) => ok(false),
+                    // Kept: if the plugin lets the pod start anyway (failOpen), the
+                    // reconciler captures it once the control plane tells.
+                    Enrollment::Unsynced | Enrollment::Unknown => PodReply {
+                        undecided: true,
+                        ..fail(format!(
+                            "cannot decide whether pod {}/{} is in the mesh: {} (waited {:?}); the runtime retries the ADD",
+                            req.namespace,
+                            req.name,
+                            if decision == Enrollment::Unsynced {
+                                "the node agent has no configuration from the control plane yet"
+                            } else {
+                                "the control plane has not published this pod yet"
+                            },
+                            self.config.enrollment_wait
+                        ))
+                    },
                 }
             }
             "DEL" => {
@@ -399,8 +452,10 @@ impl Agent {
                     .lock()
                     .get(&req.container_id)
                     .is_some_and(|p| p.captured);
-                match self.enrolled(&req.namespace, &req.name) {
-                    Some(true) if !captured => fail("enrolled but not captured".into()),
+                match self.enrollment(&req.namespace, &req.name) {
+                    Enrollment::Known(true) if !captured => {
+                        fail("enrolled but not captured".into())
+                    }
                     _ => ok(captured),
                 }
             }
@@ -431,11 +486,13 @@ impl Agent {
                         ok: false,
                         captured: false,
                         error: format!("invalid request: {e}"),
+                        undecided: false,
                     },
                     _ => PodReply {
                         ok: false,
                         captured: false,
                         error: "request too large or too slow".into(),
+                        undecided: false,
                     },
                 };
                 let body = serde_json::to_vec(&reply).unwrap_or_default();

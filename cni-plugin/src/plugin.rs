@@ -273,6 +273,13 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
     }
     match ask(conf, &req) {
         Ok(reply) if reply.ok => Ok(Some(result)),
+        Ok(reply) if reply.undecided && conf.fail_open => {
+            eprintln!(
+                "trellis-cni: WARNING: pod {}/{} starts WITHOUT mesh capture for now: {} (failOpen is set; it is captured once the control plane tells)",
+                req.namespace, req.name, reply.error
+            );
+            Ok(Some(result))
+        }
         Ok(reply) => Err(err(
             CODE_AGENT_REFUSED,
             format!(

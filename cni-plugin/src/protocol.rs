@@ -41,4 +41,9 @@ pub struct PodReply {
     /// Why not, when `ok` is false.
     #[serde(default)]
     pub error: String,
+    /// ADD: the agent could not decide yet whether the pod is in the mesh (the control
+    /// plane has not told it about the pod yet). The plugin fails the ADD (the runtime
+    /// retries) unless `failOpen` is set.
+    #[serde(default)]
+    pub undecided: bool,
 }

@@ -180,3 +180,43 @@ fn fail_open_passes_the_previous_result_through_and_del_never_fails() {
     let (ok, v) = call(Some("DEL"), Some("IgnoreUnknown=1"), &conf(json!({})));
     assert!(ok, "DEL without the pod's name succeeds: {v}");
 }
+
+/// An agent (a stand-in on a unix socket, answering like the real one) that cannot decide
+/// yet whether the pod is in the mesh: the ADD fails unless failOpen is set, and then the
+/// pod starts with the previous result.
+#[test]
+fn an_undecided_enrollment_fails_the_add_unless_fail_open() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let agent = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut req = Vec::new();
+            conn.read_to_end(&mut req).unwrap();
+            let req: Value = serde_json::from_slice(&req).unwrap();
+            assert_eq!(req["command"], "ADD");
+            let reply = json!({"ok": false, "captured": false, "undecided": true,
+                               "error": "the control plane has not published this pod yet"});
+            conn.write_all(reply.to_string().as_bytes()).unwrap();
+        }
+    });
+    let at = socket.to_str().unwrap();
+    let (ok, v) = call(Some("ADD"), Some(ARGS), &conf(json!({"agentSocket": at})));
+    assert!(!ok, "an undecided pod started without failOpen: {v}");
+    assert!(
+        v["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("has not published this pod")),
+        "{v}"
+    );
+    let (ok, v) = call(
+        Some("ADD"),
+        Some(ARGS),
+        &conf(json!({"agentSocket": at, "failOpen": true})),
+    );
+    assert!(ok, "failOpen: the pod starts: {v}");
+    assert_eq!(v["ips"][0]["address"], "10.244.1.5/24");
+    agent.join().unwrap();
+}

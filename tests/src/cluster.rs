@@ -235,6 +235,7 @@ impl ClusterBuilder {
             log_dir,
             nodes,
             pods: Mutex::new(BTreeMap::new()),
+            pod_created: PodCreatedHook::default(),
             seq: AtomicUsize::new(0),
             failed: AtomicBool::new(false),
             torn_down: AtomicBool::new(false),
@@ -242,6 +243,19 @@ impl ClusterBuilder {
         // On error the cluster is dropped here, which tears down what was built.
         cluster.wire().context("building the cluster network")?;
         Ok(cluster)
+    }
+}
+
+/// What [`Cluster::on_pod_created`] runs.
+pub type PodCreated = std::sync::Arc<dyn Fn(&Pod) -> Result<()> + Send + Sync>;
+
+/// The hook slot (closures have no `Debug`).
+#[derive(Default)]
+struct PodCreatedHook(Mutex<Option<PodCreated>>);
+
+impl std::fmt::Debug for PodCreatedHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PodCreatedHook")
     }
 }
 
@@ -255,6 +269,9 @@ pub struct Cluster {
     underlay: Underlay,
     nodes: Vec<Node>,
     pods: Mutex<BTreeMap<(String, String), Pod>>,
+    /// Called for each new pod before its CNI ADD (the Pod object exists before the
+    /// runtime sets up its sandbox; see [`Cluster::on_pod_created`]).
+    pod_created: PodCreatedHook,
     seq: AtomicUsize,
     failed: AtomicBool,
     torn_down: AtomicBool,
@@ -375,6 +392,13 @@ impl Cluster {
         })
     }
 
+    /// Runs `f` for every pod created from now on, before its CNI ADD, with the pod as it
+    /// is then (no IP yet): on Kubernetes the Pod object exists, scheduled, before the
+    /// kubelet asks the runtime for its sandbox (the mesh harness publishes it then).
+    pub fn on_pod_created(&self, f: PodCreated) {
+        *self.pod_created.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
     /// Creates pod `namespace/name` on `node`: a new network namespace, attached by running
     /// the node's CNI list (ADD) the way a container runtime does.
     pub fn add_pod(
@@ -415,7 +439,14 @@ impl Cluster {
             cni_result: Value::Null,
             netns,
         };
+        let created = self
+            .pod_created
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let attached = ip(&["-n", &pod.netns, "link", "set", "lo", "up"])
+            .and_then(|_| created.map_or(Ok(()), |f| f(&pod)))
             .and_then(|_| node.runtime().add(&pod.attachment()));
         let attached = attached.and_then(|result| {
             let ip = cni::result_ipv4(&result)

@@ -20,7 +20,9 @@ pub mod mesh;
 mod netns;
 
 pub use cleanup::{NAME_PREFIX, STATE_ROOT, our_netns, sweep_stale};
-pub use cluster::{CNI_PLUGIN_DIR, Cluster, ClusterBuilder, NETWORK_NAME, Node, Pod, Underlay};
+pub use cluster::{
+    CNI_PLUGIN_DIR, Cluster, ClusterBuilder, NETWORK_NAME, Node, Pod, PodCreated, Underlay,
+};
 pub use exec::Proc;
 pub use netns::{Netns, in_netns, wait_tcp};
 

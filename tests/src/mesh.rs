@@ -86,6 +86,12 @@ impl Mesh {
         for node in c.nodes() {
             nodes.push(Self::start_node(c, node, &cp_dir, &roots, n1)?);
         }
+        // Pods are published as the API server has them: scheduled, without an IP, before
+        // their CNI ADD runs (`register_pod` adds the IP after).
+        let dir = config_dir.clone();
+        c.on_pod_created(std::sync::Arc::new(move |pod: &Pod| {
+            write_manifest(&dir, &pod_file(pod), &pod_manifest(pod, false))
+        }));
         let mesh = Mesh {
             control_plane,
             nodes,
@@ -343,10 +349,7 @@ impl Mesh {
 
     /// Writes a manifest file into the control plane's config directory (replacing it).
     pub fn apply(&self, file: &str, yaml: &str) -> Result<()> {
-        let tmp = self.config_dir.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, yaml)?;
-        std::fs::rename(&tmp, self.config_dir.join(file))?;
-        Ok(())
+        write_manifest(&self.config_dir, file, yaml)
     }
 
     /// Writes a `Namespace`, labelled ambient or not.
@@ -364,26 +367,41 @@ impl Mesh {
         )
     }
 
-    /// Writes the `Pod` manifest of a pod the cluster created (node, IP, labels).
-    pub fn register_pod(&self, pod: &Pod) -> Result<()> {
-        let labels: Vec<String> = pod
-            .labels
-            .iter()
-            .map(|(k, v)| format!("{k}: {v}"))
-            .collect();
-        self.apply(
-            &format!("pod-{}-{}.yaml", pod.namespace, pod.name),
-            &format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: {}, labels: {{{}}}}}\nspec: {{nodeName: {}, serviceAccountName: {}, containers: [{{name: app, image: testapp}}]}}\nstatus: {{podIP: {}, phase: Running}}\n",
-                pod.name,
-                pod.namespace,
-                pod.uid,
-                labels.join(", "),
-                pod.node,
-                pod.service_account,
-                pod.ip
-            ),
-        )
+    /// Writes the `Pod` manifest of a pod the cluster created (node, IP, labels), as the
+    /// API server has it once the pod runs, and waits until every node's ztunnel knows its
+    /// address (as a test expects of "the pod exists" before it sends traffic to it).
+    pub fn register_pod(&self, c: &Cluster, pod: &Pod) -> Result<()> {
+        self.apply(&pod_file(pod), &pod_manifest(pod, true))?;
+        let ip = pod.ip.to_string();
+        for node in c.nodes() {
+            wait_until(
+                &format!(
+                    "ztunnel of {} to know {}/{} at {ip}",
+                    node.name(),
+                    pod.namespace,
+                    pod.name
+                ),
+                Duration::from_secs(20),
+                || {
+                    let mut cmd = Command::new("curl");
+                    cmd.args(["-sf", "http://127.0.0.1:15000/config_dump"]);
+                    let Ok(out) = c.run(node, "config-dump", cmd) else {
+                        return Ok(false);
+                    };
+                    let dump: Value = serde_json::from_str(&out)?;
+                    Ok(dump["workloads"].as_array().is_some_and(|ws| {
+                        ws.iter().any(|w| {
+                            w["name"] == pod.name.as_str()
+                                && w["namespace"] == pod.namespace.as_str()
+                                && w["addresses"]
+                                    .as_array()
+                                    .is_some_and(|a| a.iter().any(|x| x == ip.as_str()))
+                        })
+                    }))
+                },
+            )?;
+        }
+        Ok(())
     }
 
     /// Whether the node agent has `pod` captured (ztunnel acked and rules installed).
@@ -440,4 +458,38 @@ pub fn eventually(
     check: impl FnMut() -> Result<bool>,
 ) -> Result<()> {
     wait_until(what, timeout, check)
+}
+
+fn write_manifest(dir: &Path, file: &str, yaml: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, yaml)?;
+    std::fs::rename(&tmp, dir.join(file))?;
+    Ok(())
+}
+
+fn pod_file(pod: &Pod) -> String {
+    format!("pod-{}-{}.yaml", pod.namespace, pod.name)
+}
+
+/// The `Pod` as the API server has it: scheduled to its node, with its IP once `running`.
+fn pod_manifest(pod: &Pod, running: bool) -> String {
+    let labels: Vec<String> = pod
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    let status = if running {
+        format!("status: {{podIP: {}, phase: Running}}\n", pod.ip)
+    } else {
+        "status: {phase: Pending}\n".to_string()
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: {}, labels: {{{}}}}}\nspec: {{nodeName: {}, serviceAccountName: {}, containers: [{{name: app, image: testapp}}]}}\n{status}",
+        pod.name,
+        pod.namespace,
+        pod.uid,
+        labels.join(", "),
+        pod.node,
+        pod.service_account,
+    )
 }

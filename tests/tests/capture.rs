@@ -60,7 +60,7 @@ fn enrolled_pods_talk_through_ztunnel_on_one_node_and_across_nodes() {
         let near = c.add_pod(n1, "shop", "near", "near", &[("app", "near")])?;
         let far = c.add_pod(n2, "shop", "far", "far", &[("app", "far")])?;
         for p in [&a, &near, &far] {
-            mesh.register_pod(p)?;
+            mesh.register_pod(c, p)?;
         }
         for p in [&a, &near, &far] {
             mesh.wait_captured(c, p, true)?;
@@ -245,8 +245,8 @@ fn enrollment_follows_the_namespace_label_while_pods_run() {
         mesh.namespace("plain", false)?;
         let client = c.add_pod(n1, "plain", "client", "client", &[])?;
         let server = c.add_pod(n2, "plain", "server", "server", &[])?;
-        mesh.register_pod(&client)?;
-        mesh.register_pod(&server)?;
+        mesh.register_pod(c, &client)?;
+        mesh.register_pod(c, &server)?;
         let _s = serve(c, &server)?;
         let addr = format!("{}:9000", server.ip);
 
@@ -324,7 +324,7 @@ fn sigterm_drains_open_connections_then_exits() {
         let a = c.add_pod(n1, "shop", "a", "a", &[])?;
         let b = c.add_pod(n2, "shop", "b", "b", &[])?;
         for p in [&a, &b] {
-            mesh.register_pod(p)?;
+            mesh.register_pod(c, p)?;
         }
         mesh.wait_captured(c, &a, true)?;
         mesh.wait_captured(c, &b, true)?;
@@ -387,8 +387,8 @@ fn restarts_of_ztunnel_and_the_node_agent_lose_nothing() {
         mesh.namespace("shop", true)?;
         let a = c.add_pod(n1, "shop", "a", "a", &[])?;
         let b = c.add_pod(n2, "shop", "b", "b", &[])?;
-        mesh.register_pod(&a)?;
-        mesh.register_pod(&b)?;
+        mesh.register_pod(c, &a)?;
+        mesh.register_pod(c, &b)?;
         mesh.wait_captured(c, &a, true)?;
         mesh.wait_captured(c, &b, true)?;
         let _s = serve(c, &b)?;
@@ -420,7 +420,7 @@ fn restarts_of_ztunnel_and_the_node_agent_lose_nothing() {
         mesh.restart_agent(c, n2)?;
         ensure!(mesh.captured(&b, c)?, "b was released by the restart");
         let b2 = c.add_pod(n2, "shop", "b2", "b2", &[])?;
-        mesh.register_pod(&b2)?;
+        mesh.register_pod(c, &b2)?;
         mesh.wait_captured(c, &b2, true)?;
         let before = logged(&mesh, "node2", "inbound", &addr)?.len();
         echo(c, &a, &addr, 1_000_000)?;
@@ -435,7 +435,7 @@ fn restarts_of_ztunnel_and_the_node_agent_lose_nothing() {
         let state = n1.state_dir().join("node-agent.json");
         mesh.restart_agent_after(c, n1, || Ok(std::fs::write(&state, b"{\"truncated")?))?;
         let a2 = c.add_pod(n1, "shop", "a2", "a2", &[])?;
-        mesh.register_pod(&a2)?;
+        mesh.register_pod(c, &a2)?;
         mesh.wait_captured(c, &a2, true)?;
         let aside = std::fs::read_dir(n1.state_dir())?
             .filter_map(|e| e.ok())
@@ -460,8 +460,8 @@ fn a_replay_ztunnel_refuses_is_retried_until_the_pod_is_served() {
         mesh.namespace("shop", true)?;
         let a = c.add_pod(n1, "shop", "a", "a", &[])?;
         let b = c.add_pod(n2, "shop", "b", "b", &[])?;
-        mesh.register_pod(&a)?;
-        mesh.register_pod(&b)?;
+        mesh.register_pod(c, &a)?;
+        mesh.register_pod(c, &b)?;
         mesh.wait_captured(c, &a, true)?;
         mesh.wait_captured(c, &b, true)?;
         let _s = serve(c, &b)?;
@@ -527,7 +527,7 @@ fn a_deny_applied_closes_open_connections_it_denies() {
         let tool = c.add_pod(n1, "dev", "tool", "tool", &[])?;
         let api = c.add_pod(n2, "shop", "api", "api", &[])?;
         for p in [&front, &tool, &api] {
-            mesh.register_pod(p)?;
+            mesh.register_pod(c, p)?;
             mesh.wait_captured(c, p, true)?;
         }
         let _s = serve(c, &api)?;
@@ -578,6 +578,85 @@ fn a_deny_applied_closes_open_connections_it_denies() {
     });
 }
 
+/// The real order of a pod's start: the Pod object exists (scheduled, no IP) when the CNI
+/// ADD runs, its IP is published after. The node agent decides enrollment at ADD from what
+/// the control plane published, so the pod is captured and served by ztunnel before ADD
+/// returns: its first outbound connection already goes over HBONE, its first inbound ones
+/// are already under its policies; and a pod the control plane does not know fails its ADD
+/// (the runtime retries) instead of starting outside the mesh.
+#[test]
+fn a_pod_is_in_the_mesh_from_its_first_packet() {
+    with_cluster("capture_first_packet", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mesh = Mesh::start(c)?;
+        mesh.namespace("shop", true)?;
+        mesh.namespace("dev", true)?;
+        mesh.apply(
+            "deny-dev.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-dev, namespace: shop}\nspec:\n  action: DENY\n  rules: [{from: [{source: {namespaces: [dev]}}]}]\n",
+        )?;
+        let b = c.add_pod(n2, "shop", "b", "b", &[])?;
+        let tool = c.add_pod(n1, "dev", "tool", "tool", &[])?;
+        for p in [&b, &tool] {
+            mesh.register_pod(c, p)?;
+            mesh.wait_captured(c, p, true)?;
+        }
+        let _sb = serve(c, &b)?;
+        let b_addr = format!("{}:9000", b.ip);
+
+        // Pod a starts: captured when its ADD returns, before its IP is published.
+        let a = c.add_pod(n1, "shop", "a", "a", &[])?;
+        ensure!(
+            mesh.captured(&a, c)?,
+            "pod a was not captured when its CNI ADD returned"
+        );
+        echo(c, &a, &b_addr, 10_000)?;
+        let first = logged(&mesh, "node1", "outbound", &b_addr)?;
+        ensure!(
+            first.len() == 1 && first[0]["fields"]["route"] == "hbone",
+            "a's first connection did not go through ztunnel over HBONE: {first:?}"
+        );
+
+        // Its first inbound connections are under its namespace's policies.
+        let _sa = serve(c, &a)?;
+        mesh.register_pod(c, &a)?;
+        let a_addr = format!("{}:9000", a.ip);
+        let reaches = |from: &Pod| {
+            let mut cmd = testapp();
+            cmd.args(["tcp", &a_addr, "--bytes", "1000", "--timeout", "5"]);
+            c.run(from, &format!("{}-to-a", from.name), cmd).is_ok()
+        };
+        ensure!(
+            !reaches(&tool),
+            "dev's first connection to a was not denied"
+        );
+        ensure!(reaches(&b), "shop's first connection to a was refused");
+        let denied = mesh.access_log("node1")?.into_iter().any(|l| {
+            l["fields"]["dst"] == a_addr.as_str()
+                && l["fields"]["result"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("shop/deny-dev"))
+        });
+        ensure!(
+            denied,
+            "the deny of dev's connection to a is not logged with its policy"
+        );
+
+        // A pod the control plane has not published: its ADD fails rather than letting it
+        // start outside the mesh (failOpen is off).
+        c.on_pod_created(std::sync::Arc::new(|_: &Pod| Ok(())));
+        let err = match c.add_pod(n1, "shop", "ghost", "ghost", &[]) {
+            Ok(_) => anyhow::bail!("a pod unknown to the control plane was started"),
+            Err(e) => format!("{e:#}"),
+        };
+        ensure!(
+            err.contains("has not published this pod yet"),
+            "the refused ADD does not say why: {err}"
+        );
+        Ok(())
+    });
+}
+
 #[test]
 fn a_captured_pod_cannot_get_around_ztunnel() {
     with_cluster("capture_bypass", 2, |c| {
@@ -586,8 +665,8 @@ fn a_captured_pod_cannot_get_around_ztunnel() {
         mesh.namespace("shop", true)?;
         let a = c.add_pod(n1, "shop", "a", "a", &[])?;
         let b = c.add_pod(n2, "shop", "b", "b", &[])?;
-        mesh.register_pod(&a)?;
-        mesh.register_pod(&b)?;
+        mesh.register_pod(c, &a)?;
+        mesh.register_pod(c, &b)?;
         mesh.wait_captured(c, &a, true)?;
         mesh.wait_captured(c, &b, true)?;
         // Servers: in b on two ports, in a itself, and on node2's underlay address (outside
@@ -678,7 +757,7 @@ fn l4_policy_is_enforced_at_the_destination_and_strict_refuses_plaintext() {
         let plain = c.add_pod(n1, "outside", "plain", "plain", &[])?;
         let api = c.add_pod(n2, "shop", "api", "api", &[("app", "api")])?;
         for p in [&front, &tool, &plain, &api] {
-            mesh.register_pod(p)?;
+            mesh.register_pod(c, p)?;
         }
         for p in [&front, &tool, &api] {
             mesh.wait_captured(c, p, true)?;
@@ -770,7 +849,7 @@ fn a_service_vip_is_resolved_to_an_endpoint_by_ztunnel() {
         let api1 = c.add_pod(n2, "shop", "api-1", "api", &[("app", "api")])?;
         let api2 = c.add_pod(n1, "shop", "api-2", "api", &[("app", "api")])?;
         for p in [&client, &api1, &api2] {
-            mesh.register_pod(p)?;
+            mesh.register_pod(c, p)?;
         }
         mesh.apply(
             "svc-api.yaml",
@@ -840,8 +919,8 @@ fn the_data_plane_keeps_working_without_the_control_plane_and_resyncs() {
         mesh.namespace("shop", true)?;
         let a = c.add_pod(n1, "shop", "a", "a", &[])?;
         let b = c.add_pod(n2, "shop", "b", "b", &[])?;
-        mesh.register_pod(&a)?;
-        mesh.register_pod(&b)?;
+        mesh.register_pod(c, &a)?;
+        mesh.register_pod(c, &b)?;
         mesh.wait_captured(c, &a, true)?;
         mesh.wait_captured(c, &b, true)?;
         let _s = serve(c, &b)?;
@@ -892,7 +971,7 @@ fn bad_input_on_the_hbone_port_is_refused_without_harm() {
         let a = c.add_pod(n1, "shop", "a", "a", &[])?;
         let stranger = c.add_pod(n1, "outside", "stranger", "stranger", &[])?;
         for p in [&a, &b, &stranger] {
-            mesh.register_pod(p)?;
+            mesh.register_pod(c, p)?;
         }
         mesh.wait_captured(c, &a, true)?;
         mesh.wait_captured(c, &b, true)?;
@@ -941,7 +1020,7 @@ fn the_seed_examples_behave_as_written() {
         let prod = c.add_pod(n1, "prod", "sleep", "sleep", &[("app", "sleep")])?;
         let plain = c.add_pod(n1, "outside", "plain", "plain", &[])?;
         for p in [&httpbin, &dev, &prod, &plain] {
-            mesh.register_pod(p)?;
+            mesh.register_pod(c, p)?;
         }
         for p in [&httpbin, &dev, &prod] {
             mesh.wait_captured(c, p, true)?;

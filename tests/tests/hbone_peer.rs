@@ -148,7 +148,7 @@ fn misbehaving_and_forged_peers_are_refused_and_logged() {
         let b = c.add_pod(n2, "shop", "b", "b", &[])?;
         let peer = c.add_pod(n1, "outside", "peer", "peer", &[])?;
         for p in [&a, &b, &peer] {
-            mesh.register_pod(p)?;
+            mesh.register_pod(c, p)?;
         }
         mesh.wait_captured(c, &a, true)?;
         mesh.wait_captured(c, &b, true)?;
@@ -346,7 +346,7 @@ fn a_service_bound_to_a_waypoint_is_reached_through_it() {
             ],
         )?;
         for p in [&client, &web, &wp] {
-            mesh.register_pod(p)?;
+            mesh.register_pod(c, p)?;
         }
         mesh.apply(
             "waypoint.yaml",

@@ -177,7 +177,7 @@ fn walk(c: &Cluster, wait: bool) -> Result<()> {
     mesh.namespace("legacy", false)?;
     let web = c.add_pod(n2, "shop", "web", "web", &[("app", "web")])?;
     let old = c.add_pod(n1, "legacy", "old", "old", &[("app", "old")])?;
-    mesh.register_pod(&old)?;
+    mesh.register_pod(c, &old)?;
     println!(
         "  legacy/old on node1 at {}: not in the mesh (its namespace has no label)",
         old.ip
@@ -185,7 +185,7 @@ fn walk(c: &Cluster, wait: bool) -> Result<()> {
     let client = c.add_pod(n1, "shop", "client", "client", &[("app", "client")])?;
     let tool = c.add_pod(n1, "dev", "tool", "tool", &[("app", "tool")])?;
     for p in [&web, &client, &tool] {
-        mesh.register_pod(p)?;
+        mesh.register_pod(c, p)?;
     }
     for p in [&web, &client, &tool] {
         mesh.wait_captured(c, p, true)?;

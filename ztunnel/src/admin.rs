@@ -68,8 +68,22 @@ impl Admin {
         let workloads: Vec<Value> = store
             .workloads()
             .map(|w| {
+                let addresses: Vec<String> = w
+                    .addresses
+                    .iter()
+                    .filter_map(|a| match a.len() {
+                        4 => <[u8; 4]>::try_from(a.as_slice())
+                            .ok()
+                            .map(|b| std::net::IpAddr::from(b).to_string()),
+                        16 => <[u8; 16]>::try_from(a.as_slice())
+                            .ok()
+                            .map(|b| std::net::IpAddr::from(b).to_string()),
+                        _ => None,
+                    })
+                    .collect();
                 json!({
                     "uid": w.uid, "name": w.name, "namespace": w.namespace,
+                    "addresses": addresses,
                     "node": w.node, "serviceAccount": w.service_account,
                     "tunnelProtocol": w.tunnel_protocol,
                     "authorizationPolicies": w.authorization_policies,

@@ -173,6 +173,8 @@ fn main() -> ExitCode {
                         zds_socket,
                         state_file,
                         zds_timeout: Duration::from_secs(5),
+                        // Below the plugin's 10 s wait for the answer.
+                        enrollment_wait: Duration::from_secs(5),
                     },
                     xds,
                 )?;

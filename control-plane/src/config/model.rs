@@ -620,7 +620,8 @@ impl Model {
         out
     }
 
-    /// One `Workload` per pod that has an IP: enrolled pods speak HBONE, others plain TCP.
+    /// One `Workload` per pod that has an IP or is scheduled to a node: enrolled pods speak
+    /// HBONE, others plain TCP.
     pub fn workloads(&self, mesh: &MeshConfig) -> Vec<wl::Workload> {
         self.pods
             .values()
@@ -641,10 +642,18 @@ impl Model {
             .unwrap_or_else(|| "default".into());
         let name = pod.metadata.name.clone()?;
         let addresses = pod_ips(pod);
-        if addresses.is_empty() {
-            return None; // not running yet: nothing to route to
-        }
         let spec = pod.spec.as_ref();
+        // A pod scheduled to a node but without an address yet (its sandbox is being set
+        // up: the CNI ADD runs now) is published too, address-less and never a ready
+        // endpoint: its node's agent decides its enrollment at ADD from it, so the pod is
+        // captured from its first packet. An unscheduled pod is nobody's concern yet.
+        let scheduled = spec
+            .and_then(|s| s.node_name.as_deref())
+            .is_some_and(|n| !n.is_empty());
+        if addresses.is_empty() && !scheduled {
+            return None;
+        }
+        let ready = !addresses.is_empty() && pod_ready(pod);
         let host_network = spec.and_then(|s| s.host_network) == Some(true);
         let labels = pod.metadata.labels.clone().unwrap_or_default();
         let enrolled = self.is_enrolled(pod);
@@ -734,7 +743,7 @@ impl Model {
             workload_name: workload_name(pod, &name),
             services,
             authorization_policies,
-            status: if pod_ready(pod) {
+            status: if ready {
                 wl::WorkloadStatus::Healthy as i32
             } else {
                 wl::WorkloadStatus::Unhealthy as i32
