@@ -423,6 +423,9 @@ impl Stream {
                 None => node.id.clone(),
             };
         }
+        if let Err(why) = self.allowed(&req.type_url) {
+            return self.refuse(Status::permission_denied(why)).await;
+        }
         let type_url = req.type_url.clone();
         let first = !self.types.contains_key(&type_url);
         if first && self.types.len() >= MAX_TYPES_PER_STREAM {
@@ -502,7 +505,37 @@ impl Stream {
         self.push(&type_url).await
     }
 
+    /// Whether the caller may read `type_url` now. A node's ztunnel (and node agent) reads
+    /// the mesh; a caller authenticated by another ServiceAccount is a waypoint only while
+    /// a waypoint Gateway of that name exists in its namespace (else it reads nothing: any
+    /// pod's token would otherwise read the whole mesh), and never reads ztunnel's L4
+    /// `Authorization` (waypoints enforce their own L7 resources).
+    fn allowed(&self, type_url: &str) -> Result<(), String> {
+        let Some(crate::ca::auth::Caller::Waypoint(id)) = &self.caller else {
+            return Ok(());
+        };
+        let key = (id.namespace().to_string(), id.service_account().to_string());
+        if !self.snapshots.borrow().waypoints.contains(&key) {
+            return Err(format!(
+                "{id} is not the identity of a waypoint (no istio-waypoint Gateway {}/{}): it may not read the mesh's configuration",
+                key.0, key.1
+            ));
+        }
+        if type_url == trellis_proto::type_url::AUTHORIZATION {
+            return Err(format!(
+                "{id}: waypoints do not read ztunnel's L4 authorization"
+            ));
+        }
+        Ok(())
+    }
+
     async fn push_all(&mut self) -> Result<(), ()> {
+        // A waypoint whose Gateway went away stops reading.
+        if let Some(t) = self.types.keys().next().cloned()
+            && let Err(why) = self.allowed(&t)
+        {
+            return self.refuse(Status::permission_denied(why)).await;
+        }
         let types: Vec<String> = self.types.keys().cloned().collect();
         for t in types {
             self.push(&t).await?;

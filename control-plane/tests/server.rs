@@ -343,6 +343,77 @@ async fn a_node_cannot_claim_another_nodes_proxy_id_and_subscriptions_are_bounde
 }
 
 #[tokio::test]
+async fn only_a_waypoints_identity_reads_xds_as_a_waypoint_and_never_l4_authorization() {
+    let gateway = "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: shop-wp, namespace: shop}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n";
+    let m = start(&[("00-base.yaml", BASE.into())]).await;
+    let mut raw = AggregatedDiscoveryServiceClient::new(channel(&m));
+    let as_identity = |sa: &str, type_url: &str| {
+        let id = SpiffeId::new("cluster.local", "shop", sa).unwrap();
+        let credential = m.cp.credentials().issue_waypoint(&id).unwrap();
+        let first = DeltaDiscoveryRequest {
+            type_url: type_url.into(),
+            node: Some(trellis_proto::envoy::config::core::v3::Node {
+                id: format!("waypoint~{sa}"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut req = tonic::Request::new(tokio_stream::iter(vec![first]));
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {credential}").parse().unwrap(),
+        );
+        req
+    };
+    async fn first_answer(
+        raw: &mut AggregatedDiscoveryServiceClient<Channel>,
+        req: tonic::Request<tokio_stream::Iter<std::vec::IntoIter<DeltaDiscoveryRequest>>>,
+    ) -> Result<
+        Option<trellis_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse>,
+        tonic::Status,
+    > {
+        raw.delta_aggregated_resources(req)
+            .await?
+            .into_inner()
+            .message()
+            .await
+    }
+    // No waypoint Gateway shop/shop-wp yet: that ServiceAccount's token reads nothing.
+    let err = first_answer(&mut raw, as_identity("shop-wp", ADDRESS))
+        .await
+        .expect_err("a plain ServiceAccount read the mesh");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(
+        err.message().contains("is not the identity of a waypoint"),
+        "{err}"
+    );
+
+    write(m.config.path(), "wp.yaml", gateway);
+    let mut served = None;
+    for _ in 0..100 {
+        match first_answer(&mut raw, as_identity("shop-wp", ADDRESS)).await {
+            Ok(r) => {
+                served = r;
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(served.is_some(), "the waypoint's identity is not served");
+    // Another ServiceAccount of the namespace still reads nothing; the waypoint never gets
+    // ztunnel's L4 policies.
+    let err = first_answer(&mut raw, as_identity("cart", ADDRESS))
+        .await
+        .expect_err("a non-waypoint ServiceAccount read the mesh");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let err = first_answer(&mut raw, as_identity("shop-wp", AUTHORIZATION))
+        .await
+        .expect_err("a waypoint read L4 authorization");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    m.cp.shutdown().await;
+}
+
+#[tokio::test]
 async fn the_ca_follows_pods_as_they_are_scheduled() {
     let m = start(&[("00-base.yaml", BASE.into())]).await;
     let ca = |node: &str| {

@@ -43,6 +43,9 @@ pub struct Snapshot {
     /// What changed since generation − 1, per type URL: computed once here, so the many
     /// streams that are in sync do not each compare every resource.
     pub changes: BTreeMap<String, ChangeSet>,
+    /// The waypoint Gateways, (namespace, name): a waypoint runs as the ServiceAccount named
+    /// after its Gateway, and only those identities may read xDS as waypoints.
+    pub waypoints: std::collections::BTreeSet<(String, String)>,
 }
 
 /// Names updated and removed between two consecutive snapshots of one type.
@@ -74,6 +77,7 @@ impl Snapshot {
             snap.add_namespace(model, mesh, &ns);
         }
         snap.add_peer_authentication(model, mesh);
+        snap.waypoints = waypoint_keys(model);
         snap
     }
 
@@ -94,6 +98,7 @@ impl Snapshot {
             resources: prev.resources.clone(),
             statuses: prev.statuses.clone(),
             changes: BTreeMap::new(),
+            waypoints: waypoint_keys(model),
         };
         for map in snap.resources.values_mut() {
             map.retain(|name, _| !namespace_of(name).is_some_and(|ns| dirty.contains(ns)));
@@ -295,4 +300,13 @@ fn resource<M: Message + Name>(m: &M) -> Arc<Resource> {
             value: bytes,
         },
     })
+}
+
+/// The (namespace, name) of every waypoint Gateway (few: recomputed whole each build).
+fn waypoint_keys(model: &Model) -> std::collections::BTreeSet<(String, String)> {
+    model
+        .gateways()
+        .filter(|(_, gw)| gw.is_waypoint())
+        .map(|(key, _)| key.clone())
+        .collect()
 }
