@@ -117,7 +117,70 @@ fn setups() -> Vec<Setup> {
         server: Arc::new(server),
         server_name: ServerName::try_from("b.test").unwrap(),
     };
-    vec![trellis, baseline]
+    // A peer offering only the hybrid post-quantum group (Istio's ztunnel can be set so)
+    // against Trellis's server: the server's extra cost of X25519MLKEM768 over X25519.
+    let mut pq = rustls::crypto::ring::default_provider();
+    pq.kx_groups = vec![tls::x25519_mlkem768()];
+    let pq = Arc::new(pq);
+    let (pq_chain, pq_key) = ca.issue_raw(
+        &["spiffe://cluster.local/ns/ns-a/sa/a"],
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(3600),
+    );
+    let mut pq_client = ClientConfig::builder_with_provider(pq)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer))
+        .with_client_auth_cert(pq_chain, pq_key)
+        .unwrap();
+    pq_client.alpn_protocols = vec![b"h2".to_vec()];
+    let post_quantum = Setup {
+        name: "trellis_hbone_x25519mlkem768_peer",
+        client: Arc::new(pq_client),
+        server: trellis.server.clone(),
+        server_name: trellis.server_name.clone(),
+    };
+    vec![trellis, post_quantum, baseline]
+}
+
+/// The post-quantum peer's verifier: it trusts the server (only the key exchange is
+/// measured there; the Trellis server still verifies the peer's SPIFFE certificate).
+#[derive(Debug)]
+struct AcceptAnyServer;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        tls::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 fn bench(c: &mut Criterion) {

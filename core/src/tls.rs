@@ -9,6 +9,7 @@
 //!   rotated (add new, re-issue, remove old) without rebuilding configurations or failing
 //!   a connection.
 
+mod pq;
 mod verify;
 
 use std::sync::{Arc, RwLock};
@@ -63,6 +64,32 @@ pub enum TlsError {
 /// The crypto provider of every Trellis TLS configuration: ring (see docs/identity.md).
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The hybrid post-quantum group HBONE offers (for tests that play a peer offering only
+/// it, and benchmarks).
+pub fn x25519_mlkem768() -> &'static dyn rustls::crypto::SupportedKxGroup {
+    pq::X25519_MLKEM768
+}
+
+/// HBONE's provider for a side: ring plus the hybrid post-quantum group X25519MLKEM768
+/// (`tls/pq.rs`), so a peer that offers only that group (Istio's ztunnel can be set so)
+/// handshakes. A server prefers it whenever the client offers it; a client sends its first
+/// key share for X25519 (cheap) and moves to X25519MLKEM768 when a server asks for it
+/// (HelloRetryRequest). P-256 and P-384 stay. Measured in docs/performance.md.
+fn hbone_provider(server: bool) -> Arc<CryptoProvider> {
+    let mut p = rustls::crypto::ring::default_provider();
+    let classical = p.kx_groups.clone();
+    p.kx_groups = if server {
+        std::iter::once(pq::X25519_MLKEM768)
+            .chain(classical)
+            .collect()
+    } else {
+        let mut groups = classical;
+        groups.insert(1.min(groups.len()), pq::X25519_MLKEM768);
+        groups
+    };
+    Arc::new(p)
 }
 
 /// A certificate with its chain and private key, as held for one workload identity.
@@ -274,7 +301,7 @@ pub fn server_config(
     bundle: Arc<TrustBundle>,
 ) -> Result<ServerConfig, TlsError> {
     let verifier = Arc::new(verify::SpiffeClientVerifier::new(bundle));
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(hbone_provider(true))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(cert.chain.clone(), cert.key())?;
@@ -290,7 +317,7 @@ pub fn client_config(
     expected_server: SpiffeId,
 ) -> Result<ClientConfig, TlsError> {
     let verifier = Arc::new(verify::SpiffeServerVerifier::new(bundle, expected_server));
-    let mut config = ClientConfig::builder_with_provider(provider())
+    let mut config = ClientConfig::builder_with_provider(hbone_provider(false))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)

@@ -422,3 +422,95 @@ async fn a_ca_certificate_is_not_a_workload_certificate() {
     let (server, _) = handshake(s, raw_client(chain, key)).await;
     assert_rejected(&server, "invalid peer certificate");
 }
+
+/// A provider whose only key exchange is the hybrid X25519MLKEM768: a peer such as Istio's
+/// ztunnel configured for post-quantum key exchange only.
+fn post_quantum_only() -> Arc<rustls::crypto::CryptoProvider> {
+    let mut p = rustls::crypto::ring::default_provider();
+    p.kx_groups = vec![tls::x25519_mlkem768()];
+    Arc::new(p)
+}
+
+/// One handshake; the key-exchange group the client negotiated, or why it failed.
+async fn negotiated(
+    server: ServerConfig,
+    client: ClientConfig,
+) -> Result<rustls::NamedGroup, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = TlsAcceptor::from(Arc::new(server));
+    let server_side = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| tls::handshake_failure(&e))?;
+        let mut b = [0u8; 1];
+        tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+        tls.write_all(&b).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(())
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = TlsConnector::from(Arc::new(client))
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .map_err(|e| tls::handshake_failure(&e))?;
+    tls.write_all(b"x").await.map_err(|e| e.to_string())?;
+    let mut b = [0u8; 1];
+    tls.read_exact(&mut b)
+        .await
+        .map_err(|e| tls::handshake_failure(&e))?;
+    server_side.await.unwrap()?;
+    tls.get_ref()
+        .1
+        .negotiated_key_exchange_group()
+        .map(|g| g.name())
+        .ok_or_else(|| "no key exchange group".to_string())
+}
+
+#[tokio::test]
+async fn a_peer_offering_only_x25519mlkem768_handshakes_both_ways_and_ours_stay_on_x25519() {
+    let ca = TestCa::new(TD);
+    let server = ca.issue("shop", "api");
+    let client = ca.issue("shop", "web");
+    let (our_server, our_client) = pair(&ca, &server, &client, id("shop", "api"));
+    let now = OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    let peer = |sa: &str| ca.issue_raw(&[&id("shop", sa).to_string()], now - hour, now + hour);
+
+    // A post-quantum-only client against our server.
+    let (web_chain, web_key) = peer("web");
+    let mut pq_client = ClientConfig::builder_with_provider(post_quantum_only())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer))
+        .with_client_auth_cert(web_chain, web_key)
+        .unwrap();
+    pq_client.alpn_protocols = vec![b"h2".to_vec()];
+    assert_eq!(
+        negotiated(our_server.clone(), pq_client).await,
+        Ok(rustls::NamedGroup::X25519MLKEM768)
+    );
+
+    // Our client against a post-quantum-only server (it asks our client to retry with the
+    // hybrid group).
+    let (api_chain, api_key) = peer("api");
+    let mut pq_server = ServerConfig::builder_with_provider(post_quantum_only())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(api_chain, api_key)
+        .unwrap();
+    pq_server.alpn_protocols = vec![b"h2".to_vec()];
+    assert_eq!(
+        negotiated(pq_server, our_client.clone()).await,
+        Ok(rustls::NamedGroup::X25519MLKEM768)
+    );
+
+    // Between Trellis proxies the first key share, X25519, is taken: no extra cost.
+    assert_eq!(
+        negotiated(our_server, our_client).await,
+        Ok(rustls::NamedGroup::X25519)
+    );
+}
