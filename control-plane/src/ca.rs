@@ -93,7 +93,9 @@ pub struct Issued {
 /// The certificate authority.
 pub struct CertificateAuthority {
     config: CaConfig,
-    root: RootOfTrust,
+    /// Replaced whole when the operator rotates the root (`replace_root`); a request signs
+    /// with the one it read at its start.
+    root: std::sync::RwLock<std::sync::Arc<RootOfTrust>>,
     rng: ring::rand::SystemRandom,
 }
 
@@ -110,7 +112,7 @@ impl CertificateAuthority {
     pub fn new(config: CaConfig, root: RootOfTrust) -> CertificateAuthority {
         CertificateAuthority {
             config,
-            root,
+            root: std::sync::RwLock::new(std::sync::Arc::new(root)),
             rng: ring::rand::SystemRandom::new(),
         }
     }
@@ -121,8 +123,13 @@ impl CertificateAuthority {
     }
 
     /// The root of trust in use.
-    pub fn root(&self) -> &RootOfTrust {
-        &self.root
+    pub fn root(&self) -> std::sync::Arc<RootOfTrust> {
+        self.root.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Signs with `root` from now on (the operator replaced `cacerts`).
+    pub fn replace_root(&self, root: RootOfTrust) {
+        *self.root.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(root);
     }
 
     /// Checks a PEM CSR: its signature, its key (ECDSA P-256/P-384, or RSA of 2048 bits or
@@ -217,8 +224,9 @@ impl CertificateAuthority {
             .unwrap_or(self.config.default_ttl)
             .min(self.config.max_ttl);
         let now = OffsetDateTime::now_utc();
+        let root = self.root();
         // A leaf never outlives the certificate that signs it.
-        let not_after = (now + ttl).min(self.root.not_after());
+        let not_after = (now + ttl).min(root.not_after());
         let mut params = CertificateParams::default();
         // Workload certificates name their subject only in the SAN (as Istio's do).
         params.distinguished_name = DistinguishedName::new();
@@ -247,10 +255,10 @@ impl CertificateAuthority {
         serial[0] &= 0x7f;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         let cert = params
-            .signed_by(&csr.public_key, self.root.issuer())
+            .signed_by(&csr.public_key, root.issuer())
             .map_err(|e| CaError::Signing(e.to_string()))?;
         let mut chain = vec![cert.pem()];
-        chain.extend(self.root.chain_pem().iter().cloned());
+        chain.extend(root.chain_pem().iter().cloned());
         Ok(Issued {
             chain,
             serial: serial.iter().map(|b| format!("{b:02x}")).collect(),

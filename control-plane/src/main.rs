@@ -73,7 +73,8 @@ enum Command {
         /// Directory poll interval in milliseconds.
         #[arg(long, default_value_t = 500)]
         poll_ms: u64,
-        /// Write the trust bundle (PEM) here once the CA is loaded, for clients to use.
+        /// Write the trust bundle (PEM) here once the CA is loaded, and again whenever the
+        /// root of trust changes, for clients to use.
         #[arg(long)]
         write_roots: Option<PathBuf>,
         /// With --config-source=kubernetes: what waypoint Deployments are made from (YAML:
@@ -236,6 +237,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             opts.readiness = readiness_addr;
             opts.serving_names = serving_names;
             opts.poll_interval = Duration::from_millis(poll_ms.max(10));
+            opts.write_roots = write_roots;
             opts.token_audience = token_audience;
             if let Some(sa) = ztunnel_service_account {
                 let (ns, name) = sa.split_once('/').ok_or_else(|| {
@@ -275,9 +277,6 @@ fn run(command: Command) -> Result<ExitCode, String> {
                     opts.kubernetes = Some(trellis_control_plane::server::KubeClient(client));
                 }
                 let cp = ControlPlane::start(opts).await.map_err(|e| e.to_string())?;
-                if let Some(path) = write_roots {
-                    write_atomically(&path, cp.roots_pem())?;
-                }
                 trellis_core::shutdown::terminated().await;
                 tracing::info!("shutting down");
                 cp.shutdown().await;
@@ -406,11 +405,4 @@ fn render(
     // command that fails on them.
     print!("{out}");
     Ok(ExitCode::SUCCESS)
-}
-
-fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("{}: {e}", path.display()))
 }

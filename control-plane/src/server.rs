@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -55,6 +55,12 @@ pub struct Options {
     pub serving_names: Vec<String>,
     /// How often the directory is polled.
     pub poll_interval: Duration,
+    /// Write the trust bundle (PEM) here at start and whenever the root of trust changes,
+    /// for clients to use (local mode's equivalent of the trust-bundle ConfigMap).
+    pub write_roots: Option<PathBuf>,
+    /// Without Kubernetes: how often `<state_dir>/ca` is re-read, so an operator rotates
+    /// the root by replacing its files (docs/identity.md).
+    pub ca_poll_interval: Duration,
     /// How long the directory must stay unchanged before a burst of edits is applied.
     pub debounce: Duration,
     /// Read the configuration from the Kubernetes API with this client instead of
@@ -91,6 +97,8 @@ impl Options {
             readiness: None,
             serving_names: vec!["localhost".into(), "127.0.0.1".into()],
             poll_interval: Duration::from_millis(500),
+            write_roots: None,
+            ca_poll_interval: Duration::from_secs(2),
             debounce: Duration::from_millis(200),
             kubernetes: None,
             controller: None,
@@ -120,6 +128,9 @@ pub enum StartError {
     /// The TLS settings of the gRPC server.
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// The trust bundle file (`write_roots`) cannot be written.
+    #[error("cannot write the trust bundle file: {0}")]
+    Roots(std::io::Error),
 }
 
 /// The status of one policy, with where it is in effect.
@@ -162,7 +173,7 @@ pub struct ControlPlane {
     grpc_addr: SocketAddr,
     admin_addr: SocketAddr,
     readiness_addr: Option<SocketAddr>,
-    roots_pem: String,
+    roots_pem: Arc<RwLock<String>>,
     credentials: Arc<LocalCredentials>,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
@@ -212,6 +223,10 @@ impl ControlPlane {
             }
         };
         let roots_pem = root.roots_pem().to_string();
+        if let Some(path) = &opts.write_roots {
+            write_file_atomically(path, &roots_pem).map_err(StartError::Roots)?;
+        }
+        let shared_roots = Arc::new(RwLock::new(roots_pem.clone()));
         let ca = Arc::new(CertificateAuthority::new(
             CaConfig {
                 trust_domain: mesh.trust_domain.clone(),
@@ -321,6 +336,23 @@ impl ControlPlane {
             }));
         }
 
+        // The root of trust follows `<state_dir>/ca` (local mode): the operator rotates it by
+        // replacing the files; an invalid set is refused and the current root kept.
+        if opts.kubernetes.is_none() {
+            let store = DirStore::new(opts.state_dir.join("ca"));
+            let (ca, roots, write_roots) =
+                (ca.clone(), shared_roots.clone(), opts.write_roots.clone());
+            let every = opts.ca_poll_interval;
+            let mut stop = stopped.clone();
+            tasks.push(tokio::spawn(async move {
+                let reload = follow_root_of_trust(store, ca, roots, write_roots, every);
+                tokio::select! {
+                    () = reload => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            }));
+        }
+
         // gRPC: xDS and CA on one TLS port.
         let listener = TcpListener::bind(opts.grpc)
             .await
@@ -423,7 +455,7 @@ impl ControlPlane {
             grpc_addr,
             admin_addr,
             readiness_addr,
-            roots_pem,
+            roots_pem: shared_roots,
             credentials,
             shared,
             shutdown,
@@ -447,8 +479,11 @@ impl ControlPlane {
     }
 
     /// The trust bundle (PEM roots) clients verify the server and each other with.
-    pub fn roots_pem(&self) -> &str {
-        &self.roots_pem
+    pub fn roots_pem(&self) -> String {
+        self.roots_pem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Issued credentials (for a node's ztunnel or a waypoint).
@@ -634,6 +669,61 @@ fn controller_inputs(
         waypoints,
         trust_bundle: Some((roots_pem.to_string(), bundle_namespaces)),
     }
+}
+
+/// Re-reads the CA's files every `every`; a changed, valid set becomes the root of trust:
+/// the CA signs with it, the trust bundle handed out (and written to `write_roots`) is its
+/// `root-cert.pem`. An invalid set is logged and ignored (the current root stays).
+async fn follow_root_of_trust(
+    store: DirStore,
+    ca: Arc<CertificateAuthority>,
+    roots: Arc<RwLock<String>>,
+    write_roots: Option<PathBuf>,
+    every: Duration,
+) {
+    use crate::ca::store::CaStore;
+    let mut last = store.load().ok().flatten();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let files = match store.load() {
+            Ok(Some(f)) => f,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the CA's files; still signing with the current root");
+                continue;
+            }
+        };
+        if last.as_ref() == Some(&files) {
+            continue;
+        }
+        match RootOfTrust::from_files(&files) {
+            Ok(root) => {
+                let pem = root.roots_pem().to_string();
+                ca.replace_root(root);
+                *roots.write().unwrap_or_else(|e| e.into_inner()) = pem.clone();
+                if let Some(path) = &write_roots
+                    && let Err(e) = write_file_atomically(path, &pem)
+                {
+                    tracing::error!(file = %path.display(), error = %e, "cannot write the new trust bundle");
+                }
+                tracing::info!(
+                    roots = pem.matches("BEGIN CERTIFICATE").count(),
+                    "root of trust reloaded: signing with the new CA certificate, handing out the new trust bundle"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the CA's files changed but are not a valid root of trust; still signing with the previous one")
+            }
+        }
+        last = Some(files);
+    }
+}
+
+fn write_file_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path))
 }
 
 fn report(change: &Change) {

@@ -427,7 +427,7 @@ async fn the_ca_follows_pods_as_they_are_scheduled() {
         })
         .unwrap();
         let bundle = Arc::new(
-            trellis_core::tls::TrustBundle::from_pem("cluster.local", m.cp.roots_pem()).unwrap(),
+            trellis_core::tls::TrustBundle::from_pem("cluster.local", &m.cp.roots_pem()).unwrap(),
         );
         CertManager::new(client, bundle, CertConfig::default())
     };

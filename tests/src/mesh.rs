@@ -51,6 +51,8 @@ pub struct Mesh {
     pub nodes: Vec<NodeMesh>,
     config_dir: PathBuf,
     cp_dir: PathBuf,
+    /// Extra arguments for ztunnels (re)started from now on.
+    ztunnel_args: Vec<String>,
 }
 
 const CP_PORT: u16 = 15012;
@@ -97,6 +99,7 @@ impl Mesh {
             nodes,
             config_dir,
             cp_dir,
+            ztunnel_args: Vec::new(),
         };
         for node in c.nodes() {
             wait_until(
@@ -215,7 +218,7 @@ impl Mesh {
             String::from_utf8_lossy(&out.stderr)
         );
         std::fs::write(&credential, &out.stdout)?;
-        let ztunnel = Self::spawn_ztunnel(c, node, roots, &credential, n1)?;
+        let ztunnel = Self::spawn_ztunnel(c, node, roots, &credential, n1, &[])?;
         let agent = Self::spawn_agent(c, node, roots, &credential, n1)?;
         Ok(NodeMesh {
             node: node.name().to_string(),
@@ -230,8 +233,10 @@ impl Mesh {
         roots: &Path,
         credential: &Path,
         n1: &Node,
+        extra: &[String],
     ) -> Result<Proc> {
         let mut cmd = Command::new(workspace_bin("trellis-ztunnel")?);
+        cmd.args(extra);
         cmd.args(["--node-name", node.name()])
             .arg("--zds-socket")
             .arg(node.state_dir().join("ztunnel.sock"))
@@ -304,8 +309,32 @@ impl Mesh {
         meanwhile()?;
         let roots = self.cp_dir.join("roots.pem");
         let credential = node.state_dir().join("node-credential");
-        self.nodes[i].ztunnel = Self::spawn_ztunnel(c, node, &roots, &credential, &c.nodes()[0])?;
+        self.nodes[i].ztunnel = Self::spawn_ztunnel(
+            c,
+            node,
+            &roots,
+            &credential,
+            &c.nodes()[0],
+            &self.ztunnel_args,
+        )?;
         Ok(())
+    }
+
+    /// Extra arguments for the ztunnels restarted from now on (e.g. a short certificate
+    /// lifetime).
+    pub fn set_ztunnel_args(&mut self, args: &[&str]) {
+        self.ztunnel_args = args.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// The trust bundle file the control plane writes and every proxy reads.
+    pub fn roots_file(&self) -> PathBuf {
+        self.cp_dir.join("roots.pem")
+    }
+
+    /// The control plane's CA directory (`cacerts` layout), where an operator rotates the
+    /// root by replacing files.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.cp_dir.join("state").join("ca")
     }
 
     /// Restarts the node agent of `node`.

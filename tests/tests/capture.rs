@@ -657,6 +657,176 @@ fn a_pod_is_in_the_mesh_from_its_first_packet() {
     });
 }
 
+/// A root rotation as an operator does it (docs/identity.md), with traffic flowing the whole
+/// time: (1) the new root is added to `root-cert.pem`, (2) the CA signs with the new root,
+/// (3) once every certificate was renewed, the old root is removed. The control plane
+/// reloads its CA files and the trust bundle it hands out; ztunnels reload the bundle;
+/// certificates roll over on renewal (short-lived here). No connection fails.
+#[test]
+fn a_root_rotation_fails_no_connection() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    with_cluster("root_rotation", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mut mesh = Mesh::start(c)?;
+        mesh.set_ztunnel_args(&["--cert-ttl-seconds", "12"]);
+        mesh.restart_ztunnel(c, n1)?;
+        mesh.restart_ztunnel(c, n2)?;
+        mesh.namespace("shop", true)?;
+        let a = c.add_pod(n1, "shop", "a", "a", &[])?;
+        let b = c.add_pod(n2, "shop", "b", "b", &[])?;
+        for p in [&a, &b] {
+            mesh.register_pod(c, p)?;
+            mesh.wait_captured(c, p, true)?;
+        }
+        let _s = serve(c, &b)?;
+        let addr = format!("{}:9000", b.ip);
+        echo(c, &a, &addr, 1_000)?;
+
+        // The new root, made as an operator makes one (openssl, PKCS#8 key).
+        let ca = mesh.ca_dir();
+        let work = c.log_dir().join("new-root");
+        std::fs::create_dir_all(&work)?;
+        let openssl = |args: &[&str]| -> Result<()> {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&work)
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        openssl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ec.pem",
+        ])?;
+        openssl(&[
+            "pkcs8", "-topk8", "-nocrypt", "-in", "ec.pem", "-out", "key.pem",
+        ])?;
+        openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "key.pem",
+            "-days",
+            "3650",
+            "-subj",
+            "/O=cluster.local/CN=Trellis root CA 2",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+            "-out",
+            "cert.pem",
+        ])?;
+        let (r2_cert, r2_key) = (
+            std::fs::read_to_string(work.join("cert.pem"))?,
+            std::fs::read_to_string(work.join("key.pem"))?,
+        );
+        let r1_root = std::fs::read_to_string(ca.join("root-cert.pem"))?;
+        let put = |file: &str, text: &str| -> Result<()> {
+            let tmp = ca.join(format!(".{file}.tmp"));
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, ca.join(file))?;
+            Ok(())
+        };
+        let count = |p: &Proc, what: &str| p.output().matches(what).count();
+        let reloads = || -> Result<(usize, usize)> {
+            Ok((
+                count(mesh.ztunnel("node1")?, "trust bundle reloaded"),
+                count(mesh.ztunnel("node2")?, "trust bundle reloaded"),
+            ))
+        };
+
+        let stop = AtomicBool::new(false);
+        let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|scope| -> Result<()> {
+            let traffic = scope.spawn(|| {
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match echo(c, &a, &addr, 2_000) {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            failures.push(format!("{e:#}"));
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    std::thread::sleep(Duration::from_millis(150));
+                }
+                failures
+            });
+
+            // (1) Old and new root trusted everywhere.
+            put("root-cert.pem", &format!("{}{}", r1_root, r2_cert))?;
+            eventually(
+                "both ztunnels trust both roots",
+                Duration::from_secs(20),
+                || Ok(reloads()? >= (1, 1)),
+            )?;
+            // (2) The CA signs with the new root; certificates roll over on renewal.
+            let obtained = |node: &str| -> Result<usize> {
+                Ok(count(mesh.ztunnel(node)?, "obtained certificate"))
+            };
+            let before = (obtained("node1")?, obtained("node2")?);
+            put("ca-key.pem", &r2_key)?;
+            put("cert-chain.pem", &r2_cert)?;
+            put("ca-cert.pem", &r2_cert)?;
+            eventually(
+                "the CA to sign with the new root",
+                Duration::from_secs(20),
+                || {
+                    Ok(mesh
+                        .control_plane
+                        .output()
+                        .matches("root of trust reloaded")
+                        .count()
+                        >= 2)
+                },
+            )?;
+            // Two renewals of every certificate after the switch: the second is surely
+            // signed by the new root.
+            eventually(
+                "certificates renewed under the new root",
+                Duration::from_secs(60),
+                || Ok(obtained("node1")? >= before.0 + 2 && obtained("node2")? >= before.1 + 2),
+            )?;
+            // (3) The old root retired.
+            put("root-cert.pem", &r2_cert)?;
+            eventually(
+                "both ztunnels trust only the new root",
+                Duration::from_secs(20),
+                || Ok(reloads()? >= (2, 2)),
+            )?;
+            std::thread::sleep(Duration::from_secs(3));
+            stop.store(true, Ordering::Relaxed);
+            let failures = traffic
+                .join()
+                .map_err(|_| anyhow::anyhow!("traffic thread panicked"))?;
+            let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+            ensure!(
+                failed == 0 && ok > 20,
+                "{failed} connection(s) failed across the rotation ({ok} succeeded): {failures:?}"
+            );
+            Ok(())
+        })?;
+        // Only the new root is handed out now.
+        let bundle = std::fs::read_to_string(mesh.roots_file())?;
+        ensure!(
+            bundle.trim() == r2_cert.trim(),
+            "the trust bundle handed out is not the new root alone"
+        );
+        Ok(())
+    });
+}
+
 #[test]
 fn a_captured_pod_cannot_get_around_ztunnel() {
     with_cluster("capture_bypass", 2, |c| {

@@ -36,6 +36,11 @@ pub struct Config {
     pub control_plane_name: String,
     /// The mesh's trust bundle (PEM).
     pub roots_pem: String,
+    /// The file `roots_pem` was read from: re-read every few seconds, so a root rotation
+    /// (new roots added, old ones removed) reaches peer verification without a restart.
+    pub roots_file: Option<PathBuf>,
+    /// Lifetime asked of the CA for workload certificates (renewed at about half of it).
+    pub cert_ttl: Duration,
     /// This node's credential for xDS and the CA.
     pub credential: trellis_core::credential::Credential,
     /// The mesh's trust domain.
@@ -55,6 +60,8 @@ impl Default for Config {
             control_plane: String::new(),
             control_plane_name: "localhost".into(),
             roots_pem: String::new(),
+            roots_file: None,
+            cert_ttl: Duration::from_secs(24 * 3600),
             credential: String::new().into(),
             trust_domain: "cluster.local".into(),
         }

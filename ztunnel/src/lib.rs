@@ -68,7 +68,14 @@ pub fn connect_mesh(config: &Config) -> Result<mesh::Mesh, BoxError> {
     })?;
     Ok(mesh::Mesh {
         xds,
-        certs: CertManager::new(ca, bundle.clone(), CertConfig::default()),
+        certs: CertManager::new(
+            ca,
+            bundle.clone(),
+            CertConfig {
+                ttl: config.cert_ttl,
+                ..CertConfig::default()
+            },
+        ),
         bundle,
         trust_domain: config.trust_domain.clone(),
         loads: Arc::default(),
@@ -85,6 +92,7 @@ pub async fn run(
     let metrics = telemetry::install_metrics()?;
     let mesh = Arc::new(connect_mesh(&config)?);
     let pods = inpod::Pods::new(config.clone(), mesh.clone());
+    let bundle = mesh.bundle.clone();
     let held: telemetry::HeldIdentities = {
         let mesh = mesh.clone();
         Arc::new(move || {
@@ -110,11 +118,56 @@ pub async fn run(
     let admin = telemetry::serve(config.metrics_addr, metrics, held).await?;
     tracing::info!(metrics = %admin, zds = %config.zds_socket.display(), node = %config.node_name, "ztunnel starting");
     let zds = tokio::spawn(inpod::run_zds_client(config.clone(), pods.clone()));
+    let roots = config.roots_file.clone().map(|path| {
+        tokio::spawn(follow_trust_bundle(
+            path,
+            bundle.clone(),
+            config.roots_pem.clone(),
+        ))
+    });
     let trim = tokio::spawn(memory::trim_when_idle());
     trellis_core::shutdown::terminated().await;
     tracing::info!("shutting down: closing every pod's listeners");
     zds.abort();
     trim.abort();
+    if let Some(r) = roots {
+        r.abort();
+    }
     pods.shutdown(config.drain_timeout).await;
     Ok(())
+}
+
+/// Re-reads the trust bundle file every two seconds; new contents that parse replace the
+/// roots peers are verified against (handshakes from then on use them; open connections
+/// are not affected). During a root rotation the file holds the old and the new roots, then
+/// the new ones only (docs/identity.md). A file that does not parse is logged and ignored.
+async fn follow_trust_bundle(path: std::path::PathBuf, bundle: Arc<TrustBundle>, mut last: String) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // A small file, read every two seconds: a blocking read costs nothing measurable.
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the trust bundle; keeping the current roots");
+                continue;
+            }
+        };
+        if text == last {
+            continue;
+        }
+        match trellis_core::tls::parse_pem_certs(&text, "trust bundle")
+            .map_err(|e| e.to_string())
+            .and_then(|roots| {
+                let n = roots.len();
+                bundle.replace(roots).map(|()| n).map_err(|e| e.to_string())
+            }) {
+            Ok(n) => tracing::info!(file = %path.display(), roots = n, "trust bundle reloaded"),
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "the trust bundle changed but cannot be used; keeping the current roots")
+            }
+        }
+        last = text;
+    }
 }

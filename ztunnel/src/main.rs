@@ -37,9 +37,13 @@ struct Cli {
     /// The name in the control plane's serving certificate.
     #[arg(long, default_value = "localhost")]
     control_plane_name: String,
-    /// The mesh's trust bundle (PEM file).
+    /// The mesh's trust bundle (PEM file; re-read every few seconds, for root rotation).
     #[arg(long)]
     ca_roots: PathBuf,
+    /// Lifetime asked of the CA for workload certificates, in seconds (renewed at about
+    /// half of it; the CA may grant less).
+    #[arg(long, default_value_t = 24 * 3600)]
+    cert_ttl_seconds: u64,
     /// File holding this node's credential.
     #[arg(long)]
     credential_file: PathBuf,
@@ -99,6 +103,8 @@ fn main() -> std::process::ExitCode {
         admin_addr: cli.admin_addr,
         readiness_addr: cli.readiness_addr,
         drain_timeout: Duration::from_secs(cli.drain_seconds),
+        roots_file: Some(cli.ca_roots.clone()),
+        cert_ttl: Duration::from_secs(cli.cert_ttl_seconds.max(10)),
         ..Config::default()
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()

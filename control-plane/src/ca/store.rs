@@ -22,7 +22,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use super::CaError;
 
 /// The four files of a root of trust, as PEM text.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct CaFiles {
     /// `ca-cert.pem`.
     pub ca_cert: String,
