@@ -281,6 +281,21 @@ async fn streams_without_a_known_credential_are_refused() {
     m.cp.shutdown().await;
 }
 
+/// Opens a raw xDS stream with `req` and returns the server's first answer (or its refusal).
+async fn first_answer(
+    raw: &mut AggregatedDiscoveryServiceClient<Channel>,
+    req: tonic::Request<tokio_stream::Iter<std::vec::IntoIter<DeltaDiscoveryRequest>>>,
+) -> Result<
+    Option<trellis_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse>,
+    tonic::Status,
+> {
+    raw.delta_aggregated_resources(req)
+        .await?
+        .into_inner()
+        .message()
+        .await
+}
+
 #[tokio::test]
 async fn a_node_cannot_claim_another_nodes_proxy_id_and_subscriptions_are_bounded() {
     let m = start(&[("00-base.yaml", BASE.into())]).await;
@@ -302,19 +317,6 @@ async fn a_node_cannot_claim_another_nodes_proxy_id_and_subscriptions_are_bounde
         }),
         ..Default::default()
     };
-    async fn first_answer(
-        raw: &mut AggregatedDiscoveryServiceClient<Channel>,
-        req: tonic::Request<tokio_stream::Iter<std::vec::IntoIter<DeltaDiscoveryRequest>>>,
-    ) -> Result<
-        Option<trellis_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse>,
-        tonic::Status,
-    > {
-        raw.delta_aggregated_resources(req)
-            .await?
-            .into_inner()
-            .message()
-            .await
-    }
     // node1's credential speaking as node2's ztunnel: refused.
     let err = first_answer(&mut raw, open(claiming("ztunnel~node2")))
         .await
@@ -365,19 +367,6 @@ async fn only_a_waypoints_identity_reads_xds_as_a_waypoint_and_never_l4_authoriz
         );
         req
     };
-    async fn first_answer(
-        raw: &mut AggregatedDiscoveryServiceClient<Channel>,
-        req: tonic::Request<tokio_stream::Iter<std::vec::IntoIter<DeltaDiscoveryRequest>>>,
-    ) -> Result<
-        Option<trellis_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse>,
-        tonic::Status,
-    > {
-        raw.delta_aggregated_resources(req)
-            .await?
-            .into_inner()
-            .message()
-            .await
-    }
     // No waypoint Gateway shop/shop-wp yet: that ServiceAccount's token reads nothing.
     let err = first_answer(&mut raw, as_identity("shop-wp", ADDRESS))
         .await

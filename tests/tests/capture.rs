@@ -41,6 +41,24 @@ fn echo(c: &Cluster, from: &Pod, to: &str, bytes: u64) -> Result<Value> {
     Ok(v)
 }
 
+/// Pods `shop/a` on node1 and `shop/b` on node2, both in the mesh and captured, `b`
+/// serving (echo on 9000): the setup most tests start from. Returns the pods, `b`'s server
+/// (keep it alive) and `b`'s echo address.
+fn shop_pair(c: &Cluster, mesh: &Mesh) -> Result<(Pod, Pod, Proc, String)> {
+    let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+    mesh.namespace("shop", true)?;
+    let a = c.add_pod(n1, "shop", "a", "a", &[])?;
+    let b = c.add_pod(n2, "shop", "b", "b", &[])?;
+    for p in [&a, &b] {
+        mesh.register_pod(c, p)?;
+        mesh.wait_captured(c, p, true)?;
+    }
+    let server = serve(c, &b)?;
+    let addr = format!("{}:9000", b.ip);
+    echo(c, &a, &addr, 1_000)?;
+    Ok((a, b, server, addr))
+}
+
 /// Access-log lines of `node` for connections to `dst` in `direction`.
 fn logged(mesh: &Mesh, node: &str, direction: &str, dst: &str) -> Result<Vec<Value>> {
     Ok(mesh
@@ -455,18 +473,9 @@ fn restarts_of_ztunnel_and_the_node_agent_lose_nothing() {
 #[test]
 fn a_replay_ztunnel_refuses_is_retried_until_the_pod_is_served() {
     with_cluster("capture_replay_refused", 2, |c| {
-        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let n1 = &c.nodes()[0];
         let mut mesh = Mesh::start(c)?;
-        mesh.namespace("shop", true)?;
-        let a = c.add_pod(n1, "shop", "a", "a", &[])?;
-        let b = c.add_pod(n2, "shop", "b", "b", &[])?;
-        mesh.register_pod(c, &a)?;
-        mesh.register_pod(c, &b)?;
-        mesh.wait_captured(c, &a, true)?;
-        mesh.wait_captured(c, &b, true)?;
-        let _s = serve(c, &b)?;
-        let addr = format!("{}:9000", b.ip);
-        echo(c, &a, &addr, 100_000)?;
+        let (a, _b, _s, addr) = shop_pair(c, &mesh)?;
 
         // While ztunnel is down, something in pod a takes port 15001.
         let mut squatter = None;
@@ -671,16 +680,7 @@ fn a_root_rotation_fails_no_connection() {
         mesh.set_ztunnel_args(&["--cert-ttl-seconds", "12"]);
         mesh.restart_ztunnel(c, n1)?;
         mesh.restart_ztunnel(c, n2)?;
-        mesh.namespace("shop", true)?;
-        let a = c.add_pod(n1, "shop", "a", "a", &[])?;
-        let b = c.add_pod(n2, "shop", "b", "b", &[])?;
-        for p in [&a, &b] {
-            mesh.register_pod(c, p)?;
-            mesh.wait_captured(c, p, true)?;
-        }
-        let _s = serve(c, &b)?;
-        let addr = format!("{}:9000", b.ip);
-        echo(c, &a, &addr, 1_000)?;
+        let (a, _b, _s, addr) = shop_pair(c, &mesh)?;
 
         // The new root, made as an operator makes one (openssl, PKCS#8 key).
         let ca = mesh.ca_dir();
