@@ -338,6 +338,9 @@ struct TypeState {
     /// the configuration (or the subscription) changes — a proxy that rejects a response
     /// deterministically would otherwise get it again at once, in a hot loop.
     nacked: Option<u64>,
+    /// For a waypoint's `Address` stream: the names it may read, as of the last push (a
+    /// change recomputes the response in full, so what left the view is removed).
+    view: Option<Arc<BTreeSet<String>>>,
 }
 
 struct Stream {
@@ -546,11 +549,27 @@ impl Stream {
     /// Sends what the proxy lacks for `type_url`, unless a response is in flight.
     async fn push(&mut self, type_url: &str) -> Result<(), ()> {
         let snap = self.snapshots.borrow().clone();
+        // A waypoint reads only the Services it fronts and the workloads behind them.
+        let view = match &self.caller {
+            Some(crate::ca::auth::Caller::Waypoint(id))
+                if type_url == trellis_proto::type_url::ADDRESS =>
+            {
+                let key = (id.namespace().to_string(), id.service_account().to_string());
+                Some(snap.waypoint_views.get(&key).cloned().unwrap_or_default())
+            }
+            _ => None,
+        };
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
         if state.pending.is_some() {
             return Ok(());
+        }
+        if let Some(v) = &view
+            && state.view.as_deref() != Some(v.as_ref())
+        {
+            state.synced_generation = None;
+            state.view = Some(v.clone());
         }
         if state.synced_generation == Some(snap.generation) {
             return Ok(());
@@ -559,7 +578,9 @@ impl Stream {
             return Ok(());
         }
         let (wildcard, names) = (state.wildcard, &state.names);
-        let wanted = |n: &str| wildcard || names.contains(n);
+        let wanted = |n: &str| {
+            (wildcard || names.contains(n)) && view.as_ref().is_none_or(|v| v.contains(n))
+        };
         let empty = BTreeMap::new();
         let current = snap.of_type(type_url).unwrap_or(&empty);
         let delta = match (state.synced_generation, snap.changes.get(type_url)) {
@@ -590,7 +611,8 @@ impl Stream {
         let mut delta = delta;
         let complete = delta.updated.len() <= MAX_RESOURCES_PER_RESPONSE;
         delta.updated.truncate(MAX_RESOURCES_PER_RESPONSE);
-        let mut patch = (!wildcard || !complete).then(|| Patch {
+        // A filtered stream never holds "the snapshot": what it has is tracked by name.
+        let mut patch = (!wildcard || !complete || view.is_some()).then(|| Patch {
             updated: Vec::with_capacity(delta.updated.len()),
             removed: delta.removed.clone(),
         });

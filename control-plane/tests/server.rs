@@ -389,6 +389,42 @@ async fn only_a_waypoints_identity_reads_xds_as_a_waypoint_and_never_l4_authoriz
         }
     }
     assert!(served.is_some(), "the waypoint's identity is not served");
+    // What it reads is what it fronts: Service reviews (bound to it) and its pod, not
+    // Service cart or cart's pod.
+    write(
+        m.config.path(),
+        "apps.yaml",
+        &[
+            pod("shop", "reviews", "10.244.1.7", "node1"),
+            pod("shop", "cart", "10.244.1.8", "node1"),
+            "---\napiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: shop, labels: {istio.io/use-waypoint: shop-wp}}\nspec: {clusterIP: 10.96.0.7, selector: {app: reviews}, ports: [{port: 9080}]}\n".to_string(),
+            "---\napiVersion: v1\nkind: Service\nmetadata: {name: cart, namespace: shop}\nspec: {clusterIP: 10.96.0.8, selector: {app: cart}, ports: [{port: 80}]}\n".to_string(),
+        ]
+        .concat(),
+    );
+    let mut names = Vec::new();
+    for _ in 0..100 {
+        if let Ok(Some(r)) = first_answer(&mut raw, as_identity("shop-wp", ADDRESS)).await {
+            names = r
+                .resources
+                .iter()
+                .map(|r| r.name.clone())
+                .collect::<Vec<_>>();
+            if names.len() >= 2 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "Kubernetes//Pod/shop/reviews",
+            "shop/reviews.shop.svc.cluster.local"
+        ],
+        "the waypoint reads exactly what it fronts"
+    );
     // Another ServiceAccount of the namespace still reads nothing; the waypoint never gets
     // ztunnel's L4 policies.
     let err = first_answer(&mut raw, as_identity("cart", ADDRESS))

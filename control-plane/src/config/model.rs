@@ -270,14 +270,13 @@ impl Model {
     /// its namespace's; `none` opts out. The named Gateway must exist, be of class
     /// `istio-waypoint`, and take that kind of traffic (its `istio.io/waypoint-for`);
     /// otherwise there is no waypoint. The pods and Service implementing a waypoint never
-    /// get one.
-    pub fn waypoint_of(
+    /// get one. Returns the Gateway's (namespace, name).
+    pub fn waypoint_key_of(
         &self,
         ns: &str,
         labels: &BTreeMap<String, String>,
         kind: &str,
-        mesh: &MeshConfig,
-    ) -> Option<wl::GatewayAddress> {
+    ) -> Option<Key> {
         if let Some(gw) = labels.get(GATEWAY_NAME)
             && self
                 .gateways
@@ -307,6 +306,21 @@ impl Model {
         if !(takes == kind || takes == "all") {
             return None;
         }
+        Some(gw_key)
+    }
+
+    /// The waypoint that fronts an object (see [`Self::waypoint_key_of`]), as the address
+    /// the data plane reaches it at.
+    pub fn waypoint_of(
+        &self,
+        ns: &str,
+        labels: &BTreeMap<String, String>,
+        kind: &str,
+        mesh: &MeshConfig,
+    ) -> Option<wl::GatewayAddress> {
+        let gw_key = self.waypoint_key_of(ns, labels, kind)?;
+        let (gw_ns, name) = (gw_key.0.as_str(), gw_key.1.as_str());
+        let gw = self.gateways.get(&gw_key)?;
         let reported = gw
             .status
             .iter()
@@ -566,6 +580,39 @@ impl Model {
     /// The authorization policies, by (namespace, name).
     pub fn authorization_policies(&self) -> impl Iterator<Item = (&Key, &AuthorizationPolicy)> {
         self.authorization_policies.iter()
+    }
+
+    /// What each waypoint Gateway (namespace, name) may read of the `Address` resources:
+    /// the Services it fronts, the pods behind them, and the pods bound to it directly
+    /// (workload-addressed traffic), by resource name. A waypoint does not read the rest of
+    /// the mesh.
+    pub fn waypoint_views(
+        &self,
+        mesh: &MeshConfig,
+    ) -> BTreeMap<Key, std::collections::BTreeSet<String>> {
+        let mut views: BTreeMap<Key, std::collections::BTreeSet<String>> = BTreeMap::new();
+        let pod_uid = |ns: &str, name: &str| format!("{}//Pod/{ns}/{name}", mesh.cluster_id);
+        for ((ns, name), svc) in &self.services {
+            let labels = svc.metadata.labels.clone().unwrap_or_default();
+            let Some(gw) = self.waypoint_key_of(ns, &labels, "service") else {
+                continue;
+            };
+            let view = views.entry(gw).or_default();
+            view.insert(format!("{ns}/{}", hostname(name, ns, mesh)));
+            for ((pns, pname), pod) in in_namespace(&self.pods, ns) {
+                let pod_labels = pod.metadata.labels.clone().unwrap_or_default();
+                if selects(svc, &pod_labels) {
+                    view.insert(pod_uid(pns, pname));
+                }
+            }
+        }
+        for ((ns, name), pod) in &self.pods {
+            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            if let Some(gw) = self.waypoint_key_of(ns, &labels, "workload") {
+                views.entry(gw).or_default().insert(pod_uid(ns, name));
+            }
+        }
+        views
     }
 
     /// Whether a pod is in the mesh: it or its namespace says

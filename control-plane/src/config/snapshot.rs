@@ -46,6 +46,9 @@ pub struct Snapshot {
     /// The waypoint Gateways, (namespace, name): a waypoint runs as the ServiceAccount named
     /// after its Gateway, and only those identities may read xDS as waypoints.
     pub waypoints: std::collections::BTreeSet<(String, String)>,
+    /// Per waypoint Gateway, the `Address` resource names it may read
+    /// ([`Model::waypoint_views`]); computed only when there are waypoints.
+    pub waypoint_views: BTreeMap<(String, String), Arc<std::collections::BTreeSet<String>>>,
 }
 
 /// Names updated and removed between two consecutive snapshots of one type.
@@ -78,6 +81,7 @@ impl Snapshot {
         }
         snap.add_peer_authentication(model, mesh);
         snap.waypoints = waypoint_keys(model);
+        snap.waypoint_views = waypoint_views(model, mesh, &snap.waypoints);
         snap
     }
 
@@ -99,7 +103,9 @@ impl Snapshot {
             statuses: prev.statuses.clone(),
             changes: BTreeMap::new(),
             waypoints: waypoint_keys(model),
+            waypoint_views: BTreeMap::new(),
         };
+        snap.waypoint_views = waypoint_views(model, mesh, &snap.waypoints);
         for map in snap.resources.values_mut() {
             map.retain(|name, _| !namespace_of(name).is_some_and(|ns| dirty.contains(ns)));
         }
@@ -308,5 +314,22 @@ fn waypoint_keys(model: &Model) -> std::collections::BTreeSet<(String, String)> 
         .gateways()
         .filter(|(_, gw)| gw.is_waypoint())
         .map(|(key, _)| key.clone())
+        .collect()
+}
+
+/// [`Model::waypoint_views`], when there is a waypoint to read them (a mesh without
+/// waypoints pays nothing).
+fn waypoint_views(
+    model: &Model,
+    mesh: &MeshConfig,
+    waypoints: &std::collections::BTreeSet<(String, String)>,
+) -> BTreeMap<(String, String), Arc<std::collections::BTreeSet<String>>> {
+    if waypoints.is_empty() {
+        return BTreeMap::new();
+    }
+    model
+        .waypoint_views(mesh)
+        .into_iter()
+        .map(|(k, v)| (k, Arc::new(v)))
         .collect()
 }
