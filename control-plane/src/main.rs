@@ -248,6 +248,8 @@ fn run(command: Command) -> Result<ExitCode, String> {
             let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             rt.block_on(async {
                 if config_source == "kubernetes" {
+                    // Two Secret reads per replica per round: not every 2 s on a cluster.
+                    opts.ca_poll_interval = Duration::from_secs(15);
                     let unreachable = |e: &dyn std::fmt::Display| {
                         format!("cannot reach the Kubernetes API (in-cluster or kubeconfig): {e}")
                     };

@@ -58,8 +58,8 @@ pub struct Options {
     /// Write the trust bundle (PEM) here at start and whenever the root of trust changes,
     /// for clients to use (local mode's equivalent of the trust-bundle ConfigMap).
     pub write_roots: Option<PathBuf>,
-    /// Without Kubernetes: how often `<state_dir>/ca` is re-read, so an operator rotates
-    /// the root by replacing its files (docs/identity.md).
+    /// How often the CA's files (`<state_dir>/ca`, or the CA Secrets on Kubernetes) are
+    /// re-read, so an operator rotates the root by replacing them (docs/identity.md).
     pub ca_poll_interval: Duration,
     /// How long the directory must stay unchanged before a burst of edits is applied.
     pub debounce: Duration,
@@ -173,7 +173,8 @@ pub struct ControlPlane {
     grpc_addr: SocketAddr,
     admin_addr: SocketAddr,
     readiness_addr: Option<SocketAddr>,
-    roots_pem: Arc<RwLock<String>>,
+    /// The trust bundle handed out now (the CA's `root-cert.pem`); follows rotations.
+    roots_pem: watch::Sender<String>,
     credentials: Arc<LocalCredentials>,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
@@ -226,7 +227,7 @@ impl ControlPlane {
         if let Some(path) = &opts.write_roots {
             write_file_atomically(path, &roots_pem).map_err(StartError::Roots)?;
         }
-        let shared_roots = Arc::new(RwLock::new(roots_pem.clone()));
+        let (shared_roots, _) = watch::channel(roots_pem.clone());
         let ca = Arc::new(CertificateAuthority::new(
             CaConfig {
                 trust_domain: mesh.trust_domain.clone(),
@@ -281,7 +282,7 @@ impl ControlPlane {
             let placement = placement.clone();
             let mesh = mesh.clone();
             let controller = opts.controller.clone();
-            let roots = roots_pem.clone();
+            let roots = shared_roots.subscribe();
             let mut stop = stopped.clone();
             tasks.push(tokio::spawn(async move {
                 tokio::select! {
@@ -336,16 +337,29 @@ impl ControlPlane {
             }));
         }
 
-        // The root of trust follows `<state_dir>/ca` (local mode): the operator rotates it by
-        // replacing the files; an invalid set is refused and the current root kept.
-        if opts.kubernetes.is_none() {
-            let store = DirStore::new(opts.state_dir.join("ca"));
+        // The root of trust follows its files (`<state_dir>/ca`, or the `cacerts` /
+        // `trellis-ca` Secret on Kubernetes): the operator rotates it by replacing them; an
+        // invalid set is refused and the current root kept.
+        {
             let (ca, roots, write_roots) =
                 (ca.clone(), shared_roots.clone(), opts.write_roots.clone());
             let every = opts.ca_poll_interval;
             let mut stop = stopped.clone();
+            let kube = opts.kubernetes.clone();
+            let store = DirStore::new(opts.state_dir.join("ca"));
             tasks.push(tokio::spawn(async move {
-                let reload = follow_root_of_trust(store, ca, roots, write_roots, every);
+                let load = move || {
+                    let (kube, store) = (kube.clone(), store.clone());
+                    async move {
+                        match kube {
+                            Some(KubeClient(client)) => {
+                                crate::ca::secret::current_files(&client).await
+                            }
+                            None => crate::ca::store::CaStore::load(&store),
+                        }
+                    }
+                };
+                let reload = follow_root_of_trust(load, ca, roots, write_roots, every);
                 tokio::select! {
                     () = reload => {}
                     _ = stop.wait_for(|s| *s) => {}
@@ -480,10 +494,7 @@ impl ControlPlane {
 
     /// The trust bundle (PEM roots) clients verify the server and each other with.
     pub fn roots_pem(&self) -> String {
-        self.roots_pem
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.roots_pem.borrow().clone()
     }
 
     /// Issued credentials (for a node's ztunnel or a waypoint).
@@ -523,7 +534,7 @@ async fn run_kube_source(
     placement: Arc<NodeWorkloads>,
     mesh: crate::config::model::MeshConfig,
     controller: Option<crate::controller::ControllerConfig>,
-    roots_pem: String,
+    mut roots: watch::Receiver<String>,
 ) {
     use crate::config::kube::{Event, KINDS, KubeState, watch as watch_kinds};
     let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
@@ -542,11 +553,25 @@ async fn run_kube_source(
         Vec<crate::config::load::ConfigError>,
         BTreeMap<crate::config::load::ObjectRef, Vec<String>>,
         bool,
+        String,
     );
     let mut inputs_from: Option<InputsFrom> = None;
-    while let Some(first) = rx.recv().await {
+    let mut roots_followed = true;
+    loop {
+        // An API event, or a new trust bundle (root rotation) to write out.
+        let first = tokio::select! {
+            event = rx.recv() => match event {
+                Some(e) => Some(e),
+                None => break,
+            },
+            r = roots.changed(), if roots_followed => {
+                roots_followed = r.is_ok();
+                None
+            }
+        };
+        let roots_pem = roots.borrow_and_update().clone();
         let mut changed = false;
-        let mut next = Some(first);
+        let mut next = first;
         while let Some(event) = next {
             // Ready once every kind has been listed, or is not served at all (a missing
             // CRD must not keep the mesh from starting; the kind is read once it appears).
@@ -573,6 +598,7 @@ async fn run_kube_source(
             errors.clone(),
             warnings.clone(),
             listed.len() == KINDS.len(),
+            roots_pem.clone(),
         );
         *shared
             .outstanding
@@ -674,20 +700,24 @@ fn controller_inputs(
 /// Re-reads the CA's files every `every`; a changed, valid set becomes the root of trust:
 /// the CA signs with it, the trust bundle handed out (and written to `write_roots`) is its
 /// `root-cert.pem`. An invalid set is logged and ignored (the current root stays).
-async fn follow_root_of_trust(
-    store: DirStore,
+async fn follow_root_of_trust<L, F>(
+    mut load: L,
     ca: Arc<CertificateAuthority>,
-    roots: Arc<RwLock<String>>,
+    roots: watch::Sender<String>,
     write_roots: Option<PathBuf>,
     every: Duration,
-) {
-    use crate::ca::store::CaStore;
-    let mut last = store.load().ok().flatten();
+) where
+    L: FnMut() -> F,
+    F: std::future::Future<Output = Result<Option<crate::ca::store::CaFiles>, CaError>>,
+{
+    // What was last looked at; the first round compares with the root in use (which may
+    // have been read before this task started).
+    let mut last: Option<crate::ca::store::CaFiles> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let files = match store.load() {
+        let files = match load().await {
             Ok(Some(f)) => f,
             Ok(None) => continue,
             Err(e) => {
@@ -699,10 +729,16 @@ async fn follow_root_of_trust(
             continue;
         }
         match RootOfTrust::from_files(&files) {
+            Ok(root)
+                if {
+                    let current = ca.root();
+                    current.chain_pem() == root.chain_pem()
+                        && current.roots_pem() == root.roots_pem()
+                } => {}
             Ok(root) => {
                 let pem = root.roots_pem().to_string();
                 ca.replace_root(root);
-                *roots.write().unwrap_or_else(|e| e.into_inner()) = pem.clone();
+                roots.send_replace(pem.clone());
                 if let Some(path) = &write_roots
                     && let Err(e) = write_file_atomically(path, &pem)
                 {

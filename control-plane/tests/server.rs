@@ -741,3 +741,72 @@ async fn on_the_kubernetes_api_the_leader_writes_trust_bundles_and_policy_status
     cp.shutdown().await;
     api.abort();
 }
+
+/// On Kubernetes the CA follows its Secret: an operator who replaces `cacerts` (here a new
+/// root) gets it signed with and handed out without restarting the control plane. The API
+/// server is mocked (kube's `Client` over `tower-test`).
+#[tokio::test]
+async fn on_kubernetes_a_replaced_cacerts_secret_becomes_the_root_of_trust() {
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::json;
+    use trellis_control_plane::ca::secret::secret_from_files;
+    use trellis_control_plane::ca::store::generate_root;
+    let first = generate_root("cluster.local").unwrap();
+    let second = generate_root("cluster.local").unwrap();
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let (mut opts, _state, _config) = kube_options(service, "trellis-system");
+    opts.ca_poll_interval = Duration::from_millis(50);
+    let (plugged_tx, plugged) = tokio::sync::watch::channel(first.clone());
+    tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let path = req.uri().path().to_string();
+            let reply = |code: u16, body: serde_json::Value| {
+                Response::builder()
+                    .status(code)
+                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap()
+            };
+            let not_found = json!({"apiVersion": "v1", "kind": "Status", "metadata": {},
+                "status": "Failure", "reason": "NotFound", "message": "not found", "code": 404});
+            if path == "/api/v1/namespaces/trellis-system/secrets/cacerts" {
+                let files = plugged.borrow().clone();
+                let body =
+                    serde_json::to_value(secret_from_files("trellis-system", "cacerts", &files))
+                        .unwrap();
+                send.send_response(reply(200, body));
+            } else if path.contains("/secrets") {
+                send.send_response(reply(404, not_found));
+            } else if req.uri().query().unwrap_or("").contains("watch=true") {
+                open.push(send);
+            } else if ["gateways", "httproutes", "grpcroutes"]
+                .iter()
+                .any(|r| path.ends_with(r))
+            {
+                send.send_response(reply(404, not_found));
+            } else {
+                send.send_response(reply(
+                    200,
+                    json!({"metadata": {"resourceVersion": "1"}, "items": []}),
+                ));
+            }
+        }
+    });
+    let cp = ControlPlane::start(opts).await.unwrap();
+    assert_eq!(
+        cp.roots_pem(),
+        first.root_cert,
+        "signing with the plugged-in root at start"
+    );
+    plugged_tx.send(second.clone()).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cp.roots_pem() != second.root_cert {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replaced cacerts Secret was not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cp.shutdown().await;
+}

@@ -98,6 +98,24 @@ pub fn secret_from_files(namespace: &str, name: &str, files: &CaFiles) -> Secret
     }
 }
 
+/// The CA's files as the Secrets of `client`'s default namespace hold them now: the
+/// operator's `cacerts` if present, else `trellis-ca`; `None` when neither exists. Re-read
+/// to follow a root rotation.
+pub async fn current_files(client: &kube::Client) -> Result<Option<CaFiles>, CaError> {
+    let namespace = client.default_namespace().to_string();
+    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    for name in [PLUGGED, GENERATED] {
+        let found = api
+            .get_opt(name)
+            .await
+            .map_err(|e| CaError::Store(format!("cannot read Secret {namespace}/{name}: {e}")))?;
+        if let Some(s) = found {
+            return files_from_secret(&format!("{namespace}/{name}"), &s).map(Some);
+        }
+    }
+    Ok(None)
+}
+
 /// Loads the root of trust from the Secrets of `client`'s default namespace, generating
 /// and storing a self-signed root for `trust_domain` when there is none.
 pub async fn load_or_generate(
