@@ -44,6 +44,7 @@ pub struct Node {
     netns: String,
     underlay_ip: Ipv4Addr,
     pod_subnet: Ipv4Addr,
+    index: u16,
     dir: PathBuf,
 }
 
@@ -64,6 +65,18 @@ impl Node {
     pub fn pod_gateway(&self) -> Ipv4Addr {
         let [a, b, c, _] = self.pod_subnet.octets();
         Ipv4Addr::new(a, b, c, 1)
+    }
+    /// The node's IPv6 address on the underlay (dual-stack clusters).
+    pub fn underlay_ip6(&self) -> std::net::Ipv6Addr {
+        std::net::Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1 + self.index)
+    }
+    /// The node's IPv6 pod CIDR (dual-stack clusters; a /64).
+    pub fn pod_cidr6(&self) -> String {
+        format!("fd00:10:{:x}::/64", self.index)
+    }
+    /// The IPv6 pod gateway (`cni0`) on this node (dual-stack clusters).
+    pub fn pod_gateway6(&self) -> std::net::Ipv6Addr {
+        std::net::Ipv6Addr::new(0xfd00, 0x10, self.index, 0, 0, 0, 0, 1)
     }
     /// The node's own folder for state (sockets, credentials of what runs on it).
     pub fn state_dir(&self) -> PathBuf {
@@ -117,6 +130,8 @@ pub struct Pod {
     pub container_id: String,
     /// Pod IP assigned by IPAM.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, in a dual-stack cluster.
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// The CNI ADD result of the whole plugin list.
     pub cni_result: Value,
     netns: String,
@@ -171,12 +186,19 @@ impl Netns for Underlay {
 pub struct ClusterBuilder {
     test_name: String,
     nodes: usize,
+    dual_stack: bool,
 }
 
 impl ClusterBuilder {
     /// Number of nodes (1 to 200; default 2).
     pub fn nodes(mut self, n: usize) -> Self {
         self.nodes = n;
+        self
+    }
+
+    /// Pods get an IPv6 address too (the underlay and the pod networks are dual-stack).
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
         self
     }
 
@@ -223,6 +245,7 @@ impl ClusterBuilder {
                     netns: format!("{id}-node{i}"),
                     underlay_ip: Ipv4Addr::new(172, 18, 0, 1 + i8),
                     pod_subnet: Ipv4Addr::new(10, 244, i8, 0),
+                    index: u16::from(i8),
                     dir: state_dir.join("nodes").join(format!("node{i}")),
                 }
             })
@@ -234,6 +257,7 @@ impl ClusterBuilder {
             id,
             log_dir,
             nodes,
+            dual_stack: self.dual_stack,
             pods: Mutex::new(BTreeMap::new()),
             pod_created: PodCreatedHook::default(),
             seq: AtomicUsize::new(0),
@@ -268,6 +292,7 @@ pub struct Cluster {
     log_dir: PathBuf,
     underlay: Underlay,
     nodes: Vec<Node>,
+    dual_stack: bool,
     pods: Mutex<BTreeMap<(String, String), Pod>>,
     /// Called for each new pod before its CNI ADD (the Pod object exists before the
     /// runtime sets up its sandbox; see [`Cluster::on_pod_created`]).
@@ -283,6 +308,7 @@ impl Cluster {
         ClusterBuilder {
             test_name: test_name.to_string(),
             nodes: 2,
+            dual_stack: false,
         }
     }
 
@@ -331,10 +357,32 @@ impl Cluster {
             ip(&["-n", ul, "link", "set", &port, "master", "br0", "up"])?;
             let addr = format!("{}/24", node.underlay_ip);
             ip(&["-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
+            if self.dual_stack {
+                // No duplicate address detection: addresses are usable at once.
+                for knob in ["all", "default", "eth0"] {
+                    sysctl_in(ns, &format!("net.ipv6.conf.{knob}.accept_dad=0"))?;
+                }
+                sysctl_in(ns, "net.ipv6.conf.all.forwarding=1")?;
+                let addr6 = format!("{}/64", node.underlay_ip6());
+                ip(&["-n", ns, "addr", "add", &addr6, "dev", "eth0", "nodad"])?;
+            }
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
             for other in self.nodes.iter().filter(|o| o.name != node.name) {
                 let via = other.underlay_ip.to_string();
                 ip(&["-n", ns, "route", "add", &other.pod_cidr(), "via", &via])?;
+                if self.dual_stack {
+                    let via6 = other.underlay_ip6().to_string();
+                    ip(&[
+                        "-n",
+                        ns,
+                        "-6",
+                        "route",
+                        "add",
+                        &other.pod_cidr6(),
+                        "via",
+                        &via6,
+                    ])?;
+                }
             }
             // The node forwards between its pods (cni0) and the underlay (eth0).
             let mut sysctl = Command::new("ip");
@@ -369,6 +417,18 @@ impl Cluster {
     /// The node's network configuration list: the reference `bridge` plugin with
     /// `host-local` IPAM. It is a list so that Trellis's own plugin can be chained after it.
     fn conflist(&self, node: &Node) -> Value {
+        let mut ranges = vec![json!([{
+            "subnet": node.pod_cidr(),
+            "gateway": node.pod_gateway().to_string(),
+        }])];
+        let mut routes = vec![json!({"dst": "0.0.0.0/0"})];
+        if self.dual_stack {
+            ranges.push(json!([{
+                "subnet": node.pod_cidr6(),
+                "gateway": node.pod_gateway6().to_string(),
+            }]));
+            routes.push(json!({"dst": "::/0"}));
+        }
         json!({
             "cniVersion": "1.0.0",
             "name": NETWORK_NAME,
@@ -382,11 +442,8 @@ impl Cluster {
                 "ipam": {
                     "type": "host-local",
                     "dataDir": node.ipam_dir(),
-                    "ranges": [[{
-                        "subnet": node.pod_cidr(),
-                        "gateway": node.pod_gateway().to_string(),
-                    }]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "ranges": ranges,
+                    "routes": routes,
                 },
             }],
         })
@@ -436,6 +493,7 @@ impl Cluster {
             uid: uuid(),
             container_id: random_hex(32),
             ip: Ipv4Addr::UNSPECIFIED,
+            ip6: None,
             cni_result: Value::Null,
             netns,
         };
@@ -445,6 +503,11 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        if self.dual_stack {
+            for knob in ["all", "default"] {
+                sysctl_in(&pod.netns, &format!("net.ipv6.conf.{knob}.accept_dad=0"))?;
+            }
+        }
         let attached = ip(&["-n", &pod.netns, "link", "set", "lo", "up"])
             .and_then(|_| created.map_or(Ok(()), |f| f(&pod)))
             .and_then(|_| node.runtime().add(&pod.attachment()));
@@ -467,6 +530,10 @@ impl Cluster {
             }
         };
         pod.ip = pod_ip;
+        pod.ip6 = cni::result_ipv6(&result);
+        if self.dual_stack && pod.ip6.is_none() {
+            bail!("CNI ADD result of {namespace}/{name} has no IPv6 address: {result}");
+        }
         pod.cni_result = result;
         self.lock_pods().insert(key, pod.clone());
         Ok(pod)
@@ -708,4 +775,18 @@ fn uuid() -> String {
         &h[17..20],
         &h[20..32]
     )
+}
+
+/// Sets a sysctl inside network namespace `ns`.
+fn sysctl_in(ns: &str, setting: &str) -> Result<()> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "sysctl", "-qw", setting]);
+    let out = run_with_timeout(&mut cmd, None, Duration::from_secs(10))?;
+    if !out.status.success() {
+        bail!(
+            "sysctl {setting} in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }

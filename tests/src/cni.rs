@@ -299,6 +299,14 @@ pub fn result_ipv4(result: &Value) -> Option<std::net::Ipv4Addr> {
     })
 }
 
+/// The first IPv6 address of a CNI result.
+pub fn result_ipv6(result: &Value) -> Option<std::net::Ipv6Addr> {
+    result["ips"].as_array()?.iter().find_map(|ip| {
+        let cidr = ip["address"].as_str()?;
+        cidr.split('/').next()?.parse().ok()
+    })
+}
+
 /// Where host-local keeps the lease of `ip` on `network` under its `dataDir`.
 pub(crate) fn ipam_lease(dir: &Path, network: &str, ip: std::net::Ipv4Addr) -> PathBuf {
     dir.join(network).join(ip.to_string())

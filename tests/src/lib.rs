@@ -58,7 +58,24 @@ pub fn preflight() -> Result<()> {
 /// Runs `body` on a fresh cluster of `nodes` nodes and tears it down. On an error or a panic
 /// the test fails with the error, and the log folder is kept and its tails printed.
 pub fn with_cluster(test_name: &str, nodes: usize, body: impl FnOnce(&Cluster) -> Result<()>) {
-    let cluster = match Cluster::builder(test_name).nodes(nodes).build() {
+    run_on(Cluster::builder(test_name).nodes(nodes), test_name, body)
+}
+
+/// [`with_cluster`] on a dual-stack cluster (pods get IPv4 and IPv6 addresses).
+pub fn with_dual_stack_cluster(
+    test_name: &str,
+    nodes: usize,
+    body: impl FnOnce(&Cluster) -> Result<()>,
+) {
+    run_on(
+        Cluster::builder(test_name).nodes(nodes).dual_stack(),
+        test_name,
+        body,
+    )
+}
+
+fn run_on(builder: ClusterBuilder, test_name: &str, body: impl FnOnce(&Cluster) -> Result<()>) {
+    let cluster = match builder.build() {
         Ok(c) => c,
         Err(e) => panic!("cannot build the test cluster: {e:#}"),
     };

@@ -508,7 +508,13 @@ fn pod_manifest(pod: &Pod, running: bool) -> String {
         .map(|(k, v)| format!("{k}: {v}"))
         .collect();
     let status = if running {
-        format!("status: {{podIP: {}, phase: Running}}\n", pod.ip)
+        match pod.ip6 {
+            Some(ip6) => format!(
+                "status: {{podIP: {}, podIPs: [{{ip: {}}}, {{ip: \"{ip6}\"}}], phase: Running}}\n",
+                pod.ip, pod.ip
+            ),
+            None => format!("status: {{podIP: {}, phase: Running}}\n", pod.ip),
+        }
     } else {
         "status: {phase: Pending}\n".to_string()
     };

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use trellis_e2e::mesh::{Mesh, eventually};
-use trellis_e2e::{Cluster, Pod, Proc, with_cluster};
+use trellis_e2e::{Cluster, Pod, Proc, with_cluster, with_dual_stack_cluster};
 
 fn testapp() -> Command {
     Command::new(env!("CARGO_BIN_EXE_trellis-testapp"))
@@ -822,6 +822,57 @@ fn a_root_rotation_fails_no_connection() {
         ensure!(
             bundle.trim() == r2_cert.trim(),
             "the trust bundle handed out is not the new root alone"
+        );
+        Ok(())
+    });
+}
+
+/// Dual-stack pods: an IPv6 connection from an enrolled pod is captured like an IPv4 one
+/// (ztunnel's IPv6 listeners, `IP6T_SO_ORIGINAL_DST`), carried over HBONE to the peer's IPv6
+/// address (`[v6]:port` authority) and delivered with the client's IPv6 address; IPv4 works
+/// alongside.
+#[test]
+fn dual_stack_pods_talk_over_hbone_on_ipv4_and_ipv6() {
+    with_dual_stack_cluster("capture_dual_stack", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mesh = Mesh::start(c)?;
+        mesh.namespace("shop", true)?;
+        let a = c.add_pod(n1, "shop", "a", "a", &[])?;
+        let b = c.add_pod(n2, "shop", "b", "b", &[])?;
+        for p in [&a, &b] {
+            mesh.register_pod(c, p)?;
+            mesh.wait_captured(c, p, true)?;
+        }
+        // One dual-stack socket serves both families.
+        let mut cmd = testapp();
+        cmd.args(["serve", "--tcp-echo", "[::]:9000", "--http", "[::]:8080"]);
+        let mut server = c.spawn(&b, "b-server", cmd)?;
+        server.wait_for_output("listening http", Duration::from_secs(10))?;
+        let b6 = b.ip6.context("b has no IPv6 address")?;
+        let v6 = format!("[{b6}]:9000");
+        let v4 = format!("{}:9000", b.ip);
+        echo(c, &a, &v6, 100_000)?;
+        echo(c, &a, &v4, 100_000)?;
+        for (dst, family) in [(&v6, "IPv6"), (&v4, "IPv4")] {
+            let out = logged(&mesh, "node1", "outbound", dst)?;
+            ensure!(
+                out.iter().any(|l| l["fields"]["route"] == "hbone"),
+                "{family}: a's connection did not go over HBONE: {out:?}"
+            );
+            let inb = logged(&mesh, "node2", "inbound", dst)?;
+            ensure!(
+                inb.iter()
+                    .any(|l| l["fields"]["peer_identity"] == "spiffe://cluster.local/ns/shop/sa/a"),
+                "{family}: b's ztunnel did not take it from a's identity: {inb:?}"
+            );
+        }
+        let a6 = a.ip6.context("a has no IPv6 address")?;
+        let inb = logged(&mesh, "node2", "inbound", &v6)?;
+        ensure!(
+            inb.iter().any(|l| l["fields"]["src"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(&format!("[{a6}]:")))),
+            "the destination's ztunnel does not see a's IPv6 address: {inb:?}"
         );
         Ok(())
     });

@@ -41,16 +41,45 @@ pub struct PodProxy {
 }
 
 fn listener_in(netns: &Netns, port: u16) -> io::Result<std::net::TcpListener> {
+    listener_on(netns, SocketAddr::from(([0, 0, 0, 0], port)))
+}
+
+/// `addr`'s listener inside the pod: IPv4 (`0.0.0.0`), or IPv6 only (`[::]`, v6-only, so
+/// each family has its own socket and its own original-destination lookup).
+fn listener_on(netns: &Netns, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     netns.run(|| -> io::Result<std::net::TcpListener> {
-        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         // A ztunnel restarted while the pod runs binds again at once (TIME_WAIT).
         s.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
         s.set_mark(SOCKET_MARK)?;
-        s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        s.bind(&addr.into())?;
         s.listen(1024)?;
         s.set_nonblocking(true)?;
         Ok(s.into())
     })?
+}
+
+/// The pod's IPv6 listeners (`[::]:15001/15006/15008`), when IPv6 is enabled in its
+/// namespace: a dual-stack pod's IPv6 connections are captured like its IPv4 ones. `None`
+/// where the namespace has no IPv6 (the capture rules then have nothing to redirect).
+fn ipv6_listeners(netns: &Netns) -> Option<[TcpListener; 3]> {
+    let bind = |port| {
+        listener_on(
+            netns,
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
+        )
+        .and_then(TcpListener::from_std)
+    };
+    match (bind(OUTBOUND_PORT), bind(INBOUND_PORT), bind(HBONE_PORT)) {
+        (Ok(o), Ok(i), Ok(h)) => Some([o, i, h]),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            tracing::debug!(error = %e, "no IPv6 listeners in this pod (IPv6 off in its namespace?)");
+            None
+        }
+    }
 }
 
 /// Everything a pod's connections need.
@@ -103,8 +132,20 @@ impl PodProxy {
             pool,
             identity,
         });
+        let v6 = ipv6_listeners(&ctx.netns);
         let (stop, stopped) = watch::channel(false);
-        let done = tokio::spawn(serve([outbound, inbound, hbone_l], ctx, stopped));
+        let v4_done = tokio::spawn(serve(
+            [outbound, inbound, hbone_l],
+            ctx.clone(),
+            stopped.clone(),
+        ));
+        let done = tokio::spawn(async move {
+            let v6_done = v6.map(|l| tokio::spawn(serve(l, ctx, stopped)));
+            let _ = v4_done.await;
+            if let Some(d) = v6_done {
+                let _ = d.await;
+            }
+        });
         Ok(PodProxy { stop, done })
     }
 
@@ -232,6 +273,16 @@ where
 }
 
 fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    if stream.local_addr()?.is_ipv6() {
+        let raw = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::Ip6tOriginalDst)
+            .map_err(io::Error::from)?;
+        return Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
+            std::net::Ipv6Addr::from(raw.sin6_addr.s6_addr),
+            u16::from_be(raw.sin6_port),
+            0,
+            0,
+        )));
+    }
     let raw = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::OriginalDst)
         .map_err(io::Error::from)?;
     let ip = std::net::Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr));
