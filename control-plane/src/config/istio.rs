@@ -1,6 +1,6 @@
 //! The `security.istio.io` objects users write (v1 and v1beta1 share one schema), as typed
-//! structs. Field names follow Istio's API exactly; unknown fields are reported as
-//! warnings by the loader, wrong types are errors.
+//! structs. Field names follow Istio's API exactly; an unknown field, a wrong type, or what
+//! Istio's validation refuses (`AuthorizationPolicy::validate`) rejects the object.
 
 use std::collections::BTreeMap;
 

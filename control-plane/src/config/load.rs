@@ -3,7 +3,9 @@
 //! Each document is judged alone: a broken one is an error that names the file, the object
 //! (kind namespace/name, or the document's position when it has none), the field and the
 //! reason; the other documents of the file still load. Fields Trellis does not know are
-//! warnings (the object loads without them); a field of the wrong type is an error. Kinds
+//! warnings (the object loads without them), except in security policies, where they are
+//! errors (a misspelt field changes what a policy matches); a field of the wrong type is an
+//! error. Kinds
 //! Trellis does not read (Deployments and the like) are skipped with a note.
 
 use std::fmt;
