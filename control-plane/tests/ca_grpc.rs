@@ -231,7 +231,7 @@ async fn a_ztunnel_certificate_manager_gets_its_pods_certificates_and_no_others(
     let h = start().await;
     let client = GrpcCaClient::new(&GrpcCaConfig {
         endpoint: format!("https://{}", h.addr),
-        root_pem: h.root_pem.clone(),
+        roots: trellis_core::channel::ControlPlaneRoots::Pem(h.root_pem.clone()),
         server_name: "localhost".into(),
         credential: h.node1.clone().into(),
         connect_timeout: Duration::from_secs(5),

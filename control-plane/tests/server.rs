@@ -444,7 +444,7 @@ async fn the_ca_follows_pods_as_they_are_scheduled() {
     let ca = |node: &str| {
         let client = GrpcCaClient::new(&GrpcCaConfig {
             endpoint: format!("https://{}", m.cp.grpc_addr()),
-            root_pem: m.cp.roots_pem().to_string(),
+            roots: trellis_core::channel::ControlPlaneRoots::Pem(m.cp.roots_pem().to_string()),
             server_name: "localhost".into(),
             credential: m.cp.credentials().issue_node(node).unwrap().into(),
             connect_timeout: Duration::from_secs(5),

@@ -8,6 +8,7 @@
 
 pub mod authz;
 pub mod cert;
+pub mod channel;
 pub mod credential;
 pub mod hbone;
 pub mod identity;

@@ -823,6 +823,16 @@ fn a_root_rotation_fails_no_connection() {
             bundle.trim() == r2_cert.trim(),
             "the trust bundle handed out is not the new root alone"
         );
+        // A restarted control plane serves under the new root. The ztunnels and node agents
+        // started before the rotation reconnect to it (their control-plane channels verify
+        // with the roots of the moment): a new pod is published to both ztunnels, captured
+        // at ADD by its node agent, and talks over HBONE.
+        mesh.stop_control_plane()?;
+        mesh.start_control_plane(c)?;
+        let late = c.add_pod(n1, "shop", "late", "a", &[])?;
+        mesh.register_pod(c, &late)?;
+        mesh.wait_captured(c, &late, true)?;
+        echo(c, &late, &addr, 2_000).context("the pod added after the restart")?;
         Ok(())
     });
 }

@@ -52,7 +52,7 @@ fn issue_with(
         runtime()?.block_on(async move {
             let ca = GrpcCaClient::new(&GrpcCaConfig {
                 endpoint,
-                root_pem: roots.clone(),
+                roots: trellis_core::channel::ControlPlaneRoots::Pem(roots.clone()),
                 server_name,
                 credential: credential.into(),
                 connect_timeout: Duration::from_secs(5),

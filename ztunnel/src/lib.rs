@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use trellis_core::cert::{CertConfig, CertManager, GrpcCaClient, GrpcCaConfig};
+use trellis_core::channel::{ControlPlaneRoots, ControlPlaneTarget};
 use trellis_core::tls::TrustBundle;
 use trellis_core::xds::{XdsClient, XdsConfig};
 use trellis_proto::type_url::{ADDRESS, AUTHORIZATION};
@@ -41,13 +42,15 @@ pub fn connect_mesh(config: &Config) -> Result<mesh::Mesh, BoxError> {
         &config.trust_domain,
         &config.roots_pem,
     )?);
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(&config.roots_pem))
-        .domain_name(config.control_plane_name.clone());
-    let channel = tonic::transport::Channel::from_shared(config.control_plane.clone())?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
+    // Verified against the bundle as it is at each connection: after a root rotation the
+    // control plane's new serving certificate is accepted once the bundle has its root.
+    let channel = trellis_core::channel::control_plane_channel(&ControlPlaneTarget {
+        endpoint: config.control_plane.clone(),
+        server_name: config.control_plane_name.clone(),
+        roots: ControlPlaneRoots::Bundle(bundle.clone()),
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: None,
+    })?;
     let xds = XdsClient::start(
         channel,
         XdsConfig {
@@ -60,7 +63,7 @@ pub fn connect_mesh(config: &Config) -> Result<mesh::Mesh, BoxError> {
     );
     let ca = GrpcCaClient::new(&GrpcCaConfig {
         endpoint: config.control_plane.clone(),
-        root_pem: config.roots_pem.clone(),
+        roots: ControlPlaneRoots::Bundle(bundle.clone()),
         server_name: config.control_plane_name.clone(),
         credential: config.credential.clone(),
         connect_timeout: Duration::from_secs(5),

@@ -131,26 +131,20 @@ fn main() -> ExitCode {
                         .map_err(|e| e.to_string())?
                         .with_file_name("trellis-cni"),
                 };
-                let roots = std::fs::read_to_string(&ca_roots)
-                    .map_err(|e| format!("{}: {e}", ca_roots.display()))?;
                 // Read again for each xDS stream (a projected token rotates); readable now.
                 let credential = trellis_core::credential::Credential::File(credential_file);
                 credential.token()?;
-                let tls = tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(roots))
-                    .domain_name(xds_server_name);
-                if !xds_address.starts_with("https://") {
-                    return Err(
-                        "--xds-address must be https://: the credential never travels unencrypted"
-                            .to_string(),
-                    );
-                }
-                let channel = tonic::transport::Channel::from_shared(xds_address)
-                    .map_err(|e| e.to_string())?
-                    .tls_config(tls)
-                    .map_err(|e| e.to_string())?
-                    .connect_timeout(Duration::from_secs(5))
-                    .connect_lazy();
+                // The roots file is read again at each connection: a root rotation reaches
+                // the reconnect to a control plane serving under the new root.
+                let channel = trellis_core::channel::control_plane_channel(
+                    &trellis_core::channel::ControlPlaneTarget {
+                        endpoint: xds_address,
+                        server_name: xds_server_name,
+                        roots: trellis_core::channel::ControlPlaneRoots::File(ca_roots),
+                        connect_timeout: Duration::from_secs(5),
+                        request_timeout: None,
+                    },
+                )?;
                 let xds = XdsClient::start(
                     channel,
                     XdsConfig {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 use trellis_proto::istio::v1::auth::IstioCertificateRequest;
 use trellis_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 
@@ -16,8 +16,9 @@ use crate::identity::SpiffeId;
 pub struct GrpcCaConfig {
     /// `https://host:port` of the CA.
     pub endpoint: String,
-    /// PEM root(s) that sign the CA's serving certificate (the mesh's trust bundle).
-    pub root_pem: String,
+    /// The root(s) that sign the CA's serving certificate (the mesh's trust bundle), read
+    /// again for each new connection.
+    pub roots: crate::channel::ControlPlaneRoots,
     /// The name the CA's serving certificate carries (DNS name or IP).
     pub server_name: String,
     /// This proxy's credential (local mode: the node credential issued when it joined;
@@ -54,23 +55,15 @@ impl GrpcCaClient {
             endpoint: config.endpoint.clone(),
             reason,
         };
-        // tonic runs TLS only for https URIs and ignores the TLS settings otherwise: an
-        // http endpoint would send the node credential in the clear. Refuse it.
-        if !config.endpoint.starts_with("https://") {
-            return Err(unreachable(
-                "the CA endpoint must be https://: the credential and certificates never travel unencrypted".into(),
-            ));
-        }
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&config.root_pem))
-            .domain_name(config.server_name.clone());
-        let channel = Channel::from_shared(config.endpoint.clone())
-            .map_err(|e| unreachable(format!("invalid endpoint: {e}")))?
-            .tls_config(tls)
-            .map_err(|e| unreachable(format!("TLS configuration: {e}")))?
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.request_timeout)
-            .connect_lazy();
+        // Only https: the credential and certificates never travel unencrypted.
+        let channel = crate::channel::control_plane_channel(&crate::channel::ControlPlaneTarget {
+            endpoint: config.endpoint.clone(),
+            server_name: config.server_name.clone(),
+            roots: config.roots.clone(),
+            connect_timeout: config.connect_timeout,
+            request_timeout: Some(config.request_timeout),
+        })
+        .map_err(unreachable)?;
         // A credential that cannot be used is an error now, not at the first renewal.
         config.credential.header().map_err(CertError::Local)?;
         Ok(GrpcCaClient {
@@ -130,7 +123,7 @@ mod tests {
     fn an_endpoint_without_tls_is_refused() {
         let config = GrpcCaConfig {
             endpoint: "http://10.96.0.1:15012".into(),
-            root_pem: String::new(),
+            roots: crate::channel::ControlPlaneRoots::Pem(String::new()),
             server_name: "ca".into(),
             credential: "secret".into(),
             connect_timeout: Duration::from_secs(1),
