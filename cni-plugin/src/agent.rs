@@ -48,6 +48,27 @@ pub struct AgentConfig {
     /// At ADD, how long to wait for the control plane to tell about the pod (its watch of
     /// the API may lag the kubelet by a moment) before answering "undecided".
     pub enrollment_wait: Duration,
+    /// Where the pods' network namespaces are, for rebuilding the state when the state file
+    /// is lost or corrupt.
+    pub netns_scan: NetnsScan,
+}
+
+/// The pods' network namespaces on the node: the files of `dir` whose names start with
+/// `prefix` (containerd and CRI-O name them `cni-<uuid>` in `/var/run/netns`).
+#[derive(Debug, Clone)]
+pub struct NetnsScan {
+    /// The directory the runtime pins namespaces in.
+    pub dir: PathBuf,
+    /// The prefix of pod namespaces' names.
+    pub prefix: String,
+}
+
+/// A pod network namespace found on the node.
+#[derive(Debug, Clone)]
+struct FoundNetns {
+    path: PathBuf,
+    ips: Vec<IpAddr>,
+    captured: bool,
 }
 
 /// What the control plane says of a pod's enrollment.
@@ -92,6 +113,9 @@ pub struct Agent {
     /// One capture/release at a time: the node rule and the state file are shared.
     work: tokio::sync::Mutex<()>,
     xds: XdsClient,
+    /// `true` while the state is to be rebuilt from the node (the state file was corrupt):
+    /// ztunnel gets no replay before that (it keeps serving what it had).
+    rebuilding: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -105,13 +129,16 @@ impl std::fmt::Debug for Agent {
 impl Agent {
     /// An agent deciding enrollment from `xds`, with the pods of `state_file` (if any).
     pub fn new(config: AgentConfig, xds: XdsClient) -> Result<Arc<Agent>, String> {
+        let mut rebuild = false;
         let pods: BTreeMap<String, PodEntry> = match std::fs::read(&config.state_file) {
             Ok(bytes) => match serde_json::from_slice(&bytes) {
                 Ok(pods) => pods,
                 // A corrupt state file must not keep the agent down (no new pod could be
-                // captured then): it is kept aside for a post-mortem and the agent starts
-                // from what it learns again (CNI ADDs, the control plane).
+                // captured then): it is kept aside for a post-mortem and the state is
+                // rebuilt from the node (the pods' namespaces, their capture rules) once the
+                // control plane has said which workloads run here.
                 Err(e) => {
+                    rebuild = true;
                     let aside = config.state_file.with_extension(format!(
                         "corrupt-{}",
                         std::time::SystemTime::now()
@@ -125,7 +152,7 @@ impl Agent {
                         error = %e,
                         kept_as = %aside.display(),
                         kept = kept.is_ok(),
-                        "the node agent's state file is corrupt; starting without it (pods captured before are not known until they are added again)"
+                        "the node agent's state file is corrupt; rebuilding the state from the pods on the node"
                     );
                     BTreeMap::new()
                 }
@@ -150,6 +177,7 @@ impl Agent {
             ztunnel: tokio::sync::Mutex::new(None),
             work: tokio::sync::Mutex::new(()),
             xds,
+            rebuilding: tokio::sync::watch::Sender::new(rebuild),
         }))
     }
 
@@ -345,6 +373,93 @@ impl Agent {
         failures
     }
 
+    /// Rebuilds the pods of the node from what is on it: each pod network namespace
+    /// (`netns_scan`) with an address of a workload the control plane places on this node
+    /// becomes an entry again, captured when its capture rules are installed. Needs the
+    /// control plane's workloads: nothing is done before they are synced. Returns whether
+    /// the rebuild happened.
+    async fn rebuild(&self) -> bool {
+        if !self.xds.is_synced() {
+            return false;
+        }
+        let _work = self.work.lock().await;
+        let scan = self.config.netns_scan.clone();
+        let found = match tokio::task::spawn_blocking(move || scan_netns(&scan)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot scan the node's pod namespaces; retrying");
+                return false;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the scan of pod namespaces failed; retrying");
+                return false;
+            }
+        };
+        let mut rebuilt = 0;
+        {
+            let known: std::collections::BTreeSet<PathBuf> =
+                self.lock().values().map(|p| p.netns.clone()).collect();
+            let store = self.xds.store();
+            let mut pods = self.lock();
+            for f in found {
+                if known.contains(&f.path) {
+                    continue;
+                }
+                let workload = f.ips.iter().find_map(|ip| {
+                    store
+                        .workload_by_ip(*ip)
+                        .filter(|w| w.node == self.config.node_name)
+                });
+                let Some(w) = workload else {
+                    if f.captured {
+                        tracing::warn!(netns = %f.path.display(), ips = ?f.ips, "capture rules in a namespace no workload of this node has: left as they are");
+                    }
+                    continue;
+                };
+                tracing::info!(
+                    pod = %format!("{}/{}", w.namespace, w.name),
+                    netns = %f.path.display(),
+                    captured = f.captured,
+                    "pod found on the node"
+                );
+                let key = format!("rebuilt:{}", f.path.display());
+                pods.insert(
+                    key.clone(),
+                    PodEntry {
+                        namespace: w.namespace.clone(),
+                        name: w.name.clone(),
+                        // The Kubernetes uid is not on the node; ztunnel knows the pod by
+                        // its namespace and takes the new key (zds `add`).
+                        uid: w.uid.clone(),
+                        container_id: key,
+                        netns: f.path,
+                        ips: f.ips,
+                        captured: f.captured,
+                    },
+                );
+                rebuilt += 1;
+            }
+        }
+        self.save();
+        if let Err(e) = self.apply_node_rule() {
+            tracing::warn!(error = %e, "cannot update the node's probe rule");
+        }
+        tracing::info!(pods = rebuilt, "node agent state rebuilt from the node");
+        true
+    }
+
+    /// The key of the pod a plugin request is about: its container id, else (a pod whose
+    /// entry was rebuilt from the node) the entry of its network namespace.
+    fn key_of(&self, container_id: &str, netns: &str) -> String {
+        let pods = self.lock();
+        if pods.contains_key(container_id) || netns.is_empty() {
+            return container_id.to_string();
+        }
+        pods.iter()
+            .find(|(k, p)| k.starts_with("rebuilt:") && p.netns == Path::new(netns))
+            .map_or_else(|| container_id.to_string(), |(k, _)| k.clone())
+    }
+
     /// Brings every pod in line with what the control plane says; forgets pods whose
     /// namespace is gone.
     pub async fn reconcile(&self) {
@@ -408,7 +523,12 @@ impl Agent {
                     ips: req.ips.iter().filter_map(|i| i.parse().ok()).collect(),
                     captured: false,
                 };
-                self.lock().insert(req.container_id.clone(), entry);
+                {
+                    let mut pods = self.lock();
+                    // A re-ADD of a pod whose entry was rebuilt from the node: one entry.
+                    pods.retain(|k, p| !(k.starts_with("rebuilt:") && p.netns == entry.netns));
+                    pods.insert(req.container_id.clone(), entry);
+                }
                 self.save();
                 match decision {
                     Enrollment::Known(true) => match self.capture(&req.container_id).await {
@@ -442,16 +562,15 @@ impl Agent {
             }
             "DEL" => {
                 let _work = self.work.lock().await;
-                match self.release(&req.container_id, true).await {
+                let key = self.key_of(&req.container_id, &req.netns);
+                match self.release(&key, true).await {
                     Ok(()) => ok(false),
                     Err(e) => fail(e),
                 }
             }
             "CHECK" => {
-                let captured = self
-                    .lock()
-                    .get(&req.container_id)
-                    .is_some_and(|p| p.captured);
+                let key = self.key_of(&req.container_id, &req.netns);
+                let captured = self.lock().get(&key).is_some_and(|p| p.captured);
                 match self.enrollment(&req.namespace, &req.name) {
                     Enrollment::Known(true) if !captured => {
                         fail("enrolled but not captured".into())
@@ -523,6 +642,13 @@ impl Agent {
                     continue;
                 }
             }
+            // No replay of a state being rebuilt: ztunnel keeps serving what it had (an
+            // empty snapshot would close every pod) until the pods are known again.
+            let mut rebuilding = self.rebuilding.subscribe();
+            if *rebuilding.borrow() {
+                tracing::info!("ztunnel waits for the node agent's state to be rebuilt");
+            }
+            let _ = rebuilding.wait_for(|r| !*r).await;
             let _work = self.work.lock().await;
             *self.ztunnel.lock().await = Some(sock);
             let captured: Vec<PodEntry> = self.pods().into_iter().filter(|p| p.captured).collect();
@@ -591,6 +717,9 @@ impl Agent {
         }
         let mut changes = self.xds.changes();
         loop {
+            if *self.rebuilding.borrow() && self.rebuild().await {
+                self.rebuilding.send_replace(false);
+            }
             self.reconcile().await;
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
@@ -598,6 +727,76 @@ impl Agent {
             }
         }
     }
+}
+
+/// The pod network namespaces of the node, each with its addresses and whether its capture
+/// rules are installed. The agent's own namespace is skipped (host-network pods share it).
+fn scan_netns(scan: &NetnsScan) -> Result<Vec<FoundNetns>, String> {
+    let own = Netns::current()
+        .and_then(|n| n.id())
+        .map_err(|e| format!("own network namespace: {e}"))?;
+    let entries =
+        std::fs::read_dir(&scan.dir).map_err(|e| format!("{}: {e}", scan.dir.display()))?;
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&scan.prefix)
+        {
+            continue;
+        }
+        let path = entry.path();
+        let ns = match Netns::open(&path) {
+            Ok(ns) => ns,
+            Err(e) => {
+                tracing::debug!(netns = %path.display(), error = %e, "not a network namespace");
+                continue;
+            }
+        };
+        if ns.id().ok() == Some(own) {
+            continue;
+        }
+        let ips = match ns.run(pod_addresses) {
+            Ok(Ok(ips)) => ips,
+            Ok(Err(e)) | Err(e) => {
+                tracing::warn!(netns = %path.display(), error = %e, "cannot read the namespace's addresses");
+                continue;
+            }
+        };
+        let captured =
+            rules::capture_installed(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        found.push(FoundNetns {
+            path,
+            ips,
+            captured,
+        });
+    }
+    Ok(found)
+}
+
+/// The addresses of the calling thread's network namespace that a pod is known by:
+/// neither loopback nor link-local.
+fn pod_addresses() -> std::io::Result<Vec<IpAddr>> {
+    let mut ips = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
+        let Some(addr) = ifa.address else { continue };
+        let ip = if let Some(v4) = addr.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        let link_local = match ip {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        if !ip.is_loopback() && !link_local && !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    Ok(ips)
 }
 
 fn del_request(uid: &str) -> WorkloadRequest {

@@ -186,6 +186,31 @@ table ip {NODE_TABLE} {{
     )
 }
 
+/// Whether the capture table is installed in the network namespace at `netns` (what a node
+/// agent that lost its state finds on the node).
+pub fn capture_installed(netns: &Path) -> Result<bool, String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["nft", "list", "table", "inet", POD_TABLE])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run nft (is the nftables package installed?): {e}"))?;
+    if out.status.success() {
+        return Ok(true);
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    // nft says "No such file or directory" for a table that does not exist.
+    if err.contains("No such file or directory") || err.contains("does not exist") {
+        Ok(false)
+    } else {
+        Err(format!(
+            "nft list table failed ({}): {}",
+            out.status,
+            err.trim()
+        ))
+    }
+}
+
 /// Applies `ruleset` with `nft -f -`, inside the network namespace at `netns` (or the
 /// agent's own when `None`).
 pub fn apply(netns: Option<&Path>, ruleset: &str) -> Result<(), String> {

@@ -288,6 +288,13 @@ impl Mesh {
             .arg(roots)
             .arg("--credential-file")
             .arg(credential)
+            // The cluster's pod namespaces (other clusters' share /run/netns).
+            .args([
+                "--netns-dir",
+                "/run/netns",
+                "--netns-prefix",
+                &format!("{}-", c.id()),
+            ])
             .env("RUST_LOG", "info");
         c.spawn(node, &format!("agent-{}", node.name()), cmd)
     }
@@ -368,6 +375,11 @@ impl Mesh {
     /// The ztunnel of `node`.
     pub fn ztunnel(&self, node: &str) -> Result<&Proc> {
         Ok(&self.nodes[self.index(node)?].ztunnel)
+    }
+
+    /// The node agent of `node`.
+    pub fn agent(&self, node: &str) -> Result<&Proc> {
+        Ok(&self.nodes[self.index(node)?].agent)
     }
 
     /// `node`'s ztunnel, to signal or wait for.

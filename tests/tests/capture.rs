@@ -449,12 +449,53 @@ fn restarts_of_ztunnel_and_the_node_agent_lose_nothing() {
         )?;
 
         // The agent of node1 restarts over a corrupt state file: it starts anyway, keeps the
-        // file aside, and captures a pod added after it is back.
+        // file aside, rebuilds its pods from the node (pod a, captured before, stays served:
+        // its connections keep going through ztunnel), captures a pod added after it is
+        // back, and releases pod a when it is removed.
         let state = n1.state_dir().join("node-agent.json");
         mesh.restart_agent_after(c, n1, || Ok(std::fs::write(&state, b"{\"truncated")?))?;
+        eventually(
+            "the node agent to rebuild its state",
+            Duration::from_secs(20),
+            || {
+                Ok(mesh
+                    .agent("node1")?
+                    .output()
+                    .contains("node agent state rebuilt from the node"))
+            },
+        )?;
+        eventually(
+            "the rebuilt pods to be replayed to ztunnel of node1",
+            Duration::from_secs(20),
+            || {
+                Ok(mesh
+                    .agent("node1")?
+                    .output()
+                    .contains("snapshot replayed to ztunnel"))
+            },
+        )?;
+        let before = logged(&mesh, "node1", "outbound", &addr)?.len();
+        echo(c, &a, &addr, 1_000_000).context("pod a after the rebuild")?;
+        eventually(
+            "pod a still served by ztunnel on node1 after the rebuild",
+            Duration::from_secs(10),
+            || Ok(logged(&mesh, "node1", "outbound", &addr)?.len() > before),
+        )?;
         let a2 = c.add_pod(n1, "shop", "a2", "a2", &[])?;
         mesh.register_pod(c, &a2)?;
         mesh.wait_captured(c, &a2, true)?;
+        c.remove_pod(&a)?;
+        eventually(
+            "ztunnel of node1 to stop serving the removed pod a",
+            Duration::from_secs(10),
+            || {
+                Ok(mesh
+                    .ztunnel("node1")?
+                    .output()
+                    .lines()
+                    .any(|l| l.contains("no longer serving pod") && l.contains("shop/a\"")))
+            },
+        )?;
         let aside = std::fs::read_dir(n1.state_dir())?
             .filter_map(|e| e.ok())
             .any(|e| {

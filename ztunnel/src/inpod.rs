@@ -94,7 +94,29 @@ impl Pods {
             match s.get(&info.uid) {
                 Some(p) if p.netns_id == netns_id => return Ok(()),
                 Some(_) => s.remove(&info.uid),
-                None => None,
+                None => {
+                    // The same pod (namespace and name) in the same network namespace under
+                    // another key: a node agent that rebuilt its state from the node knows
+                    // it by another uid. It keeps its listeners and takes the new key.
+                    let renamed = s
+                        .iter()
+                        .find(|(_, p)| {
+                            p.netns_id == netns_id
+                                && p.info.namespace == info.namespace
+                                && p.info.name == info.name
+                        })
+                        .map(|(k, _)| k.clone());
+                    if let Some(old_uid) = renamed
+                        && let Some(mut served) = s.remove(&old_uid)
+                    {
+                        tracing::info!(pod = %format!("{}/{}", info.namespace, info.name), old_uid, uid = %info.uid, "serving pod under a new uid");
+                        served.info = Arc::new(info);
+                        let uid = served.info.uid.clone();
+                        s.insert(uid, served);
+                        return Ok(());
+                    }
+                    None
+                }
             }
         };
         if let Some(old) = old {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use trellis_cni_plugin::agent::{Agent, AgentConfig, bind_cni_socket};
+use trellis_cni_plugin::agent::{Agent, AgentConfig, NetnsScan, bind_cni_socket};
 use trellis_cni_plugin::install;
 use trellis_cni_plugin::removal::RemovalWatch;
 use trellis_core::xds::{XdsClient, XdsConfig};
@@ -65,6 +65,13 @@ enum Command {
         /// Cluster id in workload uids.
         #[arg(long, default_value = "Kubernetes")]
         cluster_id: String,
+        /// Where the container runtime pins pod network namespaces (read to rebuild the
+        /// state when the state file is corrupt).
+        #[arg(long, default_value = "/var/run/netns")]
+        netns_dir: PathBuf,
+        /// The prefix of pod network namespaces' names in `--netns-dir`.
+        #[arg(long, default_value = "cni-")]
+        netns_prefix: String,
         /// On Kubernetes: this agent's DaemonSet, NAMESPACE/NAME. Stopping while it is gone
         /// or being deleted (the release is uninstalled) releases every pod and removes the
         /// plugin from the node; any other stop keeps them.
@@ -115,6 +122,8 @@ fn main() -> ExitCode {
             ca_roots,
             credential_file,
             cluster_id,
+            netns_dir,
+            netns_prefix,
             daemonset,
         } => {
             let rt = match tokio::runtime::Runtime::new() {
@@ -169,6 +178,10 @@ fn main() -> ExitCode {
                         zds_timeout: Duration::from_secs(5),
                         // Below the plugin's 10 s wait for the answer.
                         enrollment_wait: Duration::from_secs(5),
+                        netns_scan: NetnsScan {
+                            dir: netns_dir,
+                            prefix: netns_prefix,
+                        },
                     },
                     xds,
                 )?;
