@@ -8,4 +8,5 @@ pub mod istio;
 pub mod kube;
 pub mod load;
 pub mod model;
+pub mod routes;
 pub mod snapshot;

@@ -552,7 +552,8 @@ impl Stream {
         // A waypoint reads only the Services it fronts and the workloads behind them.
         let view = match &self.caller {
             Some(crate::ca::auth::Caller::Waypoint(id))
-                if type_url == trellis_proto::type_url::ADDRESS =>
+                if type_url == trellis_proto::type_url::ADDRESS
+                    || type_url == trellis_proto::type_url::WAYPOINT_ROUTE =>
             {
                 let key = (id.namespace().to_string(), id.service_account().to_string());
                 Some(snap.waypoint_views.get(&key).cloned().unwrap_or_default())

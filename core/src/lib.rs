@@ -13,6 +13,7 @@ pub mod credential;
 pub mod hbone;
 pub mod identity;
 pub mod netns;
+pub mod routing;
 pub mod shutdown;
 pub mod sockfile;
 pub mod tls;

@@ -23,6 +23,7 @@ use trellis_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaD
 use trellis_proto::google::rpc::Status as RpcStatus;
 use trellis_proto::istio::security::{Authorization, Scope};
 use trellis_proto::istio::workload::{Address, Service, Workload, address};
+use trellis_proto::trellis::waypoint::v1::Route as WaypointRoute;
 
 /// What the data plane knows: workloads, services and L4 policies.
 #[derive(Debug, Default, Clone)]
@@ -34,6 +35,8 @@ pub struct Store {
     /// Service key (`namespace/hostname`) → names of the workloads backing it.
     endpoints: HashMap<String, std::collections::BTreeSet<String>>,
     policies: BTreeMap<String, Authorization>,
+    /// Waypoint routes, by name (`namespace/hostname:port`).
+    routes: BTreeMap<String, WaypointRoute>,
     /// Type URL → resource name → version: what we hold, sent on resume.
     versions: BTreeMap<String, BTreeMap<String, String>>,
 }
@@ -150,6 +153,7 @@ impl Store {
         enum Decoded {
             Address(Box<Address>),
             Policy(Authorization),
+            Route(Box<WaypointRoute>),
         }
         let mut decoded = Vec::with_capacity(resp.resources.len());
         for r in &resp.resources {
@@ -173,6 +177,11 @@ impl Store {
                     Authorization::decode(any.value.as_slice())
                         .map_err(|e| format!("resource {:?} does not decode: {e}", r.name))?,
                 )
+            } else if resp.type_url == WaypointRoute::type_url() {
+                let route = WaypointRoute::decode(any.value.as_slice())
+                    .map_err(|e| format!("resource {:?} does not decode: {e}", r.name))?;
+                check_route(&route).map_err(|e| format!("route {:?}: {e}", r.name))?;
+                Decoded::Route(Box::new(route))
             } else {
                 return Err(format!("type {} was not subscribed", resp.type_url));
             };
@@ -207,6 +216,9 @@ impl Store {
                 },
                 Decoded::Policy(p) => {
                     self.policies.insert(name.clone(), p);
+                }
+                Decoded::Route(r) => {
+                    self.routes.insert(name.clone(), *r);
                 }
             }
             self.versions
@@ -246,7 +258,31 @@ impl Store {
         if type_url == Authorization::type_url() {
             self.policies.remove(name);
         }
+        if type_url == WaypointRoute::type_url() {
+            self.routes.remove(name);
+        }
     }
+
+    /// The waypoint route of a service port (`namespace/hostname:port`).
+    pub fn route(&self, name: &str) -> Option<&WaypointRoute> {
+        self.routes.get(name)
+    }
+
+    /// Every waypoint route, by name.
+    pub fn routes(&self) -> impl Iterator<Item = (&String, &WaypointRoute)> {
+        self.routes.iter()
+    }
+}
+
+/// What a waypoint route must be to be applied: a known protocol and a service. Anything
+/// else is NACKed (never read as something wider).
+fn check_route(r: &WaypointRoute) -> Result<(), String> {
+    use trellis_proto::trellis::waypoint::v1::route::AppProtocol;
+    AppProtocol::try_from(r.protocol).map_err(|_| format!("unknown protocol {}", r.protocol))?;
+    if r.service.is_none() {
+        return Err("no service".into());
+    }
+    Ok(())
 }
 
 /// The last segment of a type URL (`istio.workload.Address`), for metric labels.

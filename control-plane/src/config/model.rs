@@ -255,6 +255,11 @@ impl Model {
         self.gateways.iter()
     }
 
+    /// The Services, by (namespace, name).
+    pub fn service_objects(&self) -> impl Iterator<Item = (&Key, &Service)> {
+        self.services.iter()
+    }
+
     /// The HTTPRoutes, by (namespace, name).
     pub fn http_routes(&self) -> impl Iterator<Item = (&Key, &HttpRoute)> {
         self.http_routes.iter()
@@ -610,6 +615,34 @@ impl Model {
             let labels = pod.metadata.labels.clone().unwrap_or_default();
             if let Some(gw) = self.waypoint_key_of(ns, &labels, "workload") {
                 views.entry(gw).or_default().insert(pod_uid(ns, name));
+            }
+        }
+        // The Services its routes send to, and their pods.
+        for (gw, backends) in super::routes::route_backends(self, mesh) {
+            let view = views.entry(gw).or_default();
+            for (bns, bname) in backends {
+                let Some(svc) = self.services.get(&(bns.clone(), bname.clone())) else {
+                    continue;
+                };
+                view.insert(format!("{bns}/{}", hostname(&bname, &bns, mesh)));
+                for ((pns, pname), pod) in in_namespace(&self.pods, &bns) {
+                    let pod_labels = pod.metadata.labels.clone().unwrap_or_default();
+                    if selects(svc, &pod_labels) {
+                        view.insert(pod_uid(pns, pname));
+                    }
+                }
+            }
+        }
+        // Its Route resources (one per port of each Service it fronts).
+        for ((ns, name), svc) in &self.services {
+            let labels = svc.metadata.labels.clone().unwrap_or_default();
+            let Some(gw) = self.waypoint_key_of(ns, &labels, "service") else {
+                continue;
+            };
+            let view = views.entry(gw).or_default();
+            let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
+            for port in ports.into_iter().flatten() {
+                view.insert(format!("{ns}/{}:{}", hostname(name, ns, mesh), port.port));
             }
         }
         views

@@ -82,7 +82,23 @@ impl Snapshot {
         snap.add_peer_authentication(model, mesh);
         snap.waypoints = waypoint_keys(model);
         snap.waypoint_views = waypoint_views(model, mesh, &snap.waypoints);
+        snap.add_waypoint_routes(model, mesh);
         snap
+    }
+
+    /// The waypoint routes, recomputed whole (they cross namespaces: a route, its Service
+    /// and its backends may each live elsewhere; a mesh without waypoints has none).
+    fn add_waypoint_routes(&mut self, model: &Model, mesh: &MeshConfig) {
+        let routes = if self.waypoints.is_empty() {
+            BTreeMap::new()
+        } else {
+            super::routes::waypoint_routes(model, mesh)
+                .into_iter()
+                .map(|(name, r)| (name, resource(&r)))
+                .collect()
+        };
+        self.resources
+            .insert(trellis_proto::type_url::WAYPOINT_ROUTE.to_string(), routes);
     }
 
     /// Builds the snapshot of `model` from `prev`, re-translating only the namespaces in
@@ -121,6 +137,7 @@ impl Snapshot {
             snap.add_namespace(model, mesh, ns);
         }
         snap.add_peer_authentication(model, mesh);
+        snap.add_waypoint_routes(model, mesh);
         snap
     }
 

@@ -1,0 +1,552 @@
+//! Waypoint routes: the `HTTPRoute`s and `GRPCRoute`s attached to Services (GAMMA), and
+//! each Service port's protocol, translated into `trellis.waypoint.v1.Route` resources —
+//! one per port of every Service a waypoint fronts, named `namespace/hostname:port`.
+//!
+//! - **Protocol** as Istio decides it: the port's `appProtocol`, else the prefix of its
+//!   name before `-` (`http`, `http2`, `grpc`, `tcp`, ...); neither → detected by the
+//!   waypoint (HTTP/1.1 request line or the HTTP/2 preface).
+//! - **Rules** of every route whose `parentRefs` name the Service (and the port, when the
+//!   parentRef has one), one rule per match, sorted by the Gateway API's precedence: exact
+//!   path before regular expression before prefix, longer paths first, then a method
+//!   match, more header matches, more query matches; ties by the route's age, then
+//!   `namespace/name`, then rule and match order. The waypoint takes the first that
+//!   matches; a request no rule matches goes to the Service it was addressed to.
+//! - **Backends**: a Service of the route's namespace; a cross-namespace backend is not
+//!   used (its share answers 500) until ReferenceGrants are supported (route status says
+//!   `RefNotPermitted`); a Service that does not exist likewise (`BackendNotFound`).
+//!   Hostnames of mesh routes are ignored (GAMMA).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ServicePort;
+use trellis_proto::trellis::waypoint::v1 as pb;
+
+use super::gateway::{
+    FilterType, GrpcMethodMatch, HttpBackendRef, HttpHeaderMatch, HttpRouteFilter, HttpRouteMatch,
+    ParentReference, PathMatchType, PathModifier, PathModifierType, ValueMatchType,
+};
+use super::model::{MeshConfig, Model};
+
+type Key = (String, String);
+
+/// The protocol of a Service port, as Istio decides it.
+pub fn port_protocol(port: &ServicePort) -> pb::route::AppProtocol {
+    use pb::route::AppProtocol as P;
+    let parse = |s: &str| match s.to_ascii_lowercase().as_str() {
+        "http" | "http1" | "http/1.1" | "kubernetes.io/ws" | "kubernetes.io/wss" => Some(P::Http1),
+        "http2" | "h2c" | "kubernetes.io/h2c" => Some(P::Http2),
+        "grpc" | "grpc-web" => Some(P::Grpc),
+        "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "udp" => Some(P::Tcp),
+        _ => None,
+    };
+    if let Some(p) = port.app_protocol.as_deref().and_then(parse) {
+        return p;
+    }
+    if let Some(name) = port.name.as_deref() {
+        let prefix = name.split('-').next().unwrap_or(name);
+        if let Some(p) = parse(prefix) {
+            return p;
+        }
+    }
+    P::Unspecified
+}
+
+/// A Service's key in the workload API: `namespace/hostname`.
+fn service_ref(ns: &str, name: &str, port: u32, mesh: &MeshConfig) -> pb::ServiceRef {
+    pb::ServiceRef {
+        namespace: ns.to_string(),
+        hostname: format!("{name}.{ns}.svc.{}", mesh.domain_suffix),
+        port,
+    }
+}
+
+/// One (route, rule, match) with what orders it.
+struct Candidate {
+    order: (
+        u8,
+        std::cmp::Reverse<usize>,
+        bool,
+        std::cmp::Reverse<usize>,
+        std::cmp::Reverse<usize>,
+    ),
+    age: Option<k8s_openapi::jiff::Timestamp>,
+    route: String,
+    index: (usize, usize),
+    rule: pb::RouteRule,
+}
+
+/// What a route rule looks like to the translation (HTTP and gRPC alike).
+struct RuleIn<'a> {
+    matches: Vec<pb::RouteMatch>,
+    filters: &'a [HttpRouteFilter],
+    backends: &'a [HttpBackendRef],
+    request_timeout: Option<&'a str>,
+    backend_timeout: Option<&'a str>,
+}
+
+/// Every waypoint Route resource, by name: one per port of each Service some waypoint
+/// fronts.
+pub fn waypoint_routes(model: &Model, mesh: &MeshConfig) -> BTreeMap<String, pb::Route> {
+    let mut out = BTreeMap::new();
+    for ((ns, name), svc) in model.service_objects() {
+        let labels = svc.metadata.labels.clone().unwrap_or_default();
+        if model.waypoint_key_of(ns, &labels, "service").is_none() {
+            continue;
+        }
+        let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
+        for port in ports.into_iter().flatten() {
+            let Ok(number) = u32::try_from(port.port) else {
+                continue;
+            };
+            let service = service_ref(ns, name, number, mesh);
+            let rules = rules_for(model, mesh, ns, name, number);
+            let route = pb::Route {
+                name: format!("{}/{}:{number}", service.namespace, service.hostname),
+                service: Some(service),
+                protocol: port_protocol(port) as i32,
+                rules,
+                traffic_policy: None,
+            };
+            out.insert(route.name.clone(), route);
+        }
+    }
+    out
+}
+
+/// The Services (namespace, name) each waypoint's routes send to, beyond those it fronts:
+/// the waypoint must know their endpoints.
+pub fn route_backends(model: &Model, mesh: &MeshConfig) -> BTreeMap<Key, BTreeSet<Key>> {
+    let mut out: BTreeMap<Key, BTreeSet<Key>> = BTreeMap::new();
+    let suffix = format!(".svc.{}", mesh.domain_suffix);
+    for ((ns, name), svc) in model.service_objects() {
+        let labels = svc.metadata.labels.clone().unwrap_or_default();
+        let Some(gw) = model.waypoint_key_of(ns, &labels, "service") else {
+            continue;
+        };
+        let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
+        for port in ports.into_iter().flatten() {
+            let Ok(number) = u32::try_from(port.port) else {
+                continue;
+            };
+            for rule in rules_for(model, mesh, ns, name, number) {
+                let mirrors = rule.filters.iter().filter_map(|f| match &f.kind {
+                    Some(pb::filter::Kind::RequestMirror(m)) => m.backend.as_ref(),
+                    _ => None,
+                });
+                let backends = rule.backends.iter().filter_map(|b| b.backend.as_ref());
+                for b in backends.chain(mirrors) {
+                    if let Some(short) = b.hostname.strip_suffix(&suffix)
+                        && let Some((bname, bns)) = short.split_once('.')
+                    {
+                        out.entry(gw.clone())
+                            .or_default()
+                            .insert((bns.to_string(), bname.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The rules of Service `ns/name` port `port`, in precedence order.
+fn rules_for(
+    model: &Model,
+    mesh: &MeshConfig,
+    ns: &str,
+    name: &str,
+    port: u32,
+) -> Vec<pb::RouteRule> {
+    let attached = |route_ns: &str, parents: &[ParentReference]| {
+        parents.iter().any(|p| {
+            p.is_service()
+                && p.namespace.as_deref().unwrap_or(route_ns) == ns
+                && p.name == name
+                && p.port.is_none_or(|pp| u32::from(pp) == port)
+        })
+    };
+    let mut candidates = Vec::new();
+    for ((rns, rname), route) in model.http_routes() {
+        if !attached(rns, &route.spec.parent_refs) {
+            continue;
+        }
+        let rules = route.spec.rules.iter().map(|rule| RuleIn {
+            matches: if rule.matches.is_empty() {
+                vec![http_match(&HttpRouteMatch::default())]
+            } else {
+                rule.matches.iter().map(http_match).collect()
+            },
+            filters: &rule.filters,
+            backends: &rule.backend_refs,
+            request_timeout: rule.timeouts.as_ref().and_then(|t| t.request.as_deref()),
+            backend_timeout: rule
+                .timeouts
+                .as_ref()
+                .and_then(|t| t.backend_request.as_deref()),
+        });
+        let age = route.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        collect(&mut candidates, model, mesh, rns, rname, age, rules);
+    }
+    for ((rns, rname), route) in model.grpc_routes() {
+        if !attached(rns, &route.spec.parent_refs) {
+            continue;
+        }
+        let rules = route.spec.rules.iter().map(|rule| RuleIn {
+            matches: if rule.matches.is_empty() {
+                vec![pb::RouteMatch::default()]
+            } else {
+                rule.matches
+                    .iter()
+                    .map(|m| pb::RouteMatch {
+                        grpc: m.method.as_ref().map(grpc_method),
+                        headers: m.headers.iter().map(header_match).collect(),
+                        ..Default::default()
+                    })
+                    .collect()
+            },
+            filters: &rule.filters,
+            backends: &rule.backend_refs,
+            request_timeout: None,
+            backend_timeout: None,
+        });
+        let age = route.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        collect(&mut candidates, model, mesh, rns, rname, age, rules);
+    }
+    candidates.sort_by(|a, b| {
+        (a.order, a.age.is_none(), a.age, &a.route, a.index).cmp(&(
+            b.order,
+            b.age.is_none(),
+            b.age,
+            &b.route,
+            b.index,
+        ))
+    });
+    candidates.into_iter().map(|c| c.rule).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn collect<'a>(
+    out: &mut Vec<Candidate>,
+    model: &Model,
+    mesh: &MeshConfig,
+    rns: &str,
+    rname: &str,
+    age: Option<k8s_openapi::jiff::Timestamp>,
+    rules: impl Iterator<Item = RuleIn<'a>>,
+) {
+    for (r, rule) in rules.enumerate() {
+        let filters: Vec<pb::Filter> = rule
+            .filters
+            .iter()
+            .filter_map(|f| filter(f, rns, model, mesh))
+            .collect();
+        let backends: Vec<pb::WeightedBackend> = rule
+            .backends
+            .iter()
+            .map(|b| pb::WeightedBackend {
+                backend: Some(backend(
+                    b.namespace.as_deref(),
+                    &b.name,
+                    b.group.as_deref(),
+                    b.kind.as_deref(),
+                    b.port,
+                    rns,
+                    model,
+                    mesh,
+                )),
+                weight: Some(b.weight.unwrap_or(1)),
+                filters: b
+                    .filters
+                    .iter()
+                    .filter_map(|f| filter(f, rns, model, mesh))
+                    .collect(),
+                traffic_policy: None,
+            })
+            .collect();
+        let timeouts = match (
+            rule.request_timeout.and_then(parse_duration),
+            rule.backend_timeout.and_then(parse_duration),
+        ) {
+            (None, None) => None,
+            (request, backend) => Some(pb::Timeouts {
+                request: request.map(proto_duration),
+                backend_request: backend.map(proto_duration),
+                idle: None,
+            }),
+        };
+        for (m, matched) in rule.matches.into_iter().enumerate() {
+            let path_rank = match matched.path.as_ref().and_then(|p| p.kind.as_ref()) {
+                Some(pb::route_match::path::Kind::Exact(p)) => (0, p.len()),
+                Some(pb::route_match::path::Kind::Regex(_)) => (1, 0),
+                Some(pb::route_match::path::Kind::Prefix(p)) => (2, p.len()),
+                None => (2, 1),
+            };
+            let order = (
+                path_rank.0,
+                std::cmp::Reverse(path_rank.1),
+                matched.method.is_empty(),
+                std::cmp::Reverse(matched.headers.len()),
+                std::cmp::Reverse(matched.query_params.len()),
+            );
+            out.push(Candidate {
+                order,
+                age,
+                route: format!("{rns}/{rname}"),
+                index: (r, m),
+                rule: pb::RouteRule {
+                    name: format!("{rns}/{rname}/{r}"),
+                    matches: vec![matched],
+                    filters: filters.clone(),
+                    backends: backends.clone(),
+                    timeouts,
+                    retry: None,
+                    fault: None,
+                    rate_limit: None,
+                },
+            });
+        }
+    }
+}
+
+/// A backend as a ServiceRef; one that cannot be used has an empty hostname (the waypoint
+/// answers 500 for its share).
+#[allow(clippy::too_many_arguments)]
+fn backend(
+    ns: Option<&str>,
+    name: &str,
+    group: Option<&str>,
+    kind: Option<&str>,
+    port: Option<u16>,
+    route_ns: &str,
+    model: &Model,
+    mesh: &MeshConfig,
+) -> pb::ServiceRef {
+    let bns = ns.unwrap_or(route_ns);
+    let is_service = group.unwrap_or("").is_empty() && kind.unwrap_or("Service") == "Service";
+    let usable = is_service && bns == route_ns && model.service_labels(bns, name).is_some();
+    if !usable {
+        return pb::ServiceRef {
+            namespace: bns.to_string(),
+            hostname: String::new(),
+            port: port.map_or(0, u32::from),
+        };
+    }
+    service_ref(bns, name, port.map_or(0, u32::from), mesh)
+}
+
+fn filter(
+    f: &HttpRouteFilter,
+    route_ns: &str,
+    model: &Model,
+    mesh: &MeshConfig,
+) -> Option<pb::Filter> {
+    use pb::filter::Kind;
+    let headers = |h: &super::gateway::HeaderModifier| pb::filter::HeaderModifier {
+        set: h
+            .set
+            .iter()
+            .map(|v| pb::Header {
+                name: v.name.clone(),
+                value: v.value.clone(),
+            })
+            .collect(),
+        add: h
+            .add
+            .iter()
+            .map(|v| pb::Header {
+                name: v.name.clone(),
+                value: v.value.clone(),
+            })
+            .collect(),
+        remove: h.remove.clone(),
+    };
+    let kind = match f.type_ {
+        FilterType::RequestHeaderModifier => {
+            Kind::RequestHeaderModifier(headers(f.request_header_modifier.as_ref()?))
+        }
+        FilterType::ResponseHeaderModifier => {
+            Kind::ResponseHeaderModifier(headers(f.response_header_modifier.as_ref()?))
+        }
+        FilterType::RequestRedirect => {
+            let r = f.request_redirect.as_ref()?;
+            Kind::RequestRedirect(pb::filter::RequestRedirect {
+                scheme: r.scheme.clone().unwrap_or_default(),
+                hostname: r.hostname.clone().unwrap_or_default(),
+                port: r.port.map_or(0, u32::from),
+                path: r.path.as_ref().map(path_modifier),
+                status_code: r.status_code.map_or(0, u32::from),
+            })
+        }
+        FilterType::UrlRewrite => {
+            let r = f.url_rewrite.as_ref()?;
+            Kind::UrlRewrite(pb::filter::UrlRewrite {
+                hostname: r.hostname.clone().unwrap_or_default(),
+                path: r.path.as_ref().map(path_modifier),
+            })
+        }
+        FilterType::RequestMirror => {
+            let m = f.request_mirror.as_ref()?;
+            let b = &m.backend_ref;
+            Kind::RequestMirror(pb::filter::RequestMirror {
+                backend: Some(backend(
+                    b.namespace.as_deref(),
+                    &b.name,
+                    b.group.as_deref(),
+                    b.kind.as_deref(),
+                    b.port,
+                    route_ns,
+                    model,
+                    mesh,
+                )),
+                percent: m.percent.map(f64::from),
+            })
+        }
+        // Implementation-specific filters Trellis does not have: the route status says so.
+        FilterType::ExtensionRef => return None,
+    };
+    Some(pb::Filter { kind: Some(kind) })
+}
+
+fn path_modifier(p: &PathModifier) -> pb::filter::PathModifier {
+    use pb::filter::path_modifier::Kind;
+    pb::filter::PathModifier {
+        kind: Some(match p.type_ {
+            PathModifierType::ReplaceFullPath => {
+                Kind::ReplaceFullPath(p.replace_full_path.clone().unwrap_or_default())
+            }
+            PathModifierType::ReplacePrefixMatch => {
+                Kind::ReplacePrefixMatch(p.replace_prefix_match.clone().unwrap_or_default())
+            }
+        }),
+    }
+}
+
+fn http_match(m: &HttpRouteMatch) -> pb::RouteMatch {
+    use pb::route_match::path::Kind;
+    let path = m.path.as_ref().map_or_else(
+        || Kind::Prefix("/".into()),
+        |p| {
+            let v = p.value.clone().unwrap_or_else(|| "/".into());
+            match p.type_.unwrap_or(PathMatchType::PathPrefix) {
+                PathMatchType::Exact => Kind::Exact(v),
+                PathMatchType::PathPrefix => Kind::Prefix(v),
+                PathMatchType::RegularExpression => Kind::Regex(v),
+            }
+        },
+    );
+    pb::RouteMatch {
+        path: Some(pb::route_match::Path { kind: Some(path) }),
+        headers: m.headers.iter().map(header_match).collect(),
+        query_params: m
+            .query_params
+            .iter()
+            .map(|q| pb::route_match::QueryParam {
+                name: q.name.clone(),
+                value: Some(value_match(q)),
+            })
+            .collect(),
+        method: m
+            .method
+            .map(|m| format!("{m:?}").to_ascii_uppercase())
+            .unwrap_or_default(),
+        grpc: None,
+    }
+}
+
+fn value_match(h: &HttpHeaderMatch) -> pb::StringMatch {
+    use pb::string_match::Kind;
+    pb::StringMatch {
+        kind: Some(match h.type_.unwrap_or(ValueMatchType::Exact) {
+            ValueMatchType::Exact => Kind::Exact(h.value.clone()),
+            ValueMatchType::RegularExpression => Kind::Regex(h.value.clone()),
+        }),
+        ignore_case: false,
+    }
+}
+
+fn header_match(h: &HttpHeaderMatch) -> pb::route_match::HeaderMatch {
+    pb::route_match::HeaderMatch {
+        name: h.name.to_ascii_lowercase(),
+        value: Some(value_match(h)),
+        invert: false,
+    }
+}
+
+fn grpc_method(m: &GrpcMethodMatch) -> pb::route_match::GrpcMethod {
+    pb::route_match::GrpcMethod {
+        service: m.service.clone().unwrap_or_default(),
+        method: m.method.clone().unwrap_or_default(),
+        regex: m.type_ == Some(ValueMatchType::RegularExpression),
+    }
+}
+
+/// A Gateway API duration (`1h`, `10s`, `500ms`, `1m30s`).
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else {
+            return None;
+        };
+        total += unit * u32::try_from(n).ok()?;
+        rest = &rest[len..];
+    }
+    Some(total)
+}
+
+fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_as_the_gateway_api_writes_them() {
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("x"), None);
+    }
+
+    #[test]
+    fn port_protocols_follow_app_protocol_then_the_name() {
+        use pb::route::AppProtocol as P;
+        let port = |name: Option<&str>, app: Option<&str>| ServicePort {
+            name: name.map(String::from),
+            app_protocol: app.map(String::from),
+            port: 80,
+            ..Default::default()
+        };
+        assert_eq!(port_protocol(&port(Some("http-web"), None)), P::Http1);
+        assert_eq!(port_protocol(&port(Some("grpc"), None)), P::Grpc);
+        assert_eq!(port_protocol(&port(Some("tcp-db"), None)), P::Tcp);
+        assert_eq!(
+            port_protocol(&port(Some("http"), Some("kubernetes.io/h2c"))),
+            P::Http2
+        );
+        assert_eq!(port_protocol(&port(Some("web"), None)), P::Unspecified);
+        assert_eq!(port_protocol(&port(None, None)), P::Unspecified);
+    }
+}

@@ -1,0 +1,201 @@
+//! Waypoint routes: HTTPRoutes and GRPCRoutes attached to Services become one
+//! `trellis.waypoint.v1.Route` per port of each Service a waypoint fronts, in the Gateway
+//! API's precedence order, and the waypoint may read its routes and its backends' endpoints.
+
+use std::path::Path;
+
+use trellis_control_plane::config::load::{Document, parse_file};
+use trellis_control_plane::config::model::{MeshConfig, Model};
+use trellis_control_plane::config::snapshot::Snapshot;
+use trellis_proto::trellis::waypoint::v1 as pb;
+use trellis_proto::type_url;
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: tcp-raw, port: 9000}, {name: other, port: 7000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-v1, namespace: shop}
+spec: {clusterIP: 10.96.0.11, selector: {app: web, version: v1}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-v2, namespace: shop}
+spec: {clusterIP: 10.96.0.12, selector: {app: web, version: v2}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-v2-0, namespace: shop, labels: {app: web, version: v2}}
+spec: {nodeName: node1, serviceAccountName: web, containers: [{name: app, image: x}]}
+status: {podIP: 10.244.1.12}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: elsewhere, namespace: shop}
+spec: {clusterIP: 10.96.0.13, selector: {app: elsewhere}, ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: split, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+    - backendRefs:
+        - {name: web-v1, port: 80, weight: 90}
+        - {name: web-v2, port: 80, weight: 10}
+    - matches: [{headers: [{name: X-Version, value: v2}]}]
+      backendRefs: [{name: web-v2, port: 80}]
+    - matches: [{path: {type: Exact, value: /exact}}]
+      timeouts: {request: 2s}
+      backendRefs: [{name: web-v2, port: 80}, {name: web-v1, namespace: other, port: 80}, {name: missing, port: 80}]
+"#;
+
+fn model(texts: &[&str]) -> Model {
+    let mut m = Model::default();
+    for t in texts {
+        for d in parse_file(Path::new("x.yaml"), t) {
+            match d {
+                Document::Loaded(l) => m.apply(&l.id, l.object),
+                other => panic!("fixture does not load: {other:?}"),
+            }
+        }
+    }
+    m
+}
+
+fn routes(snap: &Snapshot) -> std::collections::BTreeMap<String, pb::Route> {
+    snap.of_type(type_url::WAYPOINT_ROUTE)
+        .unwrap()
+        .iter()
+        .map(|(n, r)| (n.clone(), r.body.to_msg::<pb::Route>().unwrap()))
+        .collect()
+}
+
+#[test]
+fn every_port_of_a_waypoint_service_gets_a_route_with_its_protocol() {
+    let snap = Snapshot::build(&model(&[CLUSTER]), &MeshConfig::default());
+    let routes = routes(&snap);
+    let names: Vec<&str> = routes.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "shop/web.shop.svc.cluster.local:7000",
+            "shop/web.shop.svc.cluster.local:80",
+            "shop/web.shop.svc.cluster.local:9000"
+        ],
+        "only the Service bound to the waypoint has routes"
+    );
+    use pb::route::AppProtocol as P;
+    assert_eq!(
+        routes["shop/web.shop.svc.cluster.local:80"].protocol(),
+        P::Http1
+    );
+    assert_eq!(
+        routes["shop/web.shop.svc.cluster.local:9000"].protocol(),
+        P::Tcp
+    );
+    assert_eq!(
+        routes["shop/web.shop.svc.cluster.local:7000"].protocol(),
+        P::Unspecified
+    );
+    // The HTTPRoute names port 80 only.
+    assert!(
+        routes["shop/web.shop.svc.cluster.local:9000"]
+            .rules
+            .is_empty()
+    );
+}
+
+#[test]
+fn rules_are_sorted_by_precedence_and_backends_resolved() {
+    let snap = Snapshot::build(&model(&[CLUSTER]), &MeshConfig::default());
+    let route = &routes(&snap)["shop/web.shop.svc.cluster.local:80"];
+    let names: Vec<&str> = route.rules.iter().map(|r| r.name.as_str()).collect();
+    // Exact path first, then the header match (prefix "/" with a header), then the
+    // catch-all split.
+    assert_eq!(names, ["shop/split/2", "shop/split/1", "shop/split/0"]);
+    let split = &route.rules[2];
+    let weights: Vec<(String, u32)> = split
+        .backends
+        .iter()
+        .map(|b| (b.backend.clone().unwrap().hostname, b.weight.unwrap()))
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            ("web-v1.shop.svc.cluster.local".to_string(), 90),
+            ("web-v2.shop.svc.cluster.local".to_string(), 10)
+        ]
+    );
+    let header = &route.rules[1].matches[0].headers[0];
+    assert_eq!(
+        header.name, "x-version",
+        "header names are matched lower-case"
+    );
+    // A cross-namespace backend (no ReferenceGrant support yet) and a missing Service are
+    // kept with no hostname: their share answers 500, never another service.
+    let exact = &route.rules[0];
+    let hosts: Vec<String> = exact
+        .backends
+        .iter()
+        .map(|b| b.backend.clone().unwrap().hostname)
+        .collect();
+    assert_eq!(hosts, ["web-v2.shop.svc.cluster.local", "", ""]);
+    assert_eq!(
+        exact
+            .timeouts
+            .as_ref()
+            .and_then(|t| t.request)
+            .map(|d| d.seconds),
+        Some(2)
+    );
+}
+
+#[test]
+fn the_waypoint_may_read_its_routes_and_its_backends() {
+    let snap = Snapshot::build(&model(&[CLUSTER]), &MeshConfig::default());
+    let view = &snap.waypoint_views[&("shop".to_string(), "waypoint".to_string())];
+    for name in [
+        "shop/web.shop.svc.cluster.local:80",
+        "shop/web.shop.svc.cluster.local",
+        "shop/web-v1.shop.svc.cluster.local",
+        "shop/web-v2.shop.svc.cluster.local",
+        "Kubernetes//Pod/shop/web-v2-0",
+    ] {
+        assert!(
+            view.contains(name),
+            "{name} is not in the waypoint's view: {view:?}"
+        );
+    }
+    assert!(
+        !view.contains("shop/elsewhere.shop.svc.cluster.local"),
+        "a Service no route sends to is not in the view"
+    );
+}
+
+#[test]
+fn a_mesh_without_waypoints_has_no_routes() {
+    let plain = CLUSTER.replace(
+        "gatewayClassName: istio-waypoint",
+        "gatewayClassName: other",
+    );
+    let snap = Snapshot::build(&model(&[&plain]), &MeshConfig::default());
+    assert!(routes(&snap).is_empty());
+}
