@@ -351,3 +351,42 @@ pub fn handshake_failure(err: &std::io::Error) -> String {
     }
     rustls_err.to_string()
 }
+
+/// Re-reads the trust bundle file every two seconds; new contents that parse replace the
+/// roots peers are verified against (handshakes from then on use them; open connections
+/// are not affected). During a root rotation the file holds the old and the new roots, then
+/// the new ones only (docs/identity.md). A file that does not parse is logged and ignored.
+pub async fn follow_roots_file(
+    path: std::path::PathBuf,
+    bundle: Arc<TrustBundle>,
+    mut last: String,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // A small file, read every two seconds: a blocking read costs nothing measurable.
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the trust bundle; keeping the current roots");
+                continue;
+            }
+        };
+        if text == last {
+            continue;
+        }
+        match parse_pem_certs(&text, "trust bundle")
+            .map_err(|e| e.to_string())
+            .and_then(|roots| {
+                let n = roots.len();
+                bundle.replace(roots).map(|()| n).map_err(|e| e.to_string())
+            }) {
+            Ok(n) => tracing::info!(file = %path.display(), roots = n, "trust bundle reloaded"),
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "the trust bundle changed but cannot be used; keeping the current roots")
+            }
+        }
+        last = text;
+    }
+}

@@ -122,7 +122,7 @@ pub async fn run(
     tracing::info!(metrics = %admin, zds = %config.zds_socket.display(), node = %config.node_name, "ztunnel starting");
     let zds = tokio::spawn(inpod::run_zds_client(config.clone(), pods.clone()));
     let roots = config.roots_file.clone().map(|path| {
-        tokio::spawn(follow_trust_bundle(
+        tokio::spawn(trellis_core::tls::follow_roots_file(
             path,
             bundle.clone(),
             config.roots_pem.clone(),
@@ -138,39 +138,4 @@ pub async fn run(
     }
     pods.shutdown(config.drain_timeout).await;
     Ok(())
-}
-
-/// Re-reads the trust bundle file every two seconds; new contents that parse replace the
-/// roots peers are verified against (handshakes from then on use them; open connections
-/// are not affected). During a root rotation the file holds the old and the new roots, then
-/// the new ones only (docs/identity.md). A file that does not parse is logged and ignored.
-async fn follow_trust_bundle(path: std::path::PathBuf, bundle: Arc<TrustBundle>, mut last: String) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        // A small file, read every two seconds: a blocking read costs nothing measurable.
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "cannot read the trust bundle; keeping the current roots");
-                continue;
-            }
-        };
-        if text == last {
-            continue;
-        }
-        match trellis_core::tls::parse_pem_certs(&text, "trust bundle")
-            .map_err(|e| e.to_string())
-            .and_then(|roots| {
-                let n = roots.len();
-                bundle.replace(roots).map(|()| n).map_err(|e| e.to_string())
-            }) {
-            Ok(n) => tracing::info!(file = %path.display(), roots = n, "trust bundle reloaded"),
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "the trust bundle changed but cannot be used; keeping the current roots")
-            }
-        }
-        last = text;
-    }
 }

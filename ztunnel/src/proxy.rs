@@ -166,42 +166,15 @@ fn dialer(netns: Arc<Netns>, mesh: Arc<Mesh>, config: Arc<Config>) -> Dial {
     Arc::new(move |key: PoolKey| {
         let (netns, mesh, config) = (netns.clone(), mesh.clone(), config.clone());
         Box::pin(async move {
-            let cert = mesh.certs.fetch(&key.source).await.map_err(|e| {
-                hbone::HboneError::Dial(format!("no certificate for {}: {e}", key.source))
-            })?;
-            let tls = trellis_core::tls::client_config(
-                &cert,
+            let tcp = connect_in(&netns, key.address, config.connect_timeout);
+            trellis_core::hbone::pool::dial_tls(
+                &mesh.certs,
                 mesh.bundle.clone(),
-                key.destination.clone(),
-            )
-            .map_err(|e| {
-                hbone::HboneError::Dial(format!("TLS configuration for {}: {e}", key.source))
-            })?;
-            let tcp = connect_in(&netns, key.address, config.connect_timeout)
-                .await
-                .map_err(|e| {
-                    hbone::HboneError::Dial(format!(
-                        "connect to {}: {e}; is the HBONE port 15008 reachable?",
-                        key.address
-                    ))
-                })?;
-            let name = rustls::pki_types::ServerName::IpAddress(key.address.ip().into());
-            let tls = tokio::time::timeout(
+                &key,
+                tcp,
                 config.connect_timeout,
-                tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp),
             )
             .await
-            .map_err(|_| hbone::HboneError::Timeout("TLS handshake"))
-            .and_then(|r| {
-                r.map_err(|e| {
-                    hbone::HboneError::Dial(format!(
-                        "TLS handshake with {} expecting {} failed: {e}",
-                        key.address, key.destination
-                    ))
-                })
-            });
-            handshake_done("outbound", tls.is_ok());
-            hbone::Client::handshake(tls?).await
         })
     })
 }

@@ -279,3 +279,59 @@ fn sweep(conns: &Conns, idle: Duration) {
     }
     conns.retain(|_, l| !l.is_empty());
 }
+
+/// Dials one HBONE connection for `key`: TCP from `tcp` (the caller opens it where it must:
+/// a pod's namespace for ztunnel, its own for a waypoint), then TLS 1.3 as `key.source`
+/// expecting `key.destination`, then HTTP/2. Every step's failure names the peer; the
+/// handshake is counted in `trellis_hbone_handshakes_total{direction="outbound"}`.
+pub async fn dial_tls<C, F>(
+    certs: &crate::cert::CertManager<C>,
+    bundle: Arc<crate::tls::TrustBundle>,
+    key: &PoolKey,
+    tcp: F,
+    timeout: Duration,
+) -> Result<Client, HboneError>
+where
+    C: crate::cert::CaClient,
+    F: Future<Output = std::io::Result<tokio::net::TcpStream>>,
+{
+    let cert = certs
+        .fetch(&key.source)
+        .await
+        .map_err(|e| HboneError::Dial(format!("no certificate for {}: {e}", key.source)))?;
+    let tls = crate::tls::client_config(&cert, bundle, key.destination.clone())
+        .map_err(|e| HboneError::Dial(format!("TLS configuration for {}: {e}", key.source)))?;
+    let tcp = tokio::time::timeout(timeout, tcp)
+        .await
+        .map_err(|_| HboneError::Timeout("TCP connect"))
+        .and_then(|r| {
+            r.map_err(|e| {
+                HboneError::Dial(format!(
+                    "connect to {}: {e}; is the HBONE port 15008 reachable?",
+                    key.address
+                ))
+            })
+        })?;
+    let name = rustls::pki_types::ServerName::IpAddress(key.address.ip().into());
+    let tls = tokio::time::timeout(
+        timeout,
+        tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| HboneError::Timeout("TLS handshake"))
+    .and_then(|r| {
+        r.map_err(|e| {
+            HboneError::Dial(format!(
+                "TLS handshake with {} expecting {} failed: {e}",
+                key.address, key.destination
+            ))
+        })
+    });
+    metrics::counter!(
+        "trellis_hbone_handshakes_total",
+        "direction" => "outbound",
+        "result" => if tls.is_ok() { "ok" } else { "error" },
+    )
+    .increment(1);
+    Client::handshake(tls?).await
+}

@@ -1,0 +1,225 @@
+//! Trellis waypoint: the optional L7 proxy of the services bound to it
+//! (`istio.io/use-waypoint`). ztunnels send those services' connections to it over HBONE
+//! (the CONNECT authority is the service VIP and port the client asked for); it routes each
+//! HTTP request by the Gateway API routes of that service port and sends it on over HBONE
+//! to an endpoint's ztunnel, as its own identity (the waypoint's service account). Ports
+//! that are not HTTP are forwarded as TCP.
+//!
+//! Modules: [`routes`] (the compiled route table), [`proxy`] (HBONE in, protocol
+//! detection, the HTTP handler), [`upstream`] (endpoint connections, pooled),
+//! [`telemetry`] (Istio's request metrics, the access log), [`admin`].
+
+pub mod admin;
+pub mod proxy;
+pub mod routes;
+pub mod telemetry;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use trellis_core::SpiffeId;
+use trellis_core::cert::{CertConfig, CertManager, GrpcCaClient, GrpcCaConfig};
+use trellis_core::channel::{ControlPlaneRoots, ControlPlaneTarget};
+use trellis_core::credential::Credential;
+use trellis_core::tls::TrustBundle;
+use trellis_core::xds::{XdsClient, XdsConfig};
+use trellis_proto::type_url::{ADDRESS, WAYPOINT_ROUTE};
+
+/// Errors of start-up.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The control plane (xDS and CA), `https://host:15012`.
+    pub control_plane: String,
+    /// The name in its serving certificate.
+    pub control_plane_name: String,
+    /// The trust bundle as read at start.
+    pub roots_pem: String,
+    /// The trust bundle file (re-read every few seconds: root rotation).
+    pub roots_file: Option<PathBuf>,
+    /// The credential for xDS and the CA (the projected token, or the issued credential).
+    pub credential: Credential,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
+    /// The waypoint `Gateway` (namespace, name); the identity is its service account.
+    pub gateway: (String, String),
+    /// HBONE listener.
+    pub hbone_addr: SocketAddr,
+    /// Admin (config dump): localhost.
+    pub admin_addr: SocketAddr,
+    /// Prometheus metrics.
+    pub metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    pub readiness_addr: SocketAddr,
+    /// Deadline of an upstream connection (TCP, TLS, CONNECT).
+    pub connect_timeout: Duration,
+    /// How long open connections may run on after SIGTERM.
+    pub drain_timeout: Duration,
+    /// How long a client may take to send a request's headers (HTTP/1).
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers) accepted; larger gets 431.
+    pub max_header_bytes: usize,
+    /// How long to wait for a client's first bytes on a port whose protocol is detected.
+    pub sniff_timeout: Duration,
+    /// Lifetime asked of the CA for the waypoint's certificate.
+    pub cert_ttl: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            control_plane: String::new(),
+            control_plane_name: "localhost".into(),
+            roots_pem: String::new(),
+            roots_file: None,
+            credential: String::new().into(),
+            trust_domain: "cluster.local".into(),
+            gateway: ("default".into(), "waypoint".into()),
+            hbone_addr: SocketAddr::from(([0, 0, 0, 0], 15008)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
+            readiness_addr: SocketAddr::from(([0, 0, 0, 0], 15021)),
+            connect_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 60 * 1024,
+            sniff_timeout: Duration::from_secs(1),
+            cert_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What the waypoint knows and holds: the control plane's data, its certificate, the
+/// trust bundle.
+pub struct Mesh {
+    /// Its identity: the Gateway's service account.
+    pub identity: SpiffeId,
+    /// Services, workloads and routes it may read.
+    pub xds: XdsClient,
+    /// Its certificate.
+    pub certs: CertManager<GrpcCaClient>,
+    /// The roots peers are verified with.
+    pub bundle: Arc<TrustBundle>,
+    /// The trust domain.
+    pub trust_domain: String,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("identity", &self.identity.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects to the control plane (lazily; both channels retry on their own).
+pub fn connect_mesh(config: &Config) -> Result<Mesh, BoxError> {
+    let (ns, name) = &config.gateway;
+    let identity = SpiffeId::new(&config.trust_domain, ns, name)
+        .map_err(|e| format!("the waypoint's identity (Gateway {ns}/{name}): {e}"))?;
+    let bundle = Arc::new(TrustBundle::from_pem(
+        &config.trust_domain,
+        &config.roots_pem,
+    )?);
+    let channel = trellis_core::channel::control_plane_channel(&ControlPlaneTarget {
+        endpoint: config.control_plane.clone(),
+        server_name: config.control_plane_name.clone(),
+        roots: ControlPlaneRoots::Bundle(bundle.clone()),
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: None,
+    })?;
+    let xds = XdsClient::start(
+        channel,
+        XdsConfig {
+            node_id: format!("waypoint~{ns}/{name}"),
+            types: vec![ADDRESS.into(), WAYPOINT_ROUTE.into()],
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+            credential: Some(config.credential.clone()),
+        },
+    );
+    let ca = GrpcCaClient::new(&GrpcCaConfig {
+        endpoint: config.control_plane.clone(),
+        roots: ControlPlaneRoots::Bundle(bundle.clone()),
+        server_name: config.control_plane_name.clone(),
+        credential: config.credential.clone(),
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
+    })?;
+    Ok(Mesh {
+        identity,
+        xds,
+        certs: CertManager::new(
+            ca,
+            bundle.clone(),
+            CertConfig {
+                ttl: config.cert_ttl,
+                ..CertConfig::default()
+            },
+        ),
+        bundle,
+        trust_domain: config.trust_domain.clone(),
+    })
+}
+
+/// Runs the waypoint until SIGTERM/SIGINT, then drains: no new connection is accepted,
+/// HTTP/1 responses say `Connection: close`, HTTP/2 and HBONE peers get GOAWAY, and open
+/// requests may finish within the drain timeout.
+pub async fn run(config: Config) -> Result<(), BoxError> {
+    let config = Arc::new(config);
+    let metrics = telemetry::install_metrics()?;
+    let mesh = Arc::new(connect_mesh(&config)?);
+    {
+        // The certificate now, so the first connection does not wait for it.
+        let mesh = mesh.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match mesh.certs.fetch(&mesh.identity).await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::warn!(identity = %mesh.identity, error = %e, "cannot obtain the waypoint's certificate yet");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        });
+    }
+    let roots = config.roots_file.clone().map(|path| {
+        tokio::spawn(trellis_core::tls::follow_roots_file(
+            path,
+            mesh.bundle.clone(),
+            config.roots_pem.clone(),
+        ))
+    });
+    let (drain_tx, draining) = tokio::sync::watch::channel(false);
+    let waypoint = Arc::new(proxy::Waypoint::new(config.clone(), mesh.clone(), draining));
+    let hbone = tokio::net::TcpListener::bind(config.hbone_addr)
+        .await
+        .map_err(|e| format!("{}: {e}", config.hbone_addr))?;
+    let addrs = admin::start(&config, waypoint.clone(), metrics).await?;
+    tracing::info!(
+        identity = %mesh.identity,
+        hbone = %hbone.local_addr()?,
+        admin = %addrs.admin,
+        metrics = %addrs.metrics,
+        readiness = %addrs.readiness,
+        "waypoint starting"
+    );
+    let serving = tokio::spawn(proxy::serve(waypoint.clone(), hbone));
+    trellis_core::shutdown::terminated().await;
+    tracing::info!(drain = ?config.drain_timeout, "shutting down: draining connections");
+    let _ = drain_tx.send(true);
+    serving.abort();
+    waypoint.wait_drained(config.drain_timeout).await;
+    if let Some(r) = roots {
+        r.abort();
+    }
+    Ok(())
+}

@@ -1,0 +1,1165 @@
+//! HBONE in, requests out. Each CONNECT names the service VIP and port the client asked
+//! for; the waypoint serves it only when the control plane gave it a route for that
+//! service port (it sends a waypoint routes only for the services bound to it), and
+//! refuses anything else (404). The port's protocol decides what follows: HTTP/1.1,
+//! HTTP/2 and gRPC are served by hyper and routed request by request; TCP is forwarded to
+//! an endpoint as is; a port of undeclared protocol is detected from the client's first
+//! bytes (an HTTP/1.1 request line or the HTTP/2 preface, within the sniff timeout, else
+//! TCP).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use trellis_core::SpiffeId;
+use trellis_core::hbone::{self, H2Stream};
+use trellis_core::routing::random_u64;
+use trellis_proto::istio::workload::Service;
+
+use crate::routes::{AppProtocol, Filter, HeaderMod, RequestView, Table, rewrite_path};
+use crate::telemetry::RequestRecord;
+use crate::upstream::{Body, Dest, UpstreamError, Upstreams};
+use crate::{BoxError, Config, Mesh};
+
+/// The waypoint's shared state.
+pub struct Waypoint {
+    /// Settings.
+    pub config: Arc<Config>,
+    /// Control-plane data and certificate.
+    pub mesh: Arc<Mesh>,
+    /// Endpoint connections.
+    pub upstreams: Arc<Upstreams>,
+    /// Compiled routes, by name, for one configuration generation.
+    tables: Mutex<(u64, HashMap<String, Arc<Table>>)>,
+    draining: watch::Receiver<bool>,
+    /// Open downstream connections.
+    active: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for Waypoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waypoint")
+            .field("identity", &self.mesh.identity.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Waypoint {
+    /// The waypoint of `mesh`; `draining` turns true at shutdown.
+    pub fn new(config: Arc<Config>, mesh: Arc<Mesh>, draining: watch::Receiver<bool>) -> Waypoint {
+        Waypoint {
+            upstreams: Upstreams::new(mesh.clone(), config.connect_timeout),
+            config,
+            mesh,
+            tables: Mutex::new((u64::MAX, HashMap::new())),
+            draining,
+            active: Arc::default(),
+        }
+    }
+
+    /// The compiled route `name` as of the current configuration (compiled once per
+    /// configuration generation).
+    pub fn table(&self, name: &str) -> Option<Arc<Table>> {
+        let generation = *self.mesh.xds.changes().borrow();
+        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        if tables.0 != generation {
+            *tables = (generation, HashMap::new());
+        }
+        if let Some(t) = tables.1.get(name) {
+            return Some(t.clone());
+        }
+        let table = Arc::new(Table::compile(self.mesh.xds.store().route(name)?));
+        if let Some(e) = &table.error {
+            tracing::error!(route = name, error = %e, "route does not compile: its port answers 500");
+        }
+        tables.1.insert(name.to_string(), table.clone());
+        Some(table)
+    }
+
+    /// Ready: configuration synced and the certificate held.
+    pub fn is_ready(&self) -> bool {
+        self.mesh.xds.is_synced() && self.mesh.certs.identities().contains(&self.mesh.identity)
+    }
+
+    /// Whether the waypoint is shutting down.
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Waits until every downstream connection has closed, at most `timeout`.
+    pub async fn wait_drained(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Counts an open downstream connection while alive.
+struct Active(Arc<AtomicUsize>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Accepts HBONE connections until the task is aborted.
+pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        wp.active.fetch_add(1, Ordering::AcqRel);
+        let active = Active(wp.active.clone());
+        let wp = wp.clone();
+        tokio::spawn(async move {
+            let _active = active;
+            hbone_connection(wp, tcp, peer).await;
+        });
+    }
+}
+
+async fn hbone_connection(wp: Arc<Waypoint>, tcp: TcpStream, peer: SocketAddr) {
+    let cert = match wp.mesh.certs.fetch(&wp.mesh.identity).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "no certificate yet; closing the HBONE connection");
+            return;
+        }
+    };
+    let Ok(cfg) = trellis_core::tls::server_config(&cert, wp.mesh.bundle.clone()) else {
+        return;
+    };
+    let tls = match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg)).accept(tcp),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "HBONE TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "HBONE TLS handshake timed out");
+            return;
+        }
+    };
+    let Ok(source) = trellis_core::tls::peer_identity(tls.get_ref().1) else {
+        return;
+    };
+    let mut draining = wp.draining.clone();
+    let drain = async move {
+        let _ = draining.wait_for(|d| *d).await;
+    };
+    let handler = wp.clone();
+    let result = hbone::serve_until(
+        tls,
+        move |inc| {
+            let wp = handler.clone();
+            let source = source.clone();
+            async move { on_connect(wp, source, peer, inc).await }
+        },
+        drain,
+    )
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "HBONE connection ended");
+    }
+}
+
+/// One tunnelled connection, as the handlers see it.
+struct Downstream {
+    peer: SocketAddr,
+    source: SpiffeId,
+    target: SocketAddr,
+    route: String,
+    service: Service,
+}
+
+async fn on_connect(wp: Arc<Waypoint>, source: SpiffeId, peer: SocketAddr, inc: hbone::Incoming) {
+    let target = inc.target;
+    let resolved = {
+        let store = wp.mesh.xds.store();
+        store.service_by_vip(target.ip()).and_then(|svc| {
+            let name = format!("{}/{}:{}", svc.namespace, svc.hostname, target.port());
+            store.route(&name).map(|_| (name, svc.clone()))
+        })
+    };
+    let Some((route, service)) = resolved else {
+        tracing::info!(%peer, %target, source = %source, "refusing a CONNECT for what this waypoint does not serve (404)");
+        inc.refuse(StatusCode::NOT_FOUND);
+        return;
+    };
+    let Some(table) = wp.table(&route) else {
+        inc.refuse(StatusCode::NOT_FOUND);
+        return;
+    };
+    let mut tunnel = match inc.accept() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "cannot answer the CONNECT");
+            return;
+        }
+    };
+    let down = Arc::new(Downstream {
+        peer,
+        source,
+        target,
+        route,
+        service,
+    });
+    match table.protocol {
+        AppProtocol::Tcp => tcp_forward(wp, down, Prefixed::new(Bytes::new(), tunnel)).await,
+        AppProtocol::Http1 | AppProtocol::Http2 | AppProtocol::Grpc => {
+            serve_http(wp, down, Prefixed::new(Bytes::new(), tunnel)).await;
+        }
+        AppProtocol::Unspecified => match sniff(&mut tunnel, wp.config.sniff_timeout).await {
+            Ok((true, seen)) => serve_http(wp, down, Prefixed::new(seen, tunnel)).await,
+            Ok((false, seen)) => tcp_forward(wp, down, Prefixed::new(seen, tunnel)).await,
+            Err(e) => tracing::debug!(%peer, error = %e, "client went away before speaking"),
+        },
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const METHODS: &[&[u8]] = &[
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"CONNECT ",
+    b"OPTIONS ",
+    b"TRACE ",
+    b"PATCH ",
+];
+
+/// HTTP (`Some(true)`), not HTTP (`Some(false)`), or not known yet from `b`.
+fn classify(b: &[u8]) -> Option<bool> {
+    if b.is_empty() {
+        return None;
+    }
+    let mut undecided = false;
+    for token in std::iter::once(H2_PREFACE).chain(METHODS.iter().copied()) {
+        if b.starts_with(token) {
+            return Some(true);
+        }
+        if token.starts_with(b) {
+            undecided = true;
+        }
+    }
+    if undecided { None } else { Some(false) }
+}
+
+/// Reads the client's first bytes until they show whether it speaks HTTP, at most
+/// `timeout` (a client that says nothing — a server-first protocol — is TCP).
+async fn sniff(tunnel: &mut H2Stream, timeout: Duration) -> io::Result<(bool, Bytes)> {
+    let mut buf = BytesMut::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(http) = classify(&buf) {
+            return Ok((http, buf.freeze()));
+        }
+        match tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| tunnel.poll_chunk(cx)))
+            .await
+        {
+            Err(_) | Ok(Ok(None)) => return Ok((false, buf.freeze())),
+            Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk),
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+/// A stream with bytes already read put back in front.
+pub struct Prefixed<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    /// `inner`, read after `prefix`.
+    pub fn new(prefix: Bytes, inner: T) -> Prefixed<T> {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Forwards a non-HTTP connection to an endpoint of the service, bytes as they are.
+async fn tcp_forward<T: AsyncRead + AsyncWrite + Unpin>(
+    wp: Arc<Waypoint>,
+    down: Arc<Downstream>,
+    mut io: T,
+) {
+    let start = Instant::now();
+    let key = format!("{}/{}", down.service.namespace, down.service.hostname);
+    let result = async {
+        let dest = wp
+            .upstreams
+            .choose(&key, down.target.port(), random_u64())
+            .map_err(|e| e.to_string())?;
+        let _load = wp.upstreams.loads.hold(dest.target().ip());
+        let mut up = wp.upstreams.open(&dest).await.map_err(|e| e.to_string())?;
+        let copied = tokio::io::copy_bidirectional(&mut io, up.inner_mut())
+            .await
+            .map_err(|e| format!("reset: {e}"))?;
+        Ok::<_, String>((dest, copied))
+    }
+    .await;
+    let (upstream, sent, received, outcome) = match &result {
+        Ok((dest, (a, b))) => (dest.target().to_string(), *a, *b, "ok".to_string()),
+        Err(e) => ("-".to_string(), 0, 0, e.clone()),
+    };
+    tracing::info!(
+        target: "access",
+        src = %down.peer,
+        peer_identity = %down.source,
+        service = %down.service.hostname,
+        port = down.target.port(),
+        protocol = "tcp",
+        upstream = %upstream,
+        bytes_received = sent,
+        bytes_sent = received,
+        duration_ms = start.elapsed().as_millis() as u64,
+        result = %outcome,
+        "connection complete"
+    );
+}
+
+async fn serve_http<T>(wp: Arc<Waypoint>, down: Arc<Downstream>, io: T)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = {
+        let (wp, down) = (wp.clone(), down.clone());
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (wp, down) = (wp.clone(), down.clone());
+            async move { Ok::<_, Infallible>(handle(wp, down, req).await) }
+        })
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(wp.config.header_read_timeout)
+        .max_buf_size(wp.config.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(wp.config.max_header_bytes).unwrap_or(u32::MAX));
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut draining = wp.draining.clone();
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = async { let _ = draining.wait_for(|d| *d).await; } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::info!(peer = %down.peer, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Headers of one hop only, never forwarded.
+const HOP_BY_HOP: &[HeaderName] = &[
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for h in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(h);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn local(status: StatusCode, text: &str) -> Response<Body> {
+    let body = http_body_util::Full::new(Bytes::from(format!("{text}\n")))
+        .map_err(|e: Infallible| -> BoxError { match e {} })
+        .boxed_unsync();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+fn head_size(headers: &HeaderMap) -> u64 {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+        .sum()
+}
+
+async fn handle(
+    wp: Arc<Waypoint>,
+    down: Arc<Downstream>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let start = Instant::now();
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let downstream_h1 = req.version() != Version::HTTP_2;
+    let request_bytes = Arc::new(AtomicU64::new(head_size(req.headers())));
+    let mut rec = RequestRecord {
+        src: Some(down.peer),
+        source: Some(down.source.clone()),
+        service: Some(down.service.clone()),
+        method: req.method().to_string(),
+        authority: authority.clone(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+        protocol: if downstream_h1 { "HTTP/1.1" } else { "HTTP/2" },
+        grpc,
+        flags: "-",
+        rule: "default".into(),
+        ..RequestRecord::default()
+    };
+    {
+        let store = wp.mesh.xds.store();
+        rec.source_workload = store.workload_by_ip(down.peer.ip()).cloned();
+    }
+    let mut load = None;
+    let response = route(
+        &wp,
+        &down,
+        req,
+        &authority,
+        &mut rec,
+        &request_bytes,
+        &mut load,
+    )
+    .await
+    .unwrap_or_else(|e| e);
+    let (mut parts, body) = response.into_parts();
+    if downstream_h1 {
+        strip_hop_by_hop(&mut parts.headers);
+        if wp.is_draining() {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+    rec.status = parts.status.as_u16();
+    rec.grpc_status = parts
+        .headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let head = head_size(&parts.headers);
+    let body = Measured {
+        inner: body,
+        rec: Some(rec),
+        start,
+        sent: head,
+        request_bytes,
+        ended: false,
+        _load: load,
+    };
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// Routes one request; an `Err` is a response made here (an error, a redirect).
+async fn route(
+    wp: &Arc<Waypoint>,
+    down: &Arc<Downstream>,
+    req: Request<Incoming>,
+    authority: &str,
+    rec: &mut RequestRecord,
+    request_bytes: &Arc<AtomicU64>,
+    load: &mut Option<trellis_core::routing::LoadGuard>,
+) -> Result<Response<Body>, Response<Body>> {
+    let table = wp.table(&down.route).ok_or_else(|| {
+        rec.flags = "NR";
+        local(StatusCode::NOT_FOUND, "no route")
+    })?;
+    if let Some(e) = &table.error {
+        rec.flags = "NR";
+        rec.error = Some(e.clone());
+        return Err(local(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the route of this port is invalid",
+        ));
+    }
+    let (mut parts, body) = req.into_parts();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+    let (path, query) = match pq.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (pq.clone(), None),
+    };
+    let found = table.find(&RequestView {
+        method: &parts.method,
+        path: &path,
+        query: query.as_deref(),
+        headers: &parts.headers,
+    });
+    let random = random_u64();
+    let mut response_mods: Vec<&HeaderMod> = Vec::new();
+    let mut mirrors: Vec<&(String, u16)> = Vec::new();
+    let mut host = authority.to_string();
+    let mut new_path: Option<String> = None;
+    let (target, request_timeout, backend_timeout) = match found {
+        None => ((table.service.clone(), table.port), None, None),
+        Some((rule, prefix)) => {
+            rec.rule = rule.name.clone();
+            // Rule filters first (a redirect answers here); the backend's after the pick.
+            for f in &rule.filters {
+                match f {
+                    Filter::RequestHeaders(m) => m.apply(&mut parts.headers),
+                    Filter::ResponseHeaders(m) => response_mods.push(m),
+                    Filter::Redirect {
+                        scheme,
+                        hostname,
+                        port,
+                        path: pm,
+                        status,
+                    } => {
+                        let location = redirect_location(
+                            &host,
+                            down.target.port(),
+                            &path,
+                            query.as_deref(),
+                            prefix,
+                            scheme,
+                            hostname,
+                            *port,
+                            pm.as_ref(),
+                        );
+                        let mut resp = local(
+                            StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND),
+                            "",
+                        );
+                        if let Ok(v) = HeaderValue::from_str(&location) {
+                            resp.headers_mut().insert(header::LOCATION, v);
+                        }
+                        for m in &response_mods {
+                            m.apply(resp.headers_mut());
+                        }
+                        return Err(resp);
+                    }
+                    Filter::Rewrite { hostname, path: pm } => {
+                        if let Some(h) = hostname {
+                            host.clone_from(h);
+                        }
+                        if let Some(pm) = pm {
+                            new_path = Some(rewrite_path(&path, prefix, pm));
+                        }
+                    }
+                    Filter::Mirror { target, percent } => {
+                        if let Some(t) = target
+                            && ((random >> 16) % 10_000) as f64 / 100.0 < *percent
+                        {
+                            mirrors.push(t);
+                        }
+                    }
+                }
+            }
+            let Some(backend) = rule.pick(random) else {
+                rec.error = Some("no backend with a weight".into());
+                return Err(local(StatusCode::INTERNAL_SERVER_ERROR, "no backend"));
+            };
+            let Some(target) = backend.target.clone() else {
+                rec.error = Some("the backend does not resolve".into());
+                return Err(local(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "backend not resolved",
+                ));
+            };
+            for f in &backend.filters {
+                match f {
+                    Filter::RequestHeaders(m) => m.apply(&mut parts.headers),
+                    Filter::ResponseHeaders(m) => response_mods.push(m),
+                    Filter::Rewrite { hostname, path: pm } => {
+                        if let Some(h) = hostname {
+                            host.clone_from(h);
+                        }
+                        if let Some(pm) = pm {
+                            new_path = Some(rewrite_path(&path, prefix, pm));
+                        }
+                    }
+                    Filter::Mirror { target, percent } => {
+                        if let Some(t) = target
+                            && ((random >> 16) % 10_000) as f64 / 100.0 < *percent
+                        {
+                            mirrors.push(t);
+                        }
+                    }
+                    // Redirects belong to rules.
+                    Filter::Redirect { .. } => {}
+                }
+            }
+            (target, rule.request_timeout, rule.backend_timeout)
+        }
+    };
+    let dest = wp
+        .upstreams
+        .choose(&target.0, target.1, random)
+        .map_err(|e| {
+            rec.flags = e.flag();
+            rec.error = Some(e.to_string());
+            local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
+        })?;
+    rec.upstream = Some(dest.target());
+    if let Dest::Hbone { identity, .. } = &dest {
+        rec.destination = Some(identity.clone());
+    }
+    {
+        let store = wp.mesh.xds.store();
+        rec.destination_workload = store.workload_by_ip(dest.target().ip()).cloned();
+        // The service the request went to (a route may send it to another).
+        if target.0 != format!("{}/{}", down.service.namespace, down.service.hostname)
+            && let Some(s) = store.service(&target.0)
+        {
+            rec.service = Some(s.clone());
+        }
+    }
+    *load = Some(wp.upstreams.loads.hold(dest.target().ip()));
+
+    // The request as it goes upstream.
+    let h2 = match table.protocol {
+        AppProtocol::Http2 | AppProtocol::Grpc => true,
+        AppProtocol::Http1 => false,
+        _ => parts.version == Version::HTTP_2,
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key("x-request-id") {
+        let id = format!("{:016x}{:016x}", random_u64(), random_u64());
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            parts.headers.insert("x-request-id", v);
+        }
+    }
+    if !parts.headers.contains_key("traceparent") {
+        let tp = format!(
+            "00-{:016x}{:016x}-{:016x}-00",
+            random_u64(),
+            random_u64(),
+            random_u64()
+        );
+        if let Ok(v) = HeaderValue::from_str(&tp) {
+            parts.headers.insert("traceparent", v);
+        }
+    }
+    let pq_out = match &new_path {
+        Some(p) => match &query {
+            Some(q) => format!("{p}?{q}"),
+            None => p.clone(),
+        },
+        None => pq.clone(),
+    };
+    let uri = if h2 {
+        Uri::builder()
+            .scheme("http")
+            .authority(host.as_str())
+            .path_and_query(pq_out.as_str())
+            .build()
+    } else {
+        Uri::builder().path_and_query(pq_out.as_str()).build()
+    };
+    parts.uri = uri.map_err(|e| {
+        local(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid request target: {e}"),
+        )
+    })?;
+    if h2 {
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(header::HOST);
+    } else {
+        parts.version = Version::HTTP_11;
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    // The body streams; mirrors get a copy as it passes.
+    let counted = Counted {
+        inner: body,
+        count: request_bytes.clone(),
+    };
+    let mut mirror_txs = Vec::new();
+    for m in mirrors {
+        match wp.upstreams.choose(&m.0, m.1, random_u64()) {
+            Ok(mdest) => {
+                let (tx, rx) = mpsc::channel(64);
+                let aborted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let mut mparts = Request::new(()).into_parts().0;
+                mparts.method = parts.method.clone();
+                mparts.uri = parts.uri.clone();
+                mparts.version = parts.version;
+                mparts.headers = parts.headers.clone();
+                let body = ChannelBody {
+                    rx,
+                    aborted: aborted.clone(),
+                }
+                .boxed_unsync();
+                let up = wp.upstreams.clone();
+                tokio::spawn(async move {
+                    let req = Request::from_parts(mparts, body);
+                    match up.send(&mdest, h2, req).await {
+                        Ok(resp) => {
+                            let _ = resp.into_body().collect().await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "mirror request failed"),
+                    }
+                });
+                mirror_txs.push((tx, aborted));
+            }
+            Err(e) => tracing::debug!(mirror = %m.0, error = %e, "mirror has no endpoint"),
+        }
+    }
+    let body: Body = if mirror_txs.is_empty() {
+        counted.boxed_unsync()
+    } else {
+        Tee {
+            inner: counted.boxed_unsync(),
+            mirrors: mirror_txs,
+        }
+        .boxed_unsync()
+    };
+    let up_req = Request::from_parts(parts, body);
+    let deadline = match (request_timeout, backend_timeout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let send = wp.upstreams.send(&dest, h2, up_req);
+    let result = match deadline {
+        Some(d) => match tokio::time::timeout(d, send).await {
+            Ok(r) => r,
+            Err(_) => {
+                rec.flags = "UT";
+                rec.error = Some(format!("no response within {d:?}"));
+                return Err(local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout",
+                ));
+            }
+        },
+        None => send.await,
+    };
+    let resp = result.map_err(|e: UpstreamError| {
+        rec.flags = e.flag();
+        rec.error = Some(e.to_string());
+        local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream connect error or disconnect/reset before headers",
+        )
+    })?;
+    let (mut rparts, rbody) = resp.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    for m in &response_mods {
+        m.apply(&mut rparts.headers);
+    }
+    Ok(Response::from_parts(
+        rparts,
+        rbody
+            .map_err(|e| -> BoxError { Box::new(e) })
+            .boxed_unsync(),
+    ))
+}
+
+/// The `Location` of a redirect (Gateway API `RequestRedirect`): each part from the filter,
+/// else from the request; the port is left out when it is the scheme's default.
+#[allow(clippy::too_many_arguments)]
+fn redirect_location(
+    host: &str,
+    listener_port: u16,
+    path: &str,
+    query: Option<&str>,
+    prefix: &str,
+    scheme: &Option<String>,
+    hostname: &Option<String>,
+    port: Option<u16>,
+    pm: Option<&crate::routes::PathMod>,
+) -> String {
+    let scheme_out = scheme.clone().unwrap_or_else(|| "http".into());
+    let (req_host, req_port) = match host.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+            Ok(p) => (h.to_string(), Some(p)),
+            Err(_) => (host.to_string(), None),
+        },
+        _ => (host.to_string(), None),
+    };
+    let host_out = hostname.clone().unwrap_or(req_host);
+    let port_out = port.or(if scheme.is_some() {
+        None
+    } else {
+        req_port.or(Some(listener_port))
+    });
+    let default = if scheme_out == "https" { 443 } else { 80 };
+    let port_part = match port_out {
+        Some(p) if p != default => format!(":{p}"),
+        _ => String::new(),
+    };
+    let path_out = pm.map_or_else(|| path.to_string(), |m| rewrite_path(path, prefix, m));
+    let query_part = query.map(|q| format!("?{q}")).unwrap_or_default();
+    format!("{scheme_out}://{host_out}{port_part}{path_out}{query_part}")
+}
+
+/// The request body, counting what passes.
+struct Counted {
+    inner: Incoming,
+    count: Arc<AtomicU64>,
+}
+
+impl HttpBody for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+type MirrorTx = (
+    mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+    Arc<std::sync::atomic::AtomicBool>,
+);
+
+/// Passes a body on and copies each frame to mirrors; a mirror that cannot keep up is cut
+/// off (its request aborted), never waited for.
+struct Tee {
+    inner: Body,
+    mirrors: Vec<MirrorTx>,
+}
+
+impl HttpBody for Tee {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                let copy = if let Some(d) = f.data_ref() {
+                    Some(Frame::data(d.clone()))
+                } else {
+                    f.trailers_ref().map(|t| Frame::trailers(t.clone()))
+                };
+                if let Some(copy) = copy {
+                    self.mirrors.retain(|(tx, aborted)| {
+                        let kept = tx.try_send(Ok(copy_frame(&copy))).is_ok();
+                        if !kept {
+                            aborted.store(true, Ordering::Release);
+                        }
+                        kept
+                    });
+                }
+            }
+            Some(Err(_)) => {
+                for (_, aborted) in &self.mirrors {
+                    aborted.store(true, Ordering::Release);
+                }
+                self.mirrors.clear();
+            }
+            None => self.mirrors.clear(),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn copy_frame(f: &Frame<Bytes>) -> Frame<Bytes> {
+    if let Some(d) = f.data_ref() {
+        Frame::data(d.clone())
+    } else if let Some(t) = f.trailers_ref() {
+        Frame::trailers(t.clone())
+    } else {
+        Frame::data(Bytes::new())
+    }
+}
+
+/// A mirror's request body, fed by [`Tee`].
+struct ChannelBody {
+    rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+    aborted: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HttpBody for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match ready!(self.rx.poll_recv(cx)) {
+            Some(f) => Poll::Ready(Some(f)),
+            None if self.aborted.load(Ordering::Acquire) => Poll::Ready(Some(Err(
+                "the mirror fell behind; its copy was cut off".into(),
+            ))),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+/// The response body on its way to the client: counts bytes, notes `grpc-status` in the
+/// trailers, and records the request when it ends (or the client goes away: `DC`).
+struct Measured {
+    inner: Body,
+    rec: Option<RequestRecord>,
+    start: Instant,
+    sent: u64,
+    request_bytes: Arc<AtomicU64>,
+    ended: bool,
+    _load: Option<trellis_core::routing::LoadGuard>,
+}
+
+impl HttpBody for Measured {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    self.sent += d.len() as u64;
+                } else if let Some(t) = f.trailers_ref() {
+                    let status = t
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    let size = head_size(t);
+                    self.sent += size;
+                    if let (Some(s), Some(rec)) = (status, self.rec.as_mut()) {
+                        rec.grpc_status = Some(s);
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                let e = e.to_string();
+                if let Some(rec) = self.rec.as_mut() {
+                    if rec.flags == "-" {
+                        rec.flags = "UPE";
+                    }
+                    rec.error = Some(e);
+                }
+                self.ended = true;
+            }
+            None => self.ended = true,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Measured {
+    fn drop(&mut self) {
+        let Some(mut rec) = self.rec.take() else {
+            return;
+        };
+        if !self.ended && !self.inner.is_end_stream() && rec.flags == "-" {
+            rec.flags = "DC";
+        }
+        rec.duration = self.start.elapsed();
+        rec.response_bytes = self.sent;
+        rec.request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        rec.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_is_told_from_other_protocols_by_its_first_bytes() {
+        assert_eq!(classify(b""), None);
+        assert_eq!(classify(b"P"), None, "PRI, POST, PUT, PATCH");
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(true));
+        assert_eq!(classify(b"POST "), Some(true));
+        assert_eq!(classify(H2_PREFACE), Some(true));
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), None);
+        assert_eq!(classify(b"\x16\x03\x01"), Some(false), "a TLS ClientHello");
+        assert_eq!(classify(b"GETX"), Some(false));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TE, "trailers, deflate".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none());
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn redirects_keep_what_the_filter_does_not_change() {
+        let loc = redirect_location(
+            "web.shop:8080",
+            80,
+            "/a/b",
+            Some("q=1"),
+            "/a",
+            &None,
+            &Some("example.com".into()),
+            None,
+            None,
+        );
+        assert_eq!(loc, "http://example.com:8080/a/b?q=1");
+        let loc = redirect_location(
+            "web.shop",
+            80,
+            "/a",
+            None,
+            "",
+            &Some("https".into()),
+            &None,
+            None,
+            None,
+        );
+        assert_eq!(loc, "https://web.shop/a");
+        let full = crate::routes::PathMod::Full("/new".into());
+        let loc = redirect_location(
+            "web",
+            8000,
+            "/old",
+            None,
+            "",
+            &None,
+            &None,
+            None,
+            Some(&full),
+        );
+        assert_eq!(loc, "http://web:8000/new");
+    }
+}
