@@ -388,6 +388,97 @@ impl Mesh {
         Ok(&mut self.nodes[i].ztunnel)
     }
 
+    /// Deploys waypoint `ns/name` as the controller would on Kubernetes: its `Gateway`
+    /// (class `istio-waypoint`), its Service (VIP `vip`, port `mesh` 15008, selecting the
+    /// waypoint's pods) and one pod on `node` labelled as the Gateway's and outside the
+    /// mesh's capture (`istio.io/dataplane-mode: none`), running `trellis-waypoint` as the
+    /// Gateway's service account with a waypoint credential. Returns once the waypoint is
+    /// ready (configuration synced, certificate held).
+    pub fn start_waypoint(
+        &self,
+        c: &Cluster,
+        node: &Node,
+        ns: &str,
+        name: &str,
+        vip: &str,
+    ) -> Result<(Pod, Proc)> {
+        self.apply(
+            &format!("waypoint-{ns}-{name}.yaml"),
+            &format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}, labels: {{gateway.networking.k8s.io/gateway-name: {name}}}}}\nspec:\n  clusterIP: {vip}\n  selector: {{gateway.networking.k8s.io/gateway-name: {name}}}\n  ports: [{{name: mesh, port: 15008}}]\n"
+            ),
+        )?;
+        let pod = c.add_pod(
+            node,
+            ns,
+            &format!("{name}-0"),
+            name,
+            &[
+                ("gateway.networking.k8s.io/gateway-name", name),
+                ("istio.io/dataplane-mode", "none"),
+            ],
+        )?;
+        self.register_pod(c, &pod)?;
+        let proc = self.spawn_waypoint(c, &pod, ns, name, &[])?;
+        Ok((pod, proc))
+    }
+
+    /// Starts `trellis-waypoint` for Gateway `ns/name` in `pod` (again, after a stop) with
+    /// `extra` flags, and waits until it is ready.
+    pub fn spawn_waypoint(
+        &self,
+        c: &Cluster,
+        pod: &Pod,
+        ns: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> Result<Proc> {
+        let n1 = &c.nodes()[0];
+        let credential = self.cp_dir.join(format!("waypoint-{ns}-{name}.credential"));
+        let identity = format!("spiffe://cluster.local/ns/{ns}/sa/{name}");
+        std::fs::write(&credential, self.waypoint_credential(&identity)?)?;
+        let mut cmd = Command::new(workspace_bin("trellis-waypoint")?);
+        cmd.args([
+            "--control-plane",
+            &format!("https://{}:{CP_PORT}", n1.underlay_ip()),
+            "--control-plane-name",
+            &n1.underlay_ip().to_string(),
+            "--gateway",
+            &format!("{ns}/{name}"),
+            "--log-format",
+            "json",
+        ])
+        .arg("--ca-roots")
+        .arg(self.roots_file())
+        .arg("--credential-file")
+        .arg(&credential)
+        .args(extra)
+        .env("RUST_LOG", "info");
+        let p = c.spawn(pod, &format!("waypoint-{name}"), cmd)?;
+        let url = format!("http://{}:15021/healthz/ready", pod.ip);
+        wait_until(
+            &format!("waypoint {ns}/{name} to be ready"),
+            Duration::from_secs(20),
+            || {
+                let mut curl = Command::new("curl");
+                curl.args(["-sf", &url]);
+                Ok(c.run(pod, "waypoint-ready", curl).is_ok())
+            },
+        )?;
+        Ok(p)
+    }
+
+    /// The waypoint's config dump (from inside its pod: the admin port is on localhost).
+    pub fn waypoint_config(&self, c: &Cluster, pod: &Pod) -> Result<Value> {
+        let mut curl = Command::new("curl");
+        curl.args(["-sf", "http://127.0.0.1:15000/config_dump"]);
+        Ok(serde_json::from_str(&c.run(
+            pod,
+            "waypoint-config",
+            curl,
+        )?)?)
+    }
+
     /// Writes a manifest file into the control plane's config directory (replacing it).
     pub fn apply(&self, file: &str, yaml: &str) -> Result<()> {
         write_manifest(&self.config_dir, file, yaml)

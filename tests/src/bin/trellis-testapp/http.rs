@@ -144,6 +144,8 @@ pub(crate) async fn client(opts: ClientOptions) -> Result<()> {
     }
     let mut latencies = Vec::with_capacity(opts.requests);
     let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+    // Which server pod answered, per response (the body's `pod`, when it has one).
+    let mut pods: BTreeMap<String, usize> = BTreeMap::new();
     let mut last_body = Value::Null;
     for _ in 0..opts.requests {
         let mut builder = Request::builder().method(opts.method.clone());
@@ -178,6 +180,9 @@ pub(crate) async fn client(opts: ClientOptions) -> Result<()> {
         *statuses.entry(status).or_default() += 1;
         last_body = serde_json::from_slice(&body)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        if let Some(pod) = last_body.get("pod").and_then(Value::as_str) {
+            *pods.entry(pod.to_string()).or_default() += 1;
+        }
     }
     latencies.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -193,6 +198,7 @@ pub(crate) async fn client(opts: ClientOptions) -> Result<()> {
             "requests": latencies.len(),
             "local": local.to_string(),
             "statuses": statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "pods": pods.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "latency_ms": {"min": ms(latencies[0]), "p50": pct(0.5), "p90": pct(0.9),
                            "p99": pct(0.99), "max": ms(latencies[latencies.len() - 1]), "mean": mean},
             "last_body": last_body,
