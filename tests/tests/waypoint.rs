@@ -74,9 +74,12 @@ spec:
 /// services above, and the waypoint on node1. Returns the pods and processes to keep.
 struct Shop {
     client: Pod,
-    v1: Pod,
     waypoint: Pod,
-    _procs: Vec<Proc>,
+    /// The servers of web-v1 and web-v2.
+    s1: Proc,
+    s2: Proc,
+    /// The waypoint process.
+    wp: Proc,
 }
 
 fn shop(c: &Cluster, mesh: &Mesh) -> Result<Shop> {
@@ -107,9 +110,10 @@ fn shop(c: &Cluster, mesh: &Mesh) -> Result<Shop> {
     mesh.apply("services.yaml", SERVICES)?;
     Ok(Shop {
         client,
-        v1,
         waypoint,
-        _procs: vec![s1, s2, wp],
+        s1,
+        s2,
+        wp,
     })
 }
 
@@ -288,7 +292,215 @@ spec:
             .is_some(),
             "no request duration histogram"
         );
-        let _ = shop.v1;
+        Ok(())
+    });
+}
+
+#[test]
+fn route_filters_timeouts_and_broken_backends_behave_as_the_gateway_api_says() {
+    with_cluster("waypoint_filters", 2, |c| {
+        let mesh = Mesh::start(c)?;
+        let shop = shop(c, &mesh)?;
+        mesh.apply(
+            "route.yaml",
+            r#"apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: shop}
+spec:
+  clusterIP: 10.96.0.13
+  selector: {app: nothing}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+    - matches: [{path: {type: Exact, value: /go-away}}]
+      filters:
+        - {type: RequestRedirect, requestRedirect: {hostname: example.com, statusCode: 301}}
+    - matches: [{path: {type: PathPrefix, value: /old}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {set: [{name: x-added, value: "yes"}], remove: [x-drop]}
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {add: [{name: x-resp, value: "1"}]}
+      backendRefs: [{name: web-v1, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /delay}}]
+      timeouts: {request: 500ms}
+      backendRefs: [{name: web-v1, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /empty}}]
+      backendRefs: [{name: empty, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /missing}}]
+      backendRefs: [{name: no-such-service, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /mirror}}]
+      filters:
+        - type: RequestMirror
+          requestMirror: {backendRef: {name: web-v2, port: 80}}
+      backendRefs: [{name: web-v1, port: 80}]
+"#,
+        )?;
+        wait_route(
+            &mesh,
+            c,
+            &shop.waypoint,
+            "shop/web.shop.svc.cluster.local:80",
+            6,
+        )?;
+        let get = |path: &str, extra: &[&str]| {
+            http(
+                c,
+                &shop.client,
+                &format!("http://10.96.0.10{path}"),
+                1,
+                extra,
+            )
+        };
+
+        let r = get("/go-away?x=1", &[])?;
+        ensure!(count(&r, "statuses", "301") == 1, "redirect: {r}");
+        ensure!(
+            r["last_headers"]["location"] == "http://example.com/go-away?x=1",
+            "redirect location: {r}"
+        );
+
+        let r = get(
+            "/old/thing",
+            &["--header", "x-drop: 1", "--expect-status", "200"],
+        )?;
+        let body = &r["last_body"];
+        ensure!(
+            body["pod"] == "web-v1" && body["path"] == "/new/thing",
+            "rewrite: {r}"
+        );
+        ensure!(body["headers"]["x-added"] == "yes", "set header: {r}");
+        ensure!(
+            body["headers"].get("x-drop").is_none(),
+            "removed header arrived: {r}"
+        );
+        ensure!(r["last_headers"]["x-resp"] == "1", "response header: {r}");
+
+        let r = get("/delay/10", &["--expect-status", "200"])?;
+        ensure!(r["last_body"]["pod"] == "web-v1", "{r}");
+        let r = get("/delay/3000", &[])?;
+        ensure!(
+            count(&r, "statuses", "504") == 1,
+            "a slow backend is cut at 500 ms: {r}"
+        );
+        let took = r["latency_ms"]["max"].as_f64().unwrap_or(0.0);
+        ensure!(
+            (400.0..2500.0).contains(&took),
+            "the 504 came after {took} ms"
+        );
+
+        let r = get("/empty", &[])?;
+        ensure!(count(&r, "statuses", "503") == 1, "no endpoint → 503: {r}");
+        let r = get("/missing", &[])?;
+        ensure!(
+            count(&r, "statuses", "500") == 1,
+            "unresolved backend → 500: {r}"
+        );
+
+        let r = get("/mirror/copy-me", &["--expect-status", "200"])?;
+        ensure!(
+            r["last_body"]["pod"] == "web-v1",
+            "the mirror's answer is not the response: {r}"
+        );
+        eventually(
+            "the mirror to reach web-v2",
+            Duration::from_secs(10),
+            || Ok(shop.s2.output().contains("request GET /mirror/copy-me")),
+        )?;
+        ensure!(
+            shop.s1.output().contains("request GET /mirror/copy-me"),
+            "web-v1 got no request"
+        );
+
+        // Response flags in the metrics: UT for the timeout, UH for no healthy upstream.
+        let text = waypoint_metrics(c, &shop.waypoint)?;
+        for (code, flag) in [("504", "UT"), ("503", "UH")] {
+            ensure!(
+                series(
+                    &text,
+                    "istio_requests_total",
+                    &[
+                        &format!("response_code=\"{code}\""),
+                        &format!("response_flags=\"{flag}\"")
+                    ],
+                )
+                .is_some(),
+                "no {code}/{flag} series"
+            );
+        }
+        let _ = &shop.wp;
+        Ok(())
+    });
+}
+
+#[test]
+fn a_tcp_port_is_forwarded_and_a_stopped_waypoint_is_never_bypassed() {
+    with_cluster("waypoint_tcp", 2, |c| {
+        let mut mesh = Mesh::start(c)?;
+        let mut shop = shop(c, &mesh)?;
+        wait_route(
+            &mesh,
+            c,
+            &shop.waypoint,
+            "shop/web.shop.svc.cluster.local:9000",
+            0,
+        )?;
+        // The tcp-echo port goes through the waypoint as TCP.
+        let mut cmd = testapp();
+        cmd.args(["tcp", "10.96.0.10:9000", "--bytes", "200000"]);
+        let out: Value = serde_json::from_str(c.run(&shop.client, "echo", cmd)?.trim())?;
+        ensure!(out["intact"] == true, "TCP through the waypoint: {out}");
+        eventually(
+            "the waypoint to log the TCP connection",
+            Duration::from_secs(10),
+            || {
+                Ok(shop
+                    .wp
+                    .output()
+                    .lines()
+                    .any(|l| l.contains("\"protocol\":\"tcp\"") && l.contains("\"result\":\"ok\"")))
+            },
+        )?;
+
+        // The waypoint stops: ztunnel refuses the service rather than go around it.
+        shop.wp.stop(Duration::from_secs(5))?;
+        let mut cmd = testapp();
+        cmd.args(["http", "http://10.96.0.10/", "--timeout", "5"]);
+        let refused = c.run(&shop.client, "http-down", cmd);
+        ensure!(
+            refused.is_err(),
+            "a request reached web with its waypoint stopped: {refused:?}"
+        );
+        for s in [&shop.s1, &shop.s2] {
+            ensure!(
+                !s.output().contains("request GET / from"),
+                "web was reached around the waypoint"
+            );
+        }
+        // Back: served again.
+        shop.wp = mesh.spawn_waypoint(c, &shop.waypoint, "shop", "waypoint", &[])?;
+        eventually(
+            "web to be served through the waypoint again",
+            Duration::from_secs(20),
+            || {
+                Ok(http(
+                    c,
+                    &shop.client,
+                    "http://10.96.0.10/",
+                    1,
+                    &["--expect-status", "200"],
+                )
+                .is_ok())
+            },
+        )?;
+        let _ = &mut mesh;
         Ok(())
     });
 }

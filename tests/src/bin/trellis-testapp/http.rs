@@ -45,6 +45,8 @@ async fn answer(
         .map_or("/", |p| p.as_str())
         .to_string();
     let version = format!("{:?}", req.version());
+    // One line per request: tests see which server got what (mirrors, retries).
+    println!("request {method} {path} from {peer}");
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     for (k, v) in req.headers() {
         let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
@@ -147,6 +149,7 @@ pub(crate) async fn client(opts: ClientOptions) -> Result<()> {
     // Which server pod answered, per response (the body's `pod`, when it has one).
     let mut pods: BTreeMap<String, usize> = BTreeMap::new();
     let mut last_body = Value::Null;
+    let mut last_headers = serde_json::Map::new();
     for _ in 0..opts.requests {
         let mut builder = Request::builder().method(opts.method.clone());
         builder = match sender {
@@ -175,6 +178,16 @@ pub(crate) async fn client(opts: ClientOptions) -> Result<()> {
             }
         };
         let status = resp.status().as_u16();
+        last_headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    json!(String::from_utf8_lossy(v.as_bytes())),
+                )
+            })
+            .collect();
         let body = resp.into_body().collect().await?.to_bytes();
         latencies.push(start.elapsed());
         *statuses.entry(status).or_default() += 1;
@@ -202,6 +215,7 @@ pub(crate) async fn client(opts: ClientOptions) -> Result<()> {
             "latency_ms": {"min": ms(latencies[0]), "p50": pct(0.5), "p90": pct(0.9),
                            "p99": pct(0.99), "max": ms(latencies[latencies.len() - 1]), "mean": mean},
             "last_body": last_body,
+            "last_headers": last_headers,
         })
     };
     println!("{summary}");
