@@ -594,10 +594,32 @@ impl Cluster {
         cmd: Command,
         timeout: Duration,
     ) -> Result<String> {
+        self.run_inner(at, name, cmd, None, timeout)
+    }
+
+    /// [`Cluster::run`] with `input` on the command's stdin.
+    pub fn run_with_input(
+        &self,
+        at: &impl Netns,
+        name: &str,
+        cmd: Command,
+        input: &[u8],
+    ) -> Result<String> {
+        self.run_inner(at, name, cmd, Some(input), RUN_TIMEOUT)
+    }
+
+    fn run_inner(
+        &self,
+        at: &impl Netns,
+        name: &str,
+        cmd: Command,
+        input: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<String> {
         let mut wrapped = wrap_in_netns(at.netns(), &cmd);
         let log = self.next_log(name);
         append_log(&log, &format!("$ {}\n", describe(&wrapped)))?;
-        let out = run_with_timeout(&mut wrapped, None, timeout).inspect_err(|e| {
+        let out = run_with_timeout(&mut wrapped, input, timeout).inspect_err(|e| {
             let _ = append_log(&log, &format!("{e:#}\n"));
         })?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

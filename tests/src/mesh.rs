@@ -392,8 +392,8 @@ impl Mesh {
     /// (class `istio-waypoint`), its Service (VIP `vip`, port `mesh` 15008, selecting the
     /// waypoint's pods) and one pod on `node` labelled as the Gateway's and outside the
     /// mesh's capture (`istio.io/dataplane-mode: none`), running `trellis-waypoint` as the
-    /// Gateway's service account with a waypoint credential. Returns once the waypoint is
-    /// ready (configuration synced, certificate held).
+    /// Gateway's service account with a waypoint credential and `extra` flags. Returns once
+    /// the waypoint is ready (configuration synced, certificate held).
     pub fn start_waypoint(
         &self,
         c: &Cluster,
@@ -401,6 +401,7 @@ impl Mesh {
         ns: &str,
         name: &str,
         vip: &str,
+        extra: &[&str],
     ) -> Result<(Pod, Proc)> {
         self.apply(
             &format!("waypoint-{ns}-{name}.yaml"),
@@ -419,7 +420,7 @@ impl Mesh {
             ],
         )?;
         self.register_pod(c, &pod)?;
-        let proc = self.spawn_waypoint(c, &pod, ns, name, &[])?;
+        let proc = self.spawn_waypoint(c, &pod, ns, name, extra)?;
         Ok((pod, proc))
     }
 

@@ -51,7 +51,7 @@ metadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: waypoint}
 spec:
   clusterIP: 10.96.0.10
   selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: 8080}, {name: tcp-echo, port: 9000}]
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: tcp-echo, port: 9000}, {name: grpc, port: 7070, targetPort: 8080}]
 ---
 apiVersion: v1
 kind: Service
@@ -67,7 +67,7 @@ metadata: {name: web-v2, namespace: shop}
 spec:
   clusterIP: 10.96.0.12
   selector: {app: web, version: v2}
-  ports: [{name: http, port: 80, targetPort: 8080}]
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: grpc, port: 7070, targetPort: 8080}]
 "#;
 
 /// Namespace `shop` with a client pod on node1, `web-v1` and `web-v2` serving on node2, the
@@ -83,6 +83,10 @@ struct Shop {
 }
 
 fn shop(c: &Cluster, mesh: &Mesh) -> Result<Shop> {
+    shop_with(c, mesh, &[])
+}
+
+fn shop_with(c: &Cluster, mesh: &Mesh, waypoint_flags: &[&str]) -> Result<Shop> {
     let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
     mesh.namespace("shop", true)?;
     let client = c.add_pod(n1, "shop", "client", "client", &[])?;
@@ -106,7 +110,8 @@ fn shop(c: &Cluster, mesh: &Mesh) -> Result<Shop> {
     }
     let s1 = serve(c, &v1)?;
     let s2 = serve(c, &v2)?;
-    let (waypoint, wp) = mesh.start_waypoint(c, n1, "shop", "waypoint", "10.96.0.50")?;
+    let (waypoint, wp) =
+        mesh.start_waypoint(c, n1, "shop", "waypoint", "10.96.0.50", waypoint_flags)?;
     mesh.apply("services.yaml", SERVICES)?;
     Ok(Shop {
         client,
@@ -501,6 +506,192 @@ fn a_tcp_port_is_forwarded_and_a_stopped_waypoint_is_never_bypassed() {
             },
         )?;
         let _ = &mut mesh;
+        Ok(())
+    });
+}
+
+fn grpc(c: &Cluster, from: &Pod, method: &str, message: &str) -> Result<Value> {
+    let mut cmd = testapp();
+    cmd.args([
+        "grpc",
+        "http://10.96.0.10:7070",
+        "--method",
+        method,
+        "--message",
+        message,
+    ]);
+    let out = c.run(from, &format!("grpc-{}", from.name), cmd)?;
+    serde_json::from_str(out.trim()).with_context(|| format!("not JSON: {out}"))
+}
+
+#[test]
+fn grpc_calls_keep_their_trailers_and_follow_grpc_routes() {
+    with_cluster("waypoint_grpc", 2, |c| {
+        let mesh = Mesh::start(c)?;
+        let shop = shop(c, &mesh)?;
+        mesh.apply(
+            "grpc-route.yaml",
+            r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: echo, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 7070}]
+  rules:
+    - matches: [{method: {service: test.Echo, method: Stream}}]
+      backendRefs: [{name: web-v2, port: 7070}]
+"#,
+        )?;
+        wait_route(
+            &mesh,
+            c,
+            &shop.waypoint,
+            "shop/web.shop.svc.cluster.local:7070",
+            1,
+        )?;
+        // Unary: not matched by the route, goes to web itself; trailers intact.
+        let unary = grpc(c, &shop.client, "/test.Echo/Unary", "hi")?;
+        ensure!(
+            unary["status"] == 200 && unary["grpc_status"] == "0",
+            "unary: {unary}"
+        );
+        ensure!(
+            unary["grpc_message"] == "from-testapp",
+            "trailers lost: {unary}"
+        );
+        let msg = unary["messages"][0].as_str().unwrap_or("");
+        ensure!(msg.ends_with(":hi"), "unary answer: {unary}");
+        // Server streaming: the method match sends it to web-v2; every message arrives.
+        let stream = grpc(c, &shop.client, "/test.Echo/Stream", "25")?;
+        let msgs = stream["messages"].as_array().cloned().unwrap_or_default();
+        ensure!(msgs.len() == 25, "stream: {stream}");
+        ensure!(
+            msgs.iter()
+                .all(|m| m.as_str().is_some_and(|m| m.starts_with("web-v2:"))),
+            "stream not routed to web-v2: {stream}"
+        );
+        ensure!(stream["grpc_status"] == "0", "stream status: {stream}");
+        // A failing call's status is carried too, and counted.
+        let fail = grpc(c, &shop.client, "/test.Echo/Fail", "x")?;
+        ensure!(fail["grpc_status"] == "13", "fail: {fail}");
+        eventually("the gRPC metrics", Duration::from_secs(5), || {
+            let text = waypoint_metrics(c, &shop.waypoint)?;
+            Ok(series(
+                &text,
+                "istio_requests_total",
+                &["request_protocol=\"grpc\"", "grpc_response_status=\"13\""],
+            )
+            .is_some()
+                && series(
+                    &text,
+                    "istio_requests_total",
+                    &[
+                        "request_protocol=\"grpc\"",
+                        "grpc_response_status=\"0\"",
+                        "destination_service_name=\"web-v2\"",
+                    ],
+                )
+                .is_some())
+        })?;
+        let _ = (&shop.s1, &shop.s2, &shop.wp);
+        Ok(())
+    });
+}
+
+/// Sends `bytes` on a raw TCP connection from `from` to `addr`, waits up to `wait` for the
+/// answer; the answer's status line, or `closed` when the connection closed without one.
+fn raw(c: &Cluster, from: &Pod, addr: &str, bytes: &[u8], wait: u64) -> Result<String> {
+    let (host, port) = addr.rsplit_once(':').context("host:port")?;
+    let script = format!(
+        "import socket,sys\ns=socket.create_connection(('{host}',{port}),timeout={wait})\ns.sendall(sys.stdin.buffer.read())\nr=b''\ntry:\n  while b'\\r\\n' not in r:\n    c=s.recv(65536)\n    if not c: break\n    r+=c\nexcept socket.timeout:\n  pass\nprint(r.split(b'\\r\\n')[0].decode() if r else 'closed')\n"
+    );
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", &script]);
+    let out = c.run_with_input(from, "raw", cmd, bytes)?;
+    Ok(out.trim().to_string())
+}
+
+#[test]
+fn bad_http_gets_its_status_and_the_waypoint_serves_the_next_request() {
+    with_cluster("waypoint_bad_input", 2, |c| {
+        let mesh = Mesh::start(c)?;
+        let shop = shop_with(
+            c,
+            &mesh,
+            &[
+                "--header-read-timeout-seconds",
+                "2",
+                "--max-header-bytes",
+                "16384",
+            ],
+        )?;
+        wait_route(
+            &mesh,
+            c,
+            &shop.waypoint,
+            "shop/web.shop.svc.cluster.local:80",
+            0,
+        )?;
+        let vip = "10.96.0.10:80";
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: web\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(20_000)
+        );
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("malformed request line", b"GARBAGE\r\n\r\n".to_vec(), " 400 "),
+            ("headers over the limit", big.into_bytes(), " 431 "),
+            (
+                "Content-Length and Transfer-Encoding",
+                b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+                " 400 ",
+            ),
+            (
+                "conflicting Content-Length",
+                b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello".to_vec(),
+                " 400 ",
+            ),
+            (
+                "obs-fold",
+                b"GET / HTTP/1.1\r\nHost: web\r\nX-A: b\r\n c\r\n\r\n".to_vec(),
+                " 400 ",
+            ),
+        ];
+        for (what, bytes, want) in &cases {
+            let got = raw(c, &shop.client, vip, bytes, 10)?;
+            ensure!(
+                got.contains(want),
+                "{what}: answered {got:?}, want {want:?}"
+            );
+            http(
+                c,
+                &shop.client,
+                "http://10.96.0.10/",
+                1,
+                &["--expect-status", "200"],
+            )
+            .with_context(|| format!("a good request after {what}"))?;
+        }
+        // A client that never finishes its headers is cut by the header-read timeout.
+        let started = std::time::Instant::now();
+        let got = raw(
+            c,
+            &shop.client,
+            vip,
+            b"GET / HTTP/1.1\r\nHost: web\r\nX-Slow:",
+            10,
+        )?;
+        let took = started.elapsed();
+        ensure!(
+            !got.contains(" 200 ") && took < Duration::from_secs(8),
+            "a slow client was not cut: {got:?} after {took:?}"
+        );
+        http(
+            c,
+            &shop.client,
+            "http://10.96.0.10/",
+            1,
+            &["--expect-status", "200"],
+        )?;
+        let _ = (&shop.s1, &shop.s2, &shop.wp);
         Ok(())
     });
 }

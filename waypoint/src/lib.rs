@@ -10,6 +10,7 @@
 //! [`telemetry`] (Istio's request metrics, the access log), [`admin`].
 
 pub mod admin;
+pub mod framing;
 pub mod proxy;
 pub mod routes;
 pub mod telemetry;

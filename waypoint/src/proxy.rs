@@ -385,11 +385,14 @@ async fn serve_http<T>(wp: Arc<Waypoint>, down: Arc<Downstream>, io: T)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (io, verdicts) = crate::framing::FramingTap::new(io);
     let service = {
         let (wp, down) = (wp.clone(), down.clone());
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let (wp, down) = (wp.clone(), down.clone());
-            async move { Ok::<_, Infallible>(handle(wp, down, req).await) }
+            // HTTP/1 requests come in order; the tap judged each one's framing.
+            let ambiguous = req.version() != Version::HTTP_2 && verdicts.next();
+            async move { Ok::<_, Infallible>(handle(wp, down, req, ambiguous).await) }
         })
     };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -475,6 +478,7 @@ async fn handle(
     wp: Arc<Waypoint>,
     down: Arc<Downstream>,
     req: Request<Incoming>,
+    ambiguous: bool,
 ) -> Response<Body> {
     let start = Instant::now();
     let authority = req
@@ -512,21 +516,36 @@ async fn handle(
         rec.source_workload = store.workload_by_ip(down.peer.ip()).cloned();
     }
     let mut load = None;
-    let response = route(
-        &wp,
-        &down,
-        req,
-        &authority,
-        &mut rec,
-        &request_bytes,
-        &mut load,
-    )
-    .await
-    .unwrap_or_else(|e| e);
+    let response = match smuggling(&req, ambiguous) {
+        Some(why) => {
+            // Framing two parsers could read differently: refused, and the connection
+            // closed (whatever follows on it cannot be trusted to be a new request).
+            rec.error = Some(why.into());
+            let mut resp = local(StatusCode::BAD_REQUEST, why);
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            resp
+        }
+        None => route(
+            &wp,
+            &down,
+            req,
+            &authority,
+            &mut rec,
+            &request_bytes,
+            &mut load,
+        )
+        .await
+        .unwrap_or_else(|e| e),
+    };
     let (mut parts, body) = response.into_parts();
     if downstream_h1 {
+        let close = parts
+            .headers
+            .get(header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         strip_hop_by_hop(&mut parts.headers);
-        if wp.is_draining() {
+        if close || wp.is_draining() {
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -549,6 +568,31 @@ async fn handle(
         _load: load,
     };
     Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// Why an HTTP/1.1 request's framing is ambiguous (a request-smuggling attempt), if it
+/// is: both `Content-Length` and `Transfer-Encoding` (`ambiguous`, from the framing tap:
+/// hyper hides the `Content-Length`), or a transfer coding other than exactly `chunked`
+/// (hyper itself refuses conflicting `Content-Length`s and obs-fold).
+fn smuggling<B>(req: &Request<B>, ambiguous: bool) -> Option<&'static str> {
+    if req.version() == Version::HTTP_2 {
+        return None;
+    }
+    if ambiguous {
+        return Some("both Content-Length and Transfer-Encoding");
+    }
+    let te: Vec<&HeaderValue> = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .collect();
+    if te.is_empty() {
+        return None;
+    }
+    if te.len() != 1 || !te[0].as_bytes().eq_ignore_ascii_case(b"chunked") {
+        return Some("a Transfer-Encoding other than chunked");
+    }
+    None
 }
 
 /// Routes one request; an `Err` is a response made here (an error, a redirect).

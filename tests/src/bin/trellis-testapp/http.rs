@@ -32,12 +32,36 @@ pub(crate) async fn server(listener: TcpListener, name: String) -> Result<()> {
     }
 }
 
+type AnyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
 async fn answer(
     req: Request<Incoming>,
     name: String,
     peer: SocketAddr,
     local: SocketAddr,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<AnyBody>, Infallible> {
+    let is_grpc = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if is_grpc {
+        println!("grpc {} from {peer}", req.uri().path());
+        return Ok(crate::grpc::answer(req, &name)
+            .await
+            .map(BodyExt::boxed_unsync));
+    }
+    Ok(answer_http(req, name, peer, local)
+        .await
+        .map(BodyExt::boxed_unsync))
+}
+
+async fn answer_http(
+    req: Request<Incoming>,
+    name: String,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Response<Full<Bytes>> {
     let method = req.method().to_string();
     let path = req
         .uri()
@@ -98,7 +122,7 @@ async fn answer(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
     );
-    Ok(resp)
+    resp
 }
 
 pub(crate) struct ClientOptions {

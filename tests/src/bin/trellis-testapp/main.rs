@@ -14,6 +14,7 @@
 //! Results are printed as one JSON object on stdout; the exit status is non-zero when the
 //! check asked for fails, so tests can assert on either.
 
+mod grpc;
 mod http;
 mod tcp;
 
@@ -85,6 +86,21 @@ enum Cmd {
         /// Where each accepted connection is relayed.
         #[arg(long)]
         target: SocketAddr,
+    },
+    /// Make one gRPC call over HTTP/2 (prior knowledge); prints the messages and the
+    /// status from the trailers.
+    Grpc {
+        /// `http://IP:PORT`.
+        url: hyper::Uri,
+        /// Method path, e.g. `/test.Echo/Stream`.
+        #[arg(long, default_value = "/test.Echo/Unary")]
+        method: String,
+        /// The request message.
+        #[arg(long, default_value = "hello")]
+        message: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
     },
     /// Send HTTP requests over one connection.
     Http {
@@ -162,6 +178,17 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Relay { listen, target } => {
             tokio::task::spawn_blocking(move || tcp::relay(listen, target)).await?
         }
+        Cmd::Grpc {
+            url,
+            method,
+            message,
+            timeout,
+        } => tokio::time::timeout(
+            Duration::from_secs(timeout),
+            grpc::call(url, &method, &message),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("the gRPC call did not finish within {timeout}s"))?,
         Cmd::Http {
             url,
             requests,

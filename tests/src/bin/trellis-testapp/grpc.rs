@@ -1,0 +1,148 @@
+//! A minimal gRPC service and client over HTTP/2 (length-prefixed messages, status in the
+//! trailers), enough to check that a proxy keeps trailers and `grpc-status` intact:
+//! `/test.Echo/Unary` answers `<pod>:<message>`; `/test.Echo/Stream` with message `N`
+//! answers N messages `<pod>:<i>`; `/test.Echo/Fail` answers no message and status 13.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use anyhow::{Context as _, Result, anyhow};
+use bytes::{BufMut, Bytes, BytesMut};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{HeaderMap, Request, Response, Uri};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::net::TcpStream;
+
+/// A body of frames known in advance (messages, then trailers).
+pub(crate) struct Frames(pub(crate) VecDeque<Frame<Bytes>>);
+
+impl Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.pop_front().map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn framed(msg: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + msg.len());
+    b.put_u8(0);
+    b.put_u32(u32::try_from(msg.len()).unwrap_or(u32::MAX));
+    b.put_slice(msg);
+    b.freeze()
+}
+
+/// The messages of a length-prefixed body.
+fn messages(mut body: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    while body.len() >= 5 {
+        let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+        if body.len() < 5 + len {
+            break;
+        }
+        out.push(String::from_utf8_lossy(&body[5..5 + len]).into_owned());
+        body = &body[5 + len..];
+    }
+    out
+}
+
+/// Answers one gRPC call.
+pub(crate) async fn answer(req: Request<Incoming>, pod: &str) -> Response<Frames> {
+    let path = req.uri().path().to_string();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let input = messages(&body).into_iter().next().unwrap_or_default();
+    let mut frames = VecDeque::new();
+    let status = match path.as_str() {
+        "/test.Echo/Unary" => {
+            frames.push_back(Frame::data(framed(format!("{pod}:{input}").as_bytes())));
+            "0"
+        }
+        "/test.Echo/Stream" => {
+            for i in 0..input.parse::<usize>().unwrap_or(1).min(10_000) {
+                frames.push_back(Frame::data(framed(format!("{pod}:{i}").as_bytes())));
+            }
+            "0"
+        }
+        "/test.Echo/Fail" => "13",
+        _ => "12",
+    };
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", status.parse().expect("status"));
+    trailers.insert("grpc-message", "from-testapp".parse().expect("message"));
+    frames.push_back(Frame::trailers(trailers));
+    let mut resp = Response::new(Frames(frames));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        "application/grpc".parse().expect("ct"),
+    );
+    resp
+}
+
+/// Calls `method` at `url` with `message` over HTTP/2 and prints the messages and the
+/// status from the trailers.
+pub(crate) async fn call(url: Uri, method: &str, message: &str) -> Result<()> {
+    let authority = url
+        .authority()
+        .ok_or_else(|| anyhow!("URL {url} has no host:port"))?
+        .clone();
+    let stream = TcpStream::connect((authority.host(), authority.port_u16().unwrap_or(80)))
+        .await
+        .with_context(|| format!("cannot connect to {authority}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("http://{authority}{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(framed(message.as_bytes())))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut data = BytesMut::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        if let Some(d) = frame.data_ref() {
+            data.extend_from_slice(d);
+        } else if let Ok(t) = frame.into_trailers() {
+            trailers = Some(t);
+        }
+    }
+    let get = |k: &str| {
+        trailers
+            .as_ref()
+            .and_then(|t| t.get(k))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    println!(
+        "{}",
+        json!({
+            "status": status,
+            "messages": messages(&data),
+            "grpc_status": get("grpc-status"),
+            "grpc_message": get("grpc-message"),
+        })
+    );
+    Ok(())
+}
