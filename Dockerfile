@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# The one Trellis image: control plane, ztunnel, node agent and CNI plugin (the chart runs
-# each with its own command). Built by `make images`.
+# The one Trellis image: control plane, ztunnel, waypoint, node agent and CNI plugin (the
+# chart and the waypoint Deployments run each with its own command). Built by `make images`.
 #
 # Runtime base: Debian slim, not distroless — the node agent runs `nft`, `ip` and `nsenter`
 # inside pods' network namespaces, so those tools must be in the image. The Rust binaries
@@ -12,10 +12,10 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
-      -p trellis-control-plane -p trellis-ztunnel -p trellis-cni-plugin -p trellisctl \
+      -p trellis-control-plane -p trellis-ztunnel -p trellis-waypoint -p trellis-cni-plugin -p trellisctl \
       -p trellis-e2e --bins \
  && mkdir -p /out \
- && cp target/release/trellis-control-plane target/release/trellis-ztunnel \
+ && cp target/release/trellis-control-plane target/release/trellis-ztunnel target/release/trellis-waypoint \
        target/release/trellis-node-agent target/release/trellis-cni \
        target/release/trellisctl target/release/trellis-testapp /out/
 
