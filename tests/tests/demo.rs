@@ -24,6 +24,8 @@ fn the_demo_runs_through_and_cleans_up() {
         "dev/tool → shop/web: refused",
         "shop/deny-dev",
         "dev/tool → shop/web: allowed",
+        "api-v1 answered",
+        "with x-version: v2, 10 requests: api-v2 answered 10",
         "Cleaned up",
     ] {
         assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
