@@ -755,6 +755,35 @@ fn route_status_covers_trellis_parents_and_keeps_other_controllers_entries() {
 }
 
 #[test]
+fn a_cross_namespace_backend_needs_a_reference_grant() {
+    use trellis_control_plane::controller::routes::route_statuses;
+    let other = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: cart-v2, namespace: other}\nspec: {clusterIP: 10.96.1.10, ports: [{port: 80}]}\n";
+    let yaml = format!(
+        "{}{other}",
+        ROUTES.replace(
+            "{name: cart-v2, port: 80}",
+            "{name: cart-v2, namespace: other, port: 80}"
+        )
+    );
+    let resolved = |yaml: &str| {
+        let statuses = route_statuses(&model_from(yaml), &MeshConfig::default());
+        statuses.values().next().unwrap()["status"]["parents"][1]["conditions"][1].clone()
+    };
+    let refused = resolved(&yaml);
+    assert_eq!(refused["status"], "False");
+    assert_eq!(refused["reason"], "RefNotPermitted", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("other/cart-v2")
+    );
+    let grant = "---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: shop-routes, namespace: other}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]\n  to: [{group: \"\", kind: Service, name: cart-v2}]\n";
+    let allowed = resolved(&format!("{yaml}{grant}"));
+    assert_eq!(allowed["status"], "True", "{allowed}");
+}
+
+#[test]
 fn a_mesh_route_of_a_service_without_a_waypoint_is_not_accepted() {
     use trellis_control_plane::controller::routes::route_statuses;
     let yaml = ROUTES.replace(", istio.io/use-waypoint: waypoint", "");

@@ -199,3 +199,44 @@ fn a_mesh_without_waypoints_has_no_routes() {
     let snap = Snapshot::build(&model(&[&plain]), &MeshConfig::default());
     assert!(routes(&snap).is_empty());
 }
+
+#[test]
+fn a_reference_grant_lets_a_route_use_a_backend_in_another_namespace() {
+    let other = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: other}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-v1, namespace: other}
+spec: {clusterIP: 10.96.1.11, selector: {app: web}, ports: [{port: 80}]}
+"#;
+    let grant = r#"
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: from-shop, namespace: other}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service}]
+"#;
+    let hosts = |texts: &[&str]| -> Vec<String> {
+        let snap = Snapshot::build(&model(texts), &MeshConfig::default());
+        let route = &routes(&snap)["shop/web.shop.svc.cluster.local:80"];
+        route.rules[0]
+            .backends
+            .iter()
+            .map(|b| b.backend.clone().unwrap().hostname)
+            .collect()
+    };
+    // Without the grant the other namespace's Service is not used.
+    assert_eq!(hosts(&[CLUSTER, other])[1], "");
+    // With it, it is.
+    assert_eq!(
+        hosts(&[CLUSTER, other, grant])[1],
+        "web-v1.other.svc.cluster.local"
+    );
+    // A grant for GRPCRoutes only does not let an HTTPRoute in.
+    let grpc_only = grant.replace("kind: HTTPRoute", "kind: GRPCRoute");
+    assert_eq!(hosts(&[CLUSTER, other, &grpc_only])[1], "");
+}

@@ -69,6 +69,9 @@ pub struct Config {
     pub sniff_timeout: Duration,
     /// Lifetime asked of the CA for the waypoint's certificate.
     pub cert_ttl: Duration,
+    /// Plaintext listeners (loopback only; benchmarks and debugging): each connection is
+    /// served as if it were an HBONE CONNECT for the service port, from no identity.
+    pub plaintext: Vec<(SocketAddr, SocketAddr)>,
 }
 
 impl Default for Config {
@@ -91,6 +94,7 @@ impl Default for Config {
             max_header_bytes: 60 * 1024,
             sniff_timeout: Duration::from_secs(1),
             cert_ttl: Duration::from_secs(24 * 3600),
+            plaintext: Vec::new(),
         }
     }
 }
@@ -214,10 +218,28 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         "waypoint starting"
     );
     let serving = tokio::spawn(proxy::serve(waypoint.clone(), hbone));
+    let mut plaintext = Vec::new();
+    for (listen, target) in &config.plaintext {
+        if !listen.ip().is_loopback() {
+            return Err(format!("--plaintext-listener {listen}: only loopback addresses (it takes clients without mTLS)").into());
+        }
+        let l = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("{listen}: {e}"))?;
+        tracing::warn!(listen = %listen, target = %target, "plaintext listener (no mTLS, loopback only)");
+        plaintext.push(tokio::spawn(proxy::serve_plaintext(
+            waypoint.clone(),
+            l,
+            *target,
+        )));
+    }
     trellis_core::shutdown::terminated().await;
     tracing::info!(drain = ?config.drain_timeout, "shutting down: draining connections");
     let _ = drain_tx.send(true);
     serving.abort();
+    for p in plaintext {
+        p.abort();
+    }
     waypoint.wait_drained(config.drain_timeout).await;
     if let Some(r) = roots {
         r.abort();

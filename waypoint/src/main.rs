@@ -59,9 +59,29 @@ struct Cli {
     /// Lifetime asked of the CA for the waypoint's certificate, in seconds.
     #[arg(long, default_value_t = 24 * 3600)]
     cert_ttl_seconds: u64,
+    /// A plaintext listener `LISTEN=VIP:PORT` (loopback only, for benchmarks and debugging):
+    /// connections are served as if addressed to the service port, from no identity.
+    #[arg(long = "plaintext-listener", value_parser = parse_plaintext)]
+    plaintext_listener: Vec<(SocketAddr, SocketAddr)>,
     /// Worker threads.
     #[arg(long, env = "WAYPOINT_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
+}
+
+fn parse_plaintext(s: &str) -> Result<(SocketAddr, SocketAddr), String> {
+    let (listen, target) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected LISTEN=VIP:PORT"))?;
+    let listen: SocketAddr = listen.parse().map_err(|e| format!("{listen:?}: {e}"))?;
+    if !listen.ip().is_loopback() {
+        return Err(format!(
+            "{listen}: only loopback addresses (clients come without mTLS)"
+        ));
+    }
+    Ok((
+        listen,
+        target.parse().map_err(|e| format!("{target:?}: {e}"))?,
+    ))
 }
 
 fn main() -> std::process::ExitCode {
@@ -113,6 +133,7 @@ fn main() -> std::process::ExitCode {
         max_header_bytes: cli.max_header_bytes,
         sniff_timeout: Duration::from_millis(cli.sniff_timeout_ms),
         cert_ttl: Duration::from_secs(cli.cert_ttl_seconds.max(10)),
+        plaintext: cli.plaintext_listener,
         ..Config::default()
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()

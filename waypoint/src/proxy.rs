@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use trellis_core::SpiffeId;
-use trellis_core::hbone::{self, H2Stream};
+use trellis_core::hbone;
 use trellis_core::routing::random_u64;
 use trellis_proto::istio::workload::Service;
 
@@ -195,31 +195,35 @@ async fn hbone_connection(wp: Arc<Waypoint>, tcp: TcpStream, peer: SocketAddr) {
 /// One tunnelled connection, as the handlers see it.
 struct Downstream {
     peer: SocketAddr,
-    source: SpiffeId,
+    /// The client's verified identity (none on the plaintext listener).
+    source: Option<SpiffeId>,
     target: SocketAddr,
     route: String,
     service: Service,
 }
 
-async fn on_connect(wp: Arc<Waypoint>, source: SpiffeId, peer: SocketAddr, inc: hbone::Incoming) {
-    let target = inc.target;
-    let resolved = {
+/// What a connection is for: the route of the service port `target` names, when this
+/// waypoint serves it.
+fn resolve(wp: &Waypoint, target: SocketAddr) -> Option<(String, Service, Arc<Table>)> {
+    let (route, service) = {
         let store = wp.mesh.xds.store();
         store.service_by_vip(target.ip()).and_then(|svc| {
             let name = format!("{}/{}:{}", svc.namespace, svc.hostname, target.port());
             store.route(&name).map(|_| (name, svc.clone()))
-        })
+        })?
     };
-    let Some((route, service)) = resolved else {
+    let table = wp.table(&route)?;
+    Some((route, service, table))
+}
+
+async fn on_connect(wp: Arc<Waypoint>, source: SpiffeId, peer: SocketAddr, inc: hbone::Incoming) {
+    let target = inc.target;
+    let Some((route, service, table)) = resolve(&wp, target) else {
         tracing::info!(%peer, %target, source = %source, "refusing a CONNECT for what this waypoint does not serve (404)");
         inc.refuse(StatusCode::NOT_FOUND);
         return;
     };
-    let Some(table) = wp.table(&route) else {
-        inc.refuse(StatusCode::NOT_FOUND);
-        return;
-    };
-    let mut tunnel = match inc.accept() {
+    let tunnel = match inc.accept() {
         Ok(t) => t,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "cannot answer the CONNECT");
@@ -228,21 +232,66 @@ async fn on_connect(wp: Arc<Waypoint>, source: SpiffeId, peer: SocketAddr, inc: 
     };
     let down = Arc::new(Downstream {
         peer,
-        source,
+        source: Some(source),
         target,
         route,
         service,
     });
-    match table.protocol {
-        AppProtocol::Tcp => tcp_forward(wp, down, Prefixed::new(Bytes::new(), tunnel)).await,
+    serve_connection(wp, down, table.protocol, tunnel).await;
+}
+
+/// Serves one client connection (an HBONE tunnel, or a plaintext-listener connection) by
+/// the protocol of its service port.
+async fn serve_connection<T>(
+    wp: Arc<Waypoint>,
+    down: Arc<Downstream>,
+    protocol: AppProtocol,
+    mut io: T,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match protocol {
+        AppProtocol::Tcp => tcp_forward(wp, down, Prefixed::new(Bytes::new(), io)).await,
         AppProtocol::Http1 | AppProtocol::Http2 | AppProtocol::Grpc => {
-            serve_http(wp, down, Prefixed::new(Bytes::new(), tunnel)).await;
+            serve_http(wp, down, Prefixed::new(Bytes::new(), io)).await;
         }
-        AppProtocol::Unspecified => match sniff(&mut tunnel, wp.config.sniff_timeout).await {
-            Ok((true, seen)) => serve_http(wp, down, Prefixed::new(seen, tunnel)).await,
-            Ok((false, seen)) => tcp_forward(wp, down, Prefixed::new(seen, tunnel)).await,
-            Err(e) => tracing::debug!(%peer, error = %e, "client went away before speaking"),
+        AppProtocol::Unspecified => match sniff(&mut io, wp.config.sniff_timeout).await {
+            Ok((true, seen)) => serve_http(wp, down, Prefixed::new(seen, io)).await,
+            Ok((false, seen)) => tcp_forward(wp, down, Prefixed::new(seen, io)).await,
+            Err(e) => {
+                tracing::debug!(peer = %down.peer, error = %e, "client went away before speaking")
+            }
         },
+    }
+}
+
+/// Serves a plaintext listener (`--plaintext-listener`, loopback only: for benchmarks and
+/// debugging): each connection is taken as addressed to `target`, from no identity.
+pub async fn serve_plaintext(wp: Arc<Waypoint>, listener: TcpListener, target: SocketAddr) {
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let wp = wp.clone();
+        wp.active.fetch_add(1, Ordering::AcqRel);
+        let active = Active(wp.active.clone());
+        tokio::spawn(async move {
+            let _active = active;
+            let Some((route, service, table)) = resolve(&wp, target) else {
+                tracing::info!(%peer, %target, "plaintext listener: this waypoint does not serve its target");
+                return;
+            };
+            let down = Arc::new(Downstream {
+                peer,
+                source: None,
+                target,
+                route,
+                service,
+            });
+            serve_connection(wp, down, table.protocol, tcp).await;
+        });
     }
 }
 
@@ -278,18 +327,17 @@ fn classify(b: &[u8]) -> Option<bool> {
 
 /// Reads the client's first bytes until they show whether it speaks HTTP, at most
 /// `timeout` (a client that says nothing — a server-first protocol — is TCP).
-async fn sniff(tunnel: &mut H2Stream, timeout: Duration) -> io::Result<(bool, Bytes)> {
-    let mut buf = BytesMut::new();
+async fn sniff<T: AsyncRead + Unpin>(io: &mut T, timeout: Duration) -> io::Result<(bool, Bytes)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = BytesMut::with_capacity(64);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(http) = classify(&buf) {
             return Ok((http, buf.freeze()));
         }
-        match tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| tunnel.poll_chunk(cx)))
-            .await
-        {
-            Err(_) | Ok(Ok(None)) => return Ok((false, buf.freeze())),
-            Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk),
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_) | Ok(Ok(0)) => return Ok((false, buf.freeze())),
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
         }
     }
@@ -368,7 +416,7 @@ async fn tcp_forward<T: AsyncRead + AsyncWrite + Unpin>(
     tracing::info!(
         target: "access",
         src = %down.peer,
-        peer_identity = %down.source,
+        peer_identity = %down.source.as_ref().map_or_else(|| "-".to_string(), ToString::to_string),
         service = %down.service.hostname,
         port = down.target.port(),
         protocol = "tcp",
@@ -497,7 +545,7 @@ async fn handle(
     let request_bytes = Arc::new(AtomicU64::new(head_size(req.headers())));
     let mut rec = RequestRecord {
         src: Some(down.peer),
-        source: Some(down.source.clone()),
+        source: down.source.clone(),
         service: Some(down.service.clone()),
         method: req.method().to_string(),
         authority: authority.clone(),

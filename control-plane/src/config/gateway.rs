@@ -583,6 +583,60 @@ pub struct GrpcMethodMatch {
     pub method: Option<String>,
 }
 
+/// `ReferenceGrant` (`gateway.networking.k8s.io/v1beta1`): lets objects of other
+/// namespaces refer to objects of this one (a route's cross-namespace backend).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReferenceGrant {
+    /// Object metadata.
+    pub metadata: ObjectMeta,
+    /// Who may refer to what.
+    pub spec: ReferenceGrantSpec,
+}
+
+/// `spec:` of a `ReferenceGrant`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReferenceGrantSpec {
+    /// The referring kinds, by namespace.
+    pub from: Vec<ReferenceGrantFrom>,
+    /// What they may refer to in this namespace.
+    pub to: Vec<ReferenceGrantTo>,
+}
+
+/// One `from` entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReferenceGrantFrom {
+    /// API group of the referring kind.
+    pub group: String,
+    /// The referring kind (`HTTPRoute`, `GRPCRoute`).
+    pub kind: String,
+    /// Its namespace.
+    pub namespace: String,
+}
+
+/// One `to` entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReferenceGrantTo {
+    /// API group of the kind referred to (`""` for a Service).
+    pub group: String,
+    /// The kind referred to.
+    pub kind: String,
+    /// One object by name; every object of the kind when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl ReferenceGrant {
+    /// Whether this grant (in the namespace of the object referred to) lets a `from_kind`
+    /// of `from_ns` refer to Service `name`.
+    pub fn allows_service(&self, from_kind: &str, from_ns: &str, name: &str) -> bool {
+        self.spec.from.iter().any(|f| {
+            f.group == "gateway.networking.k8s.io" && f.kind == from_kind && f.namespace == from_ns
+        }) && self.spec.to.iter().any(|t| {
+            t.group.is_empty() && t.kind == "Service" && t.name.as_deref().is_none_or(|n| n == name)
+        })
+    }
+}
+
 /// A problem in an object whose fields all parsed: (field path, reason).
 pub type Invalid = (String, String);
 

@@ -140,6 +140,13 @@ pub const KINDS: &[Kind] = &[
         plural: "grpcroutes",
         metadata_only: false,
     },
+    Kind {
+        group: "gateway.networking.k8s.io",
+        version: "v1beta1",
+        kind: "ReferenceGrant",
+        plural: "referencegrants",
+        metadata_only: false,
+    },
 ];
 
 /// What a watcher saw.

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
-use super::gateway::{Gateway, GrpcRoute, HttpRoute};
+use super::gateway::{Gateway, GrpcRoute, HttpRoute, ReferenceGrant};
 use super::istio::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 
 /// An object Trellis reads.
@@ -33,6 +33,7 @@ pub enum Object {
     Gateway(Box<Gateway>),
     HttpRoute(Box<HttpRoute>),
     GrpcRoute(Box<GrpcRoute>),
+    ReferenceGrant(Box<ReferenceGrant>),
     /// A Node: only its labels are kept (locality); its spec and status are large and
     /// change often.
     Node(Box<NodeLabels>),
@@ -271,7 +272,7 @@ fn parse_document(file: &str, position: &str, mut value: Value) -> Document {
         (
             "gateway.networking.k8s.io",
             "v1" | "v1beta1",
-            k @ ("Gateway" | "HTTPRoute" | "GRPCRoute"),
+            k @ ("Gateway" | "HTTPRoute" | "GRPCRoute" | "ReferenceGrant"),
         ) => {
             if let Some(m) = value.as_mapping_mut() {
                 m.remove("apiVersion");
@@ -282,6 +283,8 @@ fn parse_document(file: &str, position: &str, mut value: Value) -> Document {
                     .and_then(|g| g.validate().map(|()| Object::Gateway(Box::new(g)))),
                 "HTTPRoute" => typed::<HttpRoute>(value, &mut warnings)
                     .and_then(|r| r.validate().map(|()| Object::HttpRoute(Box::new(r)))),
+                "ReferenceGrant" => typed::<ReferenceGrant>(value, &mut warnings)
+                    .map(|g| Object::ReferenceGrant(Box::new(g))),
                 _ => typed::<GrpcRoute>(value, &mut warnings)
                     .and_then(|r| r.validate().map(|()| Object::GrpcRoute(Box::new(r)))),
             }

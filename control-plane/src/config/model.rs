@@ -12,7 +12,7 @@ use trellis_proto::istio::workload as wl;
 
 use trellis_proto::istio::security as sec;
 
-use super::gateway::{Gateway, GrpcRoute, HttpRoute};
+use super::gateway::{Gateway, GrpcRoute, HttpRoute, ReferenceGrant};
 use super::istio::{
     AuthorizationPolicy, MtlsMode, PeerAuthentication, RequestAuthentication, WorkloadSelector,
 };
@@ -83,6 +83,7 @@ pub struct Model {
     gateways: BTreeMap<Key, Gateway>,
     http_routes: BTreeMap<Key, HttpRoute>,
     grpc_routes: BTreeMap<Key, GrpcRoute>,
+    reference_grants: BTreeMap<Key, ReferenceGrant>,
     /// Node labels by node name (workloads' locality).
     nodes: BTreeMap<String, BTreeMap<String, String>>,
     /// EndpointSlices: endpoints of Services not backed by pods.
@@ -145,6 +146,9 @@ impl Model {
             Object::GrpcRoute(o) => {
                 self.grpc_routes.insert(k, *o);
             }
+            Object::ReferenceGrant(o) => {
+                self.reference_grants.insert(k, *o);
+            }
         }
     }
 
@@ -163,6 +167,7 @@ impl Model {
             Object::Gateway(o) => self.gateways.get(&k) == Some(o),
             Object::HttpRoute(o) => self.http_routes.get(&k) == Some(o),
             Object::GrpcRoute(o) => self.grpc_routes.get(&k) == Some(o),
+            Object::ReferenceGrant(o) => self.reference_grants.get(&k) == Some(o),
             Object::Node(n) => self.nodes.get(&n.name) == Some(&n.labels),
             Object::EndpointSlice(o) => self.endpoint_slices.get(&k) == Some(o),
         }
@@ -211,6 +216,9 @@ impl Model {
             }
             "GRPCRoute" => {
                 self.grpc_routes.remove(&k);
+            }
+            "ReferenceGrant" => {
+                self.reference_grants.remove(&k);
             }
             _ => {}
         }
@@ -263,6 +271,15 @@ impl Model {
     /// The HTTPRoutes, by (namespace, name).
     pub fn http_routes(&self) -> impl Iterator<Item = (&Key, &HttpRoute)> {
         self.http_routes.iter()
+    }
+
+    /// Whether a `from_kind` (`HTTPRoute`, `GRPCRoute`) of namespace `from_ns` may use
+    /// Service `to_ns/name` as a backend: always in its own namespace, elsewhere only when
+    /// a ReferenceGrant of `to_ns` allows it.
+    pub fn backend_allowed(&self, from_kind: &str, from_ns: &str, to_ns: &str, name: &str) -> bool {
+        from_ns == to_ns
+            || in_namespace(&self.reference_grants, to_ns)
+                .any(|(_, g)| g.allows_service(from_kind, from_ns, name))
     }
 
     /// The GRPCRoutes, by (namespace, name).

@@ -11,9 +11,10 @@
 //!   match, more header matches, more query matches; ties by the route's age, then
 //!   `namespace/name`, then rule and match order. The waypoint takes the first that
 //!   matches; a request no rule matches goes to the Service it was addressed to.
-//! - **Backends**: a Service of the route's namespace; a cross-namespace backend is not
-//!   used (its share answers 500) until ReferenceGrants are supported (route status says
-//!   `RefNotPermitted`); a Service that does not exist likewise (`BackendNotFound`).
+//! - **Backends**: a Service of the route's namespace, or of another namespace whose
+//!   `ReferenceGrant` allows the route's kind from the route's namespace; any other
+//!   cross-namespace backend is not used (its share answers 500; route status
+//!   `RefNotPermitted`), nor is a Service that does not exist (`BackendNotFound`).
 //!   Hostnames of mesh routes are ignored (GAMMA).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -186,7 +187,14 @@ fn rules_for(
                 .and_then(|t| t.backend_request.as_deref()),
         });
         let age = route.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        collect(&mut candidates, model, mesh, rns, rname, age, rules);
+        collect(
+            &mut candidates,
+            model,
+            mesh,
+            ("HTTPRoute", rns, rname),
+            age,
+            rules,
+        );
     }
     for ((rns, rname), route) in model.grpc_routes() {
         if !attached(rns, &route.spec.parent_refs) {
@@ -211,7 +219,14 @@ fn rules_for(
             backend_timeout: None,
         });
         let age = route.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        collect(&mut candidates, model, mesh, rns, rname, age, rules);
+        collect(
+            &mut candidates,
+            model,
+            mesh,
+            ("GRPCRoute", rns, rname),
+            age,
+            rules,
+        );
     }
     candidates.sort_by(|a, b| {
         (a.order, a.age.is_none(), a.age, &a.route, a.index).cmp(&(
@@ -230,8 +245,7 @@ fn collect<'a>(
     out: &mut Vec<Candidate>,
     model: &Model,
     mesh: &MeshConfig,
-    rns: &str,
-    rname: &str,
+    (kind, rns, rname): (&str, &str, &str),
     age: Option<k8s_openapi::jiff::Timestamp>,
     rules: impl Iterator<Item = RuleIn<'a>>,
 ) {
@@ -239,7 +253,7 @@ fn collect<'a>(
         let filters: Vec<pb::Filter> = rule
             .filters
             .iter()
-            .filter_map(|f| filter(f, rns, model, mesh))
+            .filter_map(|f| filter(f, kind, rns, model, mesh))
             .collect();
         let backends: Vec<pb::WeightedBackend> = rule
             .backends
@@ -251,6 +265,7 @@ fn collect<'a>(
                     b.group.as_deref(),
                     b.kind.as_deref(),
                     b.port,
+                    kind,
                     rns,
                     model,
                     mesh,
@@ -259,7 +274,7 @@ fn collect<'a>(
                 filters: b
                     .filters
                     .iter()
-                    .filter_map(|f| filter(f, rns, model, mesh))
+                    .filter_map(|f| filter(f, kind, rns, model, mesh))
                     .collect(),
                 traffic_policy: None,
             })
@@ -318,13 +333,16 @@ fn backend(
     group: Option<&str>,
     kind: Option<&str>,
     port: Option<u16>,
+    route_kind: &str,
     route_ns: &str,
     model: &Model,
     mesh: &MeshConfig,
 ) -> pb::ServiceRef {
     let bns = ns.unwrap_or(route_ns);
     let is_service = group.unwrap_or("").is_empty() && kind.unwrap_or("Service") == "Service";
-    let usable = is_service && bns == route_ns && model.service_labels(bns, name).is_some();
+    let usable = is_service
+        && model.backend_allowed(route_kind, route_ns, bns, name)
+        && model.service_labels(bns, name).is_some();
     if !usable {
         return pb::ServiceRef {
             namespace: bns.to_string(),
@@ -337,6 +355,7 @@ fn backend(
 
 fn filter(
     f: &HttpRouteFilter,
+    route_kind: &str,
     route_ns: &str,
     model: &Model,
     mesh: &MeshConfig,
@@ -395,6 +414,7 @@ fn filter(
                     b.group.as_deref(),
                     b.kind.as_deref(),
                     b.port,
+                    route_kind,
                     route_ns,
                     model,
                     mesh,

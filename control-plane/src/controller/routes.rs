@@ -6,8 +6,8 @@
 //! - `Accepted`: `True`; `False` with `NoMatchingParent` when the Service does not exist
 //!   or has no waypoint (the route cannot take effect until one is bound);
 //! - `ResolvedRefs`: `True`, or `False` with `BackendNotFound` naming the backend Services
-//!   that do not exist, or `RefNotPermitted` naming backends in another namespace (not
-//!   used: ReferenceGrant is not supported yet).
+//!   that do not exist, or `RefNotPermitted` naming backends in another namespace that no
+//!   ReferenceGrant there allows (not used).
 //!
 //! Parents of other implementations (Gateways of other classes) are not Trellis's to judge:
 //! their entries, written by their controllers, are carried over unchanged (the Gateway
@@ -96,14 +96,15 @@ impl Route<'_> {
                     .then(|| format!("{bns}/{}", b.name))
             })
             .collect();
-        // Cross-namespace backends need a ReferenceGrant, which Trellis does not read yet:
-        // they are not used (their share answers 500), and the status says so.
+        // A cross-namespace backend needs a ReferenceGrant of its namespace allowing the
+        // route: without one it is not used (its share answers 500), and the status says so.
         let foreign: Vec<String> = self
             .backends
             .iter()
             .filter_map(|b| {
                 let bns = b.namespace.as_deref().unwrap_or(&ns);
-                (bns != ns).then(|| format!("{bns}/{}", b.name))
+                (!model.backend_allowed(self.kind, &ns, bns, &b.name))
+                    .then(|| format!("{bns}/{}", b.name))
             })
             .collect();
         let resolved = if missing.is_empty() && foreign.is_empty() {
@@ -114,7 +115,7 @@ impl Route<'_> {
                 false,
                 "RefNotPermitted",
                 &format!(
-                    "backends in another namespace are not used (ReferenceGrant is not supported yet): {}",
+                    "backends in another namespace without a ReferenceGrant allowing this route are not used: {}",
                     foreign.join(", ")
                 ),
             )

@@ -258,3 +258,110 @@ pub(crate) async fn client(opts: ClientOptions) -> Result<()> {
     }
     Ok(())
 }
+
+/// Closed-loop load: `concurrency` requests in flight at all times for `duration` (HTTP/1.1:
+/// one connection per request in flight; HTTP/2: one connection carrying them all), small
+/// GET requests; prints requests, errors, requests per second and latency percentiles (µs).
+pub(crate) async fn load(
+    url: Uri,
+    concurrency: usize,
+    duration: Duration,
+    http2: bool,
+) -> Result<()> {
+    let authority = url
+        .authority()
+        .ok_or_else(|| anyhow!("URL {url} has no host:port"))?
+        .clone();
+    let port = authority.port_u16().unwrap_or(80);
+    let path = url.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let connect = || async {
+        let s = TcpStream::connect((authority.host(), port))
+            .await
+            .with_context(|| format!("cannot connect to {authority}"))?;
+        s.set_nodelay(true)?;
+        Ok::<_, anyhow::Error>(TokioIo::new(s))
+    };
+    let deadline = Instant::now() + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    let h2 = if http2 {
+        let (s, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), connect().await?).await?;
+        tokio::spawn(conn);
+        Some(s)
+    } else {
+        None
+    };
+    let start = Instant::now();
+    for _ in 0..concurrency.max(1) {
+        let (h2, authority, path) = (h2.clone(), authority.clone(), path.clone());
+        let io = if h2.is_none() {
+            Some(connect().await?)
+        } else {
+            None
+        };
+        tasks.spawn(async move {
+            let mut lat: Vec<u32> = Vec::new();
+            let mut errors = 0u64;
+            let mut h1 = match io {
+                Some(io) => {
+                    let (s, conn) = hyper::client::conn::http1::handshake(io).await?;
+                    tokio::spawn(conn);
+                    Some(s)
+                }
+                None => None,
+            };
+            let mut h2 = h2;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let result = if let Some(s) = h1.as_mut() {
+                    let req = Request::get(path.as_str())
+                        .header(hyper::header::HOST, authority.as_str())
+                        .body(Full::new(Bytes::new()))?;
+                    s.ready().await?;
+                    s.send_request(req).await
+                } else if let Some(s) = h2.as_mut() {
+                    let req = Request::get(format!("http://{authority}{path}"))
+                        .body(Full::new(Bytes::new()))?;
+                    s.ready().await?;
+                    s.send_request(req).await
+                } else {
+                    bail!("no connection");
+                };
+                match result {
+                    Ok(resp) if resp.status().is_success() => {
+                        let _ = resp.into_body().collect().await?;
+                        lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    }
+                    _ => errors += 1,
+                }
+            }
+            Ok::<_, anyhow::Error>((lat, errors))
+        });
+    }
+    let mut all: Vec<u32> = Vec::new();
+    let mut errors = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (lat, e) = r??;
+        all.extend(lat);
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        if all.is_empty() {
+            return 0;
+        }
+        all[((p * all.len() as f64).ceil() as usize).clamp(1, all.len()) - 1]
+    };
+    println!(
+        "{}",
+        json!({
+            "requests": all.len(),
+            "errors": errors,
+            "rps": all.len() as f64 / elapsed,
+            "p50_us": pct(0.5),
+            "p99_us": pct(0.99),
+        })
+    );
+    Ok(())
+}

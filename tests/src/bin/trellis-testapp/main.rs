@@ -102,6 +102,22 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// Closed-loop HTTP load: `concurrency` requests in flight for `duration_ms`; prints
+    /// requests per second and latency percentiles.
+    Load {
+        /// `http://IP:PORT/path`.
+        url: hyper::Uri,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// How long, in milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        duration_ms: u64,
+        /// HTTP/2 (prior knowledge; one connection) instead of HTTP/1.1 (one per request
+        /// in flight).
+        #[arg(long)]
+        http2: bool,
+    },
     /// Send HTTP requests over one connection.
     Http {
         /// `http://IP:PORT/path?query`.
@@ -189,6 +205,12 @@ async fn run(cli: Cli) -> Result<()> {
         )
         .await
         .map_err(|_| anyhow::anyhow!("the gRPC call did not finish within {timeout}s"))?,
+        Cmd::Load {
+            url,
+            concurrency,
+            duration_ms,
+            http2,
+        } => http::load(url, concurrency, Duration::from_millis(duration_ms), http2).await,
         Cmd::Http {
             url,
             requests,
