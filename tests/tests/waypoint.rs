@@ -695,3 +695,76 @@ fn bad_http_gets_its_status_and_the_waypoint_serves_the_next_request() {
         Ok(())
     });
 }
+
+#[test]
+fn sigterm_drains_the_waypoint_then_it_exits() {
+    with_cluster("waypoint_drain", 2, |c| {
+        let mesh = Mesh::start(c)?;
+        let mut shop = shop(c, &mesh)?;
+        wait_route(
+            &mesh,
+            c,
+            &shop.waypoint,
+            "shop/web.shop.svc.cluster.local:80",
+            0,
+        )?;
+        http(
+            c,
+            &shop.client,
+            "http://10.96.0.10/",
+            1,
+            &["--expect-status", "200"],
+        )?;
+        // A slow request in flight when the signal comes.
+        let mut cmd = testapp();
+        cmd.args([
+            "http",
+            "http://10.96.0.10/delay/2500",
+            "--expect-status",
+            "200",
+        ]);
+        let mut slow = c.spawn(&shop.client, "slow-request", cmd)?;
+        eventually(
+            "the slow request to reach web",
+            Duration::from_secs(5),
+            || {
+                Ok(shop.s1.output().contains("/delay/2500")
+                    || shop.s2.output().contains("/delay/2500"))
+            },
+        )?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(shop.wp.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        shop.wp
+            .wait_for_output("shutting down", Duration::from_secs(5))?;
+        // Nothing new gets in while it drains...
+        let mut cmd = testapp();
+        cmd.args(["http", "http://10.96.0.10/", "--timeout", "3"]);
+        ensure!(
+            c.run(&shop.client, "new-during-drain", cmd).is_err(),
+            "a new request was served by a draining waypoint"
+        );
+        // ...the request in flight completes, told the connection closes...
+        let status = slow.wait(Duration::from_secs(10))?;
+        ensure!(
+            status.success(),
+            "the in-flight request failed: {}",
+            slow.output()
+        );
+        let out: Value = serde_json::from_str(
+            slow.output()
+                .lines()
+                .find(|l| l.starts_with('{'))
+                .context("no summary")?,
+        )?;
+        ensure!(
+            out["last_headers"]["connection"] == "close",
+            "no Connection: close while draining: {out}"
+        );
+        // ...and the waypoint exits cleanly.
+        let exit = shop.wp.wait(Duration::from_secs(10))?;
+        ensure!(exit.success(), "the waypoint exited with {exit}");
+        Ok(())
+    });
+}
