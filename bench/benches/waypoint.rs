@@ -395,7 +395,26 @@ fn run() -> Result<()> {
                     } else {
                         (envoy.pid(), format!("http://{ENVOY}/"))
                     };
+                    // `WAYPOINT_BENCH_PERF=h1|h2`: a CPU profile of the waypoint at
+                    // concurrency 64 (perf record, call graphs) in target/waypoint-bench.
+                    let profile = which == 0
+                        && round == 0
+                        && concurrency == 64
+                        && std::env::var("WAYPOINT_BENCH_PERF").ok().as_deref()
+                            == Some(if http2 { "h2" } else { "h1" });
+                    let perf = if profile {
+                        let mut p = Command::new("perf");
+                        p.args(["record", "-g", "-F", "999", "-p", &pid.to_string(), "-o"])
+                            .arg(dir.join("perf.data"))
+                            .args(["--", "sleep", &(secs + 1).to_string()]);
+                        Some(spawn("perf", p, &dir.join("perf.log"))?)
+                    } else {
+                        None
+                    };
                     let (v, cpu) = measure(pid, &url, concurrency, http2, secs)?;
+                    if let Some(mut p) = perf {
+                        let _ = p.0.wait();
+                    }
                     let better = best[which]
                         .as_ref()
                         .is_none_or(|(b, _)| v["rps"].as_f64() > b["rps"].as_f64());

@@ -546,7 +546,8 @@ async fn handle(
     let mut rec = RequestRecord {
         src: Some(down.peer),
         source: down.source.clone(),
-        service: Some(down.service.clone()),
+        service: Some(format!("{}/{}", down.service.namespace, down.service.hostname)),
+        xds: Some(wp.mesh.xds.clone()),
         method: req.method().to_string(),
         authority: authority.clone(),
         path: req
@@ -561,7 +562,7 @@ async fn handle(
     };
     {
         let store = wp.mesh.xds.store();
-        rec.source_workload = store.workload_by_ip(down.peer.ip()).cloned();
+        rec.source_workload = store.workload_by_ip(down.peer.ip()).map(|w| w.uid.clone());
     }
     let mut load = None;
     let response = match smuggling(&req, ambiguous) {
@@ -792,13 +793,11 @@ async fn route(
     }
     {
         let store = wp.mesh.xds.store();
-        rec.destination_workload = store.workload_by_ip(dest.target().ip()).cloned();
-        // The service the request went to (a route may send it to another).
-        if target.0 != format!("{}/{}", down.service.namespace, down.service.hostname)
-            && let Some(s) = store.service(&target.0)
-        {
-            rec.service = Some(s.clone());
-        }
+        rec.destination_workload = store.workload_by_ip(dest.target().ip()).map(|w| w.uid.clone());
+    }
+    // The service the request went to (a route may send it to another).
+    if rec.service.as_deref() != Some(target.0.as_str()) {
+        rec.service = Some(target.0.clone());
     }
     *load = Some(wp.upstreams.loads.hold(dest.target().ip()));
 

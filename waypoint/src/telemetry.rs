@@ -60,16 +60,18 @@ pub struct RequestRecord {
     pub src: Option<SocketAddr>,
     /// The client's verified identity.
     pub source: Option<SpiffeId>,
-    /// The client's workload, when the waypoint knows it.
-    pub source_workload: Option<Workload>,
-    /// The service it was addressed to.
-    pub service: Option<Service>,
+    /// The client's workload (uid), when the waypoint knows it.
+    pub source_workload: Option<String>,
+    /// The service it went to (`namespace/hostname`).
+    pub service: Option<String>,
     /// The endpoint chosen.
     pub upstream: Option<SocketAddr>,
-    /// The endpoint's workload.
-    pub destination_workload: Option<Workload>,
+    /// The endpoint's workload (uid).
+    pub destination_workload: Option<String>,
     /// The endpoint's identity.
     pub destination: Option<SpiffeId>,
+    /// Where the labels' workload and service details are looked up (once per label set).
+    pub xds: Option<trellis_core::xds::XdsClient>,
     /// Method.
     pub method: String,
     /// `:authority` / Host.
@@ -106,10 +108,54 @@ fn or_unknown(s: &str) -> String {
     }
 }
 
+/// The four series of one label set, registered once.
+struct Handles {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+    request_bytes: metrics::Histogram,
+    response_bytes: metrics::Histogram,
+}
+
+/// Label sets seen, by the values that make them (registering a series copies and sorts its
+/// 25 labels and walks the registry: per request that cost more than the proxying). Bounded:
+/// past [`CACHE_MAX`] entries it starts over (the recorder keeps the series).
+static CACHE: std::sync::LazyLock<
+    std::sync::RwLock<std::collections::HashMap<String, std::sync::Arc<Handles>>>,
+> = std::sync::LazyLock::new(Default::default);
+const CACHE_MAX: usize = 8192;
+
 impl RequestRecord {
+    /// What makes the label set: every value the labels are computed from.
+    fn key(&self) -> String {
+        use std::fmt::Write;
+        let mut k = String::with_capacity(160);
+        let _ = write!(
+            k,
+            "{}|{}|{}|{}|{}|{}|{}|{}|{}",
+            self.source.as_ref().map(ToString::to_string).unwrap_or_default(),
+            self.source_workload.as_deref().unwrap_or(""),
+            self.service.as_deref().unwrap_or(""),
+            self.destination_workload.as_deref().unwrap_or(""),
+            self.destination.as_ref().map(ToString::to_string).unwrap_or_default(),
+            self.status,
+            self.grpc_status.as_deref().unwrap_or(""),
+            self.flags,
+            self.grpc,
+        );
+        k
+    }
+
     fn labels(&self) -> Vec<metrics::Label> {
-        let sw = self.source_workload.as_ref();
-        let dw = self.destination_workload.as_ref();
+        let store = self.xds.as_ref().map(|x| x.store());
+        let workload = |uid: &Option<String>| -> Option<Workload> {
+            store.as_ref()?.workload(uid.as_deref()?).cloned()
+        };
+        let service: Option<Service> = self
+            .service
+            .as_deref()
+            .and_then(|key| store.as_ref()?.service(key).cloned());
+        let (sw, dw) = (workload(&self.source_workload), workload(&self.destination_workload));
+        let (sw, dw) = (sw.as_ref(), dw.as_ref());
         let name = |w: Option<&Workload>| {
             w.map(|w| {
                 if w.workload_name.is_empty() {
@@ -126,56 +172,35 @@ impl RequestRecord {
             .map(|w| w.namespace.clone())
             .or_else(|| self.source.as_ref().map(|s| s.namespace().to_string()))
             .unwrap_or_default();
-        let svc = |f: fn(&Service) -> &str| self.service.as_ref().map(f).unwrap_or("").to_string();
+        let svc = |f: fn(&Service) -> &str| service.as_ref().map(f).unwrap_or("").to_string();
         let pairs: [(&'static str, String); 25] = [
             ("reporter", "waypoint".into()),
             ("source_workload", name(sw)),
             ("source_canonical_service", field(sw, |w| &w.canonical_name)),
-            (
-                "source_canonical_revision",
-                field(sw, |w| &w.canonical_revision),
-            ),
+            ("source_canonical_revision", field(sw, |w| &w.canonical_revision)),
             ("source_workload_namespace", src_ns),
             (
                 "source_principal",
-                self.source
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
+                self.source.as_ref().map(ToString::to_string).unwrap_or_default(),
             ),
             ("source_app", field(sw, |w| &w.canonical_name)),
             ("source_version", field(sw, |w| &w.canonical_revision)),
             ("source_cluster", field(sw, |w| &w.cluster_id)),
             ("destination_workload", name(dw)),
-            (
-                "destination_workload_namespace",
-                field(dw, |w| &w.namespace),
-            ),
+            ("destination_workload_namespace", field(dw, |w| &w.namespace)),
             (
                 "destination_principal",
-                self.destination
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
+                self.destination.as_ref().map(ToString::to_string).unwrap_or_default(),
             ),
             ("destination_app", field(dw, |w| &w.canonical_name)),
             ("destination_version", field(dw, |w| &w.canonical_revision)),
             ("destination_service", svc(|s| &s.hostname)),
             ("destination_service_name", svc(|s| &s.name)),
             ("destination_service_namespace", svc(|s| &s.namespace)),
-            (
-                "destination_canonical_service",
-                field(dw, |w| &w.canonical_name),
-            ),
-            (
-                "destination_canonical_revision",
-                field(dw, |w| &w.canonical_revision),
-            ),
+            ("destination_canonical_service", field(dw, |w| &w.canonical_name)),
+            ("destination_canonical_revision", field(dw, |w| &w.canonical_revision)),
             ("destination_cluster", field(dw, |w| &w.cluster_id)),
-            (
-                "request_protocol",
-                if self.grpc { "grpc" } else { "http" }.into(),
-            ),
+            ("request_protocol", if self.grpc { "grpc" } else { "http" }.into()),
             ("response_code", self.status.to_string()),
             (
                 "grpc_response_status",
@@ -197,15 +222,38 @@ impl RequestRecord {
             .collect()
     }
 
+    fn handles(&self) -> std::sync::Arc<Handles> {
+        let key = self.key();
+        if let Some(h) = CACHE.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return h.clone();
+        }
+        let labels = self.labels();
+        let h = std::sync::Arc::new(Handles {
+            requests: metrics::counter!("istio_requests_total", labels.clone()),
+            duration: metrics::histogram!("istio_request_duration_milliseconds", labels.clone()),
+            request_bytes: metrics::histogram!("istio_request_bytes", labels.clone()),
+            response_bytes: metrics::histogram!("istio_response_bytes", labels),
+        });
+        let mut cache = CACHE.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, h.clone());
+        h
+    }
+
     /// Counts the request and writes its access-log line.
     pub fn finish(&self) {
-        let labels = self.labels();
-        metrics::counter!("istio_requests_total", labels.clone()).increment(1);
-        metrics::histogram!("istio_request_duration_milliseconds", labels.clone())
-            .record(self.duration.as_secs_f64() * 1000.0);
-        metrics::histogram!("istio_request_bytes", labels.clone())
-            .record(self.request_bytes as f64);
-        metrics::histogram!("istio_response_bytes", labels).record(self.response_bytes as f64);
+        let h = self.handles();
+        h.requests.increment(1);
+        h.duration.record(self.duration.as_secs_f64() * 1000.0);
+        h.request_bytes.record(self.request_bytes as f64);
+        h.response_bytes.record(self.response_bytes as f64);
+        let service = self
+            .service
+            .as_deref()
+            .and_then(|k| k.split_once('/'))
+            .map_or("-", |(_, host)| host);
         tracing::info!(
             target: "access",
             src = %self.src.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
@@ -218,7 +266,7 @@ impl RequestRecord {
             grpc_status = %self.grpc_status.as_deref().unwrap_or("-"),
             response_flags = self.flags,
             route = %self.rule,
-            service = %self.service.as_ref().map_or("-", |s| s.hostname.as_str()),
+            service = %service,
             upstream = %self.upstream.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             upstream_identity = %self.destination.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into()),
             bytes_received = self.request_bytes,

@@ -26,7 +26,7 @@ use crate::Mesh;
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, crate::BoxError>;
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
-const MAX_IDLE_PER_ENDPOINT: usize = 32;
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 
 /// Where a request goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
