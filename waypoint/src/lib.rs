@@ -178,6 +178,18 @@ pub fn connect_mesh(config: &Config) -> Result<Mesh, BoxError> {
 pub async fn run(config: Config) -> Result<(), BoxError> {
     let config = Arc::new(config);
     let metrics = telemetry::install_metrics()?;
+    {
+        // Histogram samples wait in the recorder until drained: drained here every few
+        // seconds whether or not anyone scrapes (else they grow without bound).
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                metrics.run_upkeep();
+            }
+        });
+    }
     let mesh = Arc::new(connect_mesh(&config)?);
     {
         // The certificate now, so the first connection does not wait for it.

@@ -7,6 +7,11 @@ use std::time::Duration;
 use clap::Parser;
 use trellis_waypoint::Config;
 
+/// mimalloc rather than glibc's malloc: measured in docs/performance.md (the waypoint
+/// allocates per request; glibc's arenas took a quarter of its CPU under load).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "trellis-waypoint", version, about)]
 struct Cli {

@@ -546,7 +546,10 @@ async fn handle(
     let mut rec = RequestRecord {
         src: Some(down.peer),
         source: down.source.clone(),
-        service: Some(format!("{}/{}", down.service.namespace, down.service.hostname)),
+        service: Some(format!(
+            "{}/{}",
+            down.service.namespace, down.service.hostname
+        )),
         xds: Some(wp.mesh.xds.clone()),
         method: req.method().to_string(),
         authority: authority.clone(),
@@ -793,7 +796,9 @@ async fn route(
     }
     {
         let store = wp.mesh.xds.store();
-        rec.destination_workload = store.workload_by_ip(dest.target().ip()).map(|w| w.uid.clone());
+        rec.destination_workload = store
+            .workload_by_ip(dest.target().ip())
+            .map(|w| w.uid.clone());
     }
     // The service the request went to (a route may send it to another).
     if rec.service.as_deref() != Some(target.0.as_str()) {

@@ -132,11 +132,17 @@ impl RequestRecord {
         let _ = write!(
             k,
             "{}|{}|{}|{}|{}|{}|{}|{}|{}",
-            self.source.as_ref().map(ToString::to_string).unwrap_or_default(),
+            self.source
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
             self.source_workload.as_deref().unwrap_or(""),
             self.service.as_deref().unwrap_or(""),
             self.destination_workload.as_deref().unwrap_or(""),
-            self.destination.as_ref().map(ToString::to_string).unwrap_or_default(),
+            self.destination
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
             self.status,
             self.grpc_status.as_deref().unwrap_or(""),
             self.flags,
@@ -154,7 +160,10 @@ impl RequestRecord {
             .service
             .as_deref()
             .and_then(|key| store.as_ref()?.service(key).cloned());
-        let (sw, dw) = (workload(&self.source_workload), workload(&self.destination_workload));
+        let (sw, dw) = (
+            workload(&self.source_workload),
+            workload(&self.destination_workload),
+        );
         let (sw, dw) = (sw.as_ref(), dw.as_ref());
         let name = |w: Option<&Workload>| {
             w.map(|w| {
@@ -177,30 +186,51 @@ impl RequestRecord {
             ("reporter", "waypoint".into()),
             ("source_workload", name(sw)),
             ("source_canonical_service", field(sw, |w| &w.canonical_name)),
-            ("source_canonical_revision", field(sw, |w| &w.canonical_revision)),
+            (
+                "source_canonical_revision",
+                field(sw, |w| &w.canonical_revision),
+            ),
             ("source_workload_namespace", src_ns),
             (
                 "source_principal",
-                self.source.as_ref().map(ToString::to_string).unwrap_or_default(),
+                self.source
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
             ),
             ("source_app", field(sw, |w| &w.canonical_name)),
             ("source_version", field(sw, |w| &w.canonical_revision)),
             ("source_cluster", field(sw, |w| &w.cluster_id)),
             ("destination_workload", name(dw)),
-            ("destination_workload_namespace", field(dw, |w| &w.namespace)),
+            (
+                "destination_workload_namespace",
+                field(dw, |w| &w.namespace),
+            ),
             (
                 "destination_principal",
-                self.destination.as_ref().map(ToString::to_string).unwrap_or_default(),
+                self.destination
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
             ),
             ("destination_app", field(dw, |w| &w.canonical_name)),
             ("destination_version", field(dw, |w| &w.canonical_revision)),
             ("destination_service", svc(|s| &s.hostname)),
             ("destination_service_name", svc(|s| &s.name)),
             ("destination_service_namespace", svc(|s| &s.namespace)),
-            ("destination_canonical_service", field(dw, |w| &w.canonical_name)),
-            ("destination_canonical_revision", field(dw, |w| &w.canonical_revision)),
+            (
+                "destination_canonical_service",
+                field(dw, |w| &w.canonical_name),
+            ),
+            (
+                "destination_canonical_revision",
+                field(dw, |w| &w.canonical_revision),
+            ),
             ("destination_cluster", field(dw, |w| &w.cluster_id)),
-            ("request_protocol", if self.grpc { "grpc" } else { "http" }.into()),
+            (
+                "request_protocol",
+                if self.grpc { "grpc" } else { "http" }.into(),
+            ),
             ("response_code", self.status.to_string()),
             (
                 "grpc_response_status",
