@@ -334,6 +334,12 @@ pub fn random_u64() -> u64 {
     })
 }
 
+/// Where a connection to workload `w` at `target` goes: HBONE to it when it is in the mesh,
+/// plain TCP when not.
+pub fn workload_route(trust_domain: &str, w: &Workload, target: SocketAddr) -> Route {
+    to_workload(trust_domain, w, target)
+}
+
 /// The identity of a workload, in `trust_domain` unless it names its own.
 pub fn workload_identity(trust_domain: &str, w: &Workload) -> Option<SpiffeId> {
     identity_of(trust_domain, w)

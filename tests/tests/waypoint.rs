@@ -768,3 +768,70 @@ fn sigterm_drains_the_waypoint_then_it_exits() {
         Ok(())
     });
 }
+
+#[test]
+fn a_workload_bound_to_the_waypoint_is_reached_through_it() {
+    with_cluster("waypoint_workload", 2, |c| {
+        let n2 = &c.nodes()[1];
+        let mesh = Mesh::start(c)?;
+        let shop = shop(c, &mesh)?;
+        // The waypoint takes workload traffic too.
+        mesh.apply(
+            "waypoint-shop-waypoint.yaml",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: shop, labels: {istio.io/waypoint-for: all}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: waypoint, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}\nspec:\n  clusterIP: 10.96.0.50\n  selector: {gateway.networking.k8s.io/gateway-name: waypoint}\n  ports: [{name: mesh, port: 15008}]\n",
+        )?;
+        let db = c.add_pod(
+            n2,
+            "shop",
+            "db",
+            "db",
+            &[("app", "db"), ("istio.io/use-waypoint", "waypoint")],
+        )?;
+        mesh.register_pod(c, &db)?;
+        mesh.wait_captured(c, &db, true)?;
+        let _server = serve(c, &db)?;
+        let url = format!("http://{}:8080/hello", db.ip);
+        let r = eventually(
+            "db to be reached through the waypoint",
+            Duration::from_secs(20),
+            || {
+                Ok(
+                    http(c, &shop.client, &url, 1, &["--expect-status", "200"]).is_ok_and(|r| {
+                        r["last_body"]["peer"]
+                            .as_str()
+                            .is_some_and(|p| p.starts_with(&format!("{}:", shop.waypoint.ip)))
+                    }),
+                )
+            },
+        );
+        r.with_context(|| {
+            format!(
+                "db did not see the waypoint as its caller: {:?}; the waypoint knows {}",
+                http(c, &shop.client, &url, 1, &[]),
+                mesh.waypoint_config(c, &shop.waypoint)
+                    .map(|d| d["workloads"].to_string())
+                    .unwrap_or_default()
+            )
+        })?;
+        eventually(
+            "the waypoint to log the request to db",
+            Duration::from_secs(10),
+            || {
+                Ok(shop.wp.output().lines().any(|l| {
+                    l.contains("\"path\":\"/hello\"")
+                        && l.contains(&format!("\"upstream\":\"{}:8080\"", db.ip))
+                }))
+            },
+        )?;
+        // A TCP connection to it is detected as not HTTP and forwarded as TCP.
+        let mut cmd = testapp();
+        cmd.args(["tcp", &format!("{}:9000", db.ip), "--bytes", "50000"]);
+        let out: Value = serde_json::from_str(c.run(&shop.client, "echo-db", cmd)?.trim())?;
+        ensure!(
+            out["intact"] == true,
+            "TCP to db through the waypoint: {out}"
+        );
+        let _ = (&shop.s1, &shop.s2);
+        Ok(())
+    });
+}

@@ -120,7 +120,21 @@ fn config_dump(wp: &Waypoint) -> String {
             })
         })
         .collect();
-    let (workloads, services, _) = store.len();
+    let workloads: Vec<serde_json::Value> = store
+        .workloads()
+        .map(|w| {
+            json!({
+                "uid": w.uid,
+                "addresses": w.addresses.iter().filter_map(|a| match a.len() {
+                    4 => <[u8; 4]>::try_from(a.as_slice()).ok().map(|b| std::net::IpAddr::from(b).to_string()),
+                    16 => <[u8; 16]>::try_from(a.as_slice()).ok().map(|b| std::net::IpAddr::from(b).to_string()),
+                    _ => None,
+                }).collect::<Vec<_>>(),
+                "waypoint": w.waypoint.is_some(),
+            })
+        })
+        .collect();
+    let (_, services, _) = store.len();
     let dump = json!({
         "identity": wp.mesh.identity.to_string(),
         "ready": wp.is_ready(),

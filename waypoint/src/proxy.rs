@@ -199,7 +199,60 @@ struct Downstream {
     source: Option<SpiffeId>,
     target: SocketAddr,
     route: String,
-    service: Service,
+    /// The service it was addressed to (none for workload-addressed traffic).
+    service: Option<Service>,
+    /// For workload-addressed traffic: the workload (uid) it was addressed to.
+    workload: Option<String>,
+}
+
+impl Downstream {
+    /// `namespace/hostname` of the service addressed, or empty.
+    fn service_key(&self) -> String {
+        self.service
+            .as_ref()
+            .map(|s| format!("{}/{}", s.namespace, s.hostname))
+            .unwrap_or_default()
+    }
+
+    /// Where the connection goes when no route says otherwise: the workload it was
+    /// addressed to, or an endpoint of the service.
+    fn default_dest(&self, wp: &Waypoint, random: u64) -> Result<Dest, UpstreamError> {
+        match &self.workload {
+            Some(uid) => wp.upstreams.to_workload(uid, self.target),
+            None => wp
+                .upstreams
+                .choose(&self.service_key(), self.target.port(), random),
+        }
+    }
+}
+
+/// Whether the workload at `ip` is bound to this waypoint (`istio.io/use-waypoint` for
+/// workload traffic): its uid.
+fn workload_bound_here(wp: &Waypoint, ip: std::net::IpAddr) -> Option<String> {
+    use trellis_proto::istio::workload::gateway_address::Destination;
+    let store = wp.mesh.xds.store();
+    let w = store.workload_by_ip(ip)?;
+    let gw = w.waypoint.as_ref()?;
+    let (ns, name) = &wp.config.gateway;
+    let mine = match gw.destination.as_ref()? {
+        Destination::Hostname(h) => {
+            h.namespace == *ns && h.hostname.starts_with(&format!("{name}.{ns}.svc."))
+        }
+        Destination::Address(a) => {
+            let ip = match a.address.len() {
+                4 => <[u8; 4]>::try_from(a.address.as_slice())
+                    .ok()
+                    .map(std::net::IpAddr::from),
+                16 => <[u8; 16]>::try_from(a.address.as_slice())
+                    .ok()
+                    .map(std::net::IpAddr::from),
+                _ => None,
+            };
+            ip.and_then(|ip| store.service_by_vip(ip))
+                .is_some_and(|s| s.namespace == *ns && s.name == *name)
+        }
+    };
+    mine.then(|| w.uid.clone())
 }
 
 /// What a connection is for: the route of the service port `target` names, when this
@@ -219,6 +272,21 @@ fn resolve(wp: &Waypoint, target: SocketAddr) -> Option<(String, Service, Arc<Ta
 async fn on_connect(wp: Arc<Waypoint>, source: SpiffeId, peer: SocketAddr, inc: hbone::Incoming) {
     let target = inc.target;
     let Some((route, service, table)) = resolve(&wp, target) else {
+        // Workload-addressed: a pod bound to this waypoint, asked for by its address. No
+        // routes attach to a workload: requests go to it, policy (issue 15) applies.
+        if let Some(uid) = workload_bound_here(&wp, target.ip()) {
+            let Ok(tunnel) = inc.accept() else { return };
+            let down = Arc::new(Downstream {
+                peer,
+                source: Some(source),
+                target,
+                route: String::new(),
+                service: None,
+                workload: Some(uid),
+            });
+            serve_connection(wp, down, AppProtocol::Unspecified, tunnel).await;
+            return;
+        }
         tracing::info!(%peer, %target, source = %source, "refusing a CONNECT for what this waypoint does not serve (404)");
         inc.refuse(StatusCode::NOT_FOUND);
         return;
@@ -235,7 +303,8 @@ async fn on_connect(wp: Arc<Waypoint>, source: SpiffeId, peer: SocketAddr, inc: 
         source: Some(source),
         target,
         route,
-        service,
+        service: Some(service),
+        workload: None,
     });
     serve_connection(wp, down, table.protocol, tunnel).await;
 }
@@ -288,7 +357,8 @@ pub async fn serve_plaintext(wp: Arc<Waypoint>, listener: TcpListener, target: S
                 source: None,
                 target,
                 route,
-                service,
+                service: Some(service),
+                workload: None,
             });
             serve_connection(wp, down, table.protocol, tcp).await;
         });
@@ -395,11 +465,9 @@ async fn tcp_forward<T: AsyncRead + AsyncWrite + Unpin>(
     mut io: T,
 ) {
     let start = Instant::now();
-    let key = format!("{}/{}", down.service.namespace, down.service.hostname);
     let result = async {
-        let dest = wp
-            .upstreams
-            .choose(&key, down.target.port(), random_u64())
+        let dest = down
+            .default_dest(&wp, random_u64())
             .map_err(|e| e.to_string())?;
         let _load = wp.upstreams.loads.hold(dest.target().ip());
         let mut up = wp.upstreams.open(&dest).await.map_err(|e| e.to_string())?;
@@ -417,7 +485,7 @@ async fn tcp_forward<T: AsyncRead + AsyncWrite + Unpin>(
         target: "access",
         src = %down.peer,
         peer_identity = %down.source.as_ref().map_or_else(|| "-".to_string(), ToString::to_string),
-        service = %down.service.hostname,
+        service = %down.service.as_ref().map_or("-", |s| s.hostname.as_str()),
         port = down.target.port(),
         protocol = "tcp",
         upstream = %upstream,
@@ -546,10 +614,10 @@ async fn handle(
     let mut rec = RequestRecord {
         src: Some(down.peer),
         source: down.source.clone(),
-        service: Some(format!(
-            "{}/{}",
-            down.service.namespace, down.service.hostname
-        )),
+        service: down
+            .service
+            .as_ref()
+            .map(|s| format!("{}/{}", s.namespace, s.hostname)),
         xds: Some(wp.mesh.xds.clone()),
         method: req.method().to_string(),
         authority: authority.clone(),
@@ -657,7 +725,13 @@ async fn route(
     request_bytes: &Arc<AtomicU64>,
     load: &mut Option<trellis_core::routing::LoadGuard>,
 ) -> Result<Response<Body>, Response<Body>> {
-    let table = wp.table(&down.route).ok_or_else(|| {
+    // Workload-addressed traffic has no routes: an empty table sends it to the workload.
+    let table = if down.workload.is_some() {
+        Some(Arc::new(Table::compile(&Default::default())))
+    } else {
+        wp.table(&down.route)
+    };
+    let table = table.ok_or_else(|| {
         rec.flags = "NR";
         local(StatusCode::NOT_FOUND, "no route")
     })?;
@@ -782,14 +856,16 @@ async fn route(
             (target, rule.request_timeout, rule.backend_timeout)
         }
     };
-    let dest = wp
-        .upstreams
-        .choose(&target.0, target.1, random)
-        .map_err(|e| {
-            rec.flags = e.flag();
-            rec.error = Some(e.to_string());
-            local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
-        })?;
+    let dest = if found.is_none() {
+        down.default_dest(wp, random)
+    } else {
+        wp.upstreams.choose(&target.0, target.1, random)
+    };
+    let dest = dest.map_err(|e| {
+        rec.flags = e.flag();
+        rec.error = Some(e.to_string());
+        local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
+    })?;
     rec.upstream = Some(dest.target());
     if let Dest::Hbone { identity, .. } = &dest {
         rec.destination = Some(identity.clone());
@@ -801,7 +877,7 @@ async fn route(
             .map(|w| w.uid.clone());
     }
     // The service the request went to (a route may send it to another).
-    if rec.service.as_deref() != Some(target.0.as_str()) {
+    if !target.0.is_empty() && rec.service.as_deref() != Some(target.0.as_str()) {
         rec.service = Some(target.0.clone());
     }
     *load = Some(wp.upstreams.loads.hold(dest.target().ip()));

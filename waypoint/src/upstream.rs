@@ -167,6 +167,29 @@ impl Upstreams {
         }
     }
 
+    /// Workload `uid` itself at `target` (workload-addressed traffic).
+    pub fn to_workload(&self, uid: &str, target: SocketAddr) -> Result<Dest, UpstreamError> {
+        let store = self.mesh.xds.store();
+        let Some(w) = store.workload(uid) else {
+            return Err(UpstreamError::NoHealthy(format!(
+                "workload {uid} is not known"
+            )));
+        };
+        match trellis_core::routing::workload_route(&self.mesh.trust_domain, w, target) {
+            Route::Hbone {
+                target,
+                via,
+                identity,
+            } => Ok(Dest::Hbone {
+                target,
+                via,
+                identity,
+            }),
+            Route::Passthrough(addr) => Ok(Dest::Plain(addr)),
+            Route::Refuse(why) => Err(UpstreamError::NoHealthy(why)),
+        }
+    }
+
     /// Sends `req` to `dest` over HTTP/2 (`h2`) or HTTP/1.1, reusing a connection when one
     /// is free.
     pub async fn send(

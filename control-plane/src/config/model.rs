@@ -604,10 +604,10 @@ impl Model {
         self.authorization_policies.iter()
     }
 
-    /// What each waypoint Gateway (namespace, name) may read of the `Address` resources:
-    /// the Services it fronts, the pods behind them, and the pods bound to it directly
-    /// (workload-addressed traffic), by resource name. A waypoint does not read the rest of
-    /// the mesh.
+    /// What each waypoint Gateway (namespace, name) may read, by resource name: the
+    /// Services it fronts and the pods behind them, the pods bound to it directly
+    /// (workload-addressed traffic), the Services its routes send to and their pods, its own
+    /// Service, and its Route resources. A waypoint does not read the rest of the mesh.
     pub fn waypoint_views(
         &self,
         mesh: &MeshConfig,
@@ -648,6 +648,12 @@ impl Model {
                         view.insert(pod_uid(pns, pname));
                     }
                 }
+            }
+        }
+        // Its own Service (named after the Gateway): how workloads bound to it name it.
+        for (gw, view) in views.iter_mut() {
+            if self.services.contains_key(gw) {
+                view.insert(format!("{}/{}", gw.0, hostname(&gw.1, &gw.0, mesh)));
             }
         }
         // Its Route resources (one per port of each Service it fronts).
