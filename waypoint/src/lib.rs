@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod framing;
+pub mod logbuf;
 pub mod proxy;
 pub mod routes;
 pub mod telemetry;

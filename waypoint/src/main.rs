@@ -95,7 +95,7 @@ fn main() -> std::process::ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(trellis_waypoint::logbuf::start());
     if cli.log_format == "json" {
         fmt.json().init();
     } else {
@@ -149,7 +149,9 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
-    match rt.block_on(trellis_waypoint::run(config)) {
+    let result = rt.block_on(trellis_waypoint::run(config));
+    trellis_waypoint::logbuf::flush();
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => fail(e.to_string()),
     }

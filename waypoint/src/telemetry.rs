@@ -128,21 +128,23 @@ impl RequestRecord {
     /// What makes the label set: every value the labels are computed from.
     fn key(&self) -> String {
         use std::fmt::Write;
-        let mut k = String::with_capacity(160);
+        let mut k = String::with_capacity(200);
+        if let Some(s) = &self.source {
+            let _ = write!(k, "{s}");
+        }
         let _ = write!(
             k,
-            "{}|{}|{}|{}|{}|{}|{}|{}|{}",
-            self.source
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
+            "|{}|{}|{}|",
             self.source_workload.as_deref().unwrap_or(""),
             self.service.as_deref().unwrap_or(""),
             self.destination_workload.as_deref().unwrap_or(""),
-            self.destination
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
+        );
+        if let Some(d) = &self.destination {
+            let _ = write!(k, "{d}");
+        }
+        let _ = write!(
+            k,
+            "|{}|{}|{}|{}",
             self.status,
             self.grpc_status.as_deref().unwrap_or(""),
             self.flags,
