@@ -1131,3 +1131,36 @@ fn waypoint_service_ports_get_valid_names_and_names_must_start_with_a_letter() {
     assert!(names.iter().all(|n| n.len() <= 15 && !n.contains('.')));
     assert!(waypoint::objects(&waypoint_gateway("1waypoint"), &template()).is_err());
 }
+
+#[test]
+fn a_route_whose_waypoint_is_not_ready_is_pending() {
+    use trellis_control_plane::controller::routes::route_statuses;
+    // The controller wrote Programmed=False on the waypoint Gateway (no ready pod).
+    let gateway_status = "\nstatus:\n  conditions:\n    - {type: Programmed, status: \"False\", reason: Pending, message: waiting for the waypoint's Deployment to have a ready pod}\n";
+    let marker = "gatewayClassName: istio-waypoint";
+    let i = ROUTES.find(marker).expect("fixture has a waypoint Gateway");
+    let end = ROUTES[i..].find("\n---").map_or(ROUTES.len(), |e| i + e);
+    let yaml = format!("{}{}{}", &ROUTES[..end], gateway_status, &ROUTES[end..]);
+    let statuses = route_statuses(&model_from(&yaml), &MeshConfig::default());
+    let body = statuses.values().next().unwrap();
+    let service_parent = &body["status"]["parents"][1];
+    assert_eq!(service_parent["parentRef"]["name"], "cart");
+    let accepted = &service_parent["conditions"][0];
+    assert_eq!(accepted["status"], "False", "{accepted}");
+    assert_eq!(accepted["reason"], "Pending");
+    assert!(
+        accepted["message"].as_str().unwrap().contains("ready pod"),
+        "{accepted}"
+    );
+    // Ready again: accepted.
+    let ready = yaml.replace(
+        "{type: Programmed, status: \"False\"",
+        "{type: Programmed, status: \"True\"",
+    );
+    let statuses = route_statuses(&model_from(&ready), &MeshConfig::default());
+    let body = statuses.values().next().unwrap();
+    assert_eq!(
+        body["status"]["parents"][1]["conditions"][0]["status"],
+        "True"
+    );
+}

@@ -4,7 +4,9 @@
 //! A route gets an entry in `status.parents` for each parent Trellis serves: a waypoint
 //! `Gateway`, or a `Service` (a mesh route, served by the service's waypoint). Conditions:
 //! - `Accepted`: `True`; `False` with `NoMatchingParent` when the Service does not exist
-//!   or has no waypoint (the route cannot take effect until one is bound);
+//!   or has no waypoint (the route cannot take effect until one is bound); `False` with
+//!   `Pending` while the waypoint serving it is not ready (its Gateway's `Programmed` is
+//!   `False`: no ready pod), so a route never says it is enforced when nothing enforces it;
 //! - `ResolvedRefs`: `True`, or `False` with `BackendNotFound` naming the backend Services
 //!   that do not exist, or `RefNotPermitted` naming backends in another namespace that no
 //!   ReferenceGrant there allows (not used).
@@ -58,6 +60,25 @@ pub fn route_statuses(model: &Model, mesh: &MeshConfig) -> BTreeMap<Target, Valu
         .collect()
 }
 
+/// Why waypoint `gw` is not serving, when its Gateway's status says so (`Programmed`
+/// False: on Kubernetes the controller writes it from the Deployment's ready pods). A
+/// Gateway without that condition (directory mode, or not yet observed) is taken as serving.
+fn not_programmed(model: &Model, gw: &(String, String)) -> Option<String> {
+    let status = model.gateway(&gw.0, &gw.1)?.status.as_ref()?;
+    let programmed = status
+        .conditions
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some("Programmed"))?;
+    (programmed.get("status").and_then(Value::as_str) == Some("False")).then(|| {
+        programmed
+            .get("message")
+            .and_then(Value::as_str)
+            .or_else(|| programmed.get("reason").and_then(Value::as_str))
+            .unwrap_or("Programmed is False")
+            .to_string()
+    })
+}
+
 struct Route<'a> {
     kind: &'static str,
     plural: &'static str,
@@ -68,7 +89,7 @@ struct Route<'a> {
 }
 
 impl Route<'_> {
-    fn status(&self, model: &Model, mesh: &MeshConfig) -> Option<(Target, Value)> {
+    fn status(&self, model: &Model, _mesh: &MeshConfig) -> Option<(Target, Value)> {
         let ns = self.metadata.namespace.clone().unwrap_or_default();
         let name = self.metadata.name.clone().unwrap_or_default();
         let generation = self.metadata.generation;
@@ -146,13 +167,24 @@ impl Route<'_> {
                         "NoMatchingParent",
                         &format!("no Service {pns}/{}", p.name),
                     ),
-                    Some(labels) => match model.waypoint_of(&pns, &labels, "service", mesh) {
-                        Some(_) => condition(
-                            "Accepted",
-                            true,
-                            "Accepted",
-                            "served by the Service's waypoint",
-                        ),
+                    Some(labels) => match model.waypoint_key_of(&pns, &labels, "service") {
+                        Some(gw) => match not_programmed(model, &gw) {
+                            Some(why) => condition(
+                                "Accepted",
+                                false,
+                                "Pending",
+                                &format!(
+                                    "the Service's waypoint {}/{} is not ready ({why}): the route takes effect once it is",
+                                    gw.0, gw.1
+                                ),
+                            ),
+                            None => condition(
+                                "Accepted",
+                                true,
+                                "Accepted",
+                                "served by the Service's waypoint",
+                            ),
+                        },
                         None => condition(
                             "Accepted",
                             false,
@@ -170,7 +202,19 @@ impl Route<'_> {
                     && p.kind.as_deref().unwrap_or("Gateway") == "Gateway";
                 match model.gateway(&pns, &p.name) {
                     Some(gw) if is_gateway && gw.is_waypoint() => {
-                        condition("Accepted", true, "Accepted", "attached to the waypoint")
+                        match not_programmed(model, &(pns.clone(), p.name.clone())) {
+                            Some(why) => condition(
+                                "Accepted",
+                                false,
+                                "Pending",
+                                &format!(
+                                    "the waypoint is not ready ({why}): the route takes effect once it is"
+                                ),
+                            ),
+                            None => {
+                                condition("Accepted", true, "Accepted", "attached to the waypoint")
+                            }
+                        }
                     }
                     // Another implementation's parent, or none at all: not ours to judge.
                     _ => continue,
