@@ -240,3 +240,87 @@ spec:
     let grpc_only = grant.replace("kind: HTTPRoute", "kind: GRPCRoute");
     assert_eq!(hosts(&[CLUSTER, other, &grpc_only])[1], "");
 }
+
+#[test]
+fn a_policy_attached_to_the_waypoint_refuses_its_traffic_until_enforced() {
+    let policy = |target: &str, extra: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop{extra}}}\nspec:\n  targetRefs: [{target}]\n  action: DENY\n  rules: [{{to: [{{operation: {{methods: [POST]}}}}]}}]\n"
+        )
+    };
+    let refused = |texts: &[&str]| -> Vec<(String, bool)> {
+        let snap = Snapshot::build(&model(texts), &MeshConfig::default());
+        routes(&snap)
+            .into_iter()
+            .map(|(n, r)| (n, !r.refused.is_empty()))
+            .collect()
+    };
+    // Nothing attached: nothing refused.
+    assert!(refused(&[CLUSTER]).iter().all(|(_, r)| !r));
+    // Attached to the waypoint Gateway: every port refused, and the waypoint's marker.
+    let gw = policy(
+        "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}",
+        "",
+    );
+    let all = refused(&[CLUSTER, &gw]);
+    assert!(all.iter().all(|(_, r)| *r), "{all:?}");
+    assert!(
+        all.iter()
+            .any(|(n, _)| n == "shop/waypoint:waypoint-policy"),
+        "{all:?}"
+    );
+    // Attached to the Service: its ports.
+    let svc = policy("{group: \"\", kind: Service, name: web}", "");
+    assert!(
+        refused(&[CLUSTER, &svc])
+            .iter()
+            .all(|(n, r)| *r == n.starts_with("shop/web.shop.svc"))
+    );
+    // Dry-run and AUDIT enforce nothing.
+    let dry = policy(
+        "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}",
+        ", annotations: {istio.io/dry-run: \"true\"}",
+    );
+    assert!(refused(&[CLUSTER, &dry]).iter().all(|(_, r)| !r));
+    let audit = gw.replace("action: DENY", "action: AUDIT");
+    assert!(refused(&[CLUSTER, &audit]).iter().all(|(_, r)| !r));
+}
+
+#[test]
+fn a_route_from_another_namespace_is_not_applied() {
+    let consumer = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: evil}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sink, namespace: evil}
+spec: {clusterIP: 10.96.9.9, ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: takeover, namespace: evil}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, namespace: shop, port: 80}]
+  rules:
+    - backendRefs: [{name: sink, port: 80}]
+"#;
+    let base = CLUSTER
+        .split("---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute")
+        .next()
+        .unwrap();
+    let snap = Snapshot::build(&model(&[base, consumer]), &MeshConfig::default());
+    let route = &routes(&snap)["shop/web.shop.svc.cluster.local:80"];
+    assert!(
+        route.rules.is_empty(),
+        "a consumer route was applied: {:?}",
+        route.rules
+    );
+    use trellis_control_plane::controller::routes::route_statuses;
+    let statuses = route_statuses(&model(&[base, consumer]), &MeshConfig::default());
+    let body = statuses.values().next().unwrap();
+    let accepted = &body["status"]["parents"][0]["conditions"][0];
+    assert_eq!(accepted["status"], "False", "{accepted}");
+    assert_eq!(accepted["reason"], "UnsupportedValue");
+}

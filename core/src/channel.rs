@@ -122,7 +122,12 @@ pub fn control_plane_channel(target: &ControlPlaneTarget) -> Result<Channel, Str
     target.roots.client_config()?;
     let mut endpoint = Endpoint::from_shared(format!("http://{rest}"))
         .map_err(|e| format!("{}: invalid address: {e}", target.endpoint))?
-        .connect_timeout(target.connect_timeout);
+        .connect_timeout(target.connect_timeout)
+        // A control plane that vanished without a reset is noticed (the xDS stream is
+        // long-lived and mostly idle): HTTP/2 pings, a dead connection is re-made.
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
     if let Some(t) = target.request_timeout {
         endpoint = endpoint.timeout(t);
     }

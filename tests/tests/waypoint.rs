@@ -835,3 +835,64 @@ fn a_workload_bound_to_the_waypoint_is_reached_through_it() {
         Ok(())
     });
 }
+
+/// L7 policy at the waypoint is issue 15; until then an AuthorizationPolicy attached to the
+/// waypoint is not silently unenforced: the waypoint refuses the traffic it covers.
+#[test]
+fn a_policy_the_waypoint_cannot_enforce_yet_refuses_its_traffic() {
+    with_cluster("waypoint_policy_refuses", 2, |c| {
+        let mesh = Mesh::start(c)?;
+        let shop = shop(c, &mesh)?;
+        wait_route(
+            &mesh,
+            c,
+            &shop.waypoint,
+            "shop/web.shop.svc.cluster.local:80",
+            0,
+        )?;
+        http(
+            c,
+            &shop.client,
+            "http://10.96.0.10/",
+            1,
+            &["--expect-status", "200"],
+        )?;
+        let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-post, namespace: shop}\nspec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\n  action: DENY\n  rules: [{to: [{operation: {methods: [POST]}}]}]\n";
+        mesh.apply("deny-post.yaml", policy)?;
+        eventually(
+            "the waypoint to refuse web",
+            Duration::from_secs(20),
+            || {
+                let mut cmd = testapp();
+                cmd.args(["http", "http://10.96.0.10/", "--timeout", "5"]);
+                Ok(c.run(&shop.client, "refused", cmd).is_err())
+            },
+        )?;
+        eventually(
+            "the waypoint to log why it refused",
+            Duration::from_secs(5),
+            || {
+                Ok(shop.wp.output().contains(
+                    "deny-post is attached here and the waypoint does not enforce L7 policy yet",
+                ))
+            },
+        )?;
+        std::fs::remove_file(
+            c.nodes()[0]
+                .state_dir()
+                .join("control-plane/config/deny-post.yaml"),
+        )?;
+        eventually("web served again", Duration::from_secs(20), || {
+            Ok(http(
+                c,
+                &shop.client,
+                "http://10.96.0.10/",
+                1,
+                &["--expect-status", "200"],
+            )
+            .is_ok())
+        })?;
+        let _ = (&shop.s1, &shop.s2);
+        Ok(())
+    });
+}

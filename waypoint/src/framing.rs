@@ -18,8 +18,9 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Longest head followed (hyper's limit is lower; past this the tap stops).
-const MAX_HEAD: usize = 256 * 1024;
+/// Longest head followed; hyper's limit is set no higher (past it the tap stops, and a
+/// request it did not judge is refused).
+pub const MAX_HEAD: usize = 256 * 1024;
 
 /// For each HTTP/1.1 request of the connection, in order: whether its framing was
 /// ambiguous.
@@ -27,13 +28,11 @@ const MAX_HEAD: usize = 256 * 1024;
 pub struct Verdicts(Arc<Mutex<VecDeque<bool>>>);
 
 impl Verdicts {
-    /// The verdict on the next request (`false` when the tap knows nothing).
-    pub fn next(&self) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front()
-            .unwrap_or(false)
+    /// The verdict on the next request: `Some(false)` clean, `Some(true)` ambiguous,
+    /// `None` when the tap could not follow the stream (the caller refuses: what cannot be
+    /// judged is not passed).
+    pub fn next(&self) -> Option<bool> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
     }
 
     fn push(&self, ambiguous: bool) {
@@ -224,9 +223,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingTap<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &r {
-            let new = buf.filled()[before..].to_vec();
-            self.feed(&new);
+        if let Poll::Ready(Ok(())) = &r
+            && !matches!(self.state, State::Stopped)
+        {
+            let this = &mut *self;
+            this.feed(&buf.filled()[before..]);
         }
         r
     }
@@ -258,7 +259,7 @@ mod tests {
             tap.feed(part);
         }
         let mut out = Vec::new();
-        while let Some(x) = v.0.lock().unwrap().pop_front() {
+        while let Some(x) = v.next() {
             out.push(x);
         }
         out
@@ -300,7 +301,7 @@ mod hyper_tests {
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let v = verdicts.next();
+                    let v = verdicts.next() == Some(true);
                     async move {
                         let _ = req;
                         Ok::<_, std::convert::Infallible>(hyper::Response::new(

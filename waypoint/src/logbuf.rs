@@ -1,32 +1,43 @@
-//! The log writer: lines go into a buffer that a background thread writes to stderr every
-//! 100 ms (or at once past 64 KiB), so the per-request access-log line costs a copy, not a
-//! `write(2)` (Envoy's file access log is buffered the same way). Lines are never split or
-//! reordered; what is buffered is written at exit ([`flush`]); a crash loses at most the
-//! last 100 ms.
+//! The log writer: lines go into a buffer that one background thread writes to stderr
+//! every 100 ms (woken early past 64 KiB), so the per-request access-log line costs a copy,
+//! not a `write(2)`, and no proxy thread ever blocks on a slow log pipe (Envoy's file access
+//! log is buffered the same way). Lines are never split or reordered; past 8 MiB waiting
+//! (a log reader that stopped) lines are dropped and counted; what is buffered is written
+//! at exit ([`flush`]); a crash loses at most the last 100 ms.
 
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// Past this much buffered output the writer writes at once.
+/// Past this much buffered output the writer is woken.
 const HIGH_WATER: usize = 64 * 1024;
+/// Past this much, lines are dropped (and counted).
+const CAP: usize = 8 << 20;
 
 static BUFFER: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+static WAKE: std::sync::Condvar = std::sync::Condvar::new();
+static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn drain() {
-    let out = {
-        let mut b = BUFFER.lock().unwrap_or_else(|p| p.into_inner());
-        if b.is_empty() {
-            return;
-        }
-        std::mem::take(&mut *b)
-    };
-    let _ = std::io::stderr().lock().write_all(&out);
+fn drain(b: &mut Vec<u8>) -> Vec<u8> {
+    std::mem::take(b)
+}
+
+fn write_out(out: &[u8]) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(out);
+    let dropped = DROPPED.swap(0, std::sync::atomic::Ordering::Relaxed);
+    if dropped > 0 {
+        let _ = writeln!(
+            err,
+            "log-writer: {dropped} lines dropped (the log reader fell behind)"
+        );
+    }
 }
 
 /// Writes out what is buffered (at exit).
 pub fn flush() {
-    drain();
+    let out = drain(&mut BUFFER.lock().unwrap_or_else(|p| p.into_inner()));
+    write_out(&out);
 }
 
 /// Starts the background writer; returns the `MakeWriter` for the subscriber.
@@ -35,8 +46,16 @@ pub fn start() -> Buffered {
         .name("log-writer".into())
         .spawn(|| {
             loop {
-                std::thread::sleep(Duration::from_millis(100));
-                drain();
+                let out = {
+                    let guard = BUFFER.lock().unwrap_or_else(|p| p.into_inner());
+                    let (mut guard, _) = WAKE
+                        .wait_timeout(guard, Duration::from_millis(100))
+                        .unwrap_or_else(|p| p.into_inner());
+                    drain(&mut guard)
+                };
+                if !out.is_empty() {
+                    write_out(&out);
+                }
             }
         });
     Buffered
@@ -65,11 +84,15 @@ impl Drop for Line {
     fn drop(&mut self) {
         let full = {
             let mut b = BUFFER.lock().unwrap_or_else(|p| p.into_inner());
+            if b.len() + self.0.len() > CAP {
+                DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
             b.extend_from_slice(&self.0);
             b.len() >= HIGH_WATER
         };
         if full {
-            drain();
+            WAKE.notify_one();
         }
     }
 }

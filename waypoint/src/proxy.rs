@@ -275,6 +275,20 @@ async fn on_connect(wp: Arc<Waypoint>, source: SpiffeId, peer: SocketAddr, inc: 
         // Workload-addressed: a pod bound to this waypoint, asked for by its address. No
         // routes attach to a workload: requests go to it, policy (issue 15) applies.
         if let Some(uid) = workload_bound_here(&wp, target.ip()) {
+            let (ns, name) = &wp.config.gateway;
+            let marker = format!("{ns}/{name}:waypoint-policy");
+            if let Some(why) = wp
+                .mesh
+                .xds
+                .store()
+                .route(&marker)
+                .map(|r| r.refused.clone())
+                && !why.is_empty()
+            {
+                tracing::info!(%peer, %target, source = %source, reason = %why, "refusing a CONNECT (403)");
+                inc.refuse(StatusCode::FORBIDDEN);
+                return;
+            }
             let Ok(tunnel) = inc.accept() else { return };
             let down = Arc::new(Downstream {
                 peer,
@@ -291,6 +305,11 @@ async fn on_connect(wp: Arc<Waypoint>, source: SpiffeId, peer: SocketAddr, inc: 
         inc.refuse(StatusCode::NOT_FOUND);
         return;
     };
+    if let Some(why) = &table.refused {
+        tracing::info!(%peer, %target, source = %source, reason = %why, "refusing a CONNECT (403)");
+        inc.refuse(StatusCode::FORBIDDEN);
+        return;
+    }
     let tunnel = match inc.accept() {
         Ok(t) => t,
         Err(e) => {
@@ -352,6 +371,10 @@ pub async fn serve_plaintext(wp: Arc<Waypoint>, listener: TcpListener, target: S
                 tracing::info!(%peer, %target, "plaintext listener: this waypoint does not serve its target");
                 return;
             };
+            if let Some(why) = &table.refused {
+                tracing::info!(%peer, %target, reason = %why, "plaintext listener: refused");
+                return;
+            }
             let down = Arc::new(Downstream {
                 peer,
                 source: None,
@@ -506,8 +529,9 @@ where
         let (wp, down) = (wp.clone(), down.clone());
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let (wp, down) = (wp.clone(), down.clone());
-            // HTTP/1 requests come in order; the tap judged each one's framing.
-            let ambiguous = req.version() != Version::HTTP_2 && verdicts.next();
+            // HTTP/1 requests come in order; the tap judged each one's framing (one it
+            // could not follow counts as ambiguous: refused, never passed unjudged).
+            let ambiguous = req.version() != Version::HTTP_2 && verdicts.next() != Some(false);
             async move { Ok::<_, Infallible>(handle(wp, down, req, ambiguous).await) }
         })
     };
@@ -516,7 +540,11 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(wp.config.header_read_timeout)
-        .max_buf_size(wp.config.max_header_bytes.max(8192));
+        .max_buf_size(
+            wp.config
+                .max_header_bytes
+                .clamp(8192, crate::framing::MAX_HEAD),
+        );
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -699,7 +727,9 @@ fn smuggling<B>(req: &Request<B>, ambiguous: bool) -> Option<&'static str> {
         return None;
     }
     if ambiguous {
-        return Some("both Content-Length and Transfer-Encoding");
+        return Some(
+            "ambiguous framing (both Content-Length and Transfer-Encoding, or a head the framing check cannot follow)",
+        );
     }
     let te: Vec<&HeaderValue> = req
         .headers()
@@ -743,7 +773,15 @@ async fn route(
             "the route of this port is invalid",
         ));
     }
+    if let Some(why) = &table.refused {
+        // A policy attached here that this waypoint cannot enforce yet: fail closed.
+        rec.error = Some(why.clone());
+        return Err(local(StatusCode::FORBIDDEN, "RBAC: access denied"));
+    }
     let (mut parts, body) = req.into_parts();
+    // Hop-by-hop headers go first: neither matched on nor able to remove what a filter
+    // adds (a client's `Connection: x-added` would otherwise strip the route's header).
+    strip_hop_by_hop(&mut parts.headers);
     let pq = parts
         .uri
         .path_and_query()
@@ -812,14 +850,14 @@ async fn route(
                     }
                     Filter::Mirror { target, percent } => {
                         if let Some(t) = target
-                            && ((random >> 16) % 10_000) as f64 / 100.0 < *percent
+                            && (random_u64() % 10_000) as f64 / 100.0 < *percent
                         {
                             mirrors.push(t);
                         }
                     }
                 }
             }
-            let Some(backend) = rule.pick(random) else {
+            let Some(backend) = rule.pick(random_u64()) else {
                 rec.error = Some("no backend with a weight".into());
                 return Err(local(StatusCode::INTERNAL_SERVER_ERROR, "no backend"));
             };
@@ -844,7 +882,7 @@ async fn route(
                     }
                     Filter::Mirror { target, percent } => {
                         if let Some(t) = target
-                            && ((random >> 16) % 10_000) as f64 / 100.0 < *percent
+                            && (random_u64() % 10_000) as f64 / 100.0 < *percent
                         {
                             mirrors.push(t);
                         }
@@ -888,7 +926,6 @@ async fn route(
         AppProtocol::Http1 => false,
         _ => parts.version == Version::HTTP_2,
     };
-    strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key("x-request-id") {
         let id = format!("{:016x}{:016x}", random_u64(), random_u64());
         if let Ok(v) = HeaderValue::from_str(&id) {
@@ -959,13 +996,22 @@ async fn route(
                 }
                 .boxed_unsync();
                 let up = wp.upstreams.clone();
+                let limit = wp.config.connect_timeout * 6;
                 tokio::spawn(async move {
-                    let req = Request::from_parts(mparts, body);
-                    match up.send(&mdest, h2, req).await {
-                        Ok(resp) => {
-                            let _ = resp.into_body().collect().await;
+                    // Bounded: a mirror that hangs is given up, its response read and
+                    // dropped frame by frame (never held whole).
+                    let mirror = async {
+                        let req = Request::from_parts(mparts, body);
+                        match up.send(&mdest, h2, req).await {
+                            Ok(resp) => {
+                                let mut body = resp.into_body();
+                                while let Some(Ok(_)) = body.frame().await {}
+                            }
+                            Err(e) => tracing::debug!(error = %e, "mirror request failed"),
                         }
-                        Err(e) => tracing::debug!(error = %e, "mirror request failed"),
+                    };
+                    if tokio::time::timeout(limit, mirror).await.is_err() {
+                        tracing::debug!("mirror request given up after {limit:?}");
                     }
                 });
                 mirror_txs.push((tx, aborted));

@@ -29,6 +29,9 @@ pub struct Table {
     pub rules: Vec<Rule>,
     /// Why the route could not be compiled (every request answers 500).
     pub error: Option<String>,
+    /// Why every connection to this port is refused (403): a policy attached here that
+    /// this waypoint cannot enforce yet.
+    pub refused: Option<String>,
 }
 
 /// One rule (one match).
@@ -202,6 +205,7 @@ impl Table {
             protocol: route.protocol(),
             rules: Vec::with_capacity(route.rules.len()),
             error: None,
+            refused: (!route.refused.is_empty()).then(|| route.refused.clone()),
         };
         for r in &route.rules {
             match compile_rule(r) {

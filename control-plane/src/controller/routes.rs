@@ -159,7 +159,14 @@ impl Route<'_> {
         let mut ours = Vec::new();
         for p in self.parents {
             let pns = p.namespace.clone().unwrap_or_else(|| ns.clone());
-            let accepted = if p.is_service() {
+            let accepted = if p.is_service() && pns != ns {
+                condition(
+                    "Accepted",
+                    false,
+                    "UnsupportedValue",
+                    "a route from another namespace than its Service's (a consumer route) is not applied: the waypoint cannot yet limit it to that namespace's clients",
+                )
+            } else if p.is_service() {
                 match model.service_labels(&pns, &p.name) {
                     None => condition(
                         "Accepted",
