@@ -236,7 +236,13 @@ impl RequestRecord {
             ("response_code", self.status.to_string()),
             (
                 "grpc_response_status",
-                self.grpc_status.clone().unwrap_or_default(),
+                // gRPC's codes are 0–16; anything else a backend sends is not a label value
+                // (it would make a series per value).
+                match self.grpc_status.as_deref().map(str::parse::<u8>) {
+                    Some(Ok(code)) if code <= 16 => code.to_string(),
+                    Some(_) => "unknown".to_string(),
+                    None => String::new(),
+                },
             ),
             ("response_flags", self.flags.to_string()),
             ("connection_security_policy", "mutual_tls".into()),

@@ -25,6 +25,11 @@ use crate::Mesh;
 /// A request or response body as the waypoint passes it on.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, crate::BoxError>;
 
+/// How long an upstream connection may stay idle.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often idle connections are swept.
+const IDLE_SWEEP: Duration = Duration::from_secs(15);
+
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 
@@ -96,7 +101,8 @@ pub struct Upstreams {
     mesh: Arc<Mesh>,
     hbone: Pool,
     connect_timeout: Duration,
-    idle: Mutex<HashMap<ConnKey, Vec<http1::SendRequest<Body>>>>,
+    /// Idle HTTP/1.1 connections, with when each went idle.
+    idle: Mutex<HashMap<ConnKey, Vec<(std::time::Instant, http1::SendRequest<Body>)>>>,
     h2: Mutex<HashMap<ConnKey, http2::SendRequest<Body>>>,
     /// Requests in flight per endpoint address (for the endpoint choice).
     pub loads: Arc<Loads>,
@@ -130,7 +136,7 @@ fn dialer(mesh: Arc<Mesh>, timeout: Duration) -> Dial {
 impl Upstreams {
     /// Upstreams of `mesh`'s identity.
     pub fn new(mesh: Arc<Mesh>, connect_timeout: Duration) -> Arc<Upstreams> {
-        Arc::new(Upstreams {
+        let up = Arc::new(Upstreams {
             hbone: Pool::new(
                 dialer(mesh.clone(), connect_timeout),
                 Duration::from_secs(60),
@@ -140,7 +146,37 @@ impl Upstreams {
             idle: Mutex::default(),
             h2: Mutex::default(),
             loads: Arc::default(),
-        })
+        });
+        // Connections idle past a minute (an endpoint that left, a burst that passed) and
+        // closed ones are dropped, so their HBONE streams and connections close too.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&up);
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(IDLE_SWEEP);
+                loop {
+                    tick.tick().await;
+                    let Some(up) = weak.upgrade() else { return };
+                    up.sweep(IDLE_TIMEOUT);
+                }
+            });
+        }
+        up
+    }
+
+    /// Drops idle HTTP/1.1 connections older than `idle` and closed connections.
+    pub fn sweep(&self, idle: Duration) {
+        let now = std::time::Instant::now();
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, list| {
+                list.retain(|(since, s)| now.duration_since(*since) < idle && !s.is_closed());
+                !list.is_empty()
+            });
+        self.h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, s| !s.is_closed());
     }
 
     /// An endpoint of service `key` (`namespace/hostname`) for its port `port`.
@@ -205,11 +241,14 @@ impl Upstreams {
         if h2 {
             let mut sender = self.h2_sender(&key).await?;
             return sender.send_request(req).await.map_err(|e| {
-                // A connection that failed is not reused.
-                self.h2
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key);
+                // A connection that died is not reused; one stream's failure (a reset, a
+                // body error) leaves the shared connection to the others.
+                if sender.is_closed() {
+                    self.h2
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&key);
+                }
                 UpstreamError::Reset(format!("{}: {e}", dest.target()))
             });
         }
@@ -226,7 +265,7 @@ impl Upstreams {
                 let mut idle = me.idle.lock().unwrap_or_else(|p| p.into_inner());
                 let list = idle.entry(key).or_default();
                 if list.len() < MAX_IDLE_PER_ENDPOINT {
-                    list.push(sender);
+                    list.push((std::time::Instant::now(), sender));
                 }
             }
         });
@@ -261,7 +300,7 @@ impl Upstreams {
         loop {
             let reused = {
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                idle.get_mut(key).and_then(Vec::pop)
+                idle.get_mut(key).and_then(Vec::pop).map(|(_, s)| s)
             };
             match reused {
                 Some(s) if s.is_ready() => return Ok(s),
