@@ -96,13 +96,16 @@ struct ConnKey {
     h2: bool,
 }
 
+/// Idle HTTP/1.1 connections of one endpoint, each with when it went idle.
+type IdleList = Vec<(std::time::Instant, http1::SendRequest<Body>)>;
+
 /// The waypoint's upstream connections.
 pub struct Upstreams {
     mesh: Arc<Mesh>,
     hbone: Pool,
     connect_timeout: Duration,
     /// Idle HTTP/1.1 connections, with when each went idle.
-    idle: Mutex<HashMap<ConnKey, Vec<(std::time::Instant, http1::SendRequest<Body>)>>>,
+    idle: Mutex<HashMap<ConnKey, IdleList>>,
     h2: Mutex<HashMap<ConnKey, http2::SendRequest<Body>>>,
     /// Requests in flight per endpoint address (for the endpoint choice).
     pub loads: Arc<Loads>,
