@@ -797,64 +797,48 @@ async fn route(
         headers: &parts.headers,
     });
     let random = random_u64();
-    let mut response_mods: Vec<&HeaderMod> = Vec::new();
-    let mut mirrors: Vec<&(String, u16)> = Vec::new();
-    let mut host = authority.to_string();
-    let mut new_path: Option<String> = None;
+    let mut edits = Edits {
+        response_mods: Vec::new(),
+        mirrors: Vec::new(),
+        host: authority.to_string(),
+        new_path: None,
+    };
     let (target, request_timeout, backend_timeout) = match found {
         None => ((table.service.clone(), table.port), None, None),
         Some((rule, prefix)) => {
             rec.rule = rule.name.clone();
             // Rule filters first (a redirect answers here); the backend's after the pick.
             for f in &rule.filters {
-                match f {
-                    Filter::RequestHeaders(m) => m.apply(&mut parts.headers),
-                    Filter::ResponseHeaders(m) => response_mods.push(m),
-                    Filter::Redirect {
+                if let Some(Filter::Redirect {
+                    scheme,
+                    hostname,
+                    port,
+                    path: pm,
+                    status,
+                }) = edits.apply(f, &mut parts.headers, &path, prefix)
+                {
+                    let location = redirect_location(
+                        &edits.host,
+                        down.target.port(),
+                        &path,
+                        query.as_deref(),
+                        prefix,
                         scheme,
                         hostname,
-                        port,
-                        path: pm,
-                        status,
-                    } => {
-                        let location = redirect_location(
-                            &host,
-                            down.target.port(),
-                            &path,
-                            query.as_deref(),
-                            prefix,
-                            scheme,
-                            hostname,
-                            *port,
-                            pm.as_ref(),
-                        );
-                        let mut resp = local(
-                            StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND),
-                            "",
-                        );
-                        if let Ok(v) = HeaderValue::from_str(&location) {
-                            resp.headers_mut().insert(header::LOCATION, v);
-                        }
-                        for m in &response_mods {
-                            m.apply(resp.headers_mut());
-                        }
-                        return Err(resp);
+                        *port,
+                        pm.as_ref(),
+                    );
+                    let mut resp = local(
+                        StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND),
+                        "",
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&location) {
+                        resp.headers_mut().insert(header::LOCATION, v);
                     }
-                    Filter::Rewrite { hostname, path: pm } => {
-                        if let Some(h) = hostname {
-                            host.clone_from(h);
-                        }
-                        if let Some(pm) = pm {
-                            new_path = Some(rewrite_path(&path, prefix, pm));
-                        }
+                    for m in &edits.response_mods {
+                        m.apply(resp.headers_mut());
                     }
-                    Filter::Mirror { target, percent } => {
-                        if let Some(t) = target
-                            && (random_u64() % 10_000) as f64 / 100.0 < *percent
-                        {
-                            mirrors.push(t);
-                        }
-                    }
+                    return Err(resp);
                 }
             }
             let Some(backend) = rule.pick(random_u64()) else {
@@ -868,32 +852,19 @@ async fn route(
                     "backend not resolved",
                 ));
             };
+            // Redirects belong to rules: a backend's is ignored.
             for f in &backend.filters {
-                match f {
-                    Filter::RequestHeaders(m) => m.apply(&mut parts.headers),
-                    Filter::ResponseHeaders(m) => response_mods.push(m),
-                    Filter::Rewrite { hostname, path: pm } => {
-                        if let Some(h) = hostname {
-                            host.clone_from(h);
-                        }
-                        if let Some(pm) = pm {
-                            new_path = Some(rewrite_path(&path, prefix, pm));
-                        }
-                    }
-                    Filter::Mirror { target, percent } => {
-                        if let Some(t) = target
-                            && (random_u64() % 10_000) as f64 / 100.0 < *percent
-                        {
-                            mirrors.push(t);
-                        }
-                    }
-                    // Redirects belong to rules.
-                    Filter::Redirect { .. } => {}
-                }
+                let _ = edits.apply(f, &mut parts.headers, &path, prefix);
             }
             (target, rule.request_timeout, rule.backend_timeout)
         }
     };
+    let Edits {
+        response_mods,
+        mirrors,
+        host,
+        new_path,
+    } = edits;
     let dest = if found.is_none() {
         down.default_dest(wp, random)
     } else {
@@ -1067,6 +1038,49 @@ async fn route(
             .map_err(|e| -> BoxError { Box::new(e) })
             .boxed_unsync(),
     ))
+}
+
+/// What a rule's and its backend's filters change on the way: response header changes to
+/// make, mirrors to copy to, the host and path to send.
+struct Edits<'t> {
+    response_mods: Vec<&'t HeaderMod>,
+    mirrors: Vec<&'t (String, u16)>,
+    host: String,
+    new_path: Option<String>,
+}
+
+impl<'t> Edits<'t> {
+    /// Applies filter `f` (request headers now, the rest recorded); a redirect is returned
+    /// for the caller to answer.
+    fn apply(
+        &mut self,
+        f: &'t Filter,
+        headers: &mut HeaderMap,
+        path: &str,
+        prefix: &str,
+    ) -> Option<&'t Filter> {
+        match f {
+            Filter::RequestHeaders(m) => m.apply(headers),
+            Filter::ResponseHeaders(m) => self.response_mods.push(m),
+            Filter::Rewrite { hostname, path: pm } => {
+                if let Some(h) = hostname {
+                    self.host.clone_from(h);
+                }
+                if let Some(pm) = pm {
+                    self.new_path = Some(rewrite_path(path, prefix, pm));
+                }
+            }
+            Filter::Mirror { target, percent } => {
+                if let Some(t) = target
+                    && (random_u64() % 10_000) as f64 / 100.0 < *percent
+                {
+                    self.mirrors.push(t);
+                }
+            }
+            Filter::Redirect { .. } => return Some(f),
+        }
+        None
+    }
 }
 
 /// The `Location` of a redirect (Gateway API `RequestRedirect`): each part from the filter,
