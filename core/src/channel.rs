@@ -173,6 +173,82 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
+/// What a proxy (ztunnel, a waypoint) says to the control plane as.
+#[derive(Debug, Clone)]
+pub struct ProxyClient {
+    /// `https://host:port` of the control plane (xDS and CA).
+    pub endpoint: String,
+    /// The name in its serving certificate.
+    pub server_name: String,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
+    /// The trust bundle as read at start (kept current by [`crate::tls::follow_roots_file`]).
+    pub roots_pem: String,
+    /// The proxy's credential for xDS and the CA.
+    pub credential: crate::credential::Credential,
+    /// Its xDS node id.
+    pub node_id: String,
+    /// The xDS types it reads.
+    pub types: Vec<String>,
+    /// Lifetime asked of the CA for its certificates.
+    pub cert_ttl: Duration,
+}
+
+/// A proxy's connections to the control plane: the trust bundle (which also verifies the
+/// control plane), the xDS client and the certificate manager. Both channels connect
+/// lazily and retry on their own.
+pub struct ProxyConnections {
+    /// The roots peers and the control plane are verified with.
+    pub bundle: Arc<TrustBundle>,
+    /// The xDS client.
+    pub xds: crate::xds::XdsClient,
+    /// Certificates from the CA.
+    pub certs: crate::cert::CertManager<crate::cert::GrpcCaClient>,
+}
+
+/// Connects a proxy to the control plane (see [`ProxyConnections`]).
+pub fn connect_proxy(c: &ProxyClient) -> Result<ProxyConnections, String> {
+    let bundle =
+        Arc::new(TrustBundle::from_pem(&c.trust_domain, &c.roots_pem).map_err(|e| e.to_string())?);
+    // Verified against the bundle as it is at each connection: after a root rotation the
+    // control plane's new serving certificate is accepted once the bundle has its root.
+    let channel = control_plane_channel(&ControlPlaneTarget {
+        endpoint: c.endpoint.clone(),
+        server_name: c.server_name.clone(),
+        roots: ControlPlaneRoots::Bundle(bundle.clone()),
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: None,
+    })?;
+    let xds = crate::xds::XdsClient::start(
+        channel,
+        crate::xds::XdsConfig {
+            node_id: c.node_id.clone(),
+            types: c.types.clone(),
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+            credential: Some(c.credential.clone()),
+        },
+    );
+    let ca = crate::cert::GrpcCaClient::new(&crate::cert::GrpcCaConfig {
+        endpoint: c.endpoint.clone(),
+        roots: ControlPlaneRoots::Bundle(bundle.clone()),
+        server_name: c.server_name.clone(),
+        credential: c.credential.clone(),
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
+    })
+    .map_err(|e| e.to_string())?;
+    let certs = crate::cert::CertManager::new(
+        ca,
+        bundle.clone(),
+        crate::cert::CertConfig {
+            ttl: c.cert_ttl,
+            ..crate::cert::CertConfig::default()
+        },
+    );
+    Ok(ProxyConnections { bundle, xds, certs })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

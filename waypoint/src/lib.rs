@@ -23,11 +23,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use trellis_core::SpiffeId;
-use trellis_core::cert::{CertConfig, CertManager, GrpcCaClient, GrpcCaConfig};
-use trellis_core::channel::{ControlPlaneRoots, ControlPlaneTarget};
+use trellis_core::cert::{CertManager, GrpcCaClient};
 use trellis_core::credential::Credential;
 use trellis_core::tls::TrustBundle;
-use trellis_core::xds::{XdsClient, XdsConfig};
+use trellis_core::xds::XdsClient;
 use trellis_proto::type_url::{ADDRESS, WAYPOINT_ROUTE};
 
 /// Errors of start-up.
@@ -128,47 +127,21 @@ pub fn connect_mesh(config: &Config) -> Result<Mesh, BoxError> {
     let (ns, name) = &config.gateway;
     let identity = SpiffeId::new(&config.trust_domain, ns, name)
         .map_err(|e| format!("the waypoint's identity (Gateway {ns}/{name}): {e}"))?;
-    let bundle = Arc::new(TrustBundle::from_pem(
-        &config.trust_domain,
-        &config.roots_pem,
-    )?);
-    let channel = trellis_core::channel::control_plane_channel(&ControlPlaneTarget {
+    let c = trellis_core::channel::connect_proxy(&trellis_core::channel::ProxyClient {
         endpoint: config.control_plane.clone(),
         server_name: config.control_plane_name.clone(),
-        roots: ControlPlaneRoots::Bundle(bundle.clone()),
-        connect_timeout: Duration::from_secs(5),
-        request_timeout: None,
-    })?;
-    let xds = XdsClient::start(
-        channel,
-        XdsConfig {
-            node_id: format!("waypoint~{ns}/{name}"),
-            types: vec![ADDRESS.into(), WAYPOINT_ROUTE.into()],
-            initial_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(10),
-            credential: Some(config.credential.clone()),
-        },
-    );
-    let ca = GrpcCaClient::new(&GrpcCaConfig {
-        endpoint: config.control_plane.clone(),
-        roots: ControlPlaneRoots::Bundle(bundle.clone()),
-        server_name: config.control_plane_name.clone(),
+        trust_domain: config.trust_domain.clone(),
+        roots_pem: config.roots_pem.clone(),
         credential: config.credential.clone(),
-        connect_timeout: Duration::from_secs(5),
-        request_timeout: Duration::from_secs(10),
+        node_id: format!("waypoint~{ns}/{name}"),
+        types: vec![ADDRESS.into(), WAYPOINT_ROUTE.into()],
+        cert_ttl: config.cert_ttl,
     })?;
     Ok(Mesh {
         identity,
-        xds,
-        certs: CertManager::new(
-            ca,
-            bundle.clone(),
-            CertConfig {
-                ttl: config.cert_ttl,
-                ..CertConfig::default()
-            },
-        ),
-        bundle,
+        xds: c.xds,
+        certs: c.certs,
+        bundle: c.bundle,
         trust_domain: config.trust_domain.clone(),
     })
 }

@@ -946,10 +946,6 @@ async fn route(
         }
     }
     // The body streams; mirrors get a copy as it passes.
-    let counted = Counted {
-        inner: body,
-        count: request_bytes.clone(),
-    };
     let mut mirror_txs = Vec::new();
     for m in mirrors {
         match wp.upstreams.choose(&m.0, m.1, random_u64()) {
@@ -990,15 +986,12 @@ async fn route(
             Err(e) => tracing::debug!(mirror = %m.0, error = %e, "mirror has no endpoint"),
         }
     }
-    let body: Body = if mirror_txs.is_empty() {
-        counted.boxed_unsync()
-    } else {
-        Tee {
-            inner: counted.boxed_unsync(),
-            mirrors: mirror_txs,
-        }
-        .boxed_unsync()
-    };
+    let body: Body = RequestBody {
+        inner: body,
+        count: request_bytes.clone(),
+        mirrors: mirror_txs,
+    }
+    .boxed_unsync();
     let up_req = Request::from_parts(parts, body);
     let deadline = match (request_timeout, backend_timeout) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -1121,54 +1114,21 @@ fn redirect_location(
     format!("{scheme_out}://{host_out}{port_part}{path_out}{query_part}")
 }
 
-/// The request body, counting what passes.
-struct Counted {
-    inner: Incoming,
-    count: Arc<AtomicU64>,
-}
-
-impl HttpBody for Counted {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
-            Some(Ok(f)) => {
-                if let Some(d) = f.data_ref() {
-                    self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
-                }
-                Poll::Ready(Some(Ok(f)))
-            }
-            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 type MirrorTx = (
     mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
     Arc<std::sync::atomic::AtomicBool>,
 );
 
-/// Passes a body on and copies each frame to mirrors; a mirror that cannot keep up is cut
-/// off (its request aborted), never waited for.
-struct Tee {
-    inner: Body,
+/// The request body on its way upstream: counts what passes and copies each frame to the
+/// mirrors; a mirror that cannot keep up is cut off (its request aborted), never waited
+/// for.
+struct RequestBody {
+    inner: Incoming,
+    count: Arc<AtomicU64>,
     mirrors: Vec<MirrorTx>,
 }
 
-impl HttpBody for Tee {
+impl HttpBody for RequestBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -1177,32 +1137,39 @@ impl HttpBody for Tee {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        match &frame {
+        match frame {
             Some(Ok(f)) => {
-                let copy = if let Some(d) = f.data_ref() {
-                    Some(Frame::data(d.clone()))
-                } else {
-                    f.trailers_ref().map(|t| Frame::trailers(t.clone()))
-                };
-                if let Some(copy) = copy {
+                if let Some(d) = f.data_ref() {
+                    self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                if !self.mirrors.is_empty() {
+                    let copy = || {
+                        f.data_ref()
+                            .map(|d| Frame::data(d.clone()))
+                            .or_else(|| f.trailers_ref().map(|t| Frame::trailers(t.clone())))
+                    };
                     self.mirrors.retain(|(tx, aborted)| {
-                        let kept = tx.try_send(Ok(copy_frame(&copy))).is_ok();
+                        let kept = copy().is_none_or(|c| tx.try_send(Ok(c)).is_ok());
                         if !kept {
                             aborted.store(true, Ordering::Release);
                         }
                         kept
                     });
                 }
+                Poll::Ready(Some(Ok(f)))
             }
-            Some(Err(_)) => {
+            Some(Err(e)) => {
                 for (_, aborted) in &self.mirrors {
                     aborted.store(true, Ordering::Release);
                 }
                 self.mirrors.clear();
+                Poll::Ready(Some(Err(Box::new(e))))
             }
-            None => self.mirrors.clear(),
+            None => {
+                self.mirrors.clear();
+                Poll::Ready(None)
+            }
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1214,17 +1181,7 @@ impl HttpBody for Tee {
     }
 }
 
-fn copy_frame(f: &Frame<Bytes>) -> Frame<Bytes> {
-    if let Some(d) = f.data_ref() {
-        Frame::data(d.clone())
-    } else if let Some(t) = f.trailers_ref() {
-        Frame::trailers(t.clone())
-    } else {
-        Frame::data(Bytes::new())
-    }
-}
-
-/// A mirror's request body, fed by [`Tee`].
+/// A mirror's request body, fed by [`RequestBody`].
 struct ChannelBody {
     rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
     aborted: Arc<std::sync::atomic::AtomicBool>,

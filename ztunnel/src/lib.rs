@@ -22,12 +22,7 @@ pub mod telemetry;
 pub use config::Config;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use trellis_core::cert::{CertConfig, CertManager, GrpcCaClient, GrpcCaConfig};
-use trellis_core::channel::{ControlPlaneRoots, ControlPlaneTarget};
-use trellis_core::tls::TrustBundle;
-use trellis_core::xds::{XdsClient, XdsConfig};
 use trellis_proto::type_url::{ADDRESS, AUTHORIZATION};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -35,51 +30,20 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The control plane's data and the certificate manager, over authenticated TLS (both
 /// connect lazily and retry on their own).
 pub fn connect_mesh(config: &Config) -> Result<mesh::Mesh, BoxError> {
-    if !config.control_plane.starts_with("https://") {
-        return Err("the control plane address must be https://: credentials and policy never travel unencrypted".into());
-    }
-    let bundle = Arc::new(TrustBundle::from_pem(
-        &config.trust_domain,
-        &config.roots_pem,
-    )?);
-    // Verified against the bundle as it is at each connection: after a root rotation the
-    // control plane's new serving certificate is accepted once the bundle has its root.
-    let channel = trellis_core::channel::control_plane_channel(&ControlPlaneTarget {
+    let c = trellis_core::channel::connect_proxy(&trellis_core::channel::ProxyClient {
         endpoint: config.control_plane.clone(),
         server_name: config.control_plane_name.clone(),
-        roots: ControlPlaneRoots::Bundle(bundle.clone()),
-        connect_timeout: Duration::from_secs(5),
-        request_timeout: None,
-    })?;
-    let xds = XdsClient::start(
-        channel,
-        XdsConfig {
-            node_id: format!("ztunnel~{}", config.node_name),
-            types: vec![ADDRESS.into(), AUTHORIZATION.into()],
-            initial_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(10),
-            credential: Some(config.credential.clone()),
-        },
-    );
-    let ca = GrpcCaClient::new(&GrpcCaConfig {
-        endpoint: config.control_plane.clone(),
-        roots: ControlPlaneRoots::Bundle(bundle.clone()),
-        server_name: config.control_plane_name.clone(),
+        trust_domain: config.trust_domain.clone(),
+        roots_pem: config.roots_pem.clone(),
         credential: config.credential.clone(),
-        connect_timeout: Duration::from_secs(5),
-        request_timeout: Duration::from_secs(10),
+        node_id: format!("ztunnel~{}", config.node_name),
+        types: vec![ADDRESS.into(), AUTHORIZATION.into()],
+        cert_ttl: config.cert_ttl,
     })?;
     Ok(mesh::Mesh {
-        xds,
-        certs: CertManager::new(
-            ca,
-            bundle.clone(),
-            CertConfig {
-                ttl: config.cert_ttl,
-                ..CertConfig::default()
-            },
-        ),
-        bundle,
+        xds: c.xds,
+        certs: c.certs,
+        bundle: c.bundle,
         trust_domain: config.trust_domain.clone(),
         loads: Arc::default(),
     })
