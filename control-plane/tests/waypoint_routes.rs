@@ -324,3 +324,115 @@ spec:
     assert_eq!(accepted["status"], "False", "{accepted}");
     assert_eq!(accepted["reason"], "UnsupportedValue");
 }
+
+#[test]
+fn a_route_attached_to_the_waypoint_gateway_applies_to_the_services_it_names() {
+    let extra = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.20, selector: {app: api}, ports: [{name: http, port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: everyone, namespace: shop}
+spec:
+  parentRefs: [{name: waypoint}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /all}}]
+      backendRefs: [{name: web-v2, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: only-api, namespace: shop}
+spec:
+  parentRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint, sectionName: mesh}]
+  hostnames: [api.shop.svc.cluster.local]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /api}}]
+      backendRefs: [{name: web-v1, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: wrong-listener, namespace: shop}
+spec:
+  parentRefs: [{name: waypoint, sectionName: nope}]
+  rules:
+    - backendRefs: [{name: web-v1, port: 80}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: other}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: from-elsewhere, namespace: other}
+spec:
+  parentRefs: [{name: waypoint, namespace: shop}]
+  rules:
+    - backendRefs: [{name: web-v1, namespace: shop, port: 80}]
+"#;
+    let m = model(&[CLUSTER, extra]);
+    let snap = Snapshot::build(&m, &MeshConfig::default());
+    let all = routes(&snap);
+    let rule_names =
+        |r: &pb::Route| -> Vec<String> { r.rules.iter().map(|r| r.name.clone()).collect() };
+    let web = rule_names(&all["shop/web.shop.svc.cluster.local:80"]);
+    let api = rule_names(&all["shop/api.shop.svc.cluster.local:80"]);
+    // The Service's own routes come before the Gateway's; a route without hostnames
+    // applies to every Service of the waypoint, one with hostnames only to those named.
+    assert_eq!(
+        web.last().map(String::as_str),
+        Some("shop/everyone/0"),
+        "{web:?}"
+    );
+    assert!(
+        web.iter().all(|n| !n.starts_with("shop/only-api")),
+        "{web:?}"
+    );
+    assert_eq!(api, ["shop/only-api/0", "shop/everyone/0"], "{api:?}");
+    // A listener that does not exist, and a namespace the listener does not allow
+    // (allowedRoutes defaults to Same): not applied anywhere, and the status says why.
+    assert!(
+        all.values()
+            .flat_map(|r| &r.rules)
+            .all(|r| !r.name.contains("wrong-listener") && !r.name.contains("from-elsewhere"))
+    );
+    use trellis_control_plane::controller::routes::route_statuses;
+    let statuses = route_statuses(&m, &MeshConfig::default());
+    let accepted = |name: &str| {
+        let body = statuses
+            .iter()
+            .find(|(t, _)| t.name == name)
+            .map(|(_, b)| b)
+            .unwrap_or_else(|| panic!("no status for {name}"));
+        let c = &body["status"]["parents"][0]["conditions"][0];
+        (
+            c["status"].as_str().unwrap().to_string(),
+            c["reason"].as_str().unwrap().to_string(),
+        )
+    };
+    assert_eq!(accepted("only-api").1, "Accepted");
+    assert_eq!(
+        accepted("wrong-listener"),
+        ("False".into(), "NoMatchingParent".into())
+    );
+    assert_eq!(
+        accepted("from-elsewhere"),
+        ("False".into(), "NotAllowedByListeners".into())
+    );
+
+    // A listener allowing routes from namespaces by label takes the other namespace's.
+    let all_ns = CLUSTER.replace(
+        "listeners: [{name: mesh, port: 15008, protocol: HBONE}]",
+        "listeners: [{name: mesh, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: Selector, selector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: In, values: [other]}]}}}}]",
+    );
+    let extra = extra.replace(
+        "metadata: {name: other}",
+        "metadata: {name: other, labels: {kubernetes.io/metadata.name: other}}",
+    );
+    let m = model(&[&all_ns, &extra]);
+    let snap = Snapshot::build(&m, &MeshConfig::default());
+    let web = rule_names(&routes(&snap)["shop/web.shop.svc.cluster.local:80"]);
+    assert!(web.iter().any(|n| n == "other/from-elsewhere/0"), "{web:?}");
+}

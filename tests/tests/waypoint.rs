@@ -297,6 +297,40 @@ spec:
             .is_some(),
             "no request duration histogram"
         );
+
+        // A route attached to the waypoint Gateway itself, naming the Service by hostname,
+        // applies alongside the Service's own routes (its longer path prefix ranks first).
+        mesh.apply(
+            "gateway-route.yaml",
+            r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: on-waypoint, namespace: shop}
+spec:
+  parentRefs: [{name: waypoint}]
+  hostnames: [web.shop.svc.cluster.local]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /v1-only}}]
+      backendRefs: [{name: web-v1, port: 80}]
+"#,
+        )?;
+        wait_route(
+            &mesh,
+            c,
+            &shop.waypoint,
+            "shop/web.shop.svc.cluster.local:80",
+            3,
+        )?;
+        let gw = http(
+            c,
+            &shop.client,
+            "http://10.96.0.10/v1-only/x",
+            40,
+            &["--expect-status", "200"],
+        )?;
+        ensure!(
+            count(&gw, "pods", "web-v1") == 40,
+            "the Gateway's route sends /v1-only to web-v1: {gw}"
+        );
         Ok(())
     });
 }

@@ -388,6 +388,14 @@ impl Model {
         self.gateways.get(&(ns.to_string(), name.to_string()))
     }
 
+    /// The labels of namespace `ns` (none when it is not known).
+    pub fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
+        self.namespaces
+            .get(ns)
+            .and_then(|n| n.metadata.labels.clone())
+            .unwrap_or_default()
+    }
+
     /// The labels of Service `ns/name`, if it exists.
     pub fn service_labels(&self, ns: &str, name: &str) -> Option<BTreeMap<String, String>> {
         let svc = self.services.get(&(ns.to_string(), name.to_string()))?;

@@ -11,6 +11,9 @@
 //!   match, more header matches, more query matches; ties by the route's age, then
 //!   `namespace/name`, then rule and match order. The waypoint takes the first that
 //!   matches; a request no rule matches goes to the Service it was addressed to.
+//! - Routes attached to the Service's **waypoint Gateway** apply too when the Gateway's
+//!   listeners allow them and their `hostnames` name the Service (or they have none);
+//!   they rank by how exactly they name it (see [`gateway_attachment`]).
 //! - **Backends**: a Service of the route's namespace, or of another namespace whose
 //!   `ReferenceGrant` allows the route's kind from the route's namespace; any other
 //!   cross-namespace backend is not used (its share answers 500; route status
@@ -24,8 +27,8 @@ use k8s_openapi::api::core::v1::ServicePort;
 use trellis_proto::trellis::waypoint::v1 as pb;
 
 use super::gateway::{
-    FilterType, GrpcMethodMatch, HttpBackendRef, HttpHeaderMatch, HttpRouteFilter, HttpRouteMatch,
-    ParentReference, PathMatchType, PathModifier, PathModifierType, ValueMatchType,
+    FilterType, FromNamespaces, GrpcMethodMatch, HttpBackendRef, HttpHeaderMatch, HttpRouteFilter,
+    HttpRouteMatch, ParentReference, PathMatchType, PathModifier, PathModifierType, ValueMatchType,
 };
 use super::model::{MeshConfig, Model};
 
@@ -67,6 +70,7 @@ fn service_ref(ns: &str, name: &str, port: u32, mesh: &MeshConfig) -> pb::Servic
 /// One (route, rule, match) with what orders it.
 struct Candidate {
     order: (
+        u8,
         u8,
         std::cmp::Reverse<usize>,
         bool,
@@ -234,6 +238,172 @@ pub fn route_backends(model: &Model, mesh: &MeshConfig) -> BTreeMap<Key, BTreeSe
     out
 }
 
+/// Why a route's parentRef to a waypoint Gateway does not attach: the `Accepted=False`
+/// reason and message of its status.
+pub type NotAttached = (&'static str, String);
+
+/// How a route of `kind` in `route_ns` attaches through parentRef `p`: `None` when `p` is
+/// not a Trellis waypoint Gateway (not ours to judge); `Some(Ok(gateway))` when it attaches
+/// to the waypoint; `Some(Err(why))` when it names one but the waypoint's listeners do not
+/// take it. The parentRef's `sectionName` and `port` pick listeners (a Gateway with none
+/// has the implicit HBONE listener `mesh` on 15008); a listener's `allowedRoutes` decides
+/// the namespaces (`Same`, the default; `All`; `Selector` by the namespace's labels) and
+/// the kinds.
+pub fn gateway_attachment(
+    model: &Model,
+    kind: &str,
+    route_ns: &str,
+    p: &ParentReference,
+) -> Option<Result<Key, NotAttached>> {
+    let is_gateway = p.group.as_deref().unwrap_or(GATEWAY_GROUP) == GATEWAY_GROUP
+        && p.kind.as_deref().unwrap_or("Gateway") == "Gateway";
+    if !is_gateway {
+        return None;
+    }
+    let gns = p.namespace.as_deref().unwrap_or(route_ns);
+    let gw = model.gateway(gns, &p.name).filter(|g| g.is_waypoint())?;
+    let implicit = [super::gateway::Listener {
+        name: "mesh".into(),
+        port: 15008,
+        protocol: "HBONE".into(),
+        ..Default::default()
+    }];
+    let listeners = if gw.spec.listeners.is_empty() {
+        &implicit[..]
+    } else {
+        &gw.spec.listeners[..]
+    };
+    let picked: Vec<_> = listeners
+        .iter()
+        .filter(|l| p.section_name.as_ref().is_none_or(|s| *s == l.name))
+        .filter(|l| p.port.is_none_or(|port| port == l.port))
+        .collect();
+    if picked.is_empty() {
+        return Some(Err((
+            "NoMatchingParent",
+            format!(
+                "waypoint {gns}/{} has no listener{}{}",
+                p.name,
+                p.section_name
+                    .as_ref()
+                    .map(|s| format!(" named {s:?}"))
+                    .unwrap_or_default(),
+                p.port.map(|n| format!(" on port {n}")).unwrap_or_default()
+            ),
+        )));
+    }
+    let ns_labels = model.namespace_labels(route_ns);
+    let allows = |l: &super::gateway::Listener| {
+        let allowed = l.allowed_routes.as_ref();
+        let namespaces = allowed.and_then(|a| a.namespaces.as_ref());
+        let from_ok = match namespaces.and_then(|n| n.from) {
+            None | Some(FromNamespaces::Same) => route_ns == gns,
+            Some(FromNamespaces::All) => true,
+            Some(FromNamespaces::Selector) => namespaces
+                .and_then(|n| n.selector.as_ref())
+                .is_some_and(|sel| selector_matches(sel, &ns_labels)),
+        };
+        let kinds = allowed.map(|a| &a.kinds[..]).unwrap_or(&[]);
+        let kind_ok = kinds.is_empty()
+            || kinds.iter().any(|k| {
+                k.kind == kind && k.group.as_deref().unwrap_or(GATEWAY_GROUP) == GATEWAY_GROUP
+            });
+        from_ok && kind_ok
+    };
+    if !picked.iter().any(|l| allows(l)) {
+        return Some(Err((
+            "NotAllowedByListeners",
+            format!(
+                "the listeners of waypoint {gns}/{} do not allow {kind}s from namespace {route_ns} (allowedRoutes)",
+                p.name
+            ),
+        )));
+    }
+    Some(Ok((gns.to_string(), p.name.clone())))
+}
+
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+
+/// Whether a Kubernetes label selector (`matchLabels`, `matchExpressions` with `In`,
+/// `NotIn`, `Exists`, `DoesNotExist`) matches `labels`. A selector it cannot read matches
+/// nothing (a route is never attached by a selector misread).
+fn selector_matches(sel: &serde_json::Value, labels: &BTreeMap<String, String>) -> bool {
+    use serde_json::Value;
+    let Some(obj) = sel.as_object() else {
+        return false;
+    };
+    if let Some(ml) = obj.get("matchLabels") {
+        let Some(ml) = ml.as_object() else {
+            return false;
+        };
+        for (k, v) in ml {
+            if labels.get(k).map(String::as_str) != v.as_str() {
+                return false;
+            }
+        }
+    }
+    if let Some(exprs) = obj.get("matchExpressions") {
+        let Some(exprs) = exprs.as_array() else {
+            return false;
+        };
+        for e in exprs {
+            let key = e.get("key").and_then(Value::as_str);
+            let op = e.get("operator").and_then(Value::as_str);
+            let values: Option<Vec<&str>> = match e.get("values") {
+                None => Some(Vec::new()),
+                Some(v) => v
+                    .as_array()
+                    .and_then(|a| a.iter().map(Value::as_str).collect()),
+            };
+            let (Some(key), Some(op), Some(values)) = (key, op, values) else {
+                return false;
+            };
+            let have = labels.get(key).map(String::as_str);
+            let ok = match op {
+                "In" => have.is_some_and(|h| values.contains(&h)),
+                "NotIn" => have.is_none_or(|h| !values.contains(&h)),
+                "Exists" => have.is_some(),
+                "DoesNotExist" => have.is_none(),
+                _ => false,
+            };
+            if !ok {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// How well a Gateway-attached route's `hostnames` name Service `ns/name`: `Some(0)` for
+/// an exact name (`name.ns.svc.<suffix>`, `name.ns.svc`, `name.ns`), `Some(1)` for a
+/// wildcard (`*.ns.svc.<suffix>`, ...), `Some(2)` when the route has no hostnames (it
+/// applies to every Service of the waypoint), `None` when none names this Service.
+fn hostname_rank(hostnames: &[String], ns: &str, name: &str, mesh: &MeshConfig) -> Option<u8> {
+    if hostnames.is_empty() {
+        return Some(2);
+    }
+    let fqdn = format!("{name}.{ns}.svc.{}", mesh.domain_suffix);
+    let exact = [
+        fqdn.clone(),
+        format!("{name}.{ns}.svc"),
+        format!("{name}.{ns}"),
+    ];
+    let mut best = None;
+    for h in hostnames {
+        let h = h.to_ascii_lowercase();
+        if exact.contains(&h) {
+            return Some(0);
+        }
+        if let Some(suffix) = h.strip_prefix('*')
+            && suffix.starts_with('.')
+            && exact.iter().any(|e| e.ends_with(suffix))
+        {
+            best = Some(1);
+        }
+    }
+    best
+}
+
 /// The rules of Service `ns/name` port `port`, in precedence order.
 fn rules_for(
     model: &Model,
@@ -246,20 +416,46 @@ fn rules_for(
     // another namespace) applies only to its namespace's clients in GAMMA, which the
     // waypoint cannot tell apart yet; applying it to everyone would let any namespace
     // take over another's Service. Its status says it is not applied.
-    let attached = |route_ns: &str, parents: &[ParentReference]| {
-        route_ns == ns
+    //
+    // Routes attached to the Service's waypoint Gateway apply too, when their hostnames
+    // name the Service (or they have none). Precedence puts first the routes that name the
+    // Service most exactly (a Service parent or an exact hostname, then a wildcard, then no
+    // hostnames), as the Gateway API orders hostnames before paths.
+    let labels = model.service_labels(ns, name).unwrap_or_default();
+    let gw = model.waypoint_key_of(ns, &labels, "service");
+    let attached = |kind: &str, route_ns: &str, parents: &[ParentReference], hosts: &[String]| {
+        let on_service = route_ns == ns
             && parents.iter().any(|p| {
                 p.is_service()
                     && p.namespace.as_deref().unwrap_or(route_ns) == ns
                     && p.name == name
                     && p.port.is_none_or(|pp| u32::from(pp) == port)
-            })
+            });
+        if on_service {
+            return Some(0);
+        }
+        let gw = gw.as_ref()?;
+        let on_gateway = parents.iter().any(|p| {
+            !p.is_service()
+                && gateway_attachment(model, kind, route_ns, p)
+                    .is_some_and(|a| a.as_ref().is_ok_and(|k| k == gw))
+        });
+        if on_gateway {
+            hostname_rank(hosts, ns, name, mesh)
+        } else {
+            None
+        }
     };
     let mut candidates = Vec::new();
     for ((rns, rname), route) in model.http_routes() {
-        if !attached(rns, &route.spec.parent_refs) {
+        let Some(host_rank) = attached(
+            "HTTPRoute",
+            rns,
+            &route.spec.parent_refs,
+            &route.spec.hostnames,
+        ) else {
             continue;
-        }
+        };
         let rules = route.spec.rules.iter().map(|rule| RuleIn {
             matches: if rule.matches.is_empty() {
                 vec![http_match(&HttpRouteMatch::default())]
@@ -280,14 +476,19 @@ fn rules_for(
             model,
             mesh,
             ("HTTPRoute", rns, rname),
-            age,
+            (host_rank, age),
             rules,
         );
     }
     for ((rns, rname), route) in model.grpc_routes() {
-        if !attached(rns, &route.spec.parent_refs) {
+        let Some(host_rank) = attached(
+            "GRPCRoute",
+            rns,
+            &route.spec.parent_refs,
+            &route.spec.hostnames,
+        ) else {
             continue;
-        }
+        };
         let rules = route.spec.rules.iter().map(|rule| RuleIn {
             matches: if rule.matches.is_empty() {
                 vec![pb::RouteMatch::default()]
@@ -312,7 +513,7 @@ fn rules_for(
             model,
             mesh,
             ("GRPCRoute", rns, rname),
-            age,
+            (host_rank, age),
             rules,
         );
     }
@@ -334,7 +535,7 @@ fn collect<'a>(
     model: &Model,
     mesh: &MeshConfig,
     (kind, rns, rname): (&str, &str, &str),
-    age: Option<k8s_openapi::jiff::Timestamp>,
+    (host_rank, age): (u8, Option<k8s_openapi::jiff::Timestamp>),
     rules: impl Iterator<Item = RuleIn<'a>>,
 ) {
     for (r, rule) in rules.enumerate() {
@@ -386,6 +587,7 @@ fn collect<'a>(
                 None => (2, 1),
             };
             let order = (
+                host_rank,
                 path_rank.0,
                 std::cmp::Reverse(path_rank.1),
                 matched.method.is_empty(),

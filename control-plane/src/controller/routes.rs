@@ -204,27 +204,26 @@ impl Route<'_> {
                     },
                 }
             } else {
-                let is_gateway = p.group.as_deref().unwrap_or("gateway.networking.k8s.io")
-                    == "gateway.networking.k8s.io"
-                    && p.kind.as_deref().unwrap_or("Gateway") == "Gateway";
-                match model.gateway(&pns, &p.name) {
-                    Some(gw) if is_gateway && gw.is_waypoint() => {
-                        match not_programmed(model, &(pns.clone(), p.name.clone())) {
-                            Some(why) => condition(
-                                "Accepted",
-                                false,
-                                "Pending",
-                                &format!(
-                                    "the waypoint is not ready ({why}): the route takes effect once it is"
-                                ),
+                match crate::config::routes::gateway_attachment(model, self.kind, &ns, p) {
+                    Some(Ok(gw)) => match not_programmed(model, &gw) {
+                        Some(why) => condition(
+                            "Accepted",
+                            false,
+                            "Pending",
+                            &format!(
+                                "the waypoint is not ready ({why}): the route takes effect once it is"
                             ),
-                            None => {
-                                condition("Accepted", true, "Accepted", "attached to the waypoint")
-                            }
-                        }
-                    }
+                        ),
+                        None => condition(
+                            "Accepted",
+                            true,
+                            "Accepted",
+                            "attached to the waypoint: applies to the Services it fronts that the route's hostnames name (all of them without hostnames)",
+                        ),
+                    },
+                    Some(Err((reason, why))) => condition("Accepted", false, reason, &why),
                     // Another implementation's parent, or none at all: not ours to judge.
-                    _ => continue,
+                    None => continue,
                 }
             };
             let parent_ref = strip_nulls(serde_json::to_value(p).unwrap_or_default());
