@@ -429,6 +429,45 @@ impl Incoming {
     }
 }
 
+/// Serves one HBONE connection from the raw TCP stream `tcp`, as the server whose
+/// certificate is `cert`: the mutual-TLS handshake (within 10 s; the client must present
+/// a certificate of `bundle`, counted in
+/// `trellis_hbone_handshakes_total{direction="inbound"}`), then [`serve_until`] with
+/// `on_connect` receiving the client's verified SPIFFE identity beside each CONNECT.
+/// ztunnel's inbound port and the waypoint both accept HBONE this way.
+pub async fn accept_mtls<F, Fut, D>(
+    tcp: tokio::net::TcpStream,
+    cert: &crate::tls::WorkloadCert,
+    bundle: std::sync::Arc<crate::tls::TrustBundle>,
+    on_connect: F,
+    drain: D,
+) -> Result<(), HboneError>
+where
+    F: Fn(crate::identity::SpiffeId, Incoming) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+    D: Future<Output = ()>,
+{
+    let cfg = crate::tls::server_config(cert, bundle)
+        .map_err(|e| HboneError::Dial(format!("TLS server configuration: {e}")))?;
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg)).accept(tcp),
+    )
+    .await;
+    metrics::counter!(
+        "trellis_hbone_handshakes_total",
+        "direction" => "inbound",
+        "result" => if matches!(tls, Ok(Ok(_))) { "ok" } else { "error" },
+    )
+    .increment(1);
+    let tls = tls
+        .map_err(|_| HboneError::Timeout("TLS handshake"))?
+        .map_err(|e| HboneError::Dial(format!("TLS handshake failed: {e}")))?;
+    let source = crate::tls::peer_identity(tls.get_ref().1)
+        .map_err(|e| HboneError::Dial(format!("client identity: {e}")))?;
+    serve_until(tls, move |inc| on_connect(source.clone(), inc), drain).await
+}
+
 /// Serves one HBONE connection over `io` (TLS already accepted): every valid CONNECT is
 /// handed to `on_connect` on its own task; anything else is answered 400 (not CONNECT,
 /// or an authority that is not `ip:port`). Returns when the connection ends.

@@ -9,6 +9,7 @@
 pub mod authz;
 pub mod cert;
 pub mod channel;
+pub mod copy;
 pub mod credential;
 pub mod hbone;
 pub mod identity;

@@ -150,45 +150,28 @@ async fn hbone_connection(wp: Arc<Waypoint>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let Ok(cfg) = trellis_core::tls::server_config(&cert, wp.mesh.bundle.clone()) else {
-        return;
-    };
-    let tls = match tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_rustls::TlsAcceptor::from(Arc::new(cfg)).accept(tcp),
-    )
-    .await
-    {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            tracing::info!(%peer, error = %e, "HBONE TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::info!(%peer, "HBONE TLS handshake timed out");
-            return;
-        }
-    };
-    let Ok(source) = trellis_core::tls::peer_identity(tls.get_ref().1) else {
-        return;
-    };
     let mut draining = wp.draining.clone();
     let drain = async move {
         let _ = draining.wait_for(|d| *d).await;
     };
     let handler = wp.clone();
-    let result = hbone::serve_until(
-        tls,
-        move |inc| {
+    let result = hbone::accept_mtls(
+        tcp,
+        &cert,
+        wp.mesh.bundle.clone(),
+        move |source, inc| {
             let wp = handler.clone();
-            let source = source.clone();
             async move { on_connect(wp, source, peer, inc).await }
         },
         drain,
     )
     .await;
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "HBONE connection ended");
+    match result {
+        Err(e @ (hbone::HboneError::Dial(_) | hbone::HboneError::Timeout("TLS handshake"))) => {
+            tracing::info!(%peer, error = %e, "HBONE connection refused");
+        }
+        Err(e) => tracing::debug!(%peer, error = %e, "HBONE connection ended"),
+        Ok(()) => {}
     }
 }
 
@@ -494,7 +477,7 @@ async fn tcp_forward<T: AsyncRead + AsyncWrite + Unpin>(
             .map_err(|e| e.to_string())?;
         let _load = wp.upstreams.loads.hold(dest.target().ip());
         let mut up = wp.upstreams.open(&dest).await.map_err(|e| e.to_string())?;
-        let copied = tokio::io::copy_bidirectional(&mut io, up.inner_mut())
+        let copied = trellis_core::copy::bidirectional(&mut io, up.inner_mut())
             .await
             .map_err(|e| format!("reset: {e}"))?;
         Ok::<_, String>((dest, copied))

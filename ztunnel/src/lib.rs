@@ -12,7 +12,6 @@
 
 pub mod admin;
 pub mod config;
-pub mod copy;
 pub mod inpod;
 pub mod memory;
 pub mod mesh;

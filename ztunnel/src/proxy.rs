@@ -179,16 +179,6 @@ fn dialer(netns: Arc<Netns>, mesh: Arc<Mesh>, config: Arc<Config>) -> Dial {
     })
 }
 
-/// Counts a mutual-TLS handshake of the HBONE port (`inbound`) or of the pool (`outbound`).
-fn handshake_done(direction: &'static str, ok: bool) {
-    metrics::counter!(
-        "trellis_hbone_handshakes_total",
-        "direction" => direction,
-        "result" => if ok { "ok" } else { "error" },
-    )
-    .increment(1);
-}
-
 async fn serve(listeners: [TcpListener; 3], ctx: Arc<PodCtx>, mut stopped: watch::Receiver<bool>) {
     let mut conns = JoinSet::new();
     let [out_l, in_l, hb_l] = &listeners;
@@ -242,7 +232,7 @@ where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
-    crate::copy::bidirectional(a, b).await
+    trellis_core::copy::bidirectional(a, b).await
 }
 
 fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
@@ -478,7 +468,9 @@ async fn outbound(mut client: TcpStream, peer: SocketAddr, ctx: Arc<PodCtx>) {
                         .await
                     {
                         Ok(mut tunnel) => {
-                            match crate::copy::tcp_hbone(&mut client, tunnel.stream_mut()).await {
+                            match trellis_core::copy::tcp_hbone(&mut client, tunnel.stream_mut())
+                                .await
+                            {
                                 Ok((a, b)) => (o.sent, o.received) = (a, b),
                                 // The CONNECT went out without waiting: a refusal arrives here.
                                 // 403 from Trellis, 401 from Istio's ztunnel.
@@ -623,44 +615,18 @@ async fn hbone_inbound(
             return;
         }
     };
-    let Ok(cfg) = trellis_core::tls::server_config(&cert, ctx.mesh.bundle.clone()) else {
-        return;
-    };
-    let tls = match tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_rustls::TlsAcceptor::from(Arc::new(cfg)).accept(tcp),
-    )
-    .await
-    {
-        Ok(Ok(t)) => {
-            handshake_done("inbound", true);
-            t
-        }
-        Ok(Err(e)) => {
-            handshake_done("inbound", false);
-            tracing::info!(%peer, error = %e, "HBONE TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            handshake_done("inbound", false);
-            tracing::info!(%peer, "HBONE TLS handshake timed out");
-            return;
-        }
-    };
-    let Ok(source) = trellis_core::tls::peer_identity(tls.get_ref().1) else {
-        return;
-    };
     let handler_ctx = ctx.clone();
     // When the pod's listeners close (pod gone, ztunnel stopping), the peer is told to
     // open no new stream here; open ones run on within the drain deadline.
     let drain = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
-    let result = hbone::serve_until(
-        tls,
-        move |inc| {
+    let result = hbone::accept_mtls(
+        tcp,
+        &cert,
+        ctx.mesh.bundle.clone(),
+        move |source, inc| {
             let ctx = handler_ctx.clone();
-            let source = source.clone();
             async move {
                 let start = Instant::now();
                 let labels = inbound_labels(&ctx, peer, inc.target, Some(&source), true);
@@ -691,7 +657,7 @@ async fn hbone_inbound(
                             Ok(mut app) => match inc.accept() {
                                 Ok(mut tunnel) => tokio::select! {
                                     biased;
-                                    r = crate::copy::tcp_hbone(&mut app, &mut tunnel) => match r {
+                                    r = trellis_core::copy::tcp_hbone(&mut app, &mut tunnel) => match r {
                                         // Sent is what the client sent: tunnel → app.
                                         Ok((up, down)) => (o.sent, o.received) = (down, up),
                                         Err(e) => o.result = format!("reset: {e}"),
@@ -709,7 +675,11 @@ async fn hbone_inbound(
         drain,
     )
     .await;
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "HBONE connection ended");
+    match result {
+        Err(e @ (hbone::HboneError::Dial(_) | hbone::HboneError::Timeout("TLS handshake"))) => {
+            tracing::info!(%peer, error = %e, "HBONE connection refused");
+        }
+        Err(e) => tracing::debug!(%peer, error = %e, "HBONE connection ended"),
+        Ok(()) => {}
     }
 }

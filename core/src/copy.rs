@@ -21,10 +21,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use crate::hbone::H2Stream;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use trellis_core::hbone::H2Stream;
 
 /// The first buffer of each direction.
 pub const INITIAL: usize = 8 << 10;
@@ -436,7 +436,7 @@ mod tests {
         let (client_io, server_io) = duplex(1 << 16);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let tx = std::sync::Mutex::new(Some(tx));
-        tokio::spawn(trellis_core::hbone::serve(server_io, move |inc| {
+        tokio::spawn(crate::hbone::serve(server_io, move |inc| {
             let tx = tx.lock().unwrap().take();
             async move {
                 let stream = if status == http::StatusCode::OK {
@@ -450,7 +450,7 @@ mod tests {
                 }
             }
         }));
-        let client = trellis_core::hbone::Client::handshake(client_io)
+        let client = crate::hbone::Client::handshake(client_io)
             .await
             .unwrap();
         let stream = client
