@@ -343,6 +343,9 @@ fn run() -> Result<()> {
     .arg("--credential-file")
     .arg(&credential)
     .env("RUST_LOG", "info");
+    if let Ok(w) = std::env::var("WAYPOINT_BENCH_WORKERS") {
+        wp.args(["--worker-threads", &w]);
+    }
     let waypoint = spawn("waypoint", wp, &dir.join("waypoint.log"))?;
     wait_until("the waypoint to be ready", Duration::from_secs(30), || {
         curl_ok("http://127.0.0.1:25021/healthz/ready")

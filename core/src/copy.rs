@@ -450,9 +450,7 @@ mod tests {
                 }
             }
         }));
-        let client = crate::hbone::Client::handshake(client_io)
-            .await
-            .unwrap();
+        let client = crate::hbone::Client::handshake(client_io).await.unwrap();
         let stream = client
             .connect_early(
                 "10.1.2.3:80".parse().unwrap(),

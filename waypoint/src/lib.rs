@@ -72,6 +72,8 @@ pub struct Config {
     /// Plaintext listeners (loopback only; benchmarks and debugging): each connection is
     /// served as if it were an HBONE CONNECT for the service port, from no identity.
     pub plaintext: Vec<(SocketAddr, SocketAddr)>,
+    /// Worker threads serving connections (each a single-threaded runtime).
+    pub workers: usize,
 }
 
 impl Default for Config {
@@ -95,6 +97,7 @@ impl Default for Config {
             sniff_timeout: Duration::from_secs(1),
             cert_ttl: Duration::from_secs(24 * 3600),
             plaintext: Vec::new(),
+            workers: 2,
         }
     }
 }
@@ -191,8 +194,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     });
     let (drain_tx, draining) = tokio::sync::watch::channel(false);
     let waypoint = Arc::new(proxy::Waypoint::new(config.clone(), mesh.clone(), draining));
-    let hbone = tokio::net::TcpListener::bind(config.hbone_addr)
-        .await
+    let hbone = std::net::TcpListener::bind(config.hbone_addr)
         .map_err(|e| format!("{}: {e}", config.hbone_addr))?;
     let addrs = admin::start(&config, waypoint.clone(), metrics).await?;
     tracing::info!(
@@ -203,29 +205,20 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         readiness = %addrs.readiness,
         "waypoint starting"
     );
-    let serving = tokio::spawn(proxy::serve(waypoint.clone(), hbone));
     let mut plaintext = Vec::new();
     for (listen, target) in &config.plaintext {
         if !listen.ip().is_loopback() {
             return Err(format!("--plaintext-listener {listen}: only loopback addresses (it takes clients without mTLS)").into());
         }
-        let l = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("{listen}: {e}"))?;
+        let l = std::net::TcpListener::bind(listen).map_err(|e| format!("{listen}: {e}"))?;
         tracing::warn!(listen = %listen, target = %target, "plaintext listener (no mTLS, loopback only)");
-        plaintext.push(tokio::spawn(proxy::serve_plaintext(
-            waypoint.clone(),
-            l,
-            *target,
-        )));
+        plaintext.push((l, *target));
     }
+    proxy::start_workers(&waypoint, proxy::Listeners { hbone, plaintext })
+        .map_err(|e| format!("cannot start the workers: {e}"))?;
     trellis_core::shutdown::terminated().await;
     tracing::info!(drain = ?config.drain_timeout, "shutting down: draining connections");
     let _ = drain_tx.send(true);
-    serving.abort();
-    for p in plaintext {
-        p.abort();
-    }
     waypoint.wait_drained(config.drain_timeout).await;
     if let Some(r) = roots {
         r.abort();

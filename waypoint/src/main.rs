@@ -68,7 +68,7 @@ struct Cli {
     /// connections are served as if addressed to the service port, from no identity.
     #[arg(long = "plaintext-listener", value_parser = parse_plaintext)]
     plaintext_listener: Vec<(SocketAddr, SocketAddr)>,
-    /// Worker threads.
+    /// Worker threads serving connections (each connection stays on one).
     #[arg(long, env = "WAYPOINT_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
 }
@@ -139,10 +139,13 @@ fn main() -> std::process::ExitCode {
         sniff_timeout: Duration::from_millis(cli.sniff_timeout_ms),
         cert_ttl: Duration::from_secs(cli.cert_ttl_seconds.max(10)),
         plaintext: cli.plaintext_listener,
+        workers: cli.worker_threads.max(1),
         ..Config::default()
     };
+    // This runtime runs the control side (xDS, certificates, admin, metrics upkeep); the
+    // connections are served by the workers, each on its own thread.
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cli.worker_threads.max(1))
+        .worker_threads(1)
         .enable_all()
         .build()
     {

@@ -137,8 +137,9 @@ fn dialer(mesh: Arc<Mesh>, timeout: Duration) -> Dial {
 }
 
 impl Upstreams {
-    /// Upstreams of `mesh`'s identity.
-    pub fn new(mesh: Arc<Mesh>, connect_timeout: Duration) -> Arc<Upstreams> {
+    /// Upstreams of `mesh`'s identity, counting requests in flight in `loads` (shared by
+    /// every worker's upstreams, so the endpoint choice sees the whole waypoint's load).
+    pub fn new(mesh: Arc<Mesh>, connect_timeout: Duration, loads: Arc<Loads>) -> Arc<Upstreams> {
         let up = Arc::new(Upstreams {
             hbone: Pool::new(
                 dialer(mesh.clone(), connect_timeout),
@@ -148,7 +149,7 @@ impl Upstreams {
             connect_timeout,
             idle: Mutex::default(),
             h2: Mutex::default(),
-            loads: Arc::default(),
+            loads,
         });
         // Connections idle past a minute (an endpoint that left, a burst that passed) and
         // closed ones are dropped, so their HBONE streams and connections close too.
