@@ -3,7 +3,7 @@
 //! plugin and ztunnels on the namespace cluster. These run as root; without root they fail.
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
@@ -433,6 +433,21 @@ spec:
         ensure!(
             (400.0..2500.0).contains(&took),
             "the 504 came after {took} ms"
+        );
+
+        // The timeout covers the whole response: one that starts in time but does not
+        // end is cut at 500 ms (the client sees its body break), never left to run on.
+        let t = Instant::now();
+        let r = get("/delay/drip/3000", &[]);
+        let took = t.elapsed();
+        ensure!(
+            r.is_err() && took < Duration::from_millis(2500),
+            "a response still streaming at the timeout should be cut at 500 ms: {r:?} after {took:?}"
+        );
+        let r = get("/delay/drip/10", &["--expect-status", "200"])?;
+        ensure!(
+            r["last_body"].as_str() == Some("first\nrest\n"),
+            "a dripping response that ends in time arrives whole: {r}"
         );
 
         let r = get("/empty", &[])?;

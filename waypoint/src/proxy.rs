@@ -149,84 +149,123 @@ pub struct Listeners {
     pub plaintext: Vec<(std::net::TcpListener, SocketAddr)>,
 }
 
-/// Starts `config.workers` worker threads, each a single-threaded runtime accepting from
-/// every listener. A connection, its requests and the upstream connections they use stay
-/// on the worker that accepted it — Envoy's model: no cross-thread wake-up, work stealing
-/// or lock handoff per request (with two threads sharing every task, HTTP/2 spent more
-/// CPU per request in the scheduler and in futex waits than in the proxy). Workers stop
-/// accepting when the waypoint drains; their connections drain where they are. The
-/// threads live until the process exits.
+/// A connection handed to a worker: HBONE, or plaintext standing for `target`.
+enum Accepted {
+    Hbone(std::net::TcpStream, SocketAddr),
+    Plaintext(std::net::TcpStream, SocketAddr, SocketAddr),
+}
+
+/// Starts `config.workers` worker threads, each a single-threaded runtime, and the accept
+/// loops (on the calling runtime) that hand each new connection to the worker with the
+/// fewest open connections. A connection, its requests and the upstream connections they
+/// use then stay on that worker — Envoy's model: no cross-thread wake-up, work stealing or
+/// lock handoff per request (with two threads sharing every task, HTTP/2 spent more CPU
+/// per request in the scheduler and in futex waits than in the proxy). The accept loops
+/// stop when the waypoint drains (the listeners close); connections drain where they
+/// are. The worker threads live until the process exits.
 pub fn start_workers(wp: &Arc<Waypoint>, listeners: Listeners) -> io::Result<()> {
-    let workers = wp.upstreams.len();
-    for i in 0..workers {
+    let mut workers = Vec::new();
+    for i in 0..wp.upstreams.len() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (hbone, plaintext) = {
-            let _in = rt.enter();
-            let clone = |l: &std::net::TcpListener| -> io::Result<TcpListener> {
-                let l = l.try_clone()?;
-                l.set_nonblocking(true)?;
-                TcpListener::from_std(l)
-            };
-            let hbone = clone(&listeners.hbone)?;
-            let plaintext = listeners
-                .plaintext
-                .iter()
-                .map(|(l, target)| Ok((clone(l)?, *target)))
-                .collect::<io::Result<Vec<_>>>()?;
-            (hbone, plaintext)
-        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<Accepted>();
+        let open = Arc::new(AtomicUsize::new(0));
+        workers.push((tx, open.clone()));
         let wp = wp.clone();
         std::thread::Builder::new()
             .name(format!("waypoint-worker-{i}"))
             .spawn(move || {
                 WORKER.set(i);
                 rt.block_on(async move {
-                    tokio::spawn(serve(wp.clone(), hbone));
-                    for (l, target) in plaintext {
-                        tokio::spawn(serve_plaintext(wp.clone(), l, target));
+                    while let Some(conn) = rx.recv().await {
+                        let (std_tcp, peer, target) = match conn {
+                            Accepted::Hbone(t, p) => (t, p, None),
+                            Accepted::Plaintext(t, p, target) => (t, p, Some(target)),
+                        };
+                        let on_worker = Active(open.clone());
+                        let tcp = match TcpStream::from_std(std_tcp) {
+                            Ok(t) => t,
+                            Err(e) => {
+                                tracing::warn!(%peer, error = %e, "cannot serve an accepted connection");
+                                continue;
+                            }
+                        };
+                        wp.active.fetch_add(1, Ordering::AcqRel);
+                        let active = Active(wp.active.clone());
+                        let wp = wp.clone();
+                        tokio::spawn(async move {
+                            let _counted = (active, on_worker);
+                            match target {
+                                None => hbone_connection(wp, tcp, peer).await,
+                                Some(target) => plaintext_connection(wp, tcp, peer, target).await,
+                            }
+                        });
                     }
+                    // No more connections to take: the ones open drain on this thread.
                     std::future::pending::<()>().await
                 });
             })?;
     }
+    let workers = Arc::new(workers);
+    let tokio_listener = |l: std::net::TcpListener| -> io::Result<TcpListener> {
+        l.set_nonblocking(true)?;
+        TcpListener::from_std(l)
+    };
+    let hbone = tokio_listener(listeners.hbone)?;
+    tokio::spawn(accept_loop(wp.clone(), hbone, workers.clone(), None));
+    for (l, target) in listeners.plaintext {
+        let l = tokio_listener(l)?;
+        tokio::spawn(accept_loop(wp.clone(), l, workers.clone(), Some(target)));
+    }
     Ok(())
 }
 
-/// The next connection of `listener`, or `None` once the waypoint drains (the listener
-/// is then dropped: new connections are refused).
-async fn accept(wp: &Waypoint, listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
+/// Each worker's queue of new connections and its count of open ones.
+type Workers = Arc<Vec<(mpsc::UnboundedSender<Accepted>, Arc<AtomicUsize>)>>;
+
+/// Accepts from `listener` until the waypoint drains (the listener is then dropped: new
+/// connections are refused), handing each connection to the least busy worker.
+async fn accept_loop(
+    wp: Arc<Waypoint>,
+    listener: TcpListener,
+    workers: Workers,
+    target: Option<SocketAddr>,
+) {
     let mut draining = wp.draining.clone();
+    let mut next = 0usize;
     loop {
-        tokio::select! {
+        let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(c) => return Some(c),
+                Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
                 }
             },
-            () = async { let _ = draining.wait_for(|d| *d).await; } => return None,
-        }
-    }
-}
-
-/// Accepts HBONE connections until the waypoint drains.
-pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
-    loop {
-        let (tcp, peer) = match accept(&wp, &listener).await {
-            Some(c) => c,
-            None => return,
+            () = async { let _ = draining.wait_for(|d| *d).await; } => return,
         };
         let _ = tcp.set_nodelay(true);
-        wp.active.fetch_add(1, Ordering::AcqRel);
-        let active = Active(wp.active.clone());
-        let wp = wp.clone();
-        tokio::spawn(async move {
-            let _active = active;
-            hbone_connection(wp, tcp, peer).await;
-        });
+        let Ok(tcp) = tcp.into_std() else { continue };
+        // Fewest open connections; ties go round.
+        next = next.wrapping_add(1);
+        let n = workers.len();
+        let Some(i) = (0..n)
+            .map(|k| (next + k) % n)
+            .min_by_key(|&i| workers[i].1.load(Ordering::Acquire))
+        else {
+            return;
+        };
+        workers[i].1.fetch_add(1, Ordering::AcqRel);
+        let conn = match target {
+            None => Accepted::Hbone(tcp, peer),
+            Some(t) => Accepted::Plaintext(tcp, peer, t),
+        };
+        if workers[i].0.send(conn).is_err() {
+            workers[i].1.fetch_sub(1, Ordering::AcqRel);
+            tracing::error!(worker = i, "a worker is gone: connection dropped");
+        }
     }
 }
 
@@ -424,38 +463,31 @@ async fn serve_connection<T>(
     }
 }
 
-/// Serves a plaintext listener (`--plaintext-listener`, loopback only: for benchmarks and
-/// debugging): each connection is taken as addressed to `target`, from no identity.
-pub async fn serve_plaintext(wp: Arc<Waypoint>, listener: TcpListener, target: SocketAddr) {
-    loop {
-        let Some((tcp, peer)) = accept(&wp, &listener).await else {
-            return;
-        };
-        let _ = tcp.set_nodelay(true);
-        let wp = wp.clone();
-        wp.active.fetch_add(1, Ordering::AcqRel);
-        let active = Active(wp.active.clone());
-        tokio::spawn(async move {
-            let _active = active;
-            let Some((route, service, table)) = resolve(&wp, target) else {
-                tracing::info!(%peer, %target, "plaintext listener: this waypoint does not serve its target");
-                return;
-            };
-            if let Some(why) = &table.refused {
-                tracing::info!(%peer, %target, reason = %why, "plaintext listener: refused");
-                return;
-            }
-            let down = Arc::new(Downstream {
-                peer,
-                source: None,
-                target,
-                route,
-                service: Some(service),
-                workload: None,
-            });
-            serve_connection(wp, down, table.protocol, tcp).await;
-        });
+/// One connection of a plaintext listener (`--plaintext-listener`, loopback only: for
+/// benchmarks and debugging), taken as addressed to `target`, from no identity.
+async fn plaintext_connection(
+    wp: Arc<Waypoint>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+) {
+    let Some((route, service, table)) = resolve(&wp, target) else {
+        tracing::info!(%peer, %target, "plaintext listener: this waypoint does not serve its target");
+        return;
+    };
+    if let Some(why) = &table.refused {
+        tracing::info!(%peer, %target, reason = %why, "plaintext listener: refused");
+        return;
     }
+    let down = Arc::new(Downstream {
+        peer,
+        source: None,
+        target,
+        route,
+        service: Some(service),
+        workload: None,
+    });
+    serve_connection(wp, down, table.protocol, tcp).await;
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -1074,8 +1106,9 @@ async fn route(
         (a, b) => a.or(b),
     };
     let send = wp.upstreams().send(&dest, h2, up_req);
+    let deadline = deadline.map(|d| (d, tokio::time::Instant::now() + d));
     let result = match deadline {
-        Some(d) => match tokio::time::timeout(d, send).await {
+        Some((d, at)) => match tokio::time::timeout_at(at, send).await {
             Ok(r) => r,
             Err(_) => {
                 rec.flags = "UT";
@@ -1101,12 +1134,67 @@ async fn route(
     for m in &response_mods {
         m.apply(&mut rparts.headers);
     }
-    Ok(Response::from_parts(
-        rparts,
-        rbody
-            .map_err(|e| -> BoxError { Box::new(e) })
-            .boxed_unsync(),
-    ))
+    let rbody = rbody.map_err(|e| -> BoxError { Box::new(e) });
+    let rbody = match deadline {
+        // The timeout covers the whole response: one that has not ended by then is cut
+        // (HTTP/2: the stream is reset; HTTP/1.1: the connection closes), flag `UT`.
+        Some((d, at)) => Deadline {
+            inner: rbody,
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            limit: d,
+        }
+        .boxed_unsync(),
+        None => rbody.boxed_unsync(),
+    };
+    Ok(Response::from_parts(rparts, rbody))
+}
+
+/// The response did not end within the route's timeout.
+#[derive(Debug)]
+struct TimedOut(Duration);
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the response did not end within {:?}", self.0)
+    }
+}
+
+impl std::error::Error for TimedOut {}
+
+/// A response body that must end by a deadline.
+struct Deadline<B> {
+    inner: B,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+}
+
+impl<B> HttpBody for Deadline<B>
+where
+    B: HttpBody<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(TimedOut(self.limit)))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// What a rule's and its backend's filters change on the way: response header changes to
@@ -1319,9 +1407,12 @@ impl HttpBody for Measured {
                 }
             }
             Some(Err(e)) => {
+                let timed_out = e.is::<TimedOut>();
                 let e = e.to_string();
                 if let Some(rec) = self.rec.as_mut() {
-                    if rec.flags == "-" {
+                    if timed_out {
+                        rec.flags = "UT";
+                    } else if rec.flags == "-" {
                         rec.flags = "UPE";
                     }
                     rec.error = Some(e);

@@ -99,6 +99,46 @@ struct ConnKey {
 /// Idle HTTP/1.1 connections of one endpoint, each with when it went idle.
 type IdleList = Vec<(std::time::Instant, http1::SendRequest<Body>)>;
 
+/// An endpoint's HTTP/2 connection, its dial in progress (waiters are woken when it
+/// ends), or why the last dial failed (for its waiters; a new request dials again).
+enum H2Slot {
+    Ready(http2::SendRequest<Body>),
+    Dialing(Arc<tokio::sync::Notify>),
+    Failed(String),
+}
+
+impl H2Slot {
+    /// Still of use: an open connection or a dial in progress.
+    fn alive(&self) -> bool {
+        match self {
+            H2Slot::Ready(s) => !s.is_closed(),
+            H2Slot::Dialing(_) => true,
+            H2Slot::Failed(_) => false,
+        }
+    }
+}
+
+/// Ends a dial: whatever the outcome (or if the dialing request went away), the dial's
+/// slot no longer says "dialing" and its waiters are woken.
+struct DialDone<'a> {
+    slots: &'a Mutex<HashMap<ConnKey, H2Slot>>,
+    key: &'a ConnKey,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for DialDone<'_> {
+    fn drop(&mut self) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(H2Slot::Dialing(n)) = slots.get(self.key)
+            && Arc::ptr_eq(n, &self.notify)
+        {
+            slots.remove(self.key);
+        }
+        drop(slots);
+        self.notify.notify_waiters();
+    }
+}
+
 /// The waypoint's upstream connections.
 pub struct Upstreams {
     mesh: Arc<Mesh>,
@@ -106,7 +146,9 @@ pub struct Upstreams {
     connect_timeout: Duration,
     /// Idle HTTP/1.1 connections, with when each went idle.
     idle: Mutex<HashMap<ConnKey, IdleList>>,
-    h2: Mutex<HashMap<ConnKey, http2::SendRequest<Body>>>,
+    /// The HTTP/2 connection of each endpoint, or the dial in progress that requests
+    /// arriving meanwhile wait for (one connection, never one per concurrent first request).
+    h2: Mutex<HashMap<ConnKey, H2Slot>>,
     /// Requests in flight per endpoint address (for the endpoint choice).
     pub loads: Arc<Loads>,
 }
@@ -180,7 +222,7 @@ impl Upstreams {
         self.h2
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, s| !s.is_closed());
+            .retain(|_, s| s.alive());
     }
 
     /// An endpoint of service `key` (`namespace/hostname`) for its port `port`.
@@ -276,28 +318,72 @@ impl Upstreams {
         Ok(resp)
     }
 
+    /// The endpoint's HTTP/2 connection: the open one, the one being dialed (waited for),
+    /// or a new dial.
     async fn h2_sender(&self, key: &ConnKey) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        if let Some(s) = self.h2.lock().unwrap_or_else(|p| p.into_inner()).get(key)
-            && !s.is_closed()
-        {
-            return Ok(s.clone());
-        }
-        let io = self.open(&key.dest).await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(io)
-            .await
-            .map_err(|e| UpstreamError::Connect(format!("{}: HTTP/2: {e}", key.dest.target())))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+        let mut waited = false;
+        loop {
+            let next = {
+                let mut slots = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+                match slots.get(key) {
+                    Some(H2Slot::Ready(s)) if !s.is_closed() => return Ok(s.clone()),
+                    Some(H2Slot::Failed(e)) if waited => {
+                        return Err(UpstreamError::Connect(e.clone()));
+                    }
+                    // Registered before the lock is released: the dial cannot end unseen.
+                    Some(H2Slot::Dialing(n)) => Err(n.clone().notified_owned()),
+                    _ => {
+                        let notify = Arc::new(tokio::sync::Notify::new());
+                        slots.insert(key.clone(), H2Slot::Dialing(notify.clone()));
+                        Ok(notify)
+                    }
+                }
+            };
+            match next {
+                Ok(notify) => return self.dial_h2(key, notify).await,
+                Err(woken) => woken.await,
             }
-        });
+            waited = true;
+        }
+    }
+
+    /// Dials the endpoint's HTTP/2 connection; the slot then holds it, or why it failed.
+    async fn dial_h2(
+        &self,
+        key: &ConnKey,
+        notify: Arc<tokio::sync::Notify>,
+    ) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        let _done = DialDone {
+            slots: &self.h2,
+            key,
+            notify: notify.clone(),
+        };
+        let dialed = async {
+            let io = self.open(&key.dest).await?;
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(|e| {
+                    UpstreamError::Connect(format!("{}: HTTP/2: {e}", key.dest.target()))
+                })?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            Ok::<_, UpstreamError>(sender)
+        }
+        .await;
+        let slot = match &dialed {
+            Ok(sender) => H2Slot::Ready(sender.clone()),
+            Err(e) => H2Slot::Failed(e.to_string()),
+        };
         self.h2
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), sender.clone());
-        Ok(sender)
+            .insert(key.clone(), slot);
+        dialed
     }
 
     async fn h1_sender(&self, key: &ConnKey) -> Result<http1::SendRequest<Body>, UpstreamError> {
@@ -366,3 +452,113 @@ impl Upstreams {
 /// A byte stream to an endpoint.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A mesh whose control plane is never reached (nothing here needs it: the endpoint
+    /// is a plain address).
+    fn offline_mesh() -> Arc<Mesh> {
+        let ca = trellis_core::testing::TestCa::new("cluster.local");
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let xds = trellis_core::xds::XdsClient::start(
+            channel,
+            trellis_core::xds::XdsConfig {
+                node_id: "waypoint~test".into(),
+                types: Vec::new(),
+                initial_backoff: Duration::from_secs(60),
+                max_backoff: Duration::from_secs(60),
+                credential: None,
+            },
+        );
+        let grpc = trellis_core::cert::GrpcCaClient::new(&trellis_core::cert::GrpcCaConfig {
+            endpoint: "https://127.0.0.1:9".into(),
+            roots: trellis_core::channel::ControlPlaneRoots::Pem(ca.root_pem().to_string()),
+            server_name: "127.0.0.1".into(),
+            credential: "unused".into(),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        Arc::new(Mesh {
+            identity: SpiffeId::new("cluster.local", "ns", "waypoint").unwrap(),
+            xds,
+            certs: trellis_core::cert::CertManager::new(grpc, ca.bundle(), Default::default()),
+            bundle: ca.bundle(),
+            trust_domain: "cluster.local".into(),
+        })
+    }
+
+    fn get() -> http::Request<Body> {
+        use http_body_util::BodyExt;
+        let body = http_body_util::Empty::<Bytes>::new()
+            .map_err(|e: std::convert::Infallible| -> crate::BoxError { match e {} })
+            .boxed_unsync();
+        http::Request::builder()
+            .uri("http://backend/")
+            .body(body)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_http2_requests_share_one_connection() {
+        // An HTTP/2 server counting the connections it accepts; slow to answer, so the
+        // requests overlap.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from_static(b"ok")),
+                        ))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        let up = Upstreams::new(offline_mesh(), Duration::from_secs(5), Arc::default());
+        let dest = Dest::Plain(addr);
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let (up, dest) = (up.clone(), dest.clone());
+            calls.spawn(async move { up.send(&dest, true, get()).await.map(|r| r.status()) });
+        }
+        while let Some(r) = calls.join_next().await {
+            assert_eq!(r.unwrap().unwrap(), http::StatusCode::OK);
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "16 concurrent first requests opened more than one HTTP/2 connection"
+        );
+
+        // A dial that fails fails every request waiting for it, once, and a later
+        // request dials again.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let dest = Dest::Plain(closed);
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (up, dest) = (up.clone(), dest.clone());
+            calls.spawn(async move { up.send(&dest, true, get()).await.map(|r| r.status()) });
+        }
+        while let Some(r) = calls.join_next().await {
+            let e = r.unwrap().unwrap_err();
+            assert_eq!(e.flag(), "UF", "{e}");
+        }
+        assert!(up.send(&Dest::Plain(closed), true, get()).await.is_err());
+    }
+}

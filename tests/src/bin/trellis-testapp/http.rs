@@ -51,9 +51,57 @@ async fn answer(
             .await
             .map(BodyExt::boxed_unsync));
     }
+    if let Some((_, ms)) = req.uri().path().split_once("/drip/") {
+        // The status and a first chunk now, the rest after `ms` milliseconds (a response
+        // that starts promptly and ends late).
+        println!("request {} {} from {peer}", req.method(), req.uri().path());
+        let ms = ms.parse::<u64>().unwrap_or(0).min(60_000);
+        let body = Drip {
+            stage: 0,
+            sleep: Box::pin(tokio::time::sleep(Duration::from_millis(ms))),
+        };
+        return Ok(Response::new(body.boxed_unsync()));
+    }
     Ok(answer_http(req, name, peer, local)
         .await
         .map(BodyExt::boxed_unsync))
+}
+
+/// A body of two chunks, the second after a delay.
+struct Drip {
+    stage: u8,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl hyper::body::Body for Drip {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match self.stage {
+            0 => {
+                self.stage = 1;
+                Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+                    b"first\n",
+                )))))
+            }
+            1 => match self.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.stage = 2;
+                    Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+                        b"rest\n",
+                    )))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            _ => Poll::Ready(None),
+        }
+    }
 }
 
 async fn answer_http(
