@@ -11,12 +11,12 @@
 //! --bench ambient_l7`. `AMBIENT_BENCH_SECONDS` sets each measurement's length (3). Under
 //! `cargo test`/nextest it does nothing.
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
-use trellis_e2e::mesh::{Mesh, eventually, workspace_bin};
+use trellis_e2e::app::{cpu_and_rss, testapp};
+use trellis_e2e::mesh::{Mesh, eventually};
 use trellis_e2e::{Cluster, Pod};
 
 fn main() {
@@ -27,19 +27,6 @@ fn main() {
         eprintln!("ambient_l7 bench failed: {e:#}");
         std::process::exit(1);
     }
-}
-
-fn testapp() -> Result<Command> {
-    Ok(Command::new(workspace_bin("trellis-testapp")?))
-}
-
-/// utime + stime seconds of a process.
-fn cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn run() -> Result<()> {
@@ -53,7 +40,7 @@ fn run() -> Result<()> {
 }
 
 fn load(c: &Cluster, from: &Pod, url: &str, concurrency: usize, secs: u64) -> Result<Value> {
-    let mut cmd = testapp()?;
+    let mut cmd = testapp();
     cmd.args([
         "load",
         url,
@@ -86,7 +73,7 @@ fn measure(c: &Cluster) -> Result<()> {
     mesh.wait_captured(c, &ms, true)?;
     let mut servers = Vec::new();
     for p in [&ms, &ds] {
-        let mut cmd = testapp()?;
+        let mut cmd = testapp();
         cmd.args(["serve", "--http", "0.0.0.0:8080"])
             .env("POD_NAME", &p.name);
         let mut s = c.spawn(p, &format!("{}-server", p.namespace), cmd)?;
@@ -128,9 +115,11 @@ fn measure(c: &Cluster) -> Result<()> {
         for (name, from, url, through_waypoint) in &paths {
             // Warm-up (connections, certificates), then the measurement.
             load(c, from, url, concurrency, 1)?;
-            let before: f64 = zt.iter().map(|p| cpu(*p)).sum::<f64>() + cpu(wp.pid());
+            let before: f64 =
+                zt.iter().map(|p| cpu_and_rss(*p).0).sum::<f64>() + cpu_and_rss(wp.pid()).0;
             let v = load(c, from, url, concurrency, secs)?;
-            let after: f64 = zt.iter().map(|p| cpu(*p)).sum::<f64>() + cpu(wp.pid());
+            let after: f64 =
+                zt.iter().map(|p| cpu_and_rss(*p).0).sum::<f64>() + cpu_and_rss(wp.pid()).0;
             let requests = v["requests"].as_f64().unwrap_or(0.0);
             let per_k = if *name == "direct" {
                 0.0

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use trellis_e2e::mesh::{Mesh, workspace_bin};
+use trellis_e2e::app::{cpu_and_rss, testapp};
+use trellis_e2e::mesh::Mesh;
 use trellis_e2e::{Cluster, Pod};
 
 const BULK: u64 = 512 << 20;
@@ -38,29 +39,6 @@ fn main() {
         eprintln!("datapath bench failed: {e:#}");
         std::process::exit(1);
     }
-}
-
-fn testapp() -> Result<Command> {
-    Ok(Command::new(workspace_bin("trellis-testapp")?))
-}
-
-/// (utime + stime seconds, VmRSS MB) of a process.
-fn usage(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields after the name: state is 0; utime 11, stime 12 (man proc), in clock ticks.
-    let cpu = (ticks(11) + ticks(12)) / 100.0;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0;
-    (cpu, rss)
 }
 
 /// A `/proc/PID/status` field in kB.
@@ -86,7 +64,7 @@ fn bulk(c: &Cluster, from: &Pod, to: &str, streams: usize) -> Result<f64> {
     let t = Instant::now();
     let mut procs = Vec::new();
     for i in 0..streams {
-        let mut cmd = testapp()?;
+        let mut cmd = testapp();
         cmd.args(["tcp", to, "--bytes", &per.to_string(), "--timeout", "300"]);
         procs.push(c.spawn(from, &format!("bulk-{i}"), cmd)?);
     }
@@ -100,7 +78,7 @@ fn bulk(c: &Cluster, from: &Pod, to: &str, streams: usize) -> Result<f64> {
 }
 
 fn rr(c: &Cluster, from: &Pod, to: &str, size: usize, new_conn: bool) -> Result<(f64, f64)> {
-    let mut cmd = testapp()?;
+    let mut cmd = testapp();
     cmd.args([
         "rr",
         to,
@@ -145,7 +123,7 @@ fn measure(c: &Cluster) -> Result<()> {
     mesh.wait_captured(c, &ms, true)?;
     let mut servers = Vec::new();
     for p in [&ms, &ds] {
-        let mut cmd = testapp()?;
+        let mut cmd = testapp();
         cmd.args(["serve", "--tcp-echo", "0.0.0.0:9000"]);
         let mut s = c.spawn(p, &format!("{}-server", p.namespace), cmd)?;
         s.wait_for_output("listening", Duration::from_secs(10))?;
@@ -157,7 +135,7 @@ fn measure(c: &Cluster) -> Result<()> {
         .collect::<Result<_>>()?;
     let zt_usage = || {
         zt.iter()
-            .map(|p| usage(*p))
+            .map(|p| cpu_and_rss(*p))
             .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
     };
     let (_, idle_rss) = zt_usage();
@@ -171,7 +149,7 @@ fn measure(c: &Cluster) -> Result<()> {
         (&r1, format!("{}:9001", r2.ip)),
     ] {
         mesh.register_pod(c, p)?;
-        let mut cmd = testapp()?;
+        let mut cmd = testapp();
         cmd.args(["relay", "--listen", "0.0.0.0:9001", "--target", &target]);
         let mut s = c.spawn(p, &format!("{}-relay", p.name), cmd)?;
         s.wait_for_output("listening", Duration::from_secs(10))?;

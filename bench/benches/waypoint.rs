@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
+use trellis_e2e::app::cpu_and_rss;
 use trellis_e2e::mesh::workspace_bin;
 
 const SERVER: &str = "127.0.0.1:25080";
@@ -67,24 +68,6 @@ fn spawn(name: &'static str, mut cmd: Command, log: &Path) -> Result<Proc> {
         .spawn()
         .with_context(|| format!("cannot start {name}"))?;
     Ok(Proc(child))
-}
-
-/// (utime + stime seconds, VmRSS MB) of a process.
-fn usage(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let cpu = (ticks(11) + ticks(12)) / 100.0;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0;
-    (cpu, rss)
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
@@ -231,7 +214,7 @@ fn measure(
         warm.arg("--http2");
     }
     warm.output()?;
-    let (cpu0, _) = usage(proxy);
+    let (cpu0, _) = cpu_and_rss(proxy);
     let mut cmd = Command::new(workspace_bin("trellis-testapp")?);
     cmd.args([
         "load",
@@ -245,7 +228,7 @@ fn measure(
         cmd.arg("--http2");
     }
     let out = cmd.output()?;
-    let (cpu1, _) = usage(proxy);
+    let (cpu1, _) = cpu_and_rss(proxy);
     if !out.status.success() {
         bail!("load failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -369,7 +352,7 @@ fn run() -> Result<()> {
         })?;
     }
     std::thread::sleep(Duration::from_secs(1));
-    let idle = (usage(waypoint.pid()).1, usage(envoy.pid()).1);
+    let idle = (cpu_and_rss(waypoint.pid()).1, cpu_and_rss(envoy.pid()).1);
 
     println!(
         "\n{:<8} {:>4} | {:>9} {:>9} | {:>10} {:>10} {:>6} | {:>7} {:>7} | {:>7} {:>7}",
@@ -457,7 +440,7 @@ fn run() -> Result<()> {
             }));
         }
     }
-    let after = (usage(waypoint.pid()).1, usage(envoy.pid()).1);
+    let after = (cpu_and_rss(waypoint.pid()).1, cpu_and_rss(envoy.pid()).1);
 
     // 1,000 routes on the service: the waypoint's memory with them compiled and in use.
     let mut routes = String::new();
@@ -488,7 +471,7 @@ fn run() -> Result<()> {
         1,
     )?;
     std::thread::sleep(Duration::from_secs(1));
-    let with_routes = usage(waypoint.pid()).1;
+    let with_routes = cpu_and_rss(waypoint.pid()).1;
     println!(
         "\nRSS MB: waypoint idle {:.1}, after load {:.1}, with 1,000 routes {:.1}; Envoy idle {:.1}, after load {:.1}",
         idle.0, after.0, with_routes, idle.1, after.1

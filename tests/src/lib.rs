@@ -12,6 +12,7 @@
 //! next cluster's start. It needs root and fails loudly without it; it never skips.
 //! Traffic stays inside the cluster's namespaces.
 
+pub mod app;
 mod cleanup;
 mod cluster;
 pub mod cni;

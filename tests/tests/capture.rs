@@ -6,27 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
+use trellis_e2e::app::{serve, testapp};
 use trellis_e2e::mesh::{Mesh, eventually};
 use trellis_e2e::{Cluster, Pod, Proc, with_cluster, with_dual_stack_cluster};
-
-fn testapp() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_trellis-testapp"))
-}
-
-fn serve(c: &Cluster, pod: &Pod) -> Result<Proc> {
-    let mut cmd = testapp();
-    cmd.args([
-        "serve",
-        "--tcp-echo",
-        "0.0.0.0:9000",
-        "--http",
-        "0.0.0.0:8080",
-    ])
-    .env("POD_NAME", &pod.name);
-    let mut p = c.spawn(pod, &format!("{}-server", pod.name), cmd)?;
-    p.wait_for_output("listening http", Duration::from_secs(10))?;
-    Ok(p)
-}
 
 fn echo(c: &Cluster, from: &Pod, to: &str, bytes: u64) -> Result<Value> {
     let mut cmd = testapp();

@@ -9,27 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use trellis_e2e::{Cluster, Netns, Pod, Proc, cni::CniError, with_cluster};
-
-fn testapp() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_trellis-testapp"))
-}
-
-/// Starts the test app in `pod` with a TCP echo listener on 9000 and HTTP on 8080.
-fn serve(c: &Cluster, pod: &Pod) -> Result<Proc> {
-    let mut cmd = testapp();
-    cmd.args([
-        "serve",
-        "--tcp-echo",
-        "0.0.0.0:9000",
-        "--http",
-        "0.0.0.0:8080",
-    ])
-    .env("POD_NAME", &pod.name);
-    let mut p = c.spawn(pod, &format!("{}-server", pod.name), cmd)?;
-    p.wait_for_output("listening http", Duration::from_secs(10))?;
-    Ok(p)
-}
+use trellis_e2e::app::{serve, testapp};
+use trellis_e2e::{Cluster, Netns, cni::CniError, with_cluster};
 
 fn json(out: &str) -> Result<Value> {
     serde_json::from_str(out.trim()).with_context(|| format!("not JSON: {out}"))

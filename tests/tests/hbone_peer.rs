@@ -152,7 +152,7 @@ fn misbehaving_and_forged_peers_are_refused_and_logged() {
         }
         mesh.wait_captured(c, &a, true)?;
         mesh.wait_captured(c, &b, true)?;
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-testapp"));
+        let mut cmd = trellis_e2e::app::testapp();
         cmd.args(["serve", "--tcp-echo", "0.0.0.0:9000"]);
         let mut server = c.spawn(&b, "b-server", cmd)?;
         server.wait_for_output("listening", Duration::from_secs(10))?;
@@ -227,7 +227,7 @@ fn misbehaving_and_forged_peers_are_refused_and_logged() {
         ensure!(denied, "the CONNECT for another pod is in the access log");
 
         // ztunnel is unharmed: mesh traffic still flows from a to b.
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-testapp"));
+        let mut cmd = trellis_e2e::app::testapp();
         cmd.args(["tcp", &b_app, "--bytes", "100000", "--timeout", "30"]);
         let out = c.run(&a, "echo-a-b", cmd)?;
         ensure!(out.contains("\"intact\":true"), "{out}");
@@ -375,7 +375,7 @@ fn a_service_bound_to_a_waypoint_is_reached_through_it() {
             "the service reached through its waypoint",
             Duration::from_secs(20),
             || {
-                let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-testapp"));
+                let mut cmd = trellis_e2e::app::testapp();
                 cmd.args([
                     "tcp",
                     "10.96.0.10:80",
@@ -413,7 +413,7 @@ fn a_service_bound_to_a_waypoint_is_reached_through_it() {
             "the client's ztunnel to refuse the impostor",
             Duration::from_secs(20),
             || {
-                let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-testapp"));
+                let mut cmd = trellis_e2e::app::testapp();
                 cmd.args([
                     "tcp",
                     "10.96.0.10:80",

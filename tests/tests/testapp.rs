@@ -2,13 +2,10 @@
 //! the echo check, and its exit status when an expectation fails.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 use serde_json::Value;
-
-fn testapp() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_trellis-testapp"))
-}
+use trellis_e2e::app::testapp;
 
 /// A server on 127.0.0.1 with ephemeral ports; returns (child, echo addr, http addr).
 fn start_server() -> (Child, String, String) {

@@ -295,7 +295,7 @@ async fn hbone_connection(wp: Arc<Waypoint>, tcp: TcpStream, peer: SocketAddr) {
     .await;
     match result {
         Err(e @ (hbone::HboneError::Dial(_) | hbone::HboneError::Timeout("TLS handshake"))) => {
-            tracing::info!(%peer, error = %e, "HBONE connection refused");
+            tracing::info!(%peer, error = %e, "HBONE TLS handshake failed");
         }
         Err(e) => tracing::debug!(%peer, error = %e, "HBONE connection ended"),
         Ok(()) => {}
