@@ -6,6 +6,7 @@ pub mod dir;
 pub mod gateway;
 pub mod istio;
 pub mod kube;
+pub mod l7policy;
 pub mod load;
 pub mod model;
 pub mod routes;

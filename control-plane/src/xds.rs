@@ -553,7 +553,8 @@ impl Stream {
         let view = match &self.caller {
             Some(crate::ca::auth::Caller::Waypoint(id))
                 if type_url == trellis_proto::type_url::ADDRESS
-                    || type_url == trellis_proto::type_url::WAYPOINT_ROUTE =>
+                    || type_url == trellis_proto::type_url::WAYPOINT_ROUTE
+                    || type_url == trellis_proto::type_url::WAYPOINT_L7_POLICY =>
             {
                 let key = (id.namespace().to_string(), id.service_account().to_string());
                 Some(snap.waypoint_views.get(&key).cloned().unwrap_or_default())

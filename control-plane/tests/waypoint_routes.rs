@@ -241,49 +241,127 @@ spec:
     assert_eq!(hosts(&[CLUSTER, other, &grpc_only])[1], "");
 }
 
+fn l7_policies(snap: &Snapshot) -> std::collections::BTreeMap<String, pb::L7Policy> {
+    snap.of_type(type_url::WAYPOINT_L7_POLICY)
+        .unwrap()
+        .iter()
+        .map(|(n, r)| (n.clone(), r.body.to_msg::<pb::L7Policy>().unwrap()))
+        .collect()
+}
+
 #[test]
-fn a_policy_attached_to_the_waypoint_refuses_its_traffic_until_enforced() {
-    let policy = |target: &str, extra: &str| {
+fn policies_attached_to_the_waypoint_or_its_services_become_its_l7_policies() {
+    use trellis_control_plane::config::load::ObjectRef;
+    let policy = |name: &str, target: &str, extra: &str| {
         format!(
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop{extra}}}\nspec:\n  targetRefs: [{target}]\n  action: DENY\n  rules: [{{to: [{{operation: {{methods: [POST]}}}}]}}]\n"
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop{extra}}}\nspec:\n  {target}\n  action: DENY\n  rules: [{{from: [{{source: {{namespaces: [dev]}}}}], to: [{{operation: {{methods: [POST], paths: [\"/api/{{*}}/items\"]}}}}]}}]\n"
         )
     };
-    let refused = |texts: &[&str]| -> Vec<(String, bool)> {
-        let snap = Snapshot::build(&model(texts), &MeshConfig::default());
-        routes(&snap)
-            .into_iter()
-            .map(|(n, r)| (n, !r.refused.is_empty()))
-            .collect()
-    };
-    // Nothing attached: nothing refused.
-    assert!(refused(&[CLUSTER]).iter().all(|(_, r)| !r));
-    // Attached to the waypoint Gateway: every port refused, and the waypoint's marker.
     let gw = policy(
-        "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}",
+        "on-gateway",
+        "targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]",
         "",
     );
-    let all = refused(&[CLUSTER, &gw]);
-    assert!(all.iter().all(|(_, r)| *r), "{all:?}");
-    assert!(
-        all.iter()
-            .any(|(n, _)| n == "shop/waypoint:waypoint-policy"),
-        "{all:?}"
+    let svc = policy(
+        "on-service",
+        "targetRefs: [{group: \"\", kind: Service, name: web}]",
+        "",
     );
-    // Attached to the Service: its ports.
-    let svc = policy("{group: \"\", kind: Service, name: web}", "");
-    assert!(
-        refused(&[CLUSTER, &svc])
-            .iter()
-            .all(|(n, r)| *r == n.starts_with("shop/web.shop.svc"))
-    );
-    // Dry-run and AUDIT enforce nothing.
-    let dry = policy(
-        "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}",
+    let ns_wide = policy(
+        "namespace-wide",
+        "{}",
         ", annotations: {istio.io/dry-run: \"true\"}",
+    )
+    .replace("  {}\n", "");
+    let selector = policy("selected", "selector: {matchLabels: {app: web}}", "");
+    let nothing = policy(
+        "on-nothing",
+        "targetRefs: [{group: \"\", kind: Service, name: web-v1}]",
+        "",
     );
-    assert!(refused(&[CLUSTER, &dry]).iter().all(|(_, r)| !r));
-    let audit = gw.replace("action: DENY", "action: AUDIT");
-    assert!(refused(&[CLUSTER, &audit]).iter().all(|(_, r)| !r));
+    let m = model(&[CLUSTER, &gw, &svc, &ns_wide, &selector, &nothing]);
+    let snap = Snapshot::build(&m, &MeshConfig::default());
+    let all = l7_policies(&snap);
+    let names: Vec<&str> = all.keys().map(String::as_str).collect();
+    // One resource per policy and waypoint; selector policies are ztunnel's; a policy on a
+    // Service without waypoint has nothing to enforce it.
+    assert_eq!(
+        names,
+        [
+            "shop/namespace-wide@shop/waypoint",
+            "shop/on-gateway@shop/waypoint",
+            "shop/on-service@shop/waypoint"
+        ]
+    );
+    use pb::policy_target::Scope;
+    let on_gw = &all["shop/on-gateway@shop/waypoint"];
+    assert_eq!(on_gw.name, "shop/on-gateway");
+    assert_eq!(on_gw.target.as_ref().unwrap().scope(), Scope::Waypoint);
+    assert_eq!(on_gw.action(), pb::l7_policy::Action::Deny);
+    let on_svc = &all["shop/on-service@shop/waypoint"];
+    let t = on_svc.target.as_ref().unwrap();
+    assert_eq!(t.scope(), Scope::Services);
+    assert_eq!(t.services[0].hostname, "web.shop.svc.cluster.local");
+    let ns = &all["shop/namespace-wide@shop/waypoint"];
+    assert!(ns.dry_run);
+    assert_eq!(
+        ns.target.as_ref().unwrap().services.len(),
+        1,
+        "the namespace-wide policy covers the Services the waypoint fronts in shop"
+    );
+    // The rule as written: source namespaces, method, the path template as a regex.
+    let rule = &on_gw.rules[0];
+    use pb::string_match::Kind;
+    assert_eq!(
+        rule.from[0].namespaces[0].kind,
+        Some(Kind::Exact("dev".into()))
+    );
+    assert_eq!(rule.to[0].methods[0].kind, Some(Kind::Exact("POST".into())));
+    assert_eq!(
+        rule.to[0].paths[0].kind,
+        Some(Kind::Regex("/api/[^/]+/items".into()))
+    );
+    // Only the waypoint that enforces them reads them.
+    let view = &snap.waypoint_views[&("shop".to_string(), "waypoint".to_string())];
+    assert!(view.contains("shop/on-gateway@shop/waypoint"));
+    // Statuses say where each is enforced, or that nothing enforces it.
+    let status = |name: &str| {
+        snap.statuses[&ObjectRef {
+            kind: "AuthorizationPolicy".into(),
+            namespace: "shop".into(),
+            name: name.into(),
+        }]
+            .reasons
+            .join("; ")
+    };
+    assert!(
+        status("on-gateway").contains("enforced with its L7 rules by the waypoint shop/waypoint"),
+        "{}",
+        status("on-gateway")
+    );
+    assert!(
+        status("on-nothing").contains("has no waypoint"),
+        "{}",
+        status("on-nothing")
+    );
+    // A value that does not parse rejects the policy for the waypoint too.
+    let bad = policy(
+        "bad",
+        "targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]",
+        "",
+    )
+    .replace("namespaces: [dev]", "ipBlocks: [\"10.0.0.0/99\"]");
+    let snap = Snapshot::build(&model(&[CLUSTER, &bad]), &MeshConfig::default());
+    assert!(l7_policies(&snap).is_empty());
+    assert!(
+        snap.statuses[&ObjectRef {
+            kind: "AuthorizationPolicy".into(),
+            namespace: "shop".into(),
+            name: "bad".into(),
+        }]
+            .state
+            == trellis_control_plane::config::authz::PolicyState::Rejected
+    );
 }
 
 #[test]

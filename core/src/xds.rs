@@ -23,7 +23,7 @@ use trellis_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaD
 use trellis_proto::google::rpc::Status as RpcStatus;
 use trellis_proto::istio::security::{Authorization, Scope};
 use trellis_proto::istio::workload::{Address, Service, Workload, address};
-use trellis_proto::trellis::waypoint::v1::Route as WaypointRoute;
+use trellis_proto::trellis::waypoint::v1::{L7Policy, Route as WaypointRoute};
 
 /// What the data plane knows: workloads, services and L4 policies.
 #[derive(Debug, Default, Clone)]
@@ -37,6 +37,8 @@ pub struct Store {
     policies: BTreeMap<String, Authorization>,
     /// Waypoint routes, by name (`namespace/hostname:port`).
     routes: BTreeMap<String, WaypointRoute>,
+    /// Waypoint authorization policies, by resource name.
+    l7_policies: BTreeMap<String, L7Policy>,
     /// Type URL → resource name → version: what we hold, sent on resume.
     versions: BTreeMap<String, BTreeMap<String, String>>,
 }
@@ -154,6 +156,7 @@ impl Store {
             Address(Box<Address>),
             Policy(Authorization),
             Route(Box<WaypointRoute>),
+            L7(Box<L7Policy>),
         }
         let mut decoded = Vec::with_capacity(resp.resources.len());
         for r in &resp.resources {
@@ -182,6 +185,11 @@ impl Store {
                     .map_err(|e| format!("resource {:?} does not decode: {e}", r.name))?;
                 check_route(&route).map_err(|e| format!("route {:?}: {e}", r.name))?;
                 Decoded::Route(Box::new(route))
+            } else if resp.type_url == L7Policy::type_url() {
+                let policy = L7Policy::decode(any.value.as_slice())
+                    .map_err(|e| format!("resource {:?} does not decode: {e}", r.name))?;
+                check_l7_policy(&policy).map_err(|e| format!("policy {:?}: {e}", r.name))?;
+                Decoded::L7(Box::new(policy))
             } else {
                 return Err(format!("type {} was not subscribed", resp.type_url));
             };
@@ -219,6 +227,9 @@ impl Store {
                 }
                 Decoded::Route(r) => {
                     self.routes.insert(name.clone(), *r);
+                }
+                Decoded::L7(p) => {
+                    self.l7_policies.insert(name.clone(), *p);
                 }
             }
             self.versions
@@ -261,6 +272,14 @@ impl Store {
         if type_url == WaypointRoute::type_url() {
             self.routes.remove(name);
         }
+        if type_url == L7Policy::type_url() {
+            self.l7_policies.remove(name);
+        }
+    }
+
+    /// Every waypoint authorization policy, by resource name.
+    pub fn l7_policies(&self) -> impl Iterator<Item = (&String, &L7Policy)> {
+        self.l7_policies.iter()
     }
 
     /// The waypoint route of a service port (`namespace/hostname:port`).
@@ -271,6 +290,21 @@ impl Store {
     /// Every waypoint route, by name.
     pub fn routes(&self) -> impl Iterator<Item = (&String, &WaypointRoute)> {
         self.routes.iter()
+    }
+}
+
+/// What a waypoint policy must be to be applied: a known action and a known target scope
+/// (services named when the scope says so). Anything else is NACKed, never read as
+/// something wider or narrower.
+fn check_l7_policy(p: &L7Policy) -> Result<(), String> {
+    use trellis_proto::trellis::waypoint::v1::{l7_policy::Action, policy_target::Scope};
+    Action::try_from(p.action).map_err(|_| format!("unknown action {}", p.action))?;
+    let target = p.target.as_ref().ok_or("no target")?;
+    match Scope::try_from(target.scope) {
+        Ok(Scope::Waypoint) => Ok(()),
+        Ok(Scope::Services) if !target.services.is_empty() => Ok(()),
+        Ok(Scope::Services) => Err("scope SERVICES without services".into()),
+        _ => Err(format!("unknown target scope {}", target.scope)),
     }
 }
 

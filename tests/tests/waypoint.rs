@@ -870,10 +870,14 @@ fn a_workload_bound_to_the_waypoint_is_reached_through_it() {
 /// L7 policy at the waypoint is issue 15; until then an AuthorizationPolicy attached to the
 /// waypoint is not silently unenforced: the waypoint refuses the traffic it covers.
 #[test]
-fn a_policy_the_waypoint_cannot_enforce_yet_refuses_its_traffic() {
-    with_cluster("waypoint_policy_refuses", 2, |c| {
+fn authorization_policies_are_enforced_per_request_at_the_waypoint() {
+    with_cluster("waypoint_authz", 2, |c| {
         let mesh = Mesh::start(c)?;
         let shop = shop(c, &mesh)?;
+        mesh.namespace("dev", true)?;
+        let dev = c.add_pod(&c.nodes()[0], "dev", "dev-client", "dev-client", &[])?;
+        mesh.register_pod(c, &dev)?;
+        mesh.wait_captured(c, &dev, true)?;
         wait_route(
             &mesh,
             c,
@@ -881,48 +885,111 @@ fn a_policy_the_waypoint_cannot_enforce_yet_refuses_its_traffic() {
             "shop/web.shop.svc.cluster.local:80",
             0,
         )?;
-        http(
-            c,
-            &shop.client,
-            "http://10.96.0.10/",
-            1,
-            &["--expect-status", "200"],
+        let status = |from: &Pod, method: &str, path: &str| -> Result<String> {
+            let r = http(
+                c,
+                from,
+                &format!("http://10.96.0.10{path}"),
+                1,
+                &["--method", method],
+            )?;
+            let code = r["statuses"]
+                .as_object()
+                .and_then(|m| m.keys().next().cloned())
+                .unwrap_or_default();
+            if code == "403" {
+                ensure!(
+                    r["last_body"] == "RBAC: access denied\n",
+                    "a denial says only what Istio says: {r}"
+                );
+            }
+            Ok(code)
+        };
+        // The seed articles' DENY of POST from dev (namespace-wide, as written there, in
+        // the Service's namespace): denied exactly that, at the waypoint.
+        mesh.apply(
+            "deny-post-from-dev.yaml",
+            "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: httpbin, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {namespaces: [dev]}}]\n    to: [{operation: {methods: [POST]}}]\n",
         )?;
-        let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-post, namespace: shop}\nspec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\n  action: DENY\n  rules: [{to: [{operation: {methods: [POST]}}]}]\n";
-        mesh.apply("deny-post.yaml", policy)?;
         eventually(
-            "the waypoint to refuse web",
+            "POST from dev to be denied",
+            Duration::from_secs(20),
+            || Ok(status(&dev, "POST", "/")? == "403"),
+        )?;
+        ensure!(status(&dev, "GET", "/")? == "200", "GET from dev passes");
+        ensure!(
+            status(&shop.client, "POST", "/")? == "200",
+            "POST from shop passes"
+        );
+
+        // An ALLOW attached to the Service: only /public/*, and a path that normalizes
+        // into /private is not let through by its spelling.
+        mesh.apply(
+            "allow-public.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: public-only, namespace: shop}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: web}]\n  action: ALLOW\n  rules:\n  - to: [{operation: {paths: [\"/public/*\"], methods: [GET]}}]\n",
+        )?;
+        eventually("/private to be denied", Duration::from_secs(20), || {
+            Ok(status(&shop.client, "GET", "/private")? == "403")
+        })?;
+        ensure!(status(&shop.client, "GET", "/public/x")? == "200");
+        ensure!(status(&shop.client, "POST", "/public/x")? == "403");
+        ensure!(status(&shop.client, "GET", "/public/../private")? == "403");
+
+        // A dry-run DENY on the waypoint: logged as would-deny, not enforced.
+        mesh.apply(
+            "dry-run.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: dry, namespace: shop, annotations: {istio.io/dry-run: \"true\"}}\nspec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/public/dry\"]}}]}]\n",
+        )?;
+        eventually(
+            "the dry-run policy to be evaluated",
             Duration::from_secs(20),
             || {
-                let mut cmd = testapp();
-                cmd.args(["http", "http://10.96.0.10/", "--timeout", "5"]);
-                Ok(c.run(&shop.client, "refused", cmd).is_err())
+                ensure!(status(&shop.client, "GET", "/public/dry")? == "200");
+                Ok(shop.wp.output().contains("would-deny"))
             },
         )?;
+
+        // The denial in the access log (policy, flag) and in Istio's metrics.
         eventually(
-            "the waypoint to log why it refused",
+            "the access log to name the policy",
             Duration::from_secs(5),
             || {
-                Ok(shop.wp.output().contains(
-                    "deny-post is attached here and the waypoint does not enforce L7 policy yet",
-                ))
+                let out = shop.wp.output();
+                Ok(out.lines().any(|l| {
+                    l.contains("request complete")
+                        && l.contains("shop/public-only")
+                        && l.contains("RBAC")
+                }))
             },
         )?;
-        std::fs::remove_file(
-            c.nodes()[0]
-                .state_dir()
-                .join("control-plane/config/deny-post.yaml"),
-        )?;
-        eventually("web served again", Duration::from_secs(20), || {
-            Ok(http(
-                c,
-                &shop.client,
-                "http://10.96.0.10/",
-                1,
-                &["--expect-status", "200"],
+        let text = waypoint_metrics(c, &shop.waypoint)?;
+        ensure!(
+            series(
+                &text,
+                "istio_requests_total",
+                &["response_code=\"403\"", "response_flags=\"RBAC\""]
             )
-            .is_ok())
+            .is_some_and(|n| n >= 1.0),
+            "no 403 with flag RBAC in the waypoint's metrics"
+        );
+
+        // Removed, the policies stop applying.
+        for f in [
+            "allow-public.yaml",
+            "deny-post-from-dev.yaml",
+            "dry-run.yaml",
+        ] {
+            std::fs::remove_file(
+                c.nodes()[0]
+                    .state_dir()
+                    .join("control-plane/config")
+                    .join(f),
+            )?;
+        }
+        eventually("/private served again", Duration::from_secs(20), || {
+            Ok(status(&shop.client, "GET", "/private")? == "200")
         })?;
+        ensure!(status(&dev, "POST", "/")? == "200");
         let _ = (&shop.s1, &shop.s2);
         Ok(())
     });

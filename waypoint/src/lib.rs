@@ -10,6 +10,7 @@
 //! [`telemetry`] (Istio's request metrics, the access log), [`admin`].
 
 pub mod admin;
+pub mod authz;
 pub mod framing;
 pub mod logbuf;
 pub mod proxy;
@@ -27,7 +28,7 @@ use trellis_core::cert::{CertManager, GrpcCaClient};
 use trellis_core::credential::Credential;
 use trellis_core::tls::TrustBundle;
 use trellis_core::xds::XdsClient;
-use trellis_proto::type_url::{ADDRESS, WAYPOINT_ROUTE};
+use trellis_proto::type_url::{ADDRESS, WAYPOINT_L7_POLICY, WAYPOINT_ROUTE};
 
 /// Errors of start-up.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -74,6 +75,10 @@ pub struct Config {
     pub plaintext: Vec<(SocketAddr, SocketAddr)>,
     /// Worker threads serving connections (each a single-threaded runtime).
     pub workers: usize,
+    /// Proxies in front of the mesh whose `X-Forwarded-For` entries are trusted: the
+    /// client address policy sees (`remoteIpBlocks`, `remote.ip`) is the entry this many
+    /// from the right; 0 (the default) trusts none (the peer's address).
+    pub trusted_proxies: usize,
 }
 
 impl Default for Config {
@@ -98,6 +103,7 @@ impl Default for Config {
             cert_ttl: Duration::from_secs(24 * 3600),
             plaintext: Vec::new(),
             workers: 2,
+            trusted_proxies: 0,
         }
     }
 }
@@ -137,7 +143,11 @@ pub fn connect_mesh(config: &Config) -> Result<Mesh, BoxError> {
         roots_pem: config.roots_pem.clone(),
         credential: config.credential.clone(),
         node_id: format!("waypoint~{ns}/{name}"),
-        types: vec![ADDRESS.into(), WAYPOINT_ROUTE.into()],
+        types: vec![
+            ADDRESS.into(),
+            WAYPOINT_ROUTE.into(),
+            WAYPOINT_L7_POLICY.into(),
+        ],
         cert_ttl: config.cert_ttl,
     })?;
     Ok(Mesh {

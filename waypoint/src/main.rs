@@ -68,6 +68,10 @@ struct Cli {
     /// connections are served as if addressed to the service port, from no identity.
     #[arg(long = "plaintext-listener", value_parser = parse_plaintext)]
     plaintext_listener: Vec<(SocketAddr, SocketAddr)>,
+    /// Proxies in front of the mesh whose X-Forwarded-For entries are trusted (the client
+    /// address policy sees is the entry this many from the right; 0: the peer's address).
+    #[arg(long, default_value_t = 0)]
+    trusted_proxies: usize,
     /// Worker threads serving connections (each connection stays on one).
     #[arg(long, env = "WAYPOINT_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
@@ -140,6 +144,7 @@ fn main() -> std::process::ExitCode {
         cert_ttl: Duration::from_secs(cli.cert_ttl_seconds.max(10)),
         plaintext: cli.plaintext_listener,
         workers: cli.worker_threads.max(1),
+        trusted_proxies: cli.trusted_proxies,
         ..Config::default()
     };
     // This runtime runs the control side (xDS, certificates, admin, metrics upkeep); the

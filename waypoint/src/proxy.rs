@@ -47,6 +47,8 @@ pub struct Waypoint {
     upstreams: Vec<Arc<Upstreams>>,
     /// Compiled routes, by name, for one configuration generation.
     tables: Mutex<(u64, HashMap<String, Arc<Table>>)>,
+    /// Compiled authorization policies, for one configuration generation.
+    policies: crate::authz::Cache,
     draining: watch::Receiver<bool>,
     /// Open downstream connections.
     active: Arc<AtomicUsize>,
@@ -75,6 +77,7 @@ impl Waypoint {
             config,
             mesh,
             tables: Mutex::new((u64::MAX, HashMap::new())),
+            policies: crate::authz::Cache::default(),
             draining,
             active: Arc::default(),
         }
@@ -85,6 +88,15 @@ impl Waypoint {
     /// (code off the workers uses the first set).
     pub fn upstreams(&self) -> &Arc<Upstreams> {
         &self.upstreams[WORKER.get() % self.upstreams.len()]
+    }
+
+    /// The authorization policies as of the current configuration (compiled once per
+    /// generation).
+    pub fn policies(&self) -> Arc<crate::authz::Policies> {
+        let generation = *self.mesh.xds.changes().borrow();
+        self.policies.get(generation, || {
+            crate::authz::Policies::compile(self.mesh.xds.store().l7_policies().map(|(_, p)| p))
+        })
     }
 
     /// The compiled route `name` as of the current configuration (compiled once per
@@ -313,6 +325,23 @@ struct Downstream {
     service: Option<Service>,
     /// For workload-addressed traffic: the workload (uid) it was addressed to.
     workload: Option<String>,
+    /// The identity as policy names it: `<td>/ns/<ns>/sa/<sa>` and `<ns>/<sa>`.
+    principal: Option<(String, String)>,
+}
+
+/// The identity as policy names it: `<td>/ns/<ns>/sa/<sa>` and `<ns>/<sa>`.
+fn policy_names(source: Option<&SpiffeId>) -> Option<(String, String)> {
+    source.map(|id| {
+        (
+            format!(
+                "{}/ns/{}/sa/{}",
+                id.trust_domain(),
+                id.namespace(),
+                id.service_account()
+            ),
+            format!("{}/{}", id.namespace(), id.service_account()),
+        )
+    })
 }
 
 impl Downstream {
@@ -383,23 +412,10 @@ async fn on_connect(wp: Arc<Waypoint>, source: SpiffeId, peer: SocketAddr, inc: 
     let target = inc.target;
     let Some((route, service, table)) = resolve(&wp, target) else {
         // Workload-addressed: a pod bound to this waypoint, asked for by its address. No
-        // routes attach to a workload: requests go to it, policy (issue 15) applies.
+        // routes attach to a workload: requests go to it, under the waypoint's policies.
         if let Some(uid) = workload_bound_here(&wp, target.ip()) {
-            let (ns, name) = &wp.config.gateway;
-            let marker = format!("{ns}/{name}:waypoint-policy");
-            if let Some(why) = wp
-                .mesh
-                .xds
-                .store()
-                .route(&marker)
-                .map(|r| r.refused.clone())
-                && !why.is_empty()
-            {
-                tracing::info!(%peer, %target, source = %source, reason = %why, "refusing a CONNECT (403)");
-                inc.refuse(StatusCode::FORBIDDEN);
-                return;
-            }
             let Ok(tunnel) = inc.accept() else { return };
+            let principal = policy_names(Some(&source));
             let down = Arc::new(Downstream {
                 peer,
                 source: Some(source),
@@ -407,6 +423,7 @@ async fn on_connect(wp: Arc<Waypoint>, source: SpiffeId, peer: SocketAddr, inc: 
                 route: String::new(),
                 service: None,
                 workload: Some(uid),
+                principal,
             });
             serve_connection(wp, down, AppProtocol::Unspecified, tunnel).await;
             return;
@@ -427,6 +444,7 @@ async fn on_connect(wp: Arc<Waypoint>, source: SpiffeId, peer: SocketAddr, inc: 
             return;
         }
     };
+    let principal = policy_names(Some(&source));
     let down = Arc::new(Downstream {
         peer,
         source: Some(source),
@@ -434,6 +452,7 @@ async fn on_connect(wp: Arc<Waypoint>, source: SpiffeId, peer: SocketAddr, inc: 
         route,
         service: Some(service),
         workload: None,
+        principal,
     });
     serve_connection(wp, down, table.protocol, tunnel).await;
 }
@@ -486,6 +505,7 @@ async fn plaintext_connection(
         route,
         service: Some(service),
         workload: None,
+        principal: None,
     });
     serve_connection(wp, down, table.protocol, tcp).await;
 }
@@ -591,6 +611,19 @@ async fn tcp_forward<T: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let start = Instant::now();
     let result = async {
+        // L4 only: the policies with connection attributes (their HTTP fields count as
+        // matching in DENY rules and not in ALLOW ones).
+        let policies = wp.policies();
+        if !policies.is_empty() {
+            let a = attrs(&wp, &down, None);
+            let d = policies.decide(&a);
+            if !d.audited.is_empty() || !d.dry_run.is_empty() || d.denied.is_some() {
+                audit(&d, &a);
+            }
+            if let Some((policy, _)) = d.denied {
+                return Err(format!("denied by {policy}"));
+            }
+        }
         let dest = down
             .default_dest(&wp, random_u64())
             .map_err(|e| e.to_string())?;
@@ -780,17 +813,20 @@ async fn handle(
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             resp
         }
-        None => route(
-            &wp,
-            &down,
-            req,
-            &authority,
-            &mut rec,
-            &request_bytes,
-            &mut load,
-        )
-        .await
-        .unwrap_or_else(|e| e),
+        None => match authorize(&wp, &down, &req, &mut rec) {
+            Some(denied) => denied,
+            None => route(
+                &wp,
+                &down,
+                req,
+                &authority,
+                &mut rec,
+                &request_bytes,
+                &mut load,
+            )
+            .await
+            .unwrap_or_else(|e| e),
+        },
     };
     let (mut parts, body) = response.into_parts();
     if downstream_h1 {
@@ -822,6 +858,117 @@ async fn handle(
         _load: load,
     };
     Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// The client address policy sees: the `X-Forwarded-For` entry `trusted` from the right
+/// (the proxies in front are trusted that far), else the peer's.
+fn remote_ip(headers: &HeaderMap, trusted: usize, peer: std::net::IpAddr) -> std::net::IpAddr {
+    if trusted == 0 {
+        return peer;
+    }
+    let entries: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    entries
+        .len()
+        .checked_sub(trusted)
+        .and_then(|i| entries.get(i))
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(peer)
+}
+
+/// The connection's (and, given `http`, the request's) attributes for policy.
+fn attrs<'a>(
+    wp: &Waypoint,
+    down: &'a Downstream,
+    http: Option<crate::authz::Http<'a>>,
+) -> crate::authz::Attrs<'a> {
+    let remote = match &http {
+        Some(h) => remote_ip(h.headers, wp.config.trusted_proxies, down.peer.ip()),
+        None => down.peer.ip(),
+    };
+    crate::authz::Attrs {
+        principal: down.principal.as_ref().map(|(p, _)| p.as_str()),
+        namespace: down.source.as_ref().map(SpiffeId::namespace),
+        service_account: down.principal.as_ref().map(|(_, sa)| sa.as_str()),
+        source_ip: down.peer.ip(),
+        remote_ip: remote,
+        destination_ip: down.target.ip(),
+        destination_port: down.target.port(),
+        service: down
+            .service
+            .as_ref()
+            .map(|s| (s.namespace.as_str(), s.hostname.as_str())),
+        http,
+    }
+}
+
+/// Logs what policy decided when it is worth an audit line: a deny, an AUDIT match, a
+/// dry-run decision.
+fn audit(d: &crate::authz::Decision, a: &crate::authz::Attrs<'_>) {
+    let (method, host, path) = a
+        .http
+        .as_ref()
+        .map_or(("-", "-", "-"), |h| (h.method, h.host, h.path));
+    let who = a.principal.unwrap_or("-");
+    if let Some((policy, custom)) = &d.denied {
+        tracing::info!(target: "audit", decision = "deny", policy = %policy, custom = *custom, principal = %who, source_ip = %a.source_ip, method, host, path, port = a.destination_port, "request denied by policy");
+    }
+    for policy in &d.audited {
+        tracing::info!(target: "audit", decision = if d.denied.is_some() { "deny" } else { "allow" }, policy = %policy, principal = %who, source_ip = %a.source_ip, method, host, path, port = a.destination_port, "AUDIT policy matched");
+    }
+    for (policy, deny) in &d.dry_run {
+        tracing::info!(target: "audit", decision = if *deny { "would-deny" } else { "would-allow" }, policy = %policy, dry_run = true, principal = %who, source_ip = %a.source_ip, method, host, path, port = a.destination_port, "dry-run policy evaluated");
+    }
+}
+
+/// Applies the waypoint's authorization policies to a request: `Some` is the denial to
+/// answer (403 `RBAC: access denied`, as Istio; nothing of the policy's internals).
+fn authorize<B>(
+    wp: &Waypoint,
+    down: &Downstream,
+    req: &Request<B>,
+    rec: &mut RequestRecord,
+) -> Option<Response<Body>> {
+    let policies = wp.policies();
+    if policies.is_empty() {
+        return None;
+    }
+    let path = req.uri().path();
+    let normalized = crate::authz::normalize_path(path);
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let http = crate::authz::Http {
+        method: req.method().as_str(),
+        path: normalized.as_deref().unwrap_or(path),
+        host,
+        headers: req.headers(),
+    };
+    let a = attrs(wp, down, Some(http));
+    let d = policies.decide(&a);
+    if !d.audited.is_empty() || !d.dry_run.is_empty() || d.denied.is_some() {
+        audit(&d, &a);
+    }
+    match d.denied {
+        Some((policy, custom)) => {
+            rec.flags = if custom { "UAEX" } else { "RBAC" };
+            rec.error = Some(format!("denied by {policy}"));
+            rec.policy = Some(policy);
+            Some(local(StatusCode::FORBIDDEN, "RBAC: access denied"))
+        }
+        None => {
+            rec.policy = d.allowed_by;
+            None
+        }
+    }
 }
 
 /// Why an HTTP/1.1 request's framing is ambiguous (a request-smuggling attempt), if it

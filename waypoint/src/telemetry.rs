@@ -98,6 +98,9 @@ pub struct RequestRecord {
     pub duration: Duration,
     /// Why it failed, when it did.
     pub error: Option<String>,
+    /// The authorization policy that decided it (denied it, or allowed it when ALLOW
+    /// policies applied).
+    pub policy: Option<String>,
 }
 
 fn or_unknown(s: &str) -> String {
@@ -311,6 +314,7 @@ impl RequestRecord {
             bytes_sent = self.response_bytes,
             duration_ms = self.duration.as_millis() as u64,
             error = %self.error.as_deref().unwrap_or("-"),
+            policy = %self.policy.as_deref().unwrap_or("-"),
             "request complete"
         );
     }

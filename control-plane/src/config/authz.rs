@@ -71,7 +71,7 @@ pub fn for_ztunnel(policy: &AuthorizationPolicy, root_namespace: &str) -> Ztunne
     }
     if has_targets {
         return not_for_ztunnel(
-            "spec.targetRefs: the policy is attached to a waypoint or gateway, not to ztunnel; Trellis's waypoint does not enforce L7 policy yet and refuses the traffic the policy covers (fail closed)",
+            "spec.targetRefs: the policy is attached to a waypoint or gateway, not to ztunnel",
         );
     }
     let action = match spec.action {

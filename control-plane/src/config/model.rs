@@ -658,11 +658,8 @@ impl Model {
                 }
             }
         }
-        // Its own Service (named after the Gateway): how workloads bound to it name it; and
-        // the marker route refusing its workload traffic while a policy attached to it is
-        // not enforceable.
+        // Its own Service (named after the Gateway): how workloads bound to it name it.
         for (gw, view) in views.iter_mut() {
-            view.insert(super::routes::waypoint_policy_route(gw));
             if self.services.contains_key(gw) {
                 view.insert(format!("{}/{}", gw.0, hostname(&gw.1, &gw.0, mesh)));
             }

@@ -98,9 +98,9 @@ pub fn waypoint_routes(model: &Model, mesh: &MeshConfig) -> BTreeMap<String, pb:
     let mut out = BTreeMap::new();
     for ((ns, name), svc) in model.service_objects() {
         let labels = svc.metadata.labels.clone().unwrap_or_default();
-        let Some(gw) = model.waypoint_key_of(ns, &labels, "service") else {
+        if model.waypoint_key_of(ns, &labels, "service").is_none() {
             continue;
-        };
+        }
         let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
         for port in ports.into_iter().flatten() {
             let Ok(number) = u32::try_from(port.port) else {
@@ -114,92 +114,12 @@ pub fn waypoint_routes(model: &Model, mesh: &MeshConfig) -> BTreeMap<String, pb:
                 protocol: port_protocol(port) as i32,
                 rules,
                 traffic_policy: None,
-                refused: refusing_policy(model, mesh, (ns, name), &gw).unwrap_or_default(),
+                refused: String::new(),
             };
             out.insert(route.name.clone(), route);
         }
     }
-    // Per waypoint, what refuses its workload-addressed traffic: a policy attached to the
-    // waypoint itself (no Service route carries it when the waypoint fronts only pods).
-    for (gw, g) in model.gateways() {
-        if !g.is_waypoint() {
-            continue;
-        }
-        if let Some(refused) = refusing_policy(model, mesh, ("", ""), gw) {
-            let name = waypoint_policy_route(gw);
-            out.insert(
-                name.clone(),
-                pb::Route {
-                    name,
-                    service: Some(pb::ServiceRef {
-                        namespace: gw.0.clone(),
-                        hostname: String::new(),
-                        port: 0,
-                    }),
-                    protocol: pb::route::AppProtocol::Tcp as i32,
-                    rules: Vec::new(),
-                    traffic_policy: None,
-                    refused,
-                },
-            );
-        }
-    }
     out
-}
-
-/// The name of the marker route that refuses a waypoint's workload-addressed traffic while
-/// a policy attached to the waypoint cannot be enforced: `namespace/name:waypoint-policy`.
-pub fn waypoint_policy_route(gw: &Key) -> String {
-    format!("{}/{}:waypoint-policy", gw.0, gw.1)
-}
-
-/// An AuthorizationPolicy attached (`targetRefs`) to Service `svc`, to its waypoint `gw`
-/// or to the waypoint GatewayClass (from the root namespace) that the waypoint cannot
-/// enforce yet (L7 policy at the waypoint is issue 15): the reason the waypoint refuses the
-/// port's traffic — fail closed, never enforced by no one. AUDIT policies and dry-run ones
-/// enforce nothing and do not count.
-pub fn refusing_policy(
-    model: &Model,
-    mesh: &MeshConfig,
-    svc: (&str, &str),
-    gw: &Key,
-) -> Option<String> {
-    use super::istio::Action;
-    model.authorization_policies().find_map(|((pns, pname), p)| {
-        if matches!(p.spec.action, Action::Audit) {
-            return None;
-        }
-        let dry_run = p
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get("istio.io/dry-run"))
-            .is_some_and(|v| v == "true");
-        if dry_run {
-            return None;
-        }
-        let targets = p.spec.target_ref.iter().chain(&p.spec.target_refs);
-        let hits = targets.into_iter().any(|t| {
-            let tns = t.namespace.as_deref().unwrap_or(pns);
-            match t.kind.as_str() {
-            "Service" => t.group.is_empty() && tns == svc.0 && t.name == svc.1,
-            "Gateway" => {
-                t.group == "gateway.networking.k8s.io" && tns == gw.0 && t.name == gw.1
-            }
-            "GatewayClass" => {
-                t.group == "gateway.networking.k8s.io"
-                    && *pns == mesh.root_namespace
-                    && t.name == super::gateway::WAYPOINT_CLASS
-            }
-            _ => false,
-        }
-        });
-        hits.then(|| {
-            format!(
-                "AuthorizationPolicy {pns}/{pname} is attached here and the waypoint does not enforce L7 policy yet: refused (fail closed)"
-            )
-        })
-    })
 }
 
 /// The Services (namespace, name) each waypoint's routes send to, beyond those it fronts:

@@ -15,9 +15,13 @@ use trellis_proto::istio::security::Authorization;
 use trellis_proto::istio::workload::{Address, address};
 
 use super::authz::{
-    PolicyStatus, for_ztunnel, peer_authentication_status, request_authentication_status,
+    PolicyState, PolicyStatus, for_ztunnel, peer_authentication_status,
+    request_authentication_status,
 };
 use super::load::ObjectRef;
+
+/// How the reasons a waypoint adds to a policy's status begin.
+const WAYPOINT_NOTE: &str = "waypoint: ";
 use super::model::{MeshConfig, Model, STATIC_STRICT};
 
 /// One resource as sent.
@@ -83,6 +87,7 @@ impl Snapshot {
         snap.waypoints = waypoint_keys(model);
         snap.waypoint_views = waypoint_views(model, mesh, &snap.waypoints);
         snap.add_waypoint_routes(model, mesh);
+        snap.add_waypoint_policies(model, mesh);
         snap
     }
 
@@ -99,6 +104,81 @@ impl Snapshot {
         };
         self.resources
             .insert(trellis_proto::type_url::WAYPOINT_ROUTE.to_string(), routes);
+    }
+
+    /// The AuthorizationPolicies waypoints enforce, recomputed whole like the routes (a
+    /// policy's targets and the Services it covers may live anywhere), each added to the
+    /// view of its waypoint; the statuses say where each is enforced.
+    fn add_waypoint_policies(&mut self, model: &Model, mesh: &MeshConfig) {
+        let type_url = trellis_proto::type_url::WAYPOINT_L7_POLICY.to_string();
+        // What an earlier pass said about waypoints goes first (idempotent over rebuilds
+        // that keep other namespaces' statuses).
+        for (id, status) in self.statuses.iter_mut() {
+            if id.kind == "AuthorizationPolicy" {
+                status.reasons.retain(|r| !r.starts_with(WAYPOINT_NOTE));
+            }
+        }
+        if self.waypoints.is_empty() {
+            self.resources.insert(type_url, BTreeMap::new());
+            return;
+        }
+        let wp = super::l7policy::waypoint_policies(model, mesh);
+        let mut resources = BTreeMap::new();
+        for (name, (gw, policy)) in &wp.policies {
+            resources.insert(name.clone(), resource(policy));
+            if let Some(view) = self.waypoint_views.get_mut(gw) {
+                Arc::make_mut(view).insert(name.clone());
+            }
+        }
+        self.resources.insert(type_url, resources);
+        let id = |(ns, name): &(String, String)| ObjectRef {
+            kind: "AuthorizationPolicy".into(),
+            namespace: ns.clone(),
+            name: name.clone(),
+        };
+        let targeted = |key: &(String, String)| {
+            model
+                .authorization_policies()
+                .find(|(k, _)| *k == key)
+                .is_some_and(|(_, p)| p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty())
+        };
+        for (key, errors) in &wp.rejected {
+            if targeted(key) {
+                self.statuses.insert(
+                    id(key),
+                    PolicyStatus {
+                        state: PolicyState::Rejected,
+                        reasons: errors.clone(),
+                    },
+                );
+            }
+        }
+        for (key, notes) in &wp.notes {
+            let notes: Vec<String> = notes
+                .iter()
+                .map(|n| format!("{WAYPOINT_NOTE}{n}"))
+                .collect();
+            if targeted(key) {
+                // Only waypoints enforce it: the status is theirs.
+                let enforced = notes
+                    .first()
+                    .is_some_and(|n| n.starts_with(&format!("{WAYPOINT_NOTE}enforced")));
+                let state = if enforced && notes.len() == 1 {
+                    PolicyState::Accepted
+                } else {
+                    PolicyState::AcceptedWithWarnings
+                };
+                self.statuses.insert(
+                    id(key),
+                    PolicyStatus {
+                        state,
+                        reasons: notes,
+                    },
+                );
+            } else if let Some(status) = self.statuses.get_mut(&id(key)) {
+                status.reasons.extend(notes);
+            }
+        }
     }
 
     /// Builds the snapshot of `model` from `prev`, re-translating only the namespaces in
@@ -138,6 +218,7 @@ impl Snapshot {
         }
         snap.add_peer_authentication(model, mesh);
         snap.add_waypoint_routes(model, mesh);
+        snap.add_waypoint_policies(model, mesh);
         snap
     }
 

@@ -55,8 +55,12 @@ pub fn policy_status(
         ZTUNNEL_ACCEPTED
     };
     let (state, reason, message) = match status.state {
-        PolicyState::Accepted if kind == ZTUNNEL_ACCEPTED => {
+        PolicyState::Accepted if kind == ZTUNNEL_ACCEPTED && status.reasons.is_empty() => {
             ("True", "Accepted", "attached to ztunnel".to_string())
+        }
+        // Where waypoints enforce it.
+        PolicyState::Accepted if kind == ZTUNNEL_ACCEPTED => {
+            ("True", "Accepted", status.reasons.join("; "))
         }
         PolicyState::Accepted => ("True", "Accepted", "accepted".to_string()),
         PolicyState::AcceptedWithWarnings => {

@@ -1,0 +1,982 @@
+//! AuthorizationPolicy at the waypoint: the `trellis.waypoint.v1.L7Policy` resources the
+//! control plane sends, compiled once per configuration generation and evaluated for every
+//! request (and, with connection attributes only, for every TCP connection).
+//!
+//! Istio's order: CUSTOM (external authorization — not available yet, so a request a
+//! CUSTOM policy's rules match is denied, fail closed), then DENY (any match denies), then
+//! ALLOW (when any ALLOW policy applies, one must match, else denied). AUDIT matches are
+//! logged. A dry-run policy (`istio.io/dry-run`) is evaluated and its would-be decision
+//! logged, never enforced.
+//!
+//! Matching follows Istio: fields of a source or operation are AND-ed, the values of a
+//! field OR-ed, a `not` field excludes; an attribute that is absent matches no value (and
+//! so every `not` field). For a TCP connection (no request), a rule's HTTP fields count as
+//! matching in DENY and CUSTOM policies and as not matching in ALLOW and AUDIT ones: a
+//! policy never allows more than written, and denies at least what was written.
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+use trellis_proto::trellis::waypoint::v1 as pb;
+use trellis_proto::trellis::waypoint::v1::l7_policy::Action;
+use trellis_proto::trellis::waypoint::v1::policy_target::Scope;
+
+/// What a request (or connection) is, for policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Attrs<'a> {
+    /// The peer's identity without `spiffe://` (`<td>/ns/<ns>/sa/<sa>`).
+    pub principal: Option<&'a str>,
+    /// The peer's namespace and service account.
+    pub namespace: Option<&'a str>,
+    /// `<ns>/<sa>` of the peer.
+    pub service_account: Option<&'a str>,
+    /// The HBONE peer's address.
+    pub source_ip: IpAddr,
+    /// The original client (X-Forwarded-For past the trusted proxies), else the peer.
+    pub remote_ip: IpAddr,
+    /// What the client asked for (service VIP or workload address) and its port.
+    pub destination_ip: IpAddr,
+    /// Destination port.
+    pub destination_port: u16,
+    /// The service addressed (`namespace`, `hostname`), none for workload traffic.
+    pub service: Option<(&'a str, &'a str)>,
+    /// The request; none for a TCP connection.
+    pub http: Option<Http<'a>>,
+}
+
+/// The request's attributes.
+#[derive(Debug, Clone, Copy)]
+pub struct Http<'a> {
+    /// Method.
+    pub method: &'a str,
+    /// Path without query, normalized ([`normalize_path`]).
+    pub path: &'a str,
+    /// Host / `:authority`.
+    pub host: &'a str,
+    /// Headers.
+    pub headers: &'a HeaderMap,
+}
+
+/// What policy decided for one request.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// Denied: by which policy (`namespace/name`), and whether by a CUSTOM one.
+    pub denied: Option<(String, bool)>,
+    /// The ALLOW policy that allowed it, when ALLOW policies applied.
+    pub allowed_by: Option<String>,
+    /// AUDIT policies that matched.
+    pub audited: Vec<String>,
+    /// Dry-run policies and what they would have decided (`true`: deny).
+    pub dry_run: Vec<(String, bool)>,
+}
+
+/// The compiled policies of one configuration generation.
+#[derive(Debug, Default)]
+pub struct Policies {
+    list: Vec<Policy>,
+}
+
+#[derive(Debug)]
+struct Policy {
+    name: String,
+    action: Action,
+    dry_run: bool,
+    /// `None`: every request through this waypoint; else these (namespace, hostname).
+    services: Option<Vec<(String, String)>>,
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug, Default)]
+struct Rule {
+    from: Vec<Source>,
+    to: Vec<Operation>,
+    when: Vec<Condition>,
+}
+
+#[derive(Debug, Default)]
+struct Source {
+    principals: Vec<Str>,
+    not_principals: Vec<Str>,
+    request_principals: Vec<Str>,
+    not_request_principals: Vec<Str>,
+    namespaces: Vec<Str>,
+    not_namespaces: Vec<Str>,
+    service_accounts: Vec<String>,
+    not_service_accounts: Vec<String>,
+    ip_blocks: Vec<Cidr>,
+    not_ip_blocks: Vec<Cidr>,
+    remote_ip_blocks: Vec<Cidr>,
+    not_remote_ip_blocks: Vec<Cidr>,
+}
+
+#[derive(Debug, Default)]
+struct Operation {
+    hosts: Vec<Str>,
+    not_hosts: Vec<Str>,
+    ports: Vec<u32>,
+    not_ports: Vec<u32>,
+    methods: Vec<Str>,
+    not_methods: Vec<Str>,
+    paths: Vec<Str>,
+    not_paths: Vec<Str>,
+}
+
+#[derive(Debug)]
+struct Condition {
+    key: Key,
+    values: Vec<Str>,
+    not_values: Vec<Str>,
+    /// For IP keys, the values as CIDRs.
+    cidrs: Vec<Cidr>,
+    not_cidrs: Vec<Cidr>,
+}
+
+#[derive(Debug)]
+enum Key {
+    Header(http::HeaderName),
+    SourceIp,
+    RemoteIp,
+    SourceNamespace,
+    SourcePrincipal,
+    DestinationIp,
+    DestinationPort,
+    Sni,
+    /// `request.auth.*`: no end-user credential is verified yet, so always absent.
+    RequestAuth,
+    /// Not evaluable here: the rule matches what the policy's action makes conservative.
+    Unknown,
+}
+
+#[derive(Debug)]
+enum Str {
+    Exact(String, bool),
+    Prefix(String, bool),
+    Suffix(String, bool),
+    Regex(regex::Regex),
+    Present,
+    /// A matcher that did not compile: matches nothing.
+    Never,
+}
+
+impl Str {
+    fn compile(m: &pb::StringMatch) -> Str {
+        use pb::string_match::Kind;
+        let ic = m.ignore_case;
+        let fold = |s: &str| {
+            if ic {
+                s.to_ascii_lowercase()
+            } else {
+                s.to_string()
+            }
+        };
+        match &m.kind {
+            Some(Kind::Exact(s)) => Str::Exact(fold(s), ic),
+            Some(Kind::Prefix(s)) => Str::Prefix(fold(s), ic),
+            Some(Kind::Suffix(s)) => Str::Suffix(fold(s), ic),
+            Some(Kind::Regex(r)) => regex::Regex::new(&format!("^(?:{r})$"))
+                .map(Str::Regex)
+                .unwrap_or(Str::Never),
+            Some(Kind::Present(())) => Str::Present,
+            None => Str::Never,
+        }
+    }
+
+    fn matches(&self, v: &str) -> bool {
+        let eq = |a: &str, b: &str, ic: bool| {
+            if ic {
+                a.eq_ignore_ascii_case(b)
+            } else {
+                a == b
+            }
+        };
+        match self {
+            Str::Exact(s, ic) => eq(v, s, *ic),
+            Str::Prefix(s, ic) => {
+                v.len() >= s.len() && v.is_char_boundary(s.len()) && eq(&v[..s.len()], s, *ic)
+            }
+            Str::Suffix(s, ic) => {
+                v.len() >= s.len()
+                    && v.is_char_boundary(v.len() - s.len())
+                    && eq(&v[v.len() - s.len()..], s, *ic)
+            }
+            Str::Regex(r) => r.is_match(v),
+            Str::Present => true,
+            Str::Never => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cidr {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl Cidr {
+    fn from_pb(c: &pb::CidrRange) -> Option<Cidr> {
+        let addr = match c.address.len() {
+            4 => IpAddr::from(<[u8; 4]>::try_from(&c.address[..]).ok()?),
+            16 => IpAddr::from(<[u8; 16]>::try_from(&c.address[..]).ok()?),
+            _ => return None,
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (c.prefix_len <= max).then_some(Cidr {
+            addr,
+            len: c.prefix_len as u8,
+        })
+    }
+
+    fn parse(s: &str) -> Option<Cidr> {
+        let (ip, len) = match s.split_once('/') {
+            Some((ip, len)) => (ip.parse::<IpAddr>().ok()?, Some(len.parse::<u8>().ok()?)),
+            None => (s.parse::<IpAddr>().ok()?, None),
+        };
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let len = len.unwrap_or(max);
+        (len <= max).then_some(Cidr { addr: ip, len })
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) if self.addr.is_ipv4() => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => return false,
+            },
+            other => other,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(a) & mask == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                u128::from(a) & mask == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+fn strs(v: &[pb::StringMatch]) -> Vec<Str> {
+    v.iter().map(Str::compile).collect()
+}
+
+fn cidrs(v: &[pb::CidrRange]) -> Vec<Cidr> {
+    // A block that does not decode matches nothing (the control plane sends valid ones).
+    v.iter().filter_map(Cidr::from_pb).collect()
+}
+
+fn key(k: &str) -> Key {
+    let bracketed = |prefix: &str| {
+        k.strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(']'))
+    };
+    if let Some(h) = bracketed("request.headers[") {
+        return http::HeaderName::from_bytes(h.as_bytes()).map_or(Key::Unknown, Key::Header);
+    }
+    match k {
+        "source.ip" => Key::SourceIp,
+        "remote.ip" => Key::RemoteIp,
+        "source.namespace" => Key::SourceNamespace,
+        "source.principal" => Key::SourcePrincipal,
+        "destination.ip" => Key::DestinationIp,
+        "destination.port" => Key::DestinationPort,
+        "connection.sni" => Key::Sni,
+        "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter" => {
+            Key::RequestAuth
+        }
+        _ if k.starts_with("request.auth.claims[") => Key::RequestAuth,
+        _ => Key::Unknown,
+    }
+}
+
+impl Policies {
+    /// Compiles the policies of one configuration.
+    pub fn compile<'a>(policies: impl Iterator<Item = &'a pb::L7Policy>) -> Policies {
+        let mut list: Vec<Policy> = policies
+            .filter_map(|p| {
+                let action = Action::try_from(p.action).ok()?;
+                let target = p.target.as_ref()?;
+                let services = match Scope::try_from(target.scope).ok()? {
+                    Scope::Waypoint => None,
+                    Scope::Services => Some(
+                        target
+                            .services
+                            .iter()
+                            .map(|s| (s.namespace.clone(), s.hostname.clone()))
+                            .collect(),
+                    ),
+                    Scope::Unspecified => return None,
+                };
+                let rules = p
+                    .rules
+                    .iter()
+                    .map(|r| Rule {
+                        from: r
+                            .from
+                            .iter()
+                            .map(|s| Source {
+                                principals: strs(&s.principals),
+                                not_principals: strs(&s.not_principals),
+                                request_principals: strs(&s.request_principals),
+                                not_request_principals: strs(&s.not_request_principals),
+                                namespaces: strs(&s.namespaces),
+                                not_namespaces: strs(&s.not_namespaces),
+                                service_accounts: s.service_accounts.clone(),
+                                not_service_accounts: s.not_service_accounts.clone(),
+                                ip_blocks: cidrs(&s.ip_blocks),
+                                not_ip_blocks: cidrs(&s.not_ip_blocks),
+                                remote_ip_blocks: cidrs(&s.remote_ip_blocks),
+                                not_remote_ip_blocks: cidrs(&s.not_remote_ip_blocks),
+                            })
+                            .collect(),
+                        to: r
+                            .to
+                            .iter()
+                            .map(|o| Operation {
+                                hosts: strs(&o.hosts),
+                                not_hosts: strs(&o.not_hosts),
+                                ports: o.ports.clone(),
+                                not_ports: o.not_ports.clone(),
+                                methods: strs(&o.methods),
+                                not_methods: strs(&o.not_methods),
+                                paths: strs(&o.paths),
+                                not_paths: strs(&o.not_paths),
+                            })
+                            .collect(),
+                        when: r
+                            .when
+                            .iter()
+                            .map(|c| {
+                                let key = key(&c.key);
+                                let ip_key = matches!(
+                                    key,
+                                    Key::SourceIp | Key::RemoteIp | Key::DestinationIp
+                                );
+                                let as_cidrs = |v: &[pb::StringMatch]| -> Vec<Cidr> {
+                                    if !ip_key {
+                                        return Vec::new();
+                                    }
+                                    v.iter()
+                                        .filter_map(|m| match &m.kind {
+                                            Some(pb::string_match::Kind::Exact(s)) => {
+                                                Cidr::parse(s)
+                                            }
+                                            _ => None,
+                                        })
+                                        .collect()
+                                };
+                                Condition {
+                                    cidrs: as_cidrs(&c.values),
+                                    not_cidrs: as_cidrs(&c.not_values),
+                                    key,
+                                    values: strs(&c.values),
+                                    not_values: strs(&c.not_values),
+                                }
+                            })
+                            .collect(),
+                    })
+                    .collect();
+                Some(Policy {
+                    name: p.name.clone(),
+                    action,
+                    dry_run: p.dry_run,
+                    services,
+                    rules,
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        Policies { list }
+    }
+
+    /// Whether no policy applies to anything (the common case: nothing to evaluate).
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Decides `a`.
+    pub fn decide(&self, a: &Attrs<'_>) -> Decision {
+        let mut d = Decision::default();
+        let applies = |p: &Policy| match (&p.services, a.service) {
+            (None, _) => true,
+            (Some(list), Some((ns, host))) => list.iter().any(|(n, h)| n == ns && h == host),
+            (Some(_), None) => false,
+        };
+        let mut any_allow = false;
+        let mut dry_allow: Option<bool> = None;
+        for p in self.list.iter().filter(|p| applies(p)) {
+            let matched = p.rules.iter().any(|r| r.matches(a, p.action));
+            if p.dry_run {
+                match p.action {
+                    Action::Allow => {
+                        dry_allow = Some(dry_allow.unwrap_or(false) || matched);
+                    }
+                    Action::Deny | Action::Custom => d.dry_run.push((p.name.clone(), matched)),
+                    Action::Audit => {}
+                }
+                continue;
+            }
+            match p.action {
+                Action::Custom | Action::Deny if matched && d.denied.is_none() => {
+                    d.denied = Some((p.name.clone(), p.action == Action::Custom));
+                }
+                Action::Allow => {
+                    any_allow = true;
+                    if matched && d.allowed_by.is_none() {
+                        d.allowed_by = Some(p.name.clone());
+                    }
+                }
+                Action::Audit if matched => d.audited.push(p.name.clone()),
+                _ => {}
+            }
+        }
+        if let Some(any) = dry_allow {
+            d.dry_run.push(("(dry-run ALLOW policies)".into(), !any));
+        }
+        if d.denied.is_none() && any_allow && d.allowed_by.is_none() {
+            // (Named only on this path: an allowed request allocates nothing here.)
+            let names: Vec<&str> = self
+                .list
+                .iter()
+                .filter(|p| applies(p) && !p.dry_run && p.action == Action::Allow)
+                .map(|p| p.name.as_str())
+                .collect();
+            d.denied = Some((
+                format!("no ALLOW policy matched: {}", names.join(", ")),
+                false,
+            ));
+        }
+        if d.denied.is_some() {
+            d.allowed_by = None;
+        }
+        d
+    }
+}
+
+/// A field with values: any matches the attribute (absent: none does).
+fn any_of(ms: &[Str], v: Option<&str>) -> bool {
+    v.is_some_and(|v| ms.iter().any(|m| m.matches(v)))
+}
+
+impl Rule {
+    fn matches(&self, a: &Attrs<'_>, action: Action) -> bool {
+        // A request attribute a TCP connection does not have: conservative per action.
+        let l7_default = matches!(action, Action::Deny | Action::Custom);
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(a, l7_default)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(a, l7_default)))
+            && self.when.iter().all(|c| c.matches(a, l7_default))
+    }
+}
+
+/// `field` matches (present field) and `not_field` does not.
+fn field(values: &[Str], not_values: &[Str], v: Option<&str>) -> bool {
+    (values.is_empty() || any_of(values, v)) && (not_values.is_empty() || !any_of(not_values, v))
+}
+
+fn cidr_field(values: &[Cidr], not_values: &[Cidr], ip: IpAddr) -> bool {
+    (values.is_empty() || values.iter().any(|c| c.contains(ip)))
+        && (not_values.is_empty() || !not_values.iter().any(|c| c.contains(ip)))
+}
+
+impl Source {
+    fn matches(&self, a: &Attrs<'_>, l7_default: bool) -> bool {
+        let sa = |list: &[String]| {
+            a.service_account
+                .is_some_and(|s| list.iter().any(|x| x == s))
+        };
+        let request_principals =
+            if self.request_principals.is_empty() && self.not_request_principals.is_empty() {
+                true
+            } else if a.http.is_none() {
+                l7_default
+            } else {
+                // No end-user credential is verified yet: the request principal is absent.
+                field(&self.request_principals, &self.not_request_principals, None)
+            };
+        let remote = if self.remote_ip_blocks.is_empty() && self.not_remote_ip_blocks.is_empty() {
+            true
+        } else if a.http.is_none() {
+            l7_default
+        } else {
+            cidr_field(
+                &self.remote_ip_blocks,
+                &self.not_remote_ip_blocks,
+                a.remote_ip,
+            )
+        };
+        field(&self.principals, &self.not_principals, a.principal)
+            && field(&self.namespaces, &self.not_namespaces, a.namespace)
+            && (self.service_accounts.is_empty() || sa(&self.service_accounts))
+            && (self.not_service_accounts.is_empty() || !sa(&self.not_service_accounts))
+            && cidr_field(&self.ip_blocks, &self.not_ip_blocks, a.source_ip)
+            && request_principals
+            && remote
+    }
+}
+
+impl Operation {
+    fn matches(&self, a: &Attrs<'_>, l7_default: bool) -> bool {
+        let port = u32::from(a.destination_port);
+        let ports = (self.ports.is_empty() || self.ports.contains(&port))
+            && (self.not_ports.is_empty() || !self.not_ports.contains(&port));
+        if !ports {
+            return false;
+        }
+        let has_l7 = !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty());
+        let Some(h) = &a.http else {
+            return !has_l7 || l7_default;
+        };
+        // Hosts match with or without the port.
+        let bare = match h.host.rsplit_once(':') {
+            Some((b, p))
+                if !p.is_empty()
+                    && p.bytes().all(|c| c.is_ascii_digit())
+                    && (!b.contains(':') || b.ends_with(']')) =>
+            {
+                b
+            }
+            _ => h.host,
+        };
+        let host_ok = |list: &[Str]| any_of(list, Some(h.host)) || any_of(list, Some(bare));
+        (self.hosts.is_empty() || host_ok(&self.hosts))
+            && (self.not_hosts.is_empty() || !host_ok(&self.not_hosts))
+            && field(&self.methods, &self.not_methods, Some(h.method))
+            && field(&self.paths, &self.not_paths, Some(h.path))
+    }
+}
+
+impl Condition {
+    fn matches(&self, a: &Attrs<'_>, l7_default: bool) -> bool {
+        let ip = |ip: IpAddr| {
+            (self.cidrs.is_empty() || self.cidrs.iter().any(|c| c.contains(ip)))
+                && (self.not_cidrs.is_empty() || !self.not_cidrs.iter().any(|c| c.contains(ip)))
+        };
+        match &self.key {
+            Key::SourceIp => ip(a.source_ip),
+            Key::DestinationIp => ip(a.destination_ip),
+            Key::RemoteIp if a.http.is_none() => l7_default,
+            Key::RemoteIp => ip(a.remote_ip),
+            Key::SourceNamespace => field(&self.values, &self.not_values, a.namespace),
+            Key::SourcePrincipal => field(&self.values, &self.not_values, a.principal),
+            Key::DestinationPort => {
+                let mut buf = [0u8; 5];
+                let port = port_text(a.destination_port, &mut buf);
+                field(&self.values, &self.not_values, Some(port))
+            }
+            // The tunnelled traffic is plaintext HTTP: no SNI.
+            Key::Sni => field(&self.values, &self.not_values, None),
+            Key::Header(_) | Key::RequestAuth if a.http.is_none() => l7_default,
+            Key::Header(name) => {
+                let Some(h) = &a.http else { return l7_default };
+                let mut values = h
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok());
+                match (values.next(), values.next()) {
+                    (None, _) => field(&self.values, &self.not_values, None),
+                    (Some(one), None) => field(&self.values, &self.not_values, Some(one)),
+                    // Several: matched as one, comma-joined (as Envoy does).
+                    (Some(first), Some(second)) => {
+                        let mut joined = format!("{first},{second}");
+                        for v in values {
+                            joined.push(',');
+                            joined.push_str(v);
+                        }
+                        field(&self.values, &self.not_values, Some(&joined))
+                    }
+                }
+            }
+            Key::RequestAuth => field(&self.values, &self.not_values, None),
+            Key::Unknown => l7_default,
+        }
+    }
+}
+
+/// A port as decimal text, written into `buf` (no allocation).
+fn port_text(mut n: u16, buf: &mut [u8; 5]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+}
+
+/// The path as policy sees it: RFC 3986 dot segments resolved, percent-encoded unreserved
+/// characters decoded, and runs of `/` merged — so `/a/../admin`, `/%61dmin` and
+/// `//admin` are all `/admin` to a rule about `/admin`. Returns `None` when nothing
+/// changes (the common case allocates nothing).
+pub fn normalize_path(path: &str) -> Option<String> {
+    let needs =
+        path.contains("//") || path.contains("/.") || path.contains('%') || !path.starts_with('/');
+    if !needs {
+        return None;
+    }
+    // Decode %XX of unreserved characters only.
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Some(v) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            && (v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~'))
+        {
+            decoded.push(v as char);
+            i += 3;
+            continue;
+        }
+        let c = path[i..].chars().next().unwrap_or('\u{fffd}');
+        decoded.push(c);
+        i += c.len_utf8().max(1);
+    }
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut norm = String::with_capacity(decoded.len());
+    for s in &out {
+        norm.push('/');
+        norm.push_str(s);
+    }
+    if norm.is_empty() || decoded.ends_with('/') && !norm.ends_with('/') {
+        norm.push('/');
+    }
+    (norm != path).then_some(norm)
+}
+
+/// Policies by configuration generation, shared by the workers.
+#[derive(Debug, Default)]
+pub struct Cache {
+    inner: std::sync::Mutex<Option<(u64, std::sync::Arc<Policies>)>>,
+}
+
+impl Cache {
+    /// The policies of configuration `generation` (compiled once per generation).
+    pub fn get(
+        &self,
+        generation: u64,
+        compile: impl FnOnce() -> Policies,
+    ) -> std::sync::Arc<Policies> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match &*g {
+            Some((gen_, p)) if *gen_ == generation => p.clone(),
+            _ => {
+                let p = std::sync::Arc::new(compile());
+                *g = Some((generation, p.clone()));
+                p
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::string_match::Kind;
+
+    fn s(kind: Kind) -> pb::StringMatch {
+        pb::StringMatch {
+            kind: Some(kind),
+            ignore_case: false,
+        }
+    }
+    fn exact(v: &str) -> pb::StringMatch {
+        s(Kind::Exact(v.into()))
+    }
+
+    fn policy(name: &str, action: Action, rules: Vec<pb::Rule>) -> pb::L7Policy {
+        pb::L7Policy {
+            name: name.into(),
+            namespace: "shop".into(),
+            target: Some(pb::PolicyTarget {
+                scope: Scope::Waypoint as i32,
+                services: Vec::new(),
+            }),
+            action: action as i32,
+            rules,
+            dry_run: false,
+            provider: String::new(),
+        }
+    }
+
+    fn from_ns(ns: &str) -> pb::Source {
+        pb::Source {
+            namespaces: vec![exact(ns)],
+            ..Default::default()
+        }
+    }
+
+    fn op_method(m: &str) -> pb::Operation {
+        pb::Operation {
+            methods: vec![exact(m)],
+            ..Default::default()
+        }
+    }
+
+    struct Req {
+        ns: &'static str,
+        method: &'static str,
+        path: &'static str,
+        headers: HeaderMap,
+        tcp: bool,
+    }
+
+    fn req(ns: &'static str, method: &'static str, path: &'static str) -> Req {
+        Req {
+            ns,
+            method,
+            path,
+            headers: HeaderMap::new(),
+            tcp: false,
+        }
+    }
+
+    fn decide(policies: &[pb::L7Policy], r: &Req) -> Decision {
+        let principal = format!("cluster.local/ns/{}/sa/client", r.ns);
+        let sa = format!("{}/client", r.ns);
+        let ps = Policies::compile(policies.iter());
+        let a = Attrs {
+            principal: Some(&principal),
+            namespace: Some(r.ns),
+            service_account: Some(&sa),
+            source_ip: "10.244.1.5".parse().unwrap(),
+            remote_ip: "10.244.1.5".parse().unwrap(),
+            destination_ip: "10.96.0.10".parse().unwrap(),
+            destination_port: 80,
+            service: Some(("shop", "web.shop.svc.cluster.local")),
+            http: (!r.tcp).then_some(Http {
+                method: r.method,
+                path: r.path,
+                host: "web.shop.svc.cluster.local:80",
+                headers: &r.headers,
+            }),
+        };
+        ps.decide(&a)
+    }
+
+    fn denied(policies: &[pb::L7Policy], r: &Req) -> bool {
+        decide(policies, r).denied.is_some()
+    }
+
+    #[test]
+    fn the_seed_deny_of_post_from_dev_denies_exactly_that() {
+        let deny = policy(
+            "shop/httpbin",
+            Action::Deny,
+            vec![pb::Rule {
+                from: vec![from_ns("dev")],
+                to: vec![op_method("POST")],
+                when: vec![],
+            }],
+        );
+        let p = [deny];
+        assert!(denied(&p, &req("dev", "POST", "/")));
+        assert!(!denied(&p, &req("dev", "GET", "/")));
+        assert!(!denied(&p, &req("prod", "POST", "/")));
+        // A TCP connection from dev: the DENY's HTTP fields count as matching.
+        let mut tcp = req("dev", "", "");
+        tcp.tcp = true;
+        assert!(denied(&p, &tcp));
+        tcp.ns = "prod";
+        assert!(!denied(&p, &tcp));
+    }
+
+    #[test]
+    fn allow_policies_deny_what_none_matches_and_deny_wins() {
+        let allow = policy(
+            "shop/allow-get",
+            Action::Allow,
+            vec![pb::Rule {
+                to: vec![op_method("GET")],
+                ..Default::default()
+            }],
+        );
+        let deny = policy(
+            "shop/no-admin",
+            Action::Deny,
+            vec![pb::Rule {
+                to: vec![pb::Operation {
+                    paths: vec![s(Kind::Prefix("/admin".into()))],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        );
+        let p = [allow.clone(), deny];
+        let d = decide(&p, &req("prod", "GET", "/x"));
+        assert_eq!(d.denied, None);
+        assert_eq!(d.allowed_by.as_deref(), Some("shop/allow-get"));
+        assert!(denied(&p, &req("prod", "POST", "/x")), "no ALLOW matched");
+        assert_eq!(
+            decide(&p, &req("prod", "GET", "/admin/x")).denied,
+            Some(("shop/no-admin".into(), false))
+        );
+        // An ALLOW policy with no rules denies everything; a TCP connection does not match
+        // an ALLOW rule's HTTP fields.
+        let none = policy("shop/nothing", Action::Allow, vec![]);
+        assert!(denied(&[none], &req("prod", "GET", "/")));
+        let mut tcp = req("prod", "", "");
+        tcp.tcp = true;
+        assert!(denied(&[allow], &tcp));
+    }
+
+    #[test]
+    fn not_fields_templates_headers_ports_and_principals() {
+        let rule = |r: pb::Rule| vec![policy("shop/p", Action::Deny, vec![r])];
+        // notNamespaces: everyone but prod.
+        let p = rule(pb::Rule {
+            from: vec![pb::Source {
+                not_namespaces: vec![exact("prod")],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert!(denied(&p, &req("dev", "GET", "/")));
+        assert!(!denied(&p, &req("prod", "GET", "/")));
+        // Path template and suffix.
+        let p = rule(pb::Rule {
+            to: vec![pb::Operation {
+                paths: vec![
+                    s(Kind::Regex("/api/[^/]+/items".into())),
+                    s(Kind::Suffix(".php".into())),
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert!(denied(&p, &req("dev", "GET", "/api/v1/items")));
+        assert!(!denied(&p, &req("dev", "GET", "/api/v1/x/items")));
+        assert!(denied(&p, &req("dev", "GET", "/x/index.php")));
+        // A header condition, with not_values.
+        let p = rule(pb::Rule {
+            when: vec![pb::Condition {
+                key: "request.headers[x-env]".into(),
+                values: vec![],
+                not_values: vec![exact("prod")],
+            }],
+            ..Default::default()
+        });
+        let mut r = req("dev", "GET", "/");
+        assert!(denied(&p, &r), "an absent header is not prod");
+        r.headers.insert("x-env", "prod".parse().unwrap());
+        assert!(!denied(&p, &r));
+        // Ports, hosts without the port, principals by prefix, service accounts.
+        let p = rule(pb::Rule {
+            from: vec![pb::Source {
+                principals: vec![s(Kind::Prefix("cluster.local/ns/dev/".into()))],
+                service_accounts: vec!["dev/client".into()],
+                ..Default::default()
+            }],
+            to: vec![pb::Operation {
+                ports: vec![80],
+                hosts: vec![pb::StringMatch {
+                    kind: Some(Kind::Exact("WEB.shop.svc.cluster.local".into())),
+                    ignore_case: true,
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert!(denied(&p, &req("dev", "GET", "/")));
+        assert!(!denied(&p, &req("prod", "GET", "/")));
+        // requestPrincipals "*" (no end-user credential is verified yet): never present.
+        let allow = vec![policy(
+            "shop/jwt",
+            Action::Allow,
+            vec![pb::Rule {
+                from: vec![pb::Source {
+                    request_principals: vec![s(Kind::Present(()))],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        )];
+        assert!(denied(&allow, &req("dev", "GET", "/")));
+        // destination.port and source.ip conditions.
+        let p = rule(pb::Rule {
+            when: vec![
+                pb::Condition {
+                    key: "destination.port".into(),
+                    values: vec![exact("80")],
+                    not_values: vec![],
+                },
+                pb::Condition {
+                    key: "source.ip".into(),
+                    values: vec![exact("10.244.0.0/16")],
+                    not_values: vec![],
+                },
+            ],
+            ..Default::default()
+        });
+        assert!(denied(&p, &req("dev", "GET", "/")));
+    }
+
+    #[test]
+    fn custom_audit_dry_run_and_service_scope() {
+        let mut custom = policy("shop/ext", Action::Custom, vec![pb::Rule::default()]);
+        custom.provider = "ext-authz".into();
+        assert_eq!(
+            decide(&[custom], &req("dev", "GET", "/")).denied,
+            Some(("shop/ext".into(), true)),
+            "no external authorizer yet: what CUSTOM matches is denied"
+        );
+        let audit = policy("shop/audit", Action::Audit, vec![pb::Rule::default()]);
+        let d = decide(&[audit], &req("dev", "GET", "/"));
+        assert_eq!(
+            (d.denied, d.audited),
+            (None, vec!["shop/audit".to_string()])
+        );
+        let mut dry = policy("shop/dry", Action::Deny, vec![pb::Rule::default()]);
+        dry.dry_run = true;
+        let d = decide(&[dry], &req("dev", "GET", "/"));
+        assert_eq!(d.denied, None);
+        assert_eq!(d.dry_run, vec![("shop/dry".to_string(), true)]);
+        let mut other = policy("shop/other-svc", Action::Deny, vec![pb::Rule::default()]);
+        other.target = Some(pb::PolicyTarget {
+            scope: Scope::Services as i32,
+            services: vec![pb::ServiceRef {
+                namespace: "shop".into(),
+                hostname: "api.shop.svc.cluster.local".into(),
+                port: 0,
+            }],
+        });
+        assert!(
+            !denied(&[other], &req("dev", "GET", "/")),
+            "another Service's policy"
+        );
+    }
+
+    #[test]
+    fn paths_are_normalized_for_policy() {
+        assert_eq!(normalize_path("/a/b"), None);
+        assert_eq!(normalize_path("/a/../admin").as_deref(), Some("/admin"));
+        assert_eq!(normalize_path("//admin").as_deref(), Some("/admin"));
+        assert_eq!(normalize_path("/%61dmin").as_deref(), Some("/admin"));
+        assert_eq!(normalize_path("/./admin/").as_deref(), Some("/admin/"));
+        assert_eq!(normalize_path("/a%2Fb"), None, "reserved escapes stay");
+        assert_eq!(normalize_path("/../..").as_deref(), Some("/"));
+    }
+}
