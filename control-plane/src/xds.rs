@@ -554,7 +554,8 @@ impl Stream {
             Some(crate::ca::auth::Caller::Waypoint(id))
                 if type_url == trellis_proto::type_url::ADDRESS
                     || type_url == trellis_proto::type_url::WAYPOINT_ROUTE
-                    || type_url == trellis_proto::type_url::WAYPOINT_L7_POLICY =>
+                    || type_url == trellis_proto::type_url::WAYPOINT_L7_POLICY
+                    || type_url == trellis_proto::type_url::WAYPOINT_REQUEST_AUTHENTICATION =>
             {
                 let key = (id.namespace().to_string(), id.service_account().to_string());
                 Some(snap.waypoint_views.get(&key).cloned().unwrap_or_default())

@@ -514,3 +514,82 @@ spec:
     let web = rule_names(&routes(&snap)["shop/web.shop.svc.cluster.local:80"]);
     assert!(web.iter().any(|n| n == "other/from-elsewhere/0"), "{web:?}");
 }
+
+#[test]
+fn request_authentications_reach_the_waypoint_of_the_services_they_select() {
+    use trellis_control_plane::config::load::ObjectRef;
+    // The seed articles' RequestAuthentication (selector app: my-app), in shop.
+    let seed = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-v1-0, namespace: shop, labels: {app: web, version: v1}}
+spec: {nodeName: node1, serviceAccountName: web, containers: [{name: app, image: x}]}
+status: {podIP: 10.244.1.11}
+---
+apiVersion: security.istio.io/v1beta1
+kind: RequestAuthentication
+metadata: {name: jwt-example, namespace: shop}
+spec:
+  selector:
+    matchLabels: {version: v2}
+  jwtRules:
+  - issuer: "https://issuer.example.com"
+    jwksUri: "https://issuer.example.com/keys"
+    fromHeaders: [{name: x-token, prefix: "Bearer "}]
+    outputClaimToHeaders: [{header: x-sub, claim: sub}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: nowhere, namespace: shop}
+spec:
+  selector:
+    matchLabels: {app: nothing}
+  jwtRules: [{issuer: "https://other.example.com", jwks: "{\"keys\": []}"}]
+"#;
+    let m = model(&[CLUSTER, seed]);
+    let snap = Snapshot::build(&m, &MeshConfig::default());
+    let all: std::collections::BTreeMap<String, pb::RequestAuthentication> = snap
+        .of_type(type_url::WAYPOINT_REQUEST_AUTHENTICATION)
+        .unwrap()
+        .iter()
+        .map(|(n, r)| (n.clone(), r.body.to_msg().unwrap()))
+        .collect();
+    let names: Vec<&str> = all.keys().map(String::as_str).collect();
+    // web (fronted by the waypoint) selects web-v2-0, which carries version: v2.
+    assert_eq!(names, ["shop/jwt-example@shop/waypoint"]);
+    let ra = &all["shop/jwt-example@shop/waypoint"];
+    let t = ra.target.as_ref().unwrap();
+    assert_eq!(t.services[0].hostname, "web.shop.svc.cluster.local");
+    let p = &ra.providers[0];
+    assert_eq!(p.issuer, "https://issuer.example.com");
+    assert_eq!(
+        p.jwks_source,
+        Some(pb::jwt_provider::JwksSource::JwksUri(
+            "https://issuer.example.com/keys".into()
+        ))
+    );
+    assert_eq!(p.from_headers[0].name, "x-token");
+    assert_eq!(p.from_headers[0].prefix, "Bearer ");
+    assert_eq!(p.output_claim_to_headers[0].claim, "sub");
+    let view = &snap.waypoint_views[&("shop".to_string(), "waypoint".to_string())];
+    assert!(view.contains("shop/jwt-example@shop/waypoint"));
+    let status = |name: &str| {
+        snap.statuses[&ObjectRef {
+            kind: "RequestAuthentication".into(),
+            namespace: "shop".into(),
+            name: name.into(),
+        }]
+            .reasons
+            .join("; ")
+    };
+    assert!(
+        status("jwt-example").contains("tokens checked by the waypoint shop/waypoint"),
+        "{}",
+        status("jwt-example")
+    );
+    assert!(
+        status("nowhere").contains("nothing checks this policy's tokens"),
+        "{}",
+        status("nowhere")
+    );
+}

@@ -23,7 +23,9 @@ use trellis_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaD
 use trellis_proto::google::rpc::Status as RpcStatus;
 use trellis_proto::istio::security::{Authorization, Scope};
 use trellis_proto::istio::workload::{Address, Service, Workload, address};
-use trellis_proto::trellis::waypoint::v1::{L7Policy, Route as WaypointRoute};
+use trellis_proto::trellis::waypoint::v1::{
+    L7Policy, RequestAuthentication as WaypointAuthn, Route as WaypointRoute,
+};
 
 /// What the data plane knows: workloads, services and L4 policies.
 #[derive(Debug, Default, Clone)]
@@ -39,6 +41,8 @@ pub struct Store {
     routes: BTreeMap<String, WaypointRoute>,
     /// Waypoint authorization policies, by resource name.
     l7_policies: BTreeMap<String, L7Policy>,
+    /// Waypoint end-user authentication (JWT) rules, by resource name.
+    authentications: BTreeMap<String, WaypointAuthn>,
     /// Type URL → resource name → version: what we hold, sent on resume.
     versions: BTreeMap<String, BTreeMap<String, String>>,
 }
@@ -157,6 +161,7 @@ impl Store {
             Policy(Authorization),
             Route(Box<WaypointRoute>),
             L7(Box<L7Policy>),
+            Authn(Box<WaypointAuthn>),
         }
         let mut decoded = Vec::with_capacity(resp.resources.len());
         for r in &resp.resources {
@@ -190,6 +195,15 @@ impl Store {
                     .map_err(|e| format!("resource {:?} does not decode: {e}", r.name))?;
                 check_l7_policy(&policy).map_err(|e| format!("policy {:?}: {e}", r.name))?;
                 Decoded::L7(Box::new(policy))
+            } else if resp.type_url == WaypointAuthn::type_url() {
+                let ra = WaypointAuthn::decode(any.value.as_slice())
+                    .map_err(|e| format!("resource {:?} does not decode: {e}", r.name))?;
+                let target = ra
+                    .target
+                    .as_ref()
+                    .ok_or_else(|| format!("{:?}: no target", r.name))?;
+                check_target(target).map_err(|e| format!("{:?}: {e}", r.name))?;
+                Decoded::Authn(Box::new(ra))
             } else {
                 return Err(format!("type {} was not subscribed", resp.type_url));
             };
@@ -230,6 +244,9 @@ impl Store {
                 }
                 Decoded::L7(p) => {
                     self.l7_policies.insert(name.clone(), *p);
+                }
+                Decoded::Authn(a) => {
+                    self.authentications.insert(name.clone(), *a);
                 }
             }
             self.versions
@@ -275,6 +292,14 @@ impl Store {
         if type_url == L7Policy::type_url() {
             self.l7_policies.remove(name);
         }
+        if type_url == WaypointAuthn::type_url() {
+            self.authentications.remove(name);
+        }
+    }
+
+    /// Every waypoint end-user authentication rule set, by resource name.
+    pub fn authentications(&self) -> impl Iterator<Item = (&String, &WaypointAuthn)> {
+        self.authentications.iter()
     }
 
     /// Every waypoint authorization policy, by resource name.
@@ -297,9 +322,14 @@ impl Store {
 /// (services named when the scope says so). Anything else is NACKed, never read as
 /// something wider or narrower.
 fn check_l7_policy(p: &L7Policy) -> Result<(), String> {
-    use trellis_proto::trellis::waypoint::v1::{l7_policy::Action, policy_target::Scope};
+    use trellis_proto::trellis::waypoint::v1::l7_policy::Action;
     Action::try_from(p.action).map_err(|_| format!("unknown action {}", p.action))?;
-    let target = p.target.as_ref().ok_or("no target")?;
+    check_target(p.target.as_ref().ok_or("no target")?)
+}
+
+/// A known target scope, with services when the scope says so.
+fn check_target(target: &trellis_proto::trellis::waypoint::v1::PolicyTarget) -> Result<(), String> {
+    use trellis_proto::trellis::waypoint::v1::policy_target::Scope;
     match Scope::try_from(target.scope) {
         Ok(Scope::Waypoint) => Ok(()),
         Ok(Scope::Services) if !target.services.is_empty() => Ok(()),

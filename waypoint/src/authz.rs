@@ -42,6 +42,8 @@ pub struct Attrs<'a> {
     pub service: Option<(&'a str, &'a str)>,
     /// The request; none for a TCP connection.
     pub http: Option<Http<'a>>,
+    /// The end user of a verified token: `<iss>/<sub>` and the claims.
+    pub request_auth: Option<(&'a str, &'a serde_json::Value)>,
 }
 
 /// The request's attributes.
@@ -141,8 +143,14 @@ enum Key {
     DestinationIp,
     DestinationPort,
     Sni,
-    /// `request.auth.*`: no end-user credential is verified yet, so always absent.
-    RequestAuth,
+    /// `request.auth.principal`.
+    AuthPrincipal,
+    /// `request.auth.audiences` (the `aud` claim).
+    AuthAudiences,
+    /// `request.auth.presenter` (the `azp` claim).
+    AuthPresenter,
+    /// `request.auth.claims[a][b]...`: the claim path.
+    AuthClaim(Vec<String>),
     /// Not evaluable here: the rule matches what the policy's action makes conservative.
     Unknown,
 }
@@ -285,11 +293,24 @@ fn key(k: &str) -> Key {
         "destination.ip" => Key::DestinationIp,
         "destination.port" => Key::DestinationPort,
         "connection.sni" => Key::Sni,
-        "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter" => {
-            Key::RequestAuth
-        }
-        _ if k.starts_with("request.auth.claims[") => Key::RequestAuth,
-        _ => Key::Unknown,
+        "request.auth.principal" => Key::AuthPrincipal,
+        "request.auth.audiences" => Key::AuthAudiences,
+        "request.auth.presenter" => Key::AuthPresenter,
+        _ => match k.strip_prefix("request.auth.claims") {
+            // `[a][b]`: nested claims, one bracket per level.
+            Some(rest) if rest.starts_with('[') && rest.ends_with(']') => {
+                let path: Vec<String> = rest[1..rest.len() - 1]
+                    .split("][")
+                    .map(str::to_string)
+                    .collect();
+                if path.iter().any(String::is_empty) {
+                    Key::Unknown
+                } else {
+                    Key::AuthClaim(path)
+                }
+            }
+            _ => Key::Unknown,
+        },
     }
 }
 
@@ -494,8 +515,11 @@ impl Source {
             } else if a.http.is_none() {
                 l7_default
             } else {
-                // No end-user credential is verified yet: the request principal is absent.
-                field(&self.request_principals, &self.not_request_principals, None)
+                field(
+                    &self.request_principals,
+                    &self.not_request_principals,
+                    a.request_auth.map(|(p, _)| p),
+                )
             };
         let remote = if self.remote_ip_blocks.is_empty() && self.not_remote_ip_blocks.is_empty() {
             true
@@ -574,7 +598,15 @@ impl Condition {
             }
             // The tunnelled traffic is plaintext HTTP: no SNI.
             Key::Sni => field(&self.values, &self.not_values, None),
-            Key::Header(_) | Key::RequestAuth if a.http.is_none() => l7_default,
+            Key::Header(_)
+            | Key::AuthPrincipal
+            | Key::AuthAudiences
+            | Key::AuthPresenter
+            | Key::AuthClaim(_)
+                if a.http.is_none() =>
+            {
+                l7_default
+            }
             Key::Header(name) => {
                 let Some(h) = &a.http else { return l7_default };
                 let mut values = h
@@ -596,9 +628,36 @@ impl Condition {
                     }
                 }
             }
-            Key::RequestAuth => field(&self.values, &self.not_values, None),
+            Key::AuthPrincipal => field(
+                &self.values,
+                &self.not_values,
+                a.request_auth.map(|(p, _)| p),
+            ),
+            Key::AuthAudiences => self.claim(a, &["aud"]),
+            Key::AuthPresenter => self.claim(a, &["azp"]),
+            Key::AuthClaim(path) => self.claim(a, path),
             Key::Unknown => l7_default,
         }
+    }
+}
+
+impl Condition {
+    /// A claim condition: a string claim is its value; a list of strings matches when one
+    /// of them does (and a `not` value excludes when any does); absent matches no value.
+    fn claim<S: AsRef<str>>(&self, a: &Attrs<'_>, path: &[S]) -> bool {
+        let mut v = a.request_auth.map(|(_, claims)| claims);
+        for p in path {
+            v = v.and_then(|c| c.get(p.as_ref()));
+        }
+        use serde_json::Value;
+        let values: Vec<&str> = match v {
+            Some(Value::String(s)) => vec![s.as_str()],
+            Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let any = |ms: &[Str]| values.iter().any(|v| ms.iter().any(|m| m.matches(v)));
+        (self.values.is_empty() || any(&self.values))
+            && (self.not_values.is_empty() || !any(&self.not_values))
     }
 }
 
@@ -773,6 +832,7 @@ mod tests {
                 host: "web.shop.svc.cluster.local:80",
                 headers: &r.headers,
             }),
+            request_auth: None,
         };
         ps.decide(&a)
     }
@@ -902,7 +962,7 @@ mod tests {
         });
         assert!(denied(&p, &req("dev", "GET", "/")));
         assert!(!denied(&p, &req("prod", "GET", "/")));
-        // requestPrincipals "*" (no end-user credential is verified yet): never present.
+        // requestPrincipals "*" without a verified token: denied.
         let allow = vec![policy(
             "shop/jwt",
             Action::Allow,

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod authz;
 pub mod framing;
+pub mod jwt;
 pub mod logbuf;
 pub mod proxy;
 pub mod routes;
@@ -28,7 +29,9 @@ use trellis_core::cert::{CertManager, GrpcCaClient};
 use trellis_core::credential::Credential;
 use trellis_core::tls::TrustBundle;
 use trellis_core::xds::XdsClient;
-use trellis_proto::type_url::{ADDRESS, WAYPOINT_L7_POLICY, WAYPOINT_ROUTE};
+use trellis_proto::type_url::{
+    ADDRESS, WAYPOINT_L7_POLICY, WAYPOINT_REQUEST_AUTHENTICATION, WAYPOINT_ROUTE,
+};
 
 /// Errors of start-up.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -147,6 +150,7 @@ pub fn connect_mesh(config: &Config) -> Result<Mesh, BoxError> {
             ADDRESS.into(),
             WAYPOINT_ROUTE.into(),
             WAYPOINT_L7_POLICY.into(),
+            WAYPOINT_REQUEST_AUTHENTICATION.into(),
         ],
         cert_ttl: config.cert_ttl,
     })?;

@@ -49,6 +49,10 @@ pub struct Waypoint {
     tables: Mutex<(u64, HashMap<String, Arc<Table>>)>,
     /// Compiled authorization policies, for one configuration generation.
     policies: crate::authz::Cache,
+    /// Compiled end-user authentication rules, for one configuration generation.
+    jwt: crate::jwt::Cache,
+    /// The JWKS of each `jwksUri`.
+    jwks: crate::jwt::KeyCache,
     draining: watch::Receiver<bool>,
     /// Open downstream connections.
     active: Arc<AtomicUsize>,
@@ -78,6 +82,8 @@ impl Waypoint {
             mesh,
             tables: Mutex::new((u64::MAX, HashMap::new())),
             policies: crate::authz::Cache::default(),
+            jwt: crate::jwt::Cache::default(),
+            jwks: crate::jwt::KeyCache::default(),
             draining,
             active: Arc::default(),
         }
@@ -96,6 +102,14 @@ impl Waypoint {
         let generation = *self.mesh.xds.changes().borrow();
         self.policies.get(generation, || {
             crate::authz::Policies::compile(self.mesh.xds.store().l7_policies().map(|(_, p)| p))
+        })
+    }
+
+    /// The end-user authentication rules as of the current configuration.
+    pub fn jwt_rules(&self) -> Arc<crate::jwt::Rules> {
+        let generation = *self.mesh.xds.changes().borrow();
+        self.jwt.get(generation, || {
+            crate::jwt::Rules::compile(self.mesh.xds.store().authentications().map(|(_, r)| r))
         })
     }
 
@@ -615,7 +629,7 @@ async fn tcp_forward<T: AsyncRead + AsyncWrite + Unpin>(
         // matching in DENY rules and not in ALLOW ones).
         let policies = wp.policies();
         if !policies.is_empty() {
-            let a = attrs(&wp, &down, None);
+            let a = attrs(&wp, &down, None, None);
             let d = policies.decide(&a);
             if !d.audited.is_empty() || !d.dry_run.is_empty() || d.denied.is_some() {
                 audit(&d, &a);
@@ -813,20 +827,26 @@ async fn handle(
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             resp
         }
-        None => match authorize(&wp, &down, &req, &mut rec) {
-            Some(denied) => denied,
-            None => route(
-                &wp,
-                &down,
-                req,
-                &authority,
-                &mut rec,
-                &request_bytes,
-                &mut load,
-            )
-            .await
-            .unwrap_or_else(|e| e),
-        },
+        None => {
+            let mut req = req;
+            match authenticate(&wp, &down, &mut req, &mut rec).await {
+                Err(unauthenticated) => unauthenticated,
+                Ok(verified) => match authorize(&wp, &down, &req, verified.as_ref(), &mut rec) {
+                    Some(denied) => denied,
+                    None => route(
+                        &wp,
+                        &down,
+                        req,
+                        &authority,
+                        &mut rec,
+                        &request_bytes,
+                        &mut load,
+                    )
+                    .await
+                    .unwrap_or_else(|e| e),
+                },
+            }
+        }
     };
     let (mut parts, body) = response.into_parts();
     if downstream_h1 {
@@ -886,6 +906,7 @@ fn attrs<'a>(
     wp: &Waypoint,
     down: &'a Downstream,
     http: Option<crate::authz::Http<'a>>,
+    verified: Option<&'a crate::jwt::Verified>,
 ) -> crate::authz::Attrs<'a> {
     let remote = match &http {
         Some(h) => remote_ip(h.headers, wp.config.trusted_proxies, down.peer.ip()),
@@ -904,6 +925,7 @@ fn attrs<'a>(
             .as_ref()
             .map(|s| (s.namespace.as_str(), s.hostname.as_str())),
         http,
+        request_auth: verified.map(|v| (v.principal.as_str(), &v.claims)),
     }
 }
 
@@ -926,12 +948,66 @@ fn audit(d: &crate::authz::Decision, a: &crate::authz::Attrs<'_>) {
     }
 }
 
+/// Checks the request's end-user token against the RequestAuthentication rules that
+/// apply: `Ok` with the verified end user (none without a token), the token removed and
+/// the payload and claim headers set as configured; `Err` is the 401 to answer.
+async fn authenticate<B>(
+    wp: &Waypoint,
+    down: &Downstream,
+    req: &mut Request<B>,
+    rec: &mut RequestRecord,
+) -> Result<Option<crate::jwt::Verified>, Response<Body>> {
+    let rules = wp.jwt_rules();
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    let service = down
+        .service
+        .as_ref()
+        .map(|s| (s.namespace.as_str(), s.hostname.as_str()));
+    match rules
+        .authenticate(&wp.jwks, service, req.headers(), req.uri().query())
+        .await
+    {
+        Ok(outcome) => {
+            let headers = req.headers_mut();
+            for h in &outcome.remove {
+                headers.remove(h);
+            }
+            for (h, v) in outcome.set {
+                headers.insert(h, v);
+            }
+            Ok(outcome.verified)
+        }
+        Err(crate::jwt::Refused(why)) => {
+            tracing::info!(
+                target: "audit",
+                decision = "unauthenticated",
+                reason = %why,
+                principal = %down.principal.as_ref().map_or("-", |(p, _)| p.as_str()),
+                source_ip = %down.peer.ip(),
+                method = %req.method(),
+                path = %req.uri().path(),
+                "request token refused"
+            );
+            rec.error = Some(why.clone());
+            let mut resp = local(StatusCode::UNAUTHORIZED, &why);
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+            Err(resp)
+        }
+    }
+}
+
 /// Applies the waypoint's authorization policies to a request: `Some` is the denial to
 /// answer (403 `RBAC: access denied`, as Istio; nothing of the policy's internals).
 fn authorize<B>(
     wp: &Waypoint,
     down: &Downstream,
     req: &Request<B>,
+    verified: Option<&crate::jwt::Verified>,
     rec: &mut RequestRecord,
 ) -> Option<Response<Body>> {
     let policies = wp.policies();
@@ -952,7 +1028,7 @@ fn authorize<B>(
         host,
         headers: req.headers(),
     };
-    let a = attrs(wp, down, Some(http));
+    let a = attrs(wp, down, Some(http), verified);
     let d = policies.decide(&a);
     if !d.audited.is_empty() || !d.dry_run.is_empty() || d.denied.is_some() {
         audit(&d, &a);

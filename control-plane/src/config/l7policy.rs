@@ -37,6 +37,10 @@ pub struct WaypointPolicies {
     pub notes: BTreeMap<Key, Vec<String>>,
     /// Policy → why no waypoint enforces it (a value that does not parse).
     pub rejected: BTreeMap<Key, Vec<String>>,
+    /// RequestAuthentications: resource name → (waypoint, resource).
+    pub authentications: BTreeMap<String, (Key, pb::RequestAuthentication)>,
+    /// RequestAuthentication → notes for its status.
+    pub authentication_notes: BTreeMap<Key, Vec<String>>,
 }
 
 /// Translates every AuthorizationPolicy a waypoint enforces.
@@ -64,79 +68,10 @@ pub fn waypoint_policies(model: &Model, mesh: &MeshConfig) -> WaypointPolicies {
             continue;
         }
         let targets: Vec<_> = spec.target_ref.iter().chain(&spec.target_refs).collect();
-        // Per waypoint: all its traffic (None) or these Services.
-        let mut applies: BTreeMap<Key, Option<Vec<(String, String)>>> = BTreeMap::new();
         let mut notes = Vec::new();
-        if targets.is_empty() {
-            let global = *pns == mesh.root_namespace;
-            for (gw, services) in &fronted {
-                let mine: Vec<_> = services
-                    .iter()
-                    .filter(|(ns, _)| global || ns == pns)
-                    .cloned()
-                    .collect();
-                if !mine.is_empty() {
-                    applies.insert(gw.clone(), Some(mine));
-                }
-            }
-        } else {
-            for (i, t) in targets.iter().enumerate() {
-                let tns = t.namespace.clone().unwrap_or_else(|| pns.clone());
-                match (t.group.as_str(), t.kind.as_str()) {
-                    ("gateway.networking.k8s.io", "Gateway") => {
-                        let key = (tns.clone(), t.name.clone());
-                        if model.gateway(&tns, &t.name).is_some_and(|g| g.is_waypoint()) {
-                            applies.insert(key, None);
-                        } else {
-                            notes.push(format!(
-                                "spec.targetRefs[{i}]: Gateway {tns}/{} is not a waypoint (class istio-waypoint): nothing here enforces this policy for it",
-                                t.name
-                            ));
-                        }
-                    }
-                    ("gateway.networking.k8s.io", "GatewayClass") => {
-                        if *pns == mesh.root_namespace && t.name == super::gateway::WAYPOINT_CLASS
-                        {
-                            for gw in &waypoints {
-                                applies.insert(gw.clone(), None);
-                            }
-                        } else {
-                            notes.push(format!(
-                                "spec.targetRefs[{i}]: only the {} GatewayClass, from the root namespace {}, is enforced by waypoints",
-                                super::gateway::WAYPOINT_CLASS,
-                                mesh.root_namespace
-                            ));
-                        }
-                    }
-                    ("", "Service") => {
-                        let labels = model.service_labels(&tns, &t.name);
-                        let gw = labels
-                            .as_ref()
-                            .and_then(|l| model.waypoint_key_of(&tns, l, "service"));
-                        match gw {
-                            Some(gw) => {
-                                let entry = applies.entry(gw).or_insert_with(|| Some(Vec::new()));
-                                if let Some(list) = entry {
-                                    list.push((tns.clone(), t.name.clone()));
-                                }
-                            }
-                            None => notes.push(format!(
-                                "spec.targetRefs[{i}]: Service {tns}/{} {}: nothing enforces this policy for it",
-                                t.name,
-                                if labels.is_none() {
-                                    "does not exist"
-                                } else {
-                                    "has no waypoint"
-                                }
-                            )),
-                        }
-                    }
-                    (g, k) => notes.push(format!(
-                        "spec.targetRefs[{i}]: a {k} of group {g:?} is not something a Trellis waypoint serves"
-                    )),
-                }
-            }
-        }
+        let applies = placement(
+            model, mesh, pns, &targets, None, &fronted, &waypoints, &mut notes,
+        );
         if applies.is_empty() {
             if !targets.is_empty() {
                 out.notes
@@ -175,23 +110,7 @@ pub fn waypoint_policies(model: &Model, mesh: &MeshConfig) -> WaypointPolicies {
             .is_some_and(|v| v == "true");
         let mut enforced_by = Vec::new();
         for (gw, services) in applies {
-            let target = match services {
-                None => pb::PolicyTarget {
-                    scope: pb::policy_target::Scope::Waypoint as i32,
-                    services: Vec::new(),
-                },
-                Some(list) => pb::PolicyTarget {
-                    scope: pb::policy_target::Scope::Services as i32,
-                    services: list
-                        .iter()
-                        .map(|(ns, name)| pb::ServiceRef {
-                            namespace: ns.clone(),
-                            hostname: format!("{name}.{ns}.svc.{}", mesh.domain_suffix),
-                            port: 0,
-                        })
-                        .collect(),
-                },
-            };
+            let target = policy_target(services, mesh);
             enforced_by.push(format!("{}/{}", gw.0, gw.1));
             let name = format!("{pns}/{pname}@{}/{}", gw.0, gw.1);
             out.policies.insert(
@@ -224,7 +143,223 @@ pub fn waypoint_policies(model: &Model, mesh: &MeshConfig) -> WaypointPolicies {
         );
         out.notes.insert((pns.clone(), pname.clone()), notes);
     }
+    for ((rns, rname), ra) in model.request_authentications() {
+        let spec = &ra.spec;
+        let targets: Vec<_> = spec.target_ref.iter().chain(&spec.target_refs).collect();
+        if !targets.is_empty() && spec.selector.is_some() {
+            continue; // rejected by its status
+        }
+        let mut notes = Vec::new();
+        let applies = placement(
+            model,
+            mesh,
+            rns,
+            &targets,
+            spec.selector.as_ref().map(|s| &s.match_labels),
+            &fronted,
+            &waypoints,
+            &mut notes,
+        );
+        let providers: Vec<pb::JwtProvider> = spec.jwt_rules.iter().map(jwt_provider).collect();
+        let mut checked_by = Vec::new();
+        for (gw, services) in applies {
+            let target = policy_target(services, mesh);
+            checked_by.push(format!("{}/{}", gw.0, gw.1));
+            out.authentications.insert(
+                format!("{rns}/{rname}@{}/{}", gw.0, gw.1),
+                (
+                    gw,
+                    pb::RequestAuthentication {
+                        name: format!("{rns}/{rname}"),
+                        namespace: rns.clone(),
+                        target: Some(target),
+                        providers: providers.clone(),
+                    },
+                ),
+            );
+        }
+        if !checked_by.is_empty() {
+            notes.insert(
+                0,
+                format!(
+                    "tokens checked by the waypoint{} {}",
+                    if checked_by.len() == 1 { "" } else { "s" },
+                    checked_by.join(", ")
+                ),
+            );
+        }
+        out.authentication_notes
+            .insert((rns.clone(), rname.clone()), notes);
+    }
     out
+}
+
+/// A policy target: all of a waypoint's traffic (`None`), or these Services.
+fn policy_target(services: Option<Vec<(String, String)>>, mesh: &MeshConfig) -> pb::PolicyTarget {
+    match services {
+        None => pb::PolicyTarget {
+            scope: pb::policy_target::Scope::Waypoint as i32,
+            services: Vec::new(),
+        },
+        Some(list) => pb::PolicyTarget {
+            scope: pb::policy_target::Scope::Services as i32,
+            services: list
+                .iter()
+                .map(|(ns, name)| pb::ServiceRef {
+                    namespace: ns.clone(),
+                    hostname: format!("{name}.{ns}.svc.{}", mesh.domain_suffix),
+                    port: 0,
+                })
+                .collect(),
+        },
+    }
+}
+
+/// A `jwtRules` entry as the waypoint's provider.
+fn jwt_provider(r: &super::istio::JwtRule) -> pb::JwtProvider {
+    use pb::jwt_provider::{ClaimToHeader, FromHeader, JwksSource};
+    pb::JwtProvider {
+        issuer: r.issuer.clone(),
+        audiences: r.audiences.clone(),
+        jwks_source: match (&r.jwks, &r.jwks_uri) {
+            (Some(inline), _) => Some(JwksSource::Jwks(inline.clone())),
+            (None, Some(uri)) => Some(JwksSource::JwksUri(uri.clone())),
+            (None, None) => None,
+        },
+        from_headers: r
+            .from_headers
+            .iter()
+            .map(|h| FromHeader {
+                name: h.name.clone(),
+                prefix: h.prefix.clone().unwrap_or_default(),
+            })
+            .collect(),
+        from_params: r.from_params.clone(),
+        from_cookies: r.from_cookies.clone(),
+        output_payload_to_header: r.output_payload_to_header.clone().unwrap_or_default(),
+        forward_original_token: r.forward_original_token,
+        output_claim_to_headers: r
+            .output_claim_to_headers
+            .iter()
+            .map(|c| ClaimToHeader {
+                header: c.header.clone(),
+                claim: c.claim.clone(),
+            })
+            .collect(),
+        jwks_fetch_timeout: r
+            .timeout
+            .as_deref()
+            .and_then(super::routes::parse_duration)
+            .map(|d| prost_types::Duration {
+                seconds: d.as_secs() as i64,
+                nanos: d.subsec_nanos() as i32,
+            }),
+    }
+}
+
+/// Where a policy of namespace `pns` applies: per waypoint, all its traffic (`None`) or
+/// these Services — by its `targets`, else by a label `selector` (the fronted Services in
+/// `pns` selecting a pod that carries the labels: RequestAuthentication only), else
+/// namespace-wide (root namespace: every fronted Service). What cannot apply goes to
+/// `notes`.
+#[allow(clippy::too_many_arguments)]
+fn placement(
+    model: &Model,
+    mesh: &MeshConfig,
+    pns: &String,
+    targets: &[&super::istio::PolicyTargetReference],
+    selector: Option<&BTreeMap<String, String>>,
+    fronted: &BTreeMap<Key, Vec<(String, String)>>,
+    waypoints: &[Key],
+    notes: &mut Vec<String>,
+) -> BTreeMap<Key, Option<Vec<(String, String)>>> {
+    // Per waypoint: all its traffic (None) or these Services.
+    let mut applies: BTreeMap<Key, Option<Vec<(String, String)>>> = BTreeMap::new();
+    if let Some(labels) = selector {
+        for (gw, services) in fronted {
+            let mine: Vec<_> = services
+                .iter()
+                .filter(|(ns, name)| ns == pns && model.service_selects_pod_with(ns, name, labels))
+                .cloned()
+                .collect();
+            if !mine.is_empty() {
+                applies.insert(gw.clone(), Some(mine));
+            }
+        }
+        if applies.is_empty() {
+            notes.push("spec.selector: no waypoint fronts a Service of the selected workloads: nothing checks this policy's tokens".into());
+        }
+    } else if targets.is_empty() {
+        let global = *pns == mesh.root_namespace;
+        for (gw, services) in fronted {
+            let mine: Vec<_> = services
+                .iter()
+                .filter(|(ns, _)| global || ns == pns)
+                .cloned()
+                .collect();
+            if !mine.is_empty() {
+                applies.insert(gw.clone(), Some(mine));
+            }
+        }
+    } else {
+        for (i, t) in targets.iter().enumerate() {
+            let tns = t.namespace.clone().unwrap_or_else(|| pns.clone());
+            match (t.group.as_str(), t.kind.as_str()) {
+                    ("gateway.networking.k8s.io", "Gateway") => {
+                        let key = (tns.clone(), t.name.clone());
+                        if model.gateway(&tns, &t.name).is_some_and(|g| g.is_waypoint()) {
+                            applies.insert(key, None);
+                        } else {
+                            notes.push(format!(
+                                "spec.targetRefs[{i}]: Gateway {tns}/{} is not a waypoint (class istio-waypoint): nothing here enforces this policy for it",
+                                t.name
+                            ));
+                        }
+                    }
+                    ("gateway.networking.k8s.io", "GatewayClass") => {
+                        if *pns == mesh.root_namespace && t.name == super::gateway::WAYPOINT_CLASS
+                        {
+                            for gw in waypoints {
+                                applies.insert(gw.clone(), None);
+                            }
+                        } else {
+                            notes.push(format!(
+                                "spec.targetRefs[{i}]: only the {} GatewayClass, from the root namespace {}, is enforced by waypoints",
+                                super::gateway::WAYPOINT_CLASS,
+                                mesh.root_namespace
+                            ));
+                        }
+                    }
+                    ("", "Service") => {
+                        let labels = model.service_labels(&tns, &t.name);
+                        let gw = labels
+                            .as_ref()
+                            .and_then(|l| model.waypoint_key_of(&tns, l, "service"));
+                        match gw {
+                            Some(gw) => {
+                                let entry = applies.entry(gw).or_insert_with(|| Some(Vec::new()));
+                                if let Some(list) = entry {
+                                    list.push((tns.clone(), t.name.clone()));
+                                }
+                            }
+                            None => notes.push(format!(
+                                "spec.targetRefs[{i}]: Service {tns}/{} {}: nothing enforces this policy for it",
+                                t.name,
+                                if labels.is_none() {
+                                    "does not exist"
+                                } else {
+                                    "has no waypoint"
+                                }
+                            )),
+                        }
+                    }
+                    (g, k) => notes.push(format!(
+                        "spec.targetRefs[{i}]: a {k} of group {g:?} is not something a Trellis waypoint serves"
+                    )),
+                }
+        }
+    }
+    applies
 }
 
 /// The policy's rules as the waypoint's, and what could not be translated as written; an

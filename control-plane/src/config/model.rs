@@ -388,6 +388,22 @@ impl Model {
         self.gateways.get(&(ns.to_string(), name.to_string()))
     }
 
+    /// Whether Service `ns/name` selects a pod carrying every label of `labels`.
+    pub fn service_selects_pod_with(
+        &self,
+        ns: &str,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> bool {
+        let Some(svc) = self.services.get(&(ns.to_string(), name.to_string())) else {
+            return false;
+        };
+        in_namespace(&self.pods, ns).any(|(_, pod)| {
+            let pod_labels = pod.metadata.labels.clone().unwrap_or_default();
+            selects(svc, &pod_labels) && labels.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
+        })
+    }
+
     /// The labels of namespace `ns` (none when it is not known).
     pub fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
         self.namespaces
@@ -470,6 +486,11 @@ impl Model {
         ns: &str,
     ) -> impl Iterator<Item = (&'a Key, &'a PeerAuthentication)> + 'a {
         in_namespace(&self.peer_authentications, ns)
+    }
+
+    /// The RequestAuthentications of namespace `ns`.
+    pub fn request_authentications(&self) -> impl Iterator<Item = (&Key, &RequestAuthentication)> {
+        self.request_authentications.iter()
     }
 
     /// The RequestAuthentications of namespace `ns`.

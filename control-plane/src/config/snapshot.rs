@@ -113,16 +113,56 @@ impl Snapshot {
         let type_url = trellis_proto::type_url::WAYPOINT_L7_POLICY.to_string();
         // What an earlier pass said about waypoints goes first (idempotent over rebuilds
         // that keep other namespaces' statuses).
+        let ra_type = trellis_proto::type_url::WAYPOINT_REQUEST_AUTHENTICATION.to_string();
         for (id, status) in self.statuses.iter_mut() {
-            if id.kind == "AuthorizationPolicy" {
+            if id.kind == "AuthorizationPolicy" || id.kind == "RequestAuthentication" {
                 status.reasons.retain(|r| !r.starts_with(WAYPOINT_NOTE));
             }
         }
         if self.waypoints.is_empty() {
             self.resources.insert(type_url, BTreeMap::new());
+            self.resources.insert(ra_type, BTreeMap::new());
             return;
         }
         let wp = super::l7policy::waypoint_policies(model, mesh);
+        let mut authentications = BTreeMap::new();
+        for (name, (gw, ra)) in &wp.authentications {
+            authentications.insert(name.clone(), resource(ra));
+            if let Some(view) = self.waypoint_views.get_mut(gw) {
+                Arc::make_mut(view).insert(name.clone());
+            }
+        }
+        self.resources.insert(ra_type, authentications);
+        for ((ns, name), notes) in &wp.authentication_notes {
+            let id = ObjectRef {
+                kind: "RequestAuthentication".into(),
+                namespace: ns.clone(),
+                name: name.clone(),
+            };
+            let Some(status) = self.statuses.get_mut(&id) else {
+                continue;
+            };
+            if status.state == PolicyState::Rejected {
+                continue;
+            }
+            let checked = notes
+                .first()
+                .is_some_and(|n| n.starts_with("tokens checked"));
+            // A waypoint checks its tokens: the generic selector caveat no longer applies.
+            if checked {
+                status.reasons.retain(|r| !r.starts_with("spec.selector:"));
+            }
+            status
+                .reasons
+                .extend(notes.iter().map(|n| format!("{WAYPOINT_NOTE}{n}")));
+            status.state = if checked && notes.len() == 1 && status.reasons.len() == 1 {
+                PolicyState::Accepted
+            } else if status.reasons.is_empty() {
+                PolicyState::Accepted
+            } else {
+                PolicyState::AcceptedWithWarnings
+            };
+        }
         let mut resources = BTreeMap::new();
         for (name, (gw, policy)) in &wp.policies {
             resources.insert(name.clone(), resource(policy));

@@ -62,7 +62,10 @@ pub fn policy_status(
         PolicyState::Accepted if kind == ZTUNNEL_ACCEPTED => {
             ("True", "Accepted", status.reasons.join("; "))
         }
-        PolicyState::Accepted => ("True", "Accepted", "accepted".to_string()),
+        PolicyState::Accepted if status.reasons.is_empty() => {
+            ("True", "Accepted", "accepted".to_string())
+        }
+        PolicyState::Accepted => ("True", "Accepted", status.reasons.join("; ")),
         PolicyState::AcceptedWithWarnings => {
             ("True", "UnsupportedValue", status.reasons.join("; "))
         }
