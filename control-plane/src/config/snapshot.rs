@@ -155,9 +155,9 @@ impl Snapshot {
             status
                 .reasons
                 .extend(notes.iter().map(|n| format!("{WAYPOINT_NOTE}{n}")));
-            status.state = if checked && notes.len() == 1 && status.reasons.len() == 1 {
-                PolicyState::Accepted
-            } else if status.reasons.is_empty() {
+            status.state = if (checked && notes.len() == 1 && status.reasons.len() == 1)
+                || status.reasons.is_empty()
+            {
                 PolicyState::Accepted
             } else {
                 PolicyState::AcceptedWithWarnings
