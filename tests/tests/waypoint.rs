@@ -994,3 +994,200 @@ fn authorization_policies_are_enforced_per_request_at_the_waypoint() {
         Ok(())
     });
 }
+
+/// An identity provider's ES256 signing key and its JWK.
+struct IdpKey {
+    pkcs8: Vec<u8>,
+    jwk: Value,
+}
+
+fn idp_key(kid: &str) -> IdpKey {
+    use base64::Engine;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let public = pair.public_key().as_ref();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    IdpKey {
+        pkcs8: pkcs8.as_ref().to_vec(),
+        jwk: serde_json::json!({
+            "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+            "x": b64(&public[1..33]), "y": b64(&public[33..65]),
+        }),
+    }
+}
+
+fn jwks_of(keys: &[&IdpKey]) -> String {
+    serde_json::json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}).to_string()
+}
+
+fn sign(key: &IdpKey, kid: &str, claims: &Value) -> String {
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = Some(kid.into());
+    jsonwebtoken::encode(
+        &h,
+        claims,
+        &jsonwebtoken::EncodingKey::from_ec_der(&key.pkcs8),
+    )
+    .unwrap()
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[test]
+fn end_user_tokens_are_checked_at_the_waypoint() {
+    with_cluster("waypoint_jwt", 2, |c| {
+        let mesh = Mesh::start(c)?;
+        let shop = shop(c, &mesh)?;
+        // The identity provider: a pod outside the mesh serving its JWKS.
+        mesh.namespace("idp", false)?;
+        let idp = c.add_pod(&c.nodes()[1], "idp", "jwks", "jwks", &[])?;
+        mesh.register_pod(c, &idp)?;
+        let jwks_file = c.log_dir().join("jwks.json");
+        let (k1, k2) = (idp_key("k1"), idp_key("k2"));
+        std::fs::write(&jwks_file, jwks_of(&[&k1]))?;
+        let mut cmd = testapp();
+        cmd.args(["serve", "--http", "0.0.0.0:8080", "--jwks"])
+            .arg(&jwks_file);
+        let mut idp_server = c.spawn(&idp, "jwks-server", cmd)?;
+        idp_server.wait_for_output("listening http", Duration::from_secs(10))?;
+
+        // The seed articles' RequestAuthentication (a selector, jwksUri), pointing at the
+        // cluster's identity provider.
+        mesh.apply(
+            "jwt.yaml",
+            &format!(
+                "apiVersion: security.istio.io/v1beta1\nkind: RequestAuthentication\nmetadata: {{name: jwt-example, namespace: shop}}\nspec:\n  selector:\n    matchLabels: {{app: web}}\n  jwtRules:\n  - issuer: \"https://issuer.example.com\"\n    jwksUri: \"http://{}:8080/keys\"\n    outputClaimToHeaders: [{{header: x-user, claim: sub}}]\n",
+                idp.ip
+            ),
+        )?;
+        let claims = |extra: Value| {
+            let mut c = serde_json::json!({
+                "iss": "https://issuer.example.com", "sub": "alice",
+                "exp": unix_now() + 600, "groups": ["admins"],
+            });
+            for (k, v) in extra.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+            c
+        };
+        let get = |token: Option<&str>| -> Result<(String, Value)> {
+            let auth = token.map(|t| format!("authorization: Bearer {t}"));
+            let mut extra = Vec::new();
+            if let Some(a) = &auth {
+                extra.extend(["--header", a.as_str()]);
+            }
+            let r = http(c, &shop.client, "http://10.96.0.10/", 1, &extra)?;
+            let code = r["statuses"]
+                .as_object()
+                .and_then(|m| m.keys().next().cloned())
+                .unwrap_or_default();
+            Ok((code, r["last_body"].clone()))
+        };
+        eventually(
+            "a malformed token to be refused",
+            Duration::from_secs(20),
+            || Ok(get(Some("not.a.token"))?.0 == "401"),
+        )?;
+        let valid = sign(&k1, "k1", &claims(serde_json::json!({})));
+        let (code, body) = get(Some(&valid))?;
+        ensure!(code == "200", "a valid token: {code} {body}");
+        ensure!(
+            body["headers"].get("authorization").is_none(),
+            "the token was forwarded: {body}"
+        );
+        ensure!(
+            body["headers"]["x-user"] == "alice",
+            "claim to header: {body}"
+        );
+        ensure!(get(None)?.0 == "200", "no token passes unauthenticated");
+        for (what, token) in [
+            (
+                "expired",
+                sign(
+                    &k1,
+                    "k1",
+                    &claims(serde_json::json!({"exp": unix_now() - 600})),
+                ),
+            ),
+            (
+                "not yet valid",
+                sign(
+                    &k1,
+                    "k1",
+                    &claims(serde_json::json!({"nbf": unix_now() + 600})),
+                ),
+            ),
+            (
+                "wrong issuer",
+                sign(
+                    &k1,
+                    "k1",
+                    &claims(serde_json::json!({"iss": "https://evil.example"})),
+                ),
+            ),
+            (
+                "bad signature",
+                sign(&idp_key("k1"), "k1", &claims(serde_json::json!({}))),
+            ),
+        ] {
+            let (code, body) = get(Some(&token))?;
+            ensure!(code == "401", "{what}: {code} {body}");
+        }
+        {
+            use base64::Engine;
+            let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+            let none = format!(
+                "{}.{}.",
+                b64(r#"{"alg":"none","typ":"JWT"}"#),
+                b64(&claims(serde_json::json!({})).to_string())
+            );
+            ensure!(get(Some(&none))?.0 == "401", "alg none");
+        }
+
+        // A principal required, and a claim condition.
+        mesh.apply(
+            "require-jwt.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: require-jwt, namespace: shop}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: web}]\n  action: ALLOW\n  rules:\n  - from: [{source: {requestPrincipals: [\"https://issuer.example.com/*\"]}}]\n    when: [{key: \"request.auth.claims[groups]\", values: [admins]}]\n",
+        )?;
+        eventually(
+            "a request without token to be denied",
+            Duration::from_secs(20),
+            || Ok(get(None)?.0 == "403"),
+        )?;
+        ensure!(
+            get(Some(&valid))?.0 == "200",
+            "the admin's token is allowed"
+        );
+        let not_admin = sign(&k1, "k1", &claims(serde_json::json!({"groups": ["users"]})));
+        ensure!(get(Some(&not_admin))?.0 == "403", "the claim condition");
+
+        // Key rotation at the identity provider: a token of the new key is accepted once
+        // the waypoint fetches the keys again (an unknown kid, at a bounded rate).
+        std::fs::write(&jwks_file, jwks_of(&[&k1, &k2]))?;
+        let rotated = sign(&k2, "k2", &claims(serde_json::json!({})));
+        eventually(
+            "the rotated key to be accepted",
+            Duration::from_secs(20),
+            || Ok(get(Some(&rotated))?.0 == "200"),
+        )?;
+        // The identity provider goes away: the last good keys stay in use.
+        idp_server.stop(Duration::from_secs(2))?;
+        std::thread::sleep(Duration::from_secs(6));
+        let unknown = sign(&idp_key("k3"), "k3", &claims(serde_json::json!({})));
+        ensure!(
+            get(Some(&unknown))?.0 == "401",
+            "an unknown key while the JWKS server is down"
+        );
+        ensure!(get(Some(&valid))?.0 == "200", "last good keys kept");
+        let _ = (&shop.s1, &shop.s2, &shop.wp);
+        Ok(())
+    });
+}

@@ -34,6 +34,9 @@ pub(crate) async fn server(listener: TcpListener, name: String) -> Result<()> {
 
 type AnyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 
+/// The JWKS file `serve --jwks` serves at `/keys`.
+pub(crate) static JWKS_FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 async fn answer(
     req: Request<Incoming>,
     name: String,
@@ -50,6 +53,18 @@ async fn answer(
         return Ok(crate::grpc::answer(req, &name)
             .await
             .map(BodyExt::boxed_unsync));
+    }
+    if req.uri().path() == "/keys"
+        && let Some(path) = JWKS_FILE.get()
+    {
+        println!("jwks {} from {peer}", req.uri().path());
+        let body = std::fs::read(path).unwrap_or_default();
+        let mut resp = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
+        resp.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        return Ok(resp);
     }
     if let Some((_, ms)) = req.uri().path().split_once("/drip/") {
         // The status and a first chunk now, the rest after `ms` milliseconds (a response

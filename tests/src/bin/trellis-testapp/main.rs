@@ -47,6 +47,10 @@ enum Cmd {
         /// Address of an HTTP/1.1 + HTTP/2 listener (repeatable).
         #[arg(long)]
         http: Vec<SocketAddr>,
+        /// A JWKS file served (read again for each request) at `/keys`: the test's
+        /// identity provider.
+        #[arg(long)]
+        jwks: Option<std::path::PathBuf>,
     },
     /// Talk to a TCP echo server.
     Tcp {
@@ -168,7 +172,13 @@ async fn run(cli: Cli) -> Result<()> {
             name,
             tcp_echo,
             http,
-        } => serve(name, tcp_echo, http).await,
+            jwks,
+        } => {
+            if let Some(path) = jwks {
+                let _ = http::JWKS_FILE.set(path);
+            }
+            serve(name, tcp_echo, http).await
+        }
         Cmd::Tcp {
             addr,
             message,
