@@ -65,7 +65,7 @@ pub struct Decision {
     /// Denied: by which policy (`namespace/name`), and whether by a CUSTOM one.
     pub denied: Option<(String, bool)>,
     /// The ALLOW policy that allowed it, when ALLOW policies applied.
-    pub allowed_by: Option<String>,
+    pub allowed_by: Option<std::sync::Arc<str>>,
     /// AUDIT policies that matched.
     pub audited: Vec<String>,
     /// Dry-run policies and what they would have decided (`true`: deny).
@@ -80,12 +80,14 @@ pub struct Policies {
 
 #[derive(Debug)]
 struct Policy {
-    name: String,
+    name: std::sync::Arc<str>,
     action: Action,
     dry_run: bool,
     /// `None`: every request through this waypoint; else these (namespace, hostname).
     services: Option<Vec<(String, String)>>,
     rules: Vec<Rule>,
+    /// The union of its rules' [`Rule::ns_mask`].
+    ns_mask: u64,
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +95,63 @@ struct Rule {
     from: Vec<Source>,
     to: Vec<Operation>,
     when: Vec<Condition>,
+    /// The peer namespaces this rule can match, as bits of [`ns_bit`] (all ones: any). A
+    /// request whose namespace's bit is not set is skipped without evaluating the rule.
+    ns_mask: u64,
+}
+
+/// A namespace's bit in the masks that let evaluation skip rules and policies (FNV-1a).
+fn ns_bit(ns: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in ns.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    1 << (h & 63)
+}
+
+/// The namespace a principal value pins (`<td>/ns/<ns>/sa/<sa>` exact, or a prefix that
+/// spells the namespace out whole), if it does.
+fn principal_ns(m: &Str) -> Option<&str> {
+    let v = match m {
+        Str::Exact(v, false) | Str::Prefix(v, false) => v.as_str(),
+        _ => return None,
+    };
+    let rest = &v[v.find("/ns/")? + 4..];
+    let end = rest.find('/')?;
+    Some(&rest[..end])
+}
+
+/// The mask of namespaces a source can match: those its `namespaces` and `principals`
+/// pin (both must hold), all when neither pins them.
+fn source_mask(s: &Source) -> u64 {
+    let field = |values: &[Str], pin: &dyn Fn(&Str) -> Option<&str>| -> u64 {
+        if values.is_empty() {
+            return u64::MAX;
+        }
+        let mut mask = 0;
+        for v in values {
+            match pin(v) {
+                Some(ns) => mask |= ns_bit(ns),
+                None => return u64::MAX,
+            }
+        }
+        mask
+    };
+    let namespaces = field(&s.namespaces, &|m| match m {
+        Str::Exact(v, false) => Some(v.as_str()),
+        _ => None,
+    });
+    let principals = field(&s.principals, &principal_ns);
+    let accounts = if s.service_accounts.is_empty() {
+        u64::MAX
+    } else {
+        s.service_accounts
+            .iter()
+            .map(|sa| sa.split_once('/').map_or(u64::MAX, |(ns, _)| ns_bit(ns)))
+            .fold(0, |a, b| a | b)
+    };
+    namespaces & principals & accounts
 }
 
 #[derive(Debug, Default)]
@@ -160,7 +219,9 @@ enum Str {
     Exact(String, bool),
     Prefix(String, bool),
     Suffix(String, bool),
-    Regex(regex::Regex),
+    /// A regular expression, and the literal text every match starts with (checked
+    /// first: most values are rejected without running the automaton).
+    Regex(regex::Regex, String),
     Present,
     /// A matcher that did not compile: matches nothing.
     Never,
@@ -181,9 +242,27 @@ impl Str {
             Some(Kind::Exact(s)) => Str::Exact(fold(s), ic),
             Some(Kind::Prefix(s)) => Str::Prefix(fold(s), ic),
             Some(Kind::Suffix(s)) => Str::Suffix(fold(s), ic),
-            Some(Kind::Regex(r)) => regex::Regex::new(&format!("^(?:{r})$"))
-                .map(Str::Regex)
-                .unwrap_or(Str::Never),
+            Some(Kind::Regex(r)) => {
+                let literal: String = if r.contains('|') {
+                    String::new()
+                } else {
+                    r.chars()
+                        .take_while(|c| !"\\.+*?()|[]{}^$".contains(*c))
+                        .collect()
+                };
+                // A quantifier right after the literal applies to its last character.
+                let literal = match r[literal.len()..].chars().next() {
+                    Some('*' | '?' | '{') => {
+                        let mut l = literal;
+                        l.pop();
+                        l
+                    }
+                    _ => literal,
+                };
+                regex::Regex::new(&format!("^(?:{r})$"))
+                    .map(|re| Str::Regex(re, literal))
+                    .unwrap_or(Str::Never)
+            }
             Some(Kind::Present(())) => Str::Present,
             None => Str::Never,
         }
@@ -207,7 +286,7 @@ impl Str {
                     && v.is_char_boundary(v.len() - s.len())
                     && eq(&v[v.len() - s.len()..], s, *ic)
             }
-            Str::Regex(r) => r.is_match(v),
+            Str::Regex(r, literal) => v.starts_with(literal.as_str()) && r.is_match(v),
             Str::Present => true,
             Str::Never => false,
         }
@@ -336,6 +415,7 @@ impl Policies {
                     .rules
                     .iter()
                     .map(|r| Rule {
+                        ns_mask: 0,
                         from: r
                             .from
                             .iter()
@@ -401,12 +481,22 @@ impl Policies {
                             .collect(),
                     })
                     .collect();
+                let mut rules: Vec<Rule> = rules;
+                for r in &mut rules {
+                    r.ns_mask = if r.from.is_empty() {
+                        u64::MAX
+                    } else {
+                        r.from.iter().map(source_mask).fold(0, |a, b| a | b)
+                    };
+                }
+                let ns_mask = rules.iter().fold(0, |a, r| a | r.ns_mask);
                 Some(Policy {
-                    name: p.name.clone(),
+                    name: p.name.as_str().into(),
                     action,
                     dry_run: p.dry_run,
                     services,
                     rules,
+                    ns_mask,
                 })
             })
             .collect();
@@ -428,22 +518,28 @@ impl Policies {
             (Some(_), None) => false,
         };
         let mut any_allow = false;
+        let bit = a.namespace.map_or(u64::MAX, ns_bit);
         let mut dry_allow: Option<bool> = None;
         for p in self.list.iter().filter(|p| applies(p)) {
-            let matched = p.rules.iter().any(|r| r.matches(a, p.action));
+            // Rules (and whole policies) that cannot match the peer's namespace are skipped
+            // by their masks; without a peer identity every rule is evaluated.
+            let matched = p.ns_mask & bit != 0
+                && p.rules
+                    .iter()
+                    .any(|r| r.ns_mask & bit != 0 && r.matches(a, p.action));
             if p.dry_run {
                 match p.action {
                     Action::Allow => {
                         dry_allow = Some(dry_allow.unwrap_or(false) || matched);
                     }
-                    Action::Deny | Action::Custom => d.dry_run.push((p.name.clone(), matched)),
+                    Action::Deny | Action::Custom => d.dry_run.push((p.name.to_string(), matched)),
                     Action::Audit => {}
                 }
                 continue;
             }
             match p.action {
                 Action::Custom | Action::Deny if matched && d.denied.is_none() => {
-                    d.denied = Some((p.name.clone(), p.action == Action::Custom));
+                    d.denied = Some((p.name.to_string(), p.action == Action::Custom));
                 }
                 Action::Allow => {
                     any_allow = true;
@@ -451,7 +547,7 @@ impl Policies {
                         d.allowed_by = Some(p.name.clone());
                     }
                 }
-                Action::Audit if matched => d.audited.push(p.name.clone()),
+                Action::Audit if matched => d.audited.push(p.name.to_string()),
                 _ => {}
             }
         }
@@ -464,7 +560,7 @@ impl Policies {
                 .list
                 .iter()
                 .filter(|p| applies(p) && !p.dry_run && p.action == Action::Allow)
-                .map(|p| p.name.as_str())
+                .map(|p| &*p.name)
                 .collect();
             d.denied = Some((
                 format!("no ALLOW policy matched: {}", names.join(", ")),
@@ -550,16 +646,24 @@ impl Operation {
         if !ports {
             return false;
         }
-        let has_l7 = !(self.hosts.is_empty()
-            && self.not_hosts.is_empty()
-            && self.methods.is_empty()
-            && self.not_methods.is_empty()
-            && self.paths.is_empty()
-            && self.not_paths.is_empty());
         let Some(h) = &a.http else {
+            let has_l7 = !(self.hosts.is_empty()
+                && self.not_hosts.is_empty()
+                && self.methods.is_empty()
+                && self.not_methods.is_empty()
+                && self.paths.is_empty()
+                && self.not_paths.is_empty());
             return !has_l7 || l7_default;
         };
-        // Hosts match with or without the port.
+        // The cheap checks first; hosts match with or without the port.
+        if !field(&self.methods, &self.not_methods, Some(h.method))
+            || !field(&self.paths, &self.not_paths, Some(h.path))
+        {
+            return false;
+        }
+        if self.hosts.is_empty() && self.not_hosts.is_empty() {
+            return true;
+        }
         let bare = match h.host.rsplit_once(':') {
             Some((b, p))
                 if !p.is_empty()
@@ -573,8 +677,6 @@ impl Operation {
         let host_ok = |list: &[Str]| any_of(list, Some(h.host)) || any_of(list, Some(bare));
         (self.hosts.is_empty() || host_ok(&self.hosts))
             && (self.not_hosts.is_empty() || !host_ok(&self.not_hosts))
-            && field(&self.methods, &self.not_methods, Some(h.method))
-            && field(&self.paths, &self.not_paths, Some(h.path))
     }
 }
 

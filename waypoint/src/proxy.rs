@@ -1041,7 +1041,7 @@ fn authorize<B>(
             Some(local(StatusCode::FORBIDDEN, "RBAC: access denied"))
         }
         None => {
-            rec.policy = d.allowed_by;
+            rec.policy = d.allowed_by.map(|n| n.to_string());
             None
         }
     }
