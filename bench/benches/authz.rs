@@ -33,7 +33,11 @@ fn policies(n: usize, rules: usize, by_peer: bool) -> Vec<pb::L7Policy> {
     use pb::l7_policy::Action;
     (0..n)
         .map(|i| {
-            let action = if i % 2 == 0 { Action::Deny } else { Action::Allow };
+            let action = if i % 2 == 0 {
+                Action::Deny
+            } else {
+                Action::Allow
+            };
             let last_allow = i == n - 1;
             pb::L7Policy {
                 name: format!("bench/p{i}"),
@@ -87,6 +91,7 @@ fn policies(n: usize, rules: usize, by_peer: bool) -> Vec<pb::L7Policy> {
                     .collect(),
                 dry_run: false,
                 provider: String::new(),
+                ext_authz: None,
             }
         })
         .collect()
@@ -118,7 +123,10 @@ fn bench(c: &mut Criterion) {
     let by_request = Policies::compile(policies(100, 10, false).iter());
     for p in [&by_peer, &by_request] {
         let d = p.decide(&attrs);
-        assert!(d.denied.is_none() && d.allowed_by.as_deref() == Some("bench/p99"), "{d:?}");
+        assert!(
+            d.denied.is_none() && d.allowed_by.as_deref() == Some("bench/p99"),
+            "{d:?}"
+        );
     }
     let mut g = c.benchmark_group("authz");
     g.bench_function("no policy (baseline)", |b| {

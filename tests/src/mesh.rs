@@ -78,10 +78,19 @@ impl Mesh {
     /// Starts the control plane on node1 and ztunnel + node agent on every node, and waits
     /// until each agent has installed the plugin.
     pub fn start(c: &Cluster) -> Result<Mesh> {
+        Self::start_with_mesh_config(c, None)
+    }
+
+    /// [`Mesh::start`], the control plane reading `mesh_config` (YAML) as its
+    /// `--mesh-config` file.
+    pub fn start_with_mesh_config(c: &Cluster, mesh_config: Option<&str>) -> Result<Mesh> {
         let n1 = &c.nodes()[0];
         let cp_dir = n1.state_dir().join("control-plane");
         let config_dir = cp_dir.join("config");
         std::fs::create_dir_all(&config_dir)?;
+        if let Some(yaml) = mesh_config {
+            std::fs::write(cp_dir.join("mesh.yaml"), yaml)?;
+        }
         let roots = cp_dir.join("roots.pem");
         let control_plane = Self::spawn_control_plane(c, &cp_dir)?;
         let mut nodes = Vec::new();
@@ -124,8 +133,11 @@ impl Mesh {
     fn spawn_control_plane(c: &Cluster, cp_dir: &Path) -> Result<Proc> {
         let n1 = &c.nodes()[0];
         let mut cmd = Command::new(workspace_bin("trellis-control-plane")?);
-        cmd.arg("serve")
-            .arg("--config-dir")
+        cmd.arg("serve");
+        if cp_dir.join("mesh.yaml").exists() {
+            cmd.arg("--mesh-config").arg(cp_dir.join("mesh.yaml"));
+        }
+        cmd.arg("--config-dir")
             .arg(cp_dir.join("config"))
             .arg("--state-dir")
             .arg(cp_dir.join("state"))

@@ -1191,3 +1191,88 @@ fn end_user_tokens_are_checked_at_the_waypoint() {
         Ok(())
     });
 }
+
+#[test]
+fn custom_policies_ask_the_external_authorizer() {
+    with_cluster("waypoint_ext_authz", 2, |c| {
+        let mesh = Mesh::start_with_mesh_config(
+            c,
+            Some(
+                "extensionProviders:\n- name: sample-ext-authz-http\n  envoyExtAuthzHttp:\n    service: ext-authz.shop.svc.cluster.local\n    port: 8000\n    timeout: 2s\n    includeRequestHeadersInCheck: [x-ext-authz]\n    headersToUpstreamOnAllow: [x-ext-authz-check-result]\n    headersToDownstreamOnDeny: [x-ext-authz-check-result]\n",
+            ),
+        )?;
+        let shop = shop(c, &mesh)?;
+        // The external authorizer: a pod of the mesh behind its Service.
+        let authz = c.add_pod(
+            &c.nodes()[1],
+            "shop",
+            "ext-authz",
+            "ext-authz",
+            &[("app", "ext-authz")],
+        )?;
+        mesh.register_pod(c, &authz)?;
+        mesh.wait_captured(c, &authz, true)?;
+        let mut cmd = testapp();
+        cmd.args(["ext-authz", "--http", "0.0.0.0:8000"]);
+        let mut authorizer = c.spawn(&authz, "ext-authz", cmd)?;
+        authorizer.wait_for_output("listening ext-authz", Duration::from_secs(10))?;
+        mesh.apply(
+            "ext-authz.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: ext-authz, namespace: shop}\nspec:\n  clusterIP: 10.96.0.30\n  selector: {app: ext-authz}\n  ports: [{name: http, port: 8000, targetPort: 8000}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext-authz, namespace: shop}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: web}]\n  action: CUSTOM\n  provider: {name: sample-ext-authz-http}\n  rules: [{to: [{operation: {paths: [\"/protected/*\"]}}]}]\n",
+        )?;
+        let get = |path: &str, allow: bool| -> Result<Value> {
+            let mut extra = Vec::new();
+            if allow {
+                extra.extend(["--header", "x-ext-authz: allow"]);
+            }
+            http(
+                c,
+                &shop.client,
+                &format!("http://10.96.0.10{path}"),
+                1,
+                &extra,
+            )
+        };
+        let status = |r: &Value| {
+            r["statuses"]
+                .as_object()
+                .and_then(|m| m.keys().next().cloned())
+                .unwrap_or_default()
+        };
+        eventually(
+            "the authorizer to deny /protected without its header",
+            Duration::from_secs(20),
+            || Ok(status(&get("/protected/x", false)?) == "403"),
+        )?;
+        let denied = get("/protected/x", false)?;
+        ensure!(
+            denied["last_headers"]["x-ext-authz-check-result"] == "denied"
+                && denied["last_body"]
+                    .as_str()
+                    .is_some_and(|b| b.contains("denied by ext_authz")),
+            "the authorizer's answer reaches the client: {denied}"
+        );
+        let allowed = get("/protected/x", true)?;
+        ensure!(status(&allowed) == "200", "allowed: {allowed}");
+        ensure!(
+            allowed["last_body"]["headers"]["x-ext-authz-check-result"] == "allowed",
+            "the authorizer's header goes upstream: {allowed}"
+        );
+        // Requests the policy's rules do not match are not checked.
+        ensure!(status(&get("/open", false)?) == "200");
+        eventually("the authorizer's log", Duration::from_secs(5), || {
+            let out = authorizer.output();
+            Ok(out.contains("check GET /protected/x") && !out.contains("/open"))
+        })?;
+        // The authorizer stopped: fail closed (failOpen is false).
+        authorizer.stop(Duration::from_secs(2))?;
+        let r = get("/protected/x", true)?;
+        ensure!(
+            status(&r) == "403",
+            "an unreachable authorizer fails closed: {r}"
+        );
+        ensure!(status(&get("/open", false)?) == "200");
+        let _ = (&shop.s1, &shop.s2, &shop.wp);
+        Ok(())
+    });
+}

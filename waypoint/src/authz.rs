@@ -70,6 +70,9 @@ pub struct Decision {
     pub audited: Vec<String>,
     /// Dry-run policies and what they would have decided (`true`: deny).
     pub dry_run: Vec<(String, bool)>,
+    /// A CUSTOM policy matched: its name and external authorizer (none: the provider is
+    /// unknown — denied), to be asked before the DENY and ALLOW decision stands.
+    pub custom: Option<(String, Option<std::sync::Arc<pb::ExtAuthz>>)>,
 }
 
 /// The compiled policies of one configuration generation.
@@ -86,6 +89,8 @@ struct Policy {
     /// `None`: every request through this waypoint; else these (namespace, hostname).
     services: Option<Vec<(String, String)>>,
     rules: Vec<Rule>,
+    /// CUSTOM: the external authorizer.
+    ext_authz: Option<std::sync::Arc<pb::ExtAuthz>>,
     /// The union of its rules' [`Rule::ns_mask`].
     ns_mask: u64,
 }
@@ -496,6 +501,7 @@ impl Policies {
                     dry_run: p.dry_run,
                     services,
                     rules,
+                    ext_authz: p.ext_authz.clone().map(std::sync::Arc::new),
                     ns_mask,
                 })
             })
@@ -538,8 +544,11 @@ impl Policies {
                 continue;
             }
             match p.action {
-                Action::Custom | Action::Deny if matched && d.denied.is_none() => {
-                    d.denied = Some((p.name.to_string(), p.action == Action::Custom));
+                Action::Custom if matched && d.custom.is_none() => {
+                    d.custom = Some((p.name.to_string(), p.ext_authz.clone()));
+                }
+                Action::Deny if matched && d.denied.is_none() => {
+                    d.denied = Some((p.name.to_string(), false));
                 }
                 Action::Allow => {
                     any_allow = true;
@@ -880,6 +889,7 @@ mod tests {
             rules,
             dry_run: false,
             provider: String::new(),
+            ext_authz: None,
         }
     }
 
@@ -1100,11 +1110,9 @@ mod tests {
     fn custom_audit_dry_run_and_service_scope() {
         let mut custom = policy("shop/ext", Action::Custom, vec![pb::Rule::default()]);
         custom.provider = "ext-authz".into();
-        assert_eq!(
-            decide(&[custom], &req("dev", "GET", "/")).denied,
-            Some(("shop/ext".into(), true)),
-            "no external authorizer yet: what CUSTOM matches is denied"
-        );
+        let d = decide(&[custom], &req("dev", "GET", "/"));
+        assert_eq!(d.denied, None, "the external authorizer decides");
+        assert_eq!(d.custom.map(|c| c.0), Some("shop/ext".to_string()));
         let audit = policy("shop/audit", Action::Audit, vec![pb::Rule::default()]);
         let d = decide(&[audit], &req("dev", "GET", "/"));
         assert_eq!(

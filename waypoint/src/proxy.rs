@@ -634,7 +634,8 @@ async fn tcp_forward<T: AsyncRead + AsyncWrite + Unpin>(
             if !d.audited.is_empty() || !d.dry_run.is_empty() || d.denied.is_some() {
                 audit(&d, &a);
             }
-            if let Some((policy, _)) = d.denied {
+            if let Some((policy, _)) = d.denied.or(d.custom.map(|(p, _)| (p, true))) {
+                // (A CUSTOM match on a TCP port: no request to ask about; denied.)
                 return Err(format!("denied by {policy}"));
             }
         }
@@ -831,20 +832,22 @@ async fn handle(
             let mut req = req;
             match authenticate(&wp, &down, &mut req, &mut rec).await {
                 Err(unauthenticated) => unauthenticated,
-                Ok(verified) => match authorize(&wp, &down, &req, verified.as_ref(), &mut rec) {
-                    Some(denied) => denied,
-                    None => route(
-                        &wp,
-                        &down,
-                        req,
-                        &authority,
-                        &mut rec,
-                        &request_bytes,
-                        &mut load,
-                    )
-                    .await
-                    .unwrap_or_else(|e| e),
-                },
+                Ok(verified) => {
+                    match authorize(&wp, &down, &mut req, verified.as_ref(), &mut rec).await {
+                        Some(denied) => denied,
+                        None => route(
+                            &wp,
+                            &down,
+                            req,
+                            &authority,
+                            &mut rec,
+                            &request_bytes,
+                            &mut load,
+                        )
+                        .await
+                        .unwrap_or_else(|e| e),
+                    }
+                }
             }
         }
     };
@@ -1003,10 +1006,10 @@ async fn authenticate<B>(
 
 /// Applies the waypoint's authorization policies to a request: `Some` is the denial to
 /// answer (403 `RBAC: access denied`, as Istio; nothing of the policy's internals).
-fn authorize<B>(
+async fn authorize<B>(
     wp: &Waypoint,
     down: &Downstream,
-    req: &Request<B>,
+    req: &mut Request<B>,
     verified: Option<&crate::jwt::Verified>,
     rec: &mut RequestRecord,
 ) -> Option<Response<Body>> {
@@ -1014,28 +1017,37 @@ fn authorize<B>(
     if policies.is_empty() {
         return None;
     }
-    let path = req.uri().path();
-    let normalized = crate::authz::normalize_path(path);
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
-        .unwrap_or("");
-    let http = crate::authz::Http {
-        method: req.method().as_str(),
-        path: normalized.as_deref().unwrap_or(path),
-        host,
-        headers: req.headers(),
+    let d = {
+        let path = req.uri().path();
+        let normalized = crate::authz::normalize_path(path);
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let http = crate::authz::Http {
+            method: req.method().as_str(),
+            path: normalized.as_deref().unwrap_or(path),
+            host,
+            headers: req.headers(),
+        };
+        let a = attrs(wp, down, Some(http), verified);
+        let d = policies.decide(&a);
+        if !d.audited.is_empty() || !d.dry_run.is_empty() || d.denied.is_some() {
+            audit(&d, &a);
+        }
+        d
     };
-    let a = attrs(wp, down, Some(http), verified);
-    let d = policies.decide(&a);
-    if !d.audited.is_empty() || !d.dry_run.is_empty() || d.denied.is_some() {
-        audit(&d, &a);
+    // CUSTOM first: the external authorizer's answer, then DENY and ALLOW.
+    if let Some((policy, cfg)) = &d.custom
+        && let Some(resp) = ext_authorize(wp, policy, cfg.as_deref(), req, rec).await
+    {
+        return Some(resp);
     }
     match d.denied {
-        Some((policy, custom)) => {
-            rec.flags = if custom { "UAEX" } else { "RBAC" };
+        Some((policy, _)) => {
+            rec.flags = "RBAC";
             rec.error = Some(format!("denied by {policy}"));
             rec.policy = Some(policy);
             Some(local(StatusCode::FORBIDDEN, "RBAC: access denied"))
@@ -1043,6 +1055,144 @@ fn authorize<B>(
         None => {
             rec.policy = d.allowed_by.map(|n| n.to_string());
             None
+        }
+    }
+}
+
+/// Asks CUSTOM policy `policy`'s external authorizer (Envoy's HTTP `ext_authz`: the
+/// request's method and path under the prefix, Host, Authorization and the configured
+/// headers, no body): `None` when it allows (its configured headers are added to the
+/// request), else the answer to send — the authorizer's status, body and configured
+/// headers, or 403 when it cannot be asked and does not fail open.
+async fn ext_authorize<B>(
+    wp: &Waypoint,
+    policy: &str,
+    cfg: Option<&trellis_proto::trellis::waypoint::v1::ExtAuthz>,
+    req: &mut Request<B>,
+    rec: &mut RequestRecord,
+) -> Option<Response<Body>> {
+    use trellis_proto::trellis::waypoint::v1::ext_authz::Protocol;
+    let denied = |rec: &mut RequestRecord, why: String| {
+        rec.flags = "UAEX";
+        rec.error = Some(why);
+        rec.policy = Some(policy.to_string());
+        Some(local(StatusCode::FORBIDDEN, "RBAC: access denied"))
+    };
+    let Some(cfg) = cfg else {
+        return denied(
+            rec,
+            format!("{policy}: its extension provider is not configured"),
+        );
+    };
+    if cfg.protocol() != Protocol::Http {
+        return denied(
+            rec,
+            format!("{policy}: gRPC ext_authz is not supported by this waypoint yet"),
+        );
+    }
+    let Some(svc) = &cfg.service else {
+        return denied(rec, format!("{policy}: no authorizer service"));
+    };
+    let timeout = cfg
+        .timeout
+        .as_ref()
+        .and_then(|d| Duration::try_from(*d).ok())
+        .unwrap_or(Duration::from_secs(600));
+    let check = async {
+        let key = format!("{}/{}", svc.namespace, svc.hostname);
+        let dest = wp
+            .upstreams()
+            .choose(&key, u16::try_from(svc.port).unwrap_or(0), random_u64())
+            .map_err(|e| e.to_string())?;
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let mut builder = Request::builder()
+            .method(req.method().clone())
+            .uri(format!("{}{pq}", cfg.path_prefix))
+            .header(header::HOST, &svc.hostname)
+            .header(header::CONTENT_LENGTH, "0");
+        let wanted = ["host", "authorization"]
+            .into_iter()
+            .map(str::to_string)
+            .chain(
+                cfg.include_request_headers
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase()),
+            );
+        for name in wanted {
+            for v in req.headers().get_all(name.as_str()) {
+                let name = if name == "host" {
+                    "x-forwarded-host"
+                } else {
+                    name.as_str()
+                };
+                builder = builder.header(name, v);
+            }
+        }
+        let body: Body = http_body_util::Empty::new()
+            .map_err(|e: Infallible| -> BoxError { match e {} })
+            .boxed_unsync();
+        let check = builder.body(body).map_err(|e| e.to_string())?;
+        let resp = wp
+            .upstreams()
+            .send(&dest, false, check)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = http_body_util::Limited::new(body, 64 << 10)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Ok::<_, String>((parts, body))
+    };
+    match tokio::time::timeout(timeout, check).await {
+        Ok(Ok((parts, _))) if parts.status.is_success() => {
+            for name in &cfg.headers_to_upstream_on_allow {
+                if let Ok(name) = HeaderName::from_bytes(name.as_bytes())
+                    && let Some(v) = parts.headers.get(&name)
+                {
+                    req.headers_mut().insert(name, v.clone());
+                }
+            }
+            None
+        }
+        Ok(Ok((parts, body))) => {
+            rec.flags = "UAEX";
+            rec.error = Some(format!(
+                "denied by {policy} (external authorizer: {})",
+                parts.status
+            ));
+            rec.policy = Some(policy.to_string());
+            tracing::info!(target: "audit", decision = "deny", policy, custom = true, status = parts.status.as_u16(), "request denied by the external authorizer");
+            let body = http_body_util::Full::new(body)
+                .map_err(|e: Infallible| -> BoxError { match e {} })
+                .boxed_unsync();
+            let mut resp = Response::new(body);
+            *resp.status_mut() = parts.status;
+            for name in &cfg.headers_to_downstream_on_deny {
+                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                    for v in parts.headers.get_all(&name) {
+                        resp.headers_mut().append(name.clone(), v.clone());
+                    }
+                }
+            }
+            Some(resp)
+        }
+        result => {
+            let why = match result {
+                Ok(Err(e)) => e,
+                _ => format!("no answer within {timeout:?}"),
+            };
+            if cfg.fail_open {
+                tracing::warn!(policy, error = %why, "external authorizer unavailable: allowed (failOpen)");
+                None
+            } else {
+                tracing::info!(target: "audit", decision = "deny", policy, custom = true, error = %why, "external authorizer unavailable: denied");
+                denied(
+                    rec,
+                    format!("{policy}: external authorizer unavailable: {why}"),
+                )
+            }
         }
     }
 }

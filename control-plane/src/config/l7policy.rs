@@ -37,6 +37,8 @@ pub struct WaypointPolicies {
     pub notes: BTreeMap<Key, Vec<String>>,
     /// Policy → why no waypoint enforces it (a value that does not parse).
     pub rejected: BTreeMap<Key, Vec<String>>,
+    /// Services a waypoint must reach beyond those it fronts (external authorizers).
+    pub extra_services: BTreeMap<Key, std::collections::BTreeSet<Key>>,
     /// RequestAuthentications: resource name → (waypoint, resource).
     pub authentications: BTreeMap<String, (Key, pb::RequestAuthentication)>,
     /// RequestAuthentication → notes for its status.
@@ -90,12 +92,20 @@ pub fn waypoint_policies(model: &Model, mesh: &MeshConfig) -> WaypointPolicies {
             }
         };
         notes.extend(rule_notes);
-        if matches!(spec.action, Action::Custom) {
-            notes.push(format!(
-                "spec.action: CUSTOM — external authorization ({}) is not available in this waypoint yet: the requests this policy's rules match are denied (fail closed)",
-                spec.provider.as_ref().map_or("no provider", |p| p.name.as_str())
-            ));
-        }
+        let ext_authz = if matches!(spec.action, Action::Custom) {
+            let name = spec.provider.as_ref().map_or("", |p| p.name.as_str());
+            match ext_authz(mesh, name) {
+                Ok((cfg, svc)) => Some((cfg, svc)),
+                Err(why) => {
+                    notes.push(format!(
+                        "spec.provider: {why}: the requests this policy's rules match are denied (fail closed)"
+                    ));
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let action = match spec.action {
             Action::Allow => pb::l7_policy::Action::Allow,
             Action::Deny => pb::l7_policy::Action::Deny,
@@ -112,6 +122,12 @@ pub fn waypoint_policies(model: &Model, mesh: &MeshConfig) -> WaypointPolicies {
         for (gw, services) in applies {
             let target = policy_target(services, mesh);
             enforced_by.push(format!("{}/{}", gw.0, gw.1));
+            if let Some((_, svc)) = &ext_authz {
+                out.extra_services
+                    .entry(gw.clone())
+                    .or_default()
+                    .insert(svc.clone());
+            }
             let name = format!("{pns}/{pname}@{}/{}", gw.0, gw.1);
             out.policies.insert(
                 name,
@@ -129,6 +145,7 @@ pub fn waypoint_policies(model: &Model, mesh: &MeshConfig) -> WaypointPolicies {
                             .as_ref()
                             .map(|p| p.name.clone())
                             .unwrap_or_default(),
+                        ext_authz: ext_authz.as_ref().map(|(cfg, _)| cfg.clone()),
                     },
                 ),
             );
@@ -192,6 +209,77 @@ pub fn waypoint_policies(model: &Model, mesh: &MeshConfig) -> WaypointPolicies {
             .insert((rns.clone(), rname.clone()), notes);
     }
     out
+}
+
+/// The external authorizer `name` of the mesh config, and its Service (namespace, name).
+fn ext_authz(mesh: &MeshConfig, name: &str) -> Result<(pb::ExtAuthz, Key), String> {
+    let p = mesh
+        .extension_providers
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| format!("no extension provider {name:?} in the mesh config"))?;
+    let duration = |t: &Option<String>| {
+        let d = t
+            .as_deref()
+            .and_then(super::routes::parse_duration)
+            .unwrap_or(std::time::Duration::from_secs(600));
+        prost_types::Duration {
+            seconds: d.as_secs() as i64,
+            nanos: d.subsec_nanos() as i32,
+        }
+    };
+    let (protocol, service, port, cfg) = match (&p.envoy_ext_authz_http, &p.envoy_ext_authz_grpc) {
+        (Some(h), _) => (
+            pb::ext_authz::Protocol::Http,
+            &h.service,
+            h.port,
+            pb::ExtAuthz {
+                path_prefix: h.path_prefix.clone(),
+                timeout: Some(duration(&h.timeout)),
+                fail_open: h.fail_open,
+                include_request_headers: h.include_request_headers_in_check.clone(),
+                headers_to_upstream_on_allow: h.headers_to_upstream_on_allow.clone(),
+                headers_to_downstream_on_deny: h.headers_to_downstream_on_deny.clone(),
+                ..Default::default()
+            },
+        ),
+        (None, Some(g)) => (
+            pb::ext_authz::Protocol::Grpc,
+            &g.service,
+            g.port,
+            pb::ExtAuthz {
+                timeout: Some(duration(&g.timeout)),
+                fail_open: g.fail_open,
+                ..Default::default()
+            },
+        ),
+        (None, None) => {
+            return Err(format!(
+                "extension provider {name:?} is neither envoyExtAuthzHttp nor envoyExtAuthzGrpc"
+            ));
+        }
+    };
+    let suffix = format!(".svc.{}", mesh.domain_suffix);
+    let (svc, ns) = service
+        .strip_suffix(&suffix)
+        .and_then(|s| s.split_once('.'))
+        .ok_or_else(|| {
+            format!(
+                "extension provider {name:?}: service {service:?} is not a Service's name.namespace{suffix}"
+            )
+        })?;
+    Ok((
+        pb::ExtAuthz {
+            protocol: protocol as i32,
+            service: Some(pb::ServiceRef {
+                namespace: ns.to_string(),
+                hostname: service.clone(),
+                port: u32::from(port),
+            }),
+            ..cfg
+        },
+        (ns.to_string(), svc.to_string()),
+    ))
 }
 
 /// A policy target: all of a waypoint's traffic (`None`), or these Services.

@@ -55,6 +55,56 @@ pub struct MeshConfig {
     pub cluster_id: String,
     /// DNS suffix of service hostnames.
     pub domain_suffix: String,
+    /// External authorizers CUSTOM AuthorizationPolicies name (`provider.name`).
+    pub extension_providers: Vec<ExtensionProvider>,
+}
+
+/// An `extensionProviders` entry (Istio's MeshConfig): an external authorizer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ExtensionProvider {
+    /// The name policies use.
+    pub name: String,
+    /// Envoy's HTTP `ext_authz`.
+    pub envoy_ext_authz_http: Option<ExtAuthzHttp>,
+    /// Envoy's gRPC `ext_authz` (`envoy.service.auth.v3.Authorization/Check`).
+    pub envoy_ext_authz_grpc: Option<ExtAuthzGrpc>,
+}
+
+/// `envoyExtAuthzHttp`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ExtAuthzHttp {
+    /// The authorizer's Service (`name.namespace.svc.<suffix>`).
+    pub service: String,
+    /// Its port.
+    pub port: u16,
+    /// Prepended to the request's path in the check.
+    pub path_prefix: String,
+    /// How long a check may take (`1s`; default 600 s, as Istio).
+    pub timeout: Option<String>,
+    /// Allow the request when the authorizer cannot be reached.
+    pub fail_open: bool,
+    /// Request headers sent in the check (beyond Host, Method, Path, Authorization).
+    pub include_request_headers_in_check: Vec<String>,
+    /// Headers of an allowing answer copied to the request going upstream.
+    pub headers_to_upstream_on_allow: Vec<String>,
+    /// Headers of a denying answer copied to the response to the client.
+    pub headers_to_downstream_on_deny: Vec<String>,
+}
+
+/// `envoyExtAuthzGrpc`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ExtAuthzGrpc {
+    /// The authorizer's Service.
+    pub service: String,
+    /// Its port.
+    pub port: u16,
+    /// How long a check may take.
+    pub timeout: Option<String>,
+    /// Allow the request when the authorizer cannot be reached.
+    pub fail_open: bool,
 }
 
 impl Default for MeshConfig {
@@ -64,6 +114,7 @@ impl Default for MeshConfig {
             root_namespace: "istio-system".into(),
             cluster_id: "Kubernetes".into(),
             domain_suffix: "cluster.local".into(),
+            extension_providers: Vec::new(),
         }
     }
 }
@@ -386,6 +437,22 @@ impl Model {
     /// The Gateway `ns/name`.
     pub fn gateway(&self, ns: &str, name: &str) -> Option<&Gateway> {
         self.gateways.get(&(ns.to_string(), name.to_string()))
+    }
+
+    /// The resource names a proxy needs to reach Service `ns/name`: its address and the
+    /// pods behind it (for a waypoint's view).
+    pub fn service_view(&self, ns: &str, name: &str, mesh: &MeshConfig) -> Vec<String> {
+        let Some(svc) = self.services.get(&(ns.to_string(), name.to_string())) else {
+            return Vec::new();
+        };
+        let mut out = vec![format!("{ns}/{}", hostname(name, ns, mesh))];
+        for ((pns, pname), pod) in in_namespace(&self.pods, ns) {
+            let pod_labels = pod.metadata.labels.clone().unwrap_or_default();
+            if selects(svc, &pod_labels) {
+                out.push(format!("{}//Pod/{pns}/{pname}", mesh.cluster_id));
+            }
+        }
+        out
     }
 
     /// Whether Service `ns/name` selects a pod carrying every label of `labels`.

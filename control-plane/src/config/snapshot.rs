@@ -171,6 +171,15 @@ impl Snapshot {
             }
         }
         self.resources.insert(type_url, resources);
+        // The external authorizers its CUSTOM policies call.
+        for (gw, services) in &wp.extra_services {
+            if let Some(view) = self.waypoint_views.get_mut(gw) {
+                let view = Arc::make_mut(view);
+                for (ns, name) in services {
+                    view.extend(model.service_view(ns, name, mesh));
+                }
+            }
+        }
         let id = |(ns, name): &(String, String)| ObjectRef {
             kind: "AuthorizationPolicy".into(),
             namespace: ns.clone(),

@@ -428,3 +428,44 @@ pub(crate) async fn load(
     );
     Ok(())
 }
+
+/// The external authorizer (`ext-authz`): one line per check it answers.
+pub(crate) async fn ext_authz_server(listener: TcpListener) -> Result<()> {
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| async move {
+                let allow = req
+                    .headers()
+                    .get("x-ext-authz")
+                    .is_some_and(|v| v.as_bytes() == b"allow");
+                println!(
+                    "check {} {} from {peer}: {}",
+                    req.method(),
+                    req.uri(),
+                    if allow { "allowed" } else { "denied" }
+                );
+                let mut resp = Response::new(Full::new(Bytes::from(if allow {
+                    ""
+                } else {
+                    "denied by ext_authz: no `x-ext-authz: allow` header"
+                })));
+                if !allow {
+                    *resp.status_mut() = StatusCode::FORBIDDEN;
+                }
+                resp.headers_mut().insert(
+                    "x-ext-authz-check-result",
+                    hyper::header::HeaderValue::from_static(if allow {
+                        "allowed"
+                    } else {
+                        "denied"
+                    }),
+                );
+                Ok::<_, Infallible>(resp)
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

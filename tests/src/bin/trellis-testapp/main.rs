@@ -122,6 +122,14 @@ enum Cmd {
         #[arg(long)]
         http2: bool,
     },
+    /// An external authorizer (Envoy's HTTP ext_authz, as Istio's sample): allows a check
+    /// carrying `x-ext-authz: allow` (200, `x-ext-authz-check-result: allowed`), denies
+    /// the rest (403, `x-ext-authz-check-result: denied`).
+    ExtAuthz {
+        /// Listen address.
+        #[arg(long)]
+        http: SocketAddr,
+    },
     /// Send HTTP requests over one connection.
     Http {
         /// `http://IP:PORT/path?query`.
@@ -168,6 +176,11 @@ fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Cmd::ExtAuthz { http: addr } => {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            println!("listening ext-authz {}", listener.local_addr()?);
+            http::ext_authz_server(listener).await
+        }
         Cmd::Serve {
             name,
             tcp_echo,
