@@ -1150,3 +1150,325 @@ mod tests {
         assert_eq!(normalize_path("/../..").as_deref(), Some("/"));
     }
 }
+
+/// Property tests: the compiled evaluator against a straightforward reference evaluation of
+/// the same resources, on random policies and requests (a seeded generator: a failure
+/// names its seed, and `AUTHZ_PROPERTY_CASES` sets how many run).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use pb::string_match::Kind;
+
+    /// splitmix64.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+            &items[self.below(items.len() as u64) as usize]
+        }
+        fn chance(&mut self, percent: u64) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    const NAMESPACES: &[&str] = &["a", "b", "c"];
+    const ACCOUNTS: &[&str] = &["x", "y"];
+    const METHODS: &[&str] = &["GET", "POST", "PUT"];
+    const PATHS: &[&str] = &["/", "/api/v1", "/api/v2/items", "/admin", "/admin/x"];
+    const ENVS: &[Option<&str>] = &[None, Some("prod"), Some("dev")];
+
+    fn sm(kind: Kind) -> pb::StringMatch {
+        pb::StringMatch {
+            kind: Some(kind),
+            ignore_case: false,
+        }
+    }
+
+    fn some<T>(rng: &mut Rng, max: u64, mut f: impl FnMut(&mut Rng) -> T) -> Vec<T> {
+        let n = rng.below(max + 1);
+        (0..n).map(|_| f(rng)).collect()
+    }
+
+    fn principal(rng: &mut Rng) -> pb::StringMatch {
+        let ns = rng.pick(NAMESPACES);
+        match rng.below(3) {
+            0 => sm(Kind::Exact(format!(
+                "cluster.local/ns/{ns}/sa/{}",
+                rng.pick(ACCOUNTS)
+            ))),
+            1 => sm(Kind::Prefix(format!("cluster.local/ns/{ns}/"))),
+            _ => sm(Kind::Suffix(format!("/sa/{}", rng.pick(ACCOUNTS)))),
+        }
+    }
+
+    fn path(rng: &mut Rng) -> pb::StringMatch {
+        match rng.below(4) {
+            0 => sm(Kind::Exact(rng.pick(PATHS).to_string())),
+            1 => sm(Kind::Prefix(
+                rng.pick(&["/api/", "/admin", "/"]).to_string(),
+            )),
+            2 => sm(Kind::Suffix(rng.pick(&["/items", "/x", "v1"]).to_string())),
+            _ => sm(Kind::Regex(
+                rng.pick(&["/api/[^/]+/items", "/admin(/.*)?"]).to_string(),
+            )),
+        }
+    }
+
+    fn policy(rng: &mut Rng, i: usize) -> pb::L7Policy {
+        use pb::l7_policy::Action as A;
+        let action = *rng.pick(&[A::Allow, A::Allow, A::Deny, A::Deny, A::Audit, A::Custom]);
+        let rules = some(rng, 3, |rng| pb::Rule {
+            from: some(rng, 2, |rng| pb::Source {
+                principals: some(rng, 1, principal),
+                not_principals: if rng.chance(20) {
+                    vec![principal(rng)]
+                } else {
+                    vec![]
+                },
+                namespaces: some(rng, 2, |rng| {
+                    sm(Kind::Exact(rng.pick(NAMESPACES).to_string()))
+                }),
+                not_namespaces: if rng.chance(20) {
+                    vec![sm(Kind::Exact(rng.pick(NAMESPACES).to_string()))]
+                } else {
+                    vec![]
+                },
+                service_accounts: if rng.chance(20) {
+                    vec![format!("{}/{}", rng.pick(NAMESPACES), rng.pick(ACCOUNTS))]
+                } else {
+                    vec![]
+                },
+                ..Default::default()
+            }),
+            to: some(rng, 2, |rng| pb::Operation {
+                methods: some(rng, 2, |rng| sm(Kind::Exact(rng.pick(METHODS).to_string()))),
+                not_methods: if rng.chance(15) {
+                    vec![sm(Kind::Exact(rng.pick(METHODS).to_string()))]
+                } else {
+                    vec![]
+                },
+                paths: some(rng, 2, path),
+                not_paths: if rng.chance(15) {
+                    vec![path(rng)]
+                } else {
+                    vec![]
+                },
+                ports: if rng.chance(20) {
+                    vec![*rng.pick(&[80, 9000])]
+                } else {
+                    vec![]
+                },
+                ..Default::default()
+            }),
+            when: some(rng, 1, |rng| match rng.below(3) {
+                0 => pb::Condition {
+                    key: "request.headers[x-env]".into(),
+                    values: vec![sm(Kind::Exact(rng.pick(&["prod", "dev"]).to_string()))],
+                    not_values: vec![],
+                },
+                1 => pb::Condition {
+                    key: "source.namespace".into(),
+                    values: vec![],
+                    not_values: vec![sm(Kind::Exact(rng.pick(NAMESPACES).to_string()))],
+                },
+                _ => pb::Condition {
+                    key: "destination.port".into(),
+                    values: vec![sm(Kind::Exact("80".into()))],
+                    not_values: vec![],
+                },
+            }),
+        });
+        pb::L7Policy {
+            name: format!("p/{i}"),
+            namespace: "p".into(),
+            target: Some(if rng.chance(70) {
+                pb::PolicyTarget {
+                    scope: Scope::Waypoint as i32,
+                    services: vec![],
+                }
+            } else {
+                pb::PolicyTarget {
+                    scope: Scope::Services as i32,
+                    services: vec![pb::ServiceRef {
+                        namespace: "shop".into(),
+                        hostname: rng.pick(&["web", "api"]).to_string(),
+                        port: 0,
+                    }],
+                }
+            }),
+            action: action as i32,
+            rules,
+            dry_run: rng.chance(10),
+            provider: String::new(),
+            ext_authz: None,
+        }
+    }
+
+    /// The reference: Istio's semantics read straight off the resources.
+    fn reference(policies: &[pb::L7Policy], r: &Req) -> (bool, bool) {
+        fn matches(m: &pb::StringMatch, v: &str) -> bool {
+            match m.kind.as_ref().unwrap() {
+                Kind::Exact(e) => v == e,
+                Kind::Prefix(p) => v.starts_with(p.as_str()),
+                Kind::Suffix(s) => v.ends_with(s.as_str()),
+                Kind::Regex(re) => regex::Regex::new(&format!("^(?:{re})$"))
+                    .unwrap()
+                    .is_match(v),
+                Kind::Present(()) => true,
+            }
+        }
+        let one = |ms: &[pb::StringMatch], v: Option<&str>| {
+            ms.is_empty() || v.is_some_and(|v| ms.iter().any(|m| matches(m, v)))
+        };
+        let none = |ms: &[pb::StringMatch], v: Option<&str>| {
+            ms.is_empty() || !v.is_some_and(|v| ms.iter().any(|m| matches(m, v)))
+        };
+        let principal = r.ns.map(|ns| format!("cluster.local/ns/{ns}/sa/{}", r.sa));
+        let sa = r.ns.map(|ns| format!("{ns}/{}", r.sa));
+        let rule_matches = |rule: &pb::Rule, deny_like: bool| {
+            let from = rule.from.is_empty()
+                || rule.from.iter().any(|s| {
+                    one(&s.principals, principal.as_deref())
+                        && none(&s.not_principals, principal.as_deref())
+                        && one(&s.namespaces, r.ns)
+                        && none(&s.not_namespaces, r.ns)
+                        && (s.service_accounts.is_empty()
+                            || sa.as_ref().is_some_and(|x| s.service_accounts.contains(x)))
+                });
+            let to = rule.to.is_empty()
+                || rule.to.iter().any(|o| {
+                    let port_ok = o.ports.is_empty() || o.ports.contains(&u32::from(r.port));
+                    let http = !(o.methods.is_empty()
+                        && o.not_methods.is_empty()
+                        && o.paths.is_empty()
+                        && o.not_paths.is_empty());
+                    port_ok
+                        && if r.tcp {
+                            !http || deny_like
+                        } else {
+                            one(&o.methods, Some(r.method))
+                                && none(&o.not_methods, Some(r.method))
+                                && one(&o.paths, Some(r.path))
+                                && none(&o.not_paths, Some(r.path))
+                        }
+                });
+            let when = rule.when.iter().all(|c| match c.key.as_str() {
+                "request.headers[x-env]" if r.tcp => deny_like,
+                "request.headers[x-env]" => one(&c.values, r.env) && none(&c.not_values, r.env),
+                "source.namespace" => one(&c.values, r.ns) && none(&c.not_values, r.ns),
+                "destination.port" => {
+                    let p = r.port.to_string();
+                    one(&c.values, Some(&p)) && none(&c.not_values, Some(&p))
+                }
+                _ => unreachable!(),
+            });
+            from && to && when
+        };
+        use pb::l7_policy::Action as A;
+        let (mut denied, mut custom, mut any_allow, mut allowed) = (false, false, false, false);
+        for p in policies {
+            let t = p.target.as_ref().unwrap();
+            let applies = t.scope == Scope::Waypoint as i32
+                || t.services
+                    .iter()
+                    .any(|s| s.namespace == "shop" && s.hostname == r.service);
+            if !applies || p.dry_run {
+                continue;
+            }
+            let action = A::try_from(p.action).unwrap();
+            let deny_like = matches!(action, A::Deny | A::Custom);
+            let m = p.rules.iter().any(|rule| rule_matches(rule, deny_like));
+            match action {
+                A::Deny => denied |= m,
+                A::Custom => custom |= m,
+                A::Allow => {
+                    any_allow = true;
+                    allowed |= m;
+                }
+                A::Audit => {}
+            }
+        }
+        (denied || (any_allow && !allowed), custom)
+    }
+
+    #[derive(Debug)]
+    struct Req {
+        ns: Option<&'static str>,
+        sa: &'static str,
+        method: &'static str,
+        path: &'static str,
+        env: Option<&'static str>,
+        port: u16,
+        service: &'static str,
+        tcp: bool,
+    }
+
+    #[test]
+    fn the_compiled_evaluator_agrees_with_the_reference() {
+        let cases: u64 = std::env::var("AUTHZ_PROPERTY_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
+        for seed in 0..cases {
+            let mut rng = Rng(seed);
+            let n = rng.below(6) as usize;
+            let policies: Vec<pb::L7Policy> = (0..n).map(|i| policy(&mut rng, i)).collect();
+            let compiled = Policies::compile(policies.iter());
+            for _ in 0..8 {
+                let r = Req {
+                    ns: if rng.chance(90) {
+                        Some(*rng.pick(NAMESPACES))
+                    } else {
+                        None
+                    },
+                    sa: *rng.pick(ACCOUNTS),
+                    method: *rng.pick(METHODS),
+                    path: *rng.pick(PATHS),
+                    env: *rng.pick(ENVS),
+                    port: *rng.pick(&[80, 9000]),
+                    service: *rng.pick(&["web", "api"]),
+                    tcp: rng.chance(15),
+                };
+                let mut headers = HeaderMap::new();
+                if let Some(e) = r.env {
+                    headers.insert("x-env", e.parse().unwrap());
+                }
+                let principal = r.ns.map(|ns| format!("cluster.local/ns/{ns}/sa/{}", r.sa));
+                let sa = r.ns.map(|ns| format!("{ns}/{}", r.sa));
+                let a = Attrs {
+                    principal: principal.as_deref(),
+                    namespace: r.ns,
+                    service_account: sa.as_deref(),
+                    source_ip: "10.0.0.1".parse().unwrap(),
+                    remote_ip: "10.0.0.1".parse().unwrap(),
+                    destination_ip: "10.96.0.1".parse().unwrap(),
+                    destination_port: r.port,
+                    service: Some(("shop", r.service)),
+                    http: (!r.tcp).then_some(Http {
+                        method: r.method,
+                        path: r.path,
+                        host: "web",
+                        headers: &headers,
+                    }),
+                    request_auth: None,
+                };
+                let d = compiled.decide(&a);
+                let got = (d.denied.is_some(), d.custom.is_some());
+                let want = reference(&policies, &r);
+                assert_eq!(
+                    got, want,
+                    "seed {seed}: {r:?} against {policies:#?}: evaluator (denied, custom) {got:?}, reference {want:?}"
+                );
+            }
+        }
+    }
+}

@@ -763,6 +763,59 @@ mod tests {
         assert!(check(&r, &cache, "not-a-token").await.is_err());
     }
 
+    #[tokio::test]
+    async fn random_bytes_as_tokens_are_refused_without_panicking() {
+        // Random tokens (a seeded generator): arbitrary bytes, and three base64url parts
+        // holding random JSON-ish text; each is refused (never accepted, never a panic).
+        let k1 = es256("k1");
+        let r = rules(pb::jwt_provider::JwksSource::Jwks(jwks(&[&k1])), &[]);
+        let cache = KeyCache::default();
+        let mut state: u64 = 7;
+        let mut next = move || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        for i in 0..2000 {
+            let len = (next() % 120) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let token = match i % 3 {
+                0 => String::from_utf8_lossy(&bytes).replace(['\r', '\n', '\0'], ""),
+                1 => format!(
+                    "{}.{}.{}",
+                    b64(br#"{"alg":"ES256","kid":"k1"}"#),
+                    b64(&bytes),
+                    b64(&bytes[..len / 2])
+                ),
+                _ => {
+                    let claims = format!(
+                        "{{\"iss\":\"{ISS}\",\"sub\":\"{}\",\"exp\":{}}}",
+                        b64(&bytes),
+                        next() % 4_000_000_000
+                    );
+                    format!(
+                        "{}.{}.{}",
+                        b64(br#"{"alg":"ES256","kid":"k1"}"#),
+                        b64(claims.as_bytes()),
+                        b64(&bytes)
+                    )
+                }
+            };
+            let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}")) else {
+                continue;
+            };
+            let mut h = HeaderMap::new();
+            h.insert(http::header::AUTHORIZATION, value);
+            match r.authenticate(&cache, None, &h, None).await {
+                Err(_) => {}
+                Ok(o) => assert!(o.verified.is_none(), "a random token verified: {token}"),
+            }
+        }
+    }
+
     /// A JWKS server whose key set the test changes, and can stop.
     async fn jwks_server(body: Arc<Mutex<String>>) -> (String, tokio::task::JoinHandle<()>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
