@@ -1413,6 +1413,8 @@ mod properties {
     }
 
     #[test]
+    // (`*rng.pick(..)`: without the deref the expected `&str` would make `T` unsized.)
+    #[allow(clippy::explicit_auto_deref)]
     fn the_compiled_evaluator_agrees_with_the_reference() {
         let cases: u64 = std::env::var("AUTHZ_PROPERTY_CASES")
             .ok()
