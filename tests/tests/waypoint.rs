@@ -1276,3 +1276,242 @@ fn custom_policies_ask_the_external_authorizer() {
         Ok(())
     });
 }
+
+/// One case of the authorization matrix: who, what, and the status expected.
+struct Case {
+    from: &'static str,
+    method: &'static str,
+    path: &'static str,
+    headers: &'static [&'static str],
+    want: &'static str,
+}
+
+#[test]
+fn an_authorization_matrix_of_sources_operations_conditions_and_actions() {
+    with_cluster("waypoint_authz_matrix", 2, |c| {
+        let mesh = Mesh::start_with_mesh_config(
+            c,
+            Some(
+                "extensionProviders:\n- name: ext\n  envoyExtAuthzHttp:\n    service: ext-authz.shop.svc.cluster.local\n    port: 8000\n    timeout: 2s\n    includeRequestHeadersInCheck: [x-ext-authz]\n",
+            ),
+        )?;
+        let shop = shop(c, &mesh)?;
+        let mut clients = std::collections::BTreeMap::new();
+        clients.insert("shop", shop.client.clone());
+        for ns in ["dev", "ops"] {
+            mesh.namespace(ns, true)?;
+            let name = format!("{ns}-client");
+            let p = c.add_pod(&c.nodes()[0], ns, &name, &name, &[])?;
+            mesh.register_pod(c, &p)?;
+            mesh.wait_captured(c, &p, true)?;
+            clients.insert(ns, p);
+        }
+        let authz = c.add_pod(
+            &c.nodes()[1],
+            "shop",
+            "ext-authz",
+            "ext-authz",
+            &[("app", "ext-authz")],
+        )?;
+        mesh.register_pod(c, &authz)?;
+        mesh.wait_captured(c, &authz, true)?;
+        let mut cmd = testapp();
+        cmd.args(["ext-authz", "--http", "0.0.0.0:8000"]);
+        let mut authorizer = c.spawn(&authz, "ext-authz", cmd)?;
+        authorizer.wait_for_output("listening ext-authz", Duration::from_secs(10))?;
+        let policy = |name: &str, body: &str| {
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n{body}---\n"
+            )
+        };
+        let web = "  targetRefs: [{group: \"\", kind: Service, name: web}]\n";
+        let gw =
+            "  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\n";
+        let mut all = String::from(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: ext-authz, namespace: shop}\nspec:\n  clusterIP: 10.96.0.30\n  selector: {app: ext-authz}\n  ports: [{name: http, port: 8000, targetPort: 8000}]\n---\n",
+        );
+        // The seed's DENY of POST from dev (namespace-wide).
+        all += &policy(
+            "no-post-from-dev",
+            "  action: DENY\n  rules: [{from: [{source: {namespaces: [dev]}}], to: [{operation: {methods: [POST]}}]}]\n",
+        );
+        all += &policy(
+            "allow",
+            &format!(
+                "{web}  action: ALLOW\n  rules:\n  - from: [{{source: {{namespaces: [shop]}}}}]\n  - from: [{{source: {{namespaces: [dev]}}}}]\n    to: [{{operation: {{methods: [GET], paths: [\"/public/*\", \"/items/{{*}}/view\"]}}}}]\n  - from: [{{source: {{principals: [\"cluster.local/ns/ops/*\"]}}}}]\n    when: [{{key: \"request.headers[x-ticket]\", values: [\"*\"]}}]\n"
+            ),
+        );
+        all += &policy(
+            "admin-for-ops",
+            &format!(
+                "{gw}  action: DENY\n  rules: [{{from: [{{source: {{notNamespaces: [ops]}}}}], to: [{{operation: {{paths: [\"/admin*\"]}}}}]}}]\n"
+            ),
+        );
+        all += &policy(
+            "blocked",
+            &format!(
+                "{web}  action: DENY\n  rules: [{{when: [{{key: \"request.headers[x-block]\", values: [\"yes\"]}}]}}]\n"
+            ),
+        );
+        all += &policy(
+            "guarded",
+            &format!(
+                "{web}  action: CUSTOM\n  provider: {{name: ext}}\n  rules: [{{to: [{{operation: {{paths: [\"/guarded/*\"]}}}}]}}]\n"
+            ),
+        );
+        all += &format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: dry, namespace: shop, annotations: {{istio.io/dry-run: \"true\"}}}}\nspec:\n{web}  action: DENY\n  rules: [{{to: [{{operation: {{paths: [\"/public/dry\"]}}}}]}}]\n---\n"
+        );
+        all += &policy(
+            "audit-deletes",
+            &format!(
+                "{web}  action: AUDIT\n  rules: [{{to: [{{operation: {{methods: [DELETE]}}}}]}}]\n"
+            ),
+        );
+        mesh.apply("matrix.yaml", &all)?;
+
+        let run = |k: &Case| -> Result<String> {
+            let mut extra = vec!["--method", k.method];
+            for h in k.headers {
+                extra.extend(["--header", h]);
+            }
+            let r = http(
+                c,
+                &clients[k.from],
+                &format!("http://10.96.0.10{}", k.path),
+                1,
+                &extra,
+            )?;
+            Ok(r["statuses"]
+                .as_object()
+                .and_then(|m| m.keys().next().cloned())
+                .unwrap_or_default())
+        };
+        let case = |from, method, path, headers, want| Case {
+            from,
+            method,
+            path,
+            headers,
+            want,
+        };
+        eventually(
+            "the policies to be in force",
+            Duration::from_secs(30),
+            || {
+                Ok(run(&case("dev", "GET", "/", &[], "403"))? == "403"
+                    && run(&case("shop", "GET", "/guarded/x", &[], "403"))? == "403")
+            },
+        )?;
+        let t: &[&str] = &["x-ticket: 1"];
+        let cases = [
+            // shop: allowed by namespace, except what DENY, CUSTOM and the Gateway's DENY say.
+            case("shop", "GET", "/", &[], "200"),
+            case("shop", "POST", "/", &[], "200"),
+            case("shop", "DELETE", "/", &[], "200"),
+            case("shop", "PUT", "/anything", &[], "200"),
+            case("shop", "GET", "/admin", &[], "403"),
+            case("shop", "GET", "/admin/x", &[], "403"),
+            case("shop", "GET", "/Admin", &[], "200"),
+            case("shop", "GET", "/", &["x-block: yes"], "403"),
+            case("shop", "GET", "/", &["x-block: no"], "200"),
+            case("shop", "GET", "/guarded/x", &[], "403"),
+            case("shop", "GET", "/guarded/x", &["x-ext-authz: allow"], "200"),
+            case("shop", "GET", "/guarded/x", &["x-ext-authz: deny"], "403"),
+            case("shop", "GET", "/public/dry", &[], "200"),
+            // dev: GET on /public/* and /items/{*}/view only; never POST.
+            case("dev", "GET", "/public/a", &[], "200"),
+            case("dev", "GET", "/public/", &[], "200"),
+            case("dev", "GET", "/items/42/view", &[], "200"),
+            case("dev", "GET", "/items/42/edit", &[], "403"),
+            case("dev", "GET", "/items/42/x/view", &[], "403"),
+            case("dev", "POST", "/public/a", &[], "403"),
+            case("dev", "PUT", "/public/a", &[], "403"),
+            case("dev", "DELETE", "/public/a", &[], "403"),
+            case("dev", "GET", "/", &[], "403"),
+            case("dev", "GET", "/admin", &[], "403"),
+            case("dev", "GET", "/PUBLIC/a", &[], "403"),
+            case("dev", "GET", "/public/a", &["x-block: yes"], "403"),
+            case("dev", "GET", "/public/../admin", &[], "403"),
+            case("dev", "GET", "//public/a", &[], "200"),
+            case("dev", "GET", "/public/%61", &[], "200"),
+            case("dev", "GET", "/guarded/x", &["x-ext-authz: allow"], "403"),
+            // ops: allowed with a ticket header; the only ones allowed on /admin.
+            case("ops", "GET", "/", &[], "403"),
+            case("ops", "GET", "/", t, "200"),
+            case("ops", "GET", "/admin", t, "200"),
+            case("ops", "POST", "/admin", t, "200"),
+            case("ops", "GET", "/admin", &[], "403"),
+            case(
+                "ops",
+                "GET",
+                "/admin",
+                &["x-ticket: 1", "x-block: yes"],
+                "403",
+            ),
+            case("ops", "PATCH", "/", t, "200"),
+            case("ops", "GET", "/guarded/z", t, "403"),
+            case(
+                "ops",
+                "GET",
+                "/guarded/z",
+                &["x-ticket: 1", "x-ext-authz: allow"],
+                "200",
+            ),
+            case("ops", "GET", "/public/dry", t, "200"),
+        ];
+        let mut wrong = Vec::new();
+        for k in &cases {
+            let got = run(k)?;
+            if got != k.want {
+                wrong.push(format!(
+                    "{} {} {} {:?}: {got}, want {}",
+                    k.from, k.method, k.path, k.headers, k.want
+                ));
+            }
+        }
+        // TCP (the echo port) is judged on connection attributes only: the DENY policies
+        // whose rules name HTTP fields (paths, a header) count as matching — they deny at
+        // least what was written — so every TCP connection here is denied, shop's too.
+        let echoed = |from: &str| -> Result<bool> {
+            let mut cmd = testapp();
+            cmd.args([
+                "tcp",
+                "10.96.0.10:9000",
+                "--message",
+                "hi",
+                "--timeout",
+                "5",
+            ]);
+            Ok(match c.run(&clients[from], "tcp", cmd) {
+                Ok(out) => {
+                    serde_json::from_str::<Value>(out.trim())
+                        .with_context(|| format!("not JSON: {out}"))?["reply"]
+                        == "hi"
+                }
+                Err(_) => false,
+            })
+        };
+        for from in ["shop", "dev", "ops"] {
+            if echoed(from)? {
+                wrong.push(format!("{from} TCP: echoed, want denied"));
+            }
+        }
+        ensure!(
+            wrong.is_empty(),
+            "{} of {} cases wrong:\n{}",
+            wrong.len(),
+            cases.len() + 3,
+            wrong.join("\n")
+        );
+        eventually(
+            "the AUDIT and dry-run lines",
+            Duration::from_secs(5),
+            || {
+                let out = shop.wp.output();
+                Ok(out.contains("AUDIT policy matched") && out.contains("would-deny"))
+            },
+        )?;
+        let _ = (&shop.s1, &shop.s2, &mut authorizer);
+        Ok(())
+    });
+}
