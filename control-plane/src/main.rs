@@ -262,7 +262,10 @@ fn run(command: Command) -> Result<ExitCode, String> {
                         Some(path) => {
                             let text = std::fs::read_to_string(path)
                                 .map_err(|e| format!("{}: {e}", path.display()))?;
-                            Some(WaypointTemplate::parse(&path.display().to_string(), &text)?)
+                            let mut t =
+                                WaypointTemplate::parse(&path.display().to_string(), &text)?;
+                            t.mask_regexes = opts.mesh.access_log_masking.regexes.clone();
+                            Some(t)
                         }
                         None => None,
                     };
@@ -377,10 +380,11 @@ fn render(
         |path: &Path| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
     let mesh = mesh_config(mesh_path)?;
     let template = match waypoint_config {
-        Some(path) => Some(WaypointTemplate::parse(
-            &path.display().to_string(),
-            &read(path)?,
-        )?),
+        Some(path) => {
+            let mut t = WaypointTemplate::parse(&path.display().to_string(), &read(path)?)?;
+            t.mask_regexes = mesh.access_log_masking.regexes.clone();
+            Some(t)
+        }
         None => None,
     };
     let roots = roots.map(read).transpose()?;

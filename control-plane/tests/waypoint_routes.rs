@@ -593,3 +593,56 @@ spec:
         status("nowhere")
     );
 }
+
+#[test]
+fn the_secure_default_allows_only_the_namespace_and_its_waypoints() {
+    let mesh = MeshConfig {
+        secure_default: true,
+        ..MeshConfig::default()
+    };
+    let ra = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: shop}\nspec:\n  jwtRules: [{issuer: \"https://issuer.example.com\", jwks: \"{\\\"keys\\\": []}\"}]\n";
+    let m = model(&[CLUSTER, ra]);
+    let snap = Snapshot::build(&m, &mesh);
+    // ztunnel: an implicit ALLOW per enrolled namespace, from itself and the waypoints.
+    use trellis_proto::istio::security::{Authorization, string_match::MatchType};
+    let authz: std::collections::BTreeMap<String, Authorization> = snap
+        .of_type(type_url::AUTHORIZATION)
+        .unwrap()
+        .iter()
+        .map(|(n, r)| (n.clone(), r.body.to_msg().unwrap()))
+        .collect();
+    let a = authz
+        .get("shop/trellis-secure-default")
+        .expect("an implicit ALLOW for shop");
+    let exact = |m: &trellis_proto::istio::security::StringMatch| match &m.match_type {
+        Some(MatchType::Exact(v)) => v.clone(),
+        _ => String::new(),
+    };
+    let matches = &a.rules[0].clauses[0].matches;
+    assert_eq!(exact(&matches[0].namespaces[0]), "shop");
+    assert_eq!(
+        exact(&matches[1].principals[0]),
+        "cluster.local/ns/shop/sa/waypoint"
+    );
+    // The waypoint: the same for the Services it fronts; tokens required.
+    assert!(
+        l7_policies(&snap).contains_key("shop/trellis-secure-default@shop/waypoint"),
+        "{:?}",
+        l7_policies(&snap).keys().collect::<Vec<_>>()
+    );
+    let ras: Vec<pb::RequestAuthentication> = snap
+        .of_type(type_url::WAYPOINT_REQUEST_AUTHENTICATION)
+        .unwrap()
+        .values()
+        .map(|r| r.body.to_msg().unwrap())
+        .collect();
+    assert!(ras.iter().all(|r| r.require_token) && !ras.is_empty());
+    // Off by default.
+    let snap = Snapshot::build(&m, &MeshConfig::default());
+    assert!(
+        !snap
+            .of_type(type_url::AUTHORIZATION)
+            .unwrap()
+            .contains_key("shop/trellis-secure-default")
+    );
+}

@@ -1515,3 +1515,103 @@ fn an_authorization_matrix_of_sources_operations_conditions_and_actions() {
         Ok(())
     });
 }
+
+#[test]
+fn the_secure_default_keeps_calls_within_the_namespace_unless_allowed() {
+    with_cluster("waypoint_secure_default", 2, |c| {
+        let mesh = Mesh::start_with_mesh_config(c, Some("secureDefault: true\n"))?;
+        let shop = shop(c, &mesh)?;
+        mesh.namespace("dev", true)?;
+        let dev = c.add_pod(&c.nodes()[0], "dev", "dev-client", "dev-client", &[])?;
+        mesh.register_pod(c, &dev)?;
+        mesh.wait_captured(c, &dev, true)?;
+        // What each client gets from a URL: the status, or "refused" when no HTTP answer
+        // comes (the connection refused by ztunnel's policy).
+        let status = |from: &Pod, url: &str, extra: &[&str]| -> String {
+            match http(c, from, url, 1, extra) {
+                Ok(r) => r["statuses"]
+                    .as_object()
+                    .and_then(|m| m.keys().next().cloned())
+                    .unwrap_or_default(),
+                Err(_) => "refused".into(),
+            }
+        };
+        let web = "http://10.96.0.10/"; // through the waypoint
+        let v1 = "http://10.96.0.11/"; // no waypoint: ztunnel decides
+        eventually("shop's own calls to pass", Duration::from_secs(20), || {
+            Ok(status(&shop.client, web, &[]) == "200" && status(&shop.client, v1, &[]) == "200")
+        })?;
+        ensure!(status(&dev, web, &[]) == "403", "dev through the waypoint");
+        ensure!(
+            status(&dev, v1, &[]) == "refused",
+            "dev to a Service without waypoint"
+        );
+        // An ALLOW policy allows more: dev to web (at the waypoint) and to the pods (ztunnel).
+        mesh.apply(
+            "allow-dev.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-dev, namespace: shop}\nspec:\n  action: ALLOW\n  rules: [{from: [{source: {namespaces: [dev]}}]}]\n",
+        )?;
+        eventually("dev allowed by the policy", Duration::from_secs(20), || {
+            Ok(status(&dev, web, &[]) == "200" && status(&dev, v1, &[]) == "200")
+        })?;
+        // Where a RequestAuthentication applies, a token is required.
+        mesh.apply(
+            "jwt.yaml",
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: shop}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: web}]\n  jwtRules: [{issuer: \"https://issuer.example.com\", jwks: '{\"keys\": []}'}]\n",
+        )?;
+        eventually("a token to be required", Duration::from_secs(20), || {
+            Ok(status(&shop.client, web, &[]) == "401")
+        })?;
+        ensure!(
+            status(&shop.client, v1, &[]) == "200",
+            "no RequestAuthentication there"
+        );
+        let _ = (&shop.s1, &shop.s2, &shop.wp, &shop.waypoint);
+        Ok(())
+    });
+}
+
+#[test]
+fn masked_values_never_reach_the_waypoint_logs() {
+    with_cluster("waypoint_masking", 2, |c| {
+        let mesh = Mesh::start(c)?;
+        // As the controller passes the mesh config's accessLogMasking.regexes.
+        let shop = shop_with(c, &mesh, &["--mask-regex", r"\b[0-9]{13,16}\b"])?;
+        mesh.apply(
+            "deny-pay.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-refunds, namespace: shop}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: web}]\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/refund/*\"]}}]}]\n",
+        )?;
+        let card = "4111111111111111";
+        eventually("the refund to be denied", Duration::from_secs(20), || {
+            let r = http(
+                c,
+                &shop.client,
+                &format!("http://10.96.0.10/refund/{card}"),
+                1,
+                &[],
+            )?;
+            Ok(count(&r, "statuses", "403") == 1)
+        })?;
+        http(
+            c,
+            &shop.client,
+            &format!("http://10.96.0.10/pay?card={card}"),
+            1,
+            &["--expect-status", "200"],
+        )?;
+        eventually(
+            "both requests in the access log",
+            Duration::from_secs(5),
+            || {
+                let out = shop.wp.output();
+                Ok(out.contains("/pay?card=****") && out.contains("/refund/****"))
+            },
+        )?;
+        ensure!(
+            !shop.wp.output().contains(card),
+            "a masked value reached the waypoint's log"
+        );
+        let _ = (&shop.s1, &shop.s2);
+        Ok(())
+    });
+}

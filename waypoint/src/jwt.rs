@@ -59,6 +59,8 @@ struct Rule {
     /// `None`: all of this waypoint's traffic; else these (namespace, hostname).
     services: Option<Vec<(String, String)>>,
     providers: Vec<Provider>,
+    /// The mesh's secure default: a request without a token is refused.
+    require_token: bool,
 }
 
 #[derive(Debug)]
@@ -105,6 +107,7 @@ impl Rules {
                 Some(Rule {
                     services,
                     providers,
+                    require_token: ra.require_token,
                 })
             })
             .collect();
@@ -406,7 +409,7 @@ impl Rules {
         headers: &HeaderMap,
         query: Option<&str>,
     ) -> Result<Outcome, Refused> {
-        let providers: Vec<&Provider> = self
+        let rules: Vec<&Rule> = self
             .list
             .iter()
             .filter(|r| match (&r.services, service) {
@@ -414,8 +417,8 @@ impl Rules {
                 (Some(list), Some((ns, host))) => list.iter().any(|(n, h)| n == ns && h == host),
                 (Some(_), None) => false,
             })
-            .flat_map(|r| &r.providers)
             .collect();
+        let providers: Vec<&Provider> = rules.iter().flat_map(|r| &r.providers).collect();
         let mut out = Outcome::default();
         if providers.is_empty() {
             return Ok(out);
@@ -428,6 +431,9 @@ impl Rules {
                     found.push(t);
                 }
             }
+        }
+        if found.is_empty() && rules.iter().any(|r| r.require_token) {
+            return Err(Refused("Jwt is missing".into()));
         }
         for (token, at) in &found {
             // The issuer picks the provider (unverified until the signature is checked).
@@ -672,6 +678,7 @@ mod tests {
                 }],
                 ..Default::default()
             }],
+            require_token: false,
         };
         Rules::compile([ra].iter())
     }

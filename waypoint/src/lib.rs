@@ -82,6 +82,8 @@ pub struct Config {
     /// client address policy sees (`remoteIpBlocks`, `remote.ip`) is the entry this many
     /// from the right; 0 (the default) trusts none (the peer's address).
     pub trusted_proxies: usize,
+    /// Regular expressions masked in access and audit log lines.
+    pub mask_regexes: Vec<String>,
 }
 
 impl Default for Config {
@@ -107,6 +109,7 @@ impl Default for Config {
             plaintext: Vec::new(),
             workers: 2,
             trusted_proxies: 0,
+            mask_regexes: Vec::new(),
         }
     }
 }
@@ -168,6 +171,7 @@ pub fn connect_mesh(config: &Config) -> Result<Mesh, BoxError> {
 /// requests may finish within the drain timeout.
 pub async fn run(config: Config) -> Result<(), BoxError> {
     let config = Arc::new(config);
+    telemetry::set_masks(&config.mask_regexes)?;
     let metrics = telemetry::install_metrics()?;
     {
         // Histogram samples wait in the recorder until drained: drained here every few

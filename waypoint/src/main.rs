@@ -68,6 +68,10 @@ struct Cli {
     /// connections are served as if addressed to the service port, from no identity.
     #[arg(long = "plaintext-listener", value_parser = parse_plaintext)]
     plaintext_listener: Vec<(SocketAddr, SocketAddr)>,
+    /// A regular expression whose matches are masked (`****`) in access and audit log
+    /// lines (repeatable; the mesh config's `accessLogMasking.regexes`).
+    #[arg(long = "mask-regex")]
+    mask_regex: Vec<String>,
     /// Proxies in front of the mesh whose X-Forwarded-For entries are trusted (the client
     /// address policy sees is the entry this many from the right; 0: the peer's address).
     #[arg(long, default_value_t = 0)]
@@ -145,6 +149,7 @@ fn main() -> std::process::ExitCode {
         plaintext: cli.plaintext_listener,
         workers: cli.worker_threads.max(1),
         trusted_proxies: cli.trusted_proxies,
+        mask_regexes: cli.mask_regex,
         ..Config::default()
     };
     // This runtime runs the control side (xDS, certificates, admin, metrics upkeep); the

@@ -939,6 +939,8 @@ fn audit(d: &crate::authz::Decision, a: &crate::authz::Attrs<'_>) {
         .http
         .as_ref()
         .map_or(("-", "-", "-"), |h| (h.method, h.host, h.path));
+    let (host, path) = (crate::telemetry::mask(host), crate::telemetry::mask(path));
+    let (host, path) = (host.as_ref(), path.as_ref());
     let who = a.principal.unwrap_or("-");
     if let Some((policy, custom)) = &d.denied {
         tracing::info!(target: "audit", decision = "deny", policy = %policy, custom = *custom, principal = %who, source_ip = %a.source_ip, method, host, path, port = a.destination_port, "request denied by policy");
@@ -990,7 +992,7 @@ async fn authenticate<B>(
                 principal = %down.principal.as_ref().map_or("-", |(p, _)| p.as_str()),
                 source_ip = %down.peer.ip(),
                 method = %req.method(),
-                path = %req.uri().path(),
+                path = %crate::telemetry::mask(req.uri().path()),
                 "request token refused"
             );
             rec.error = Some(why.clone());

@@ -103,6 +103,30 @@ pub struct RequestRecord {
     pub policy: Option<String>,
 }
 
+/// The regular expressions whose matches log lines never show (`--mask-regex`).
+static MASKS: std::sync::OnceLock<Vec<regex::Regex>> = std::sync::OnceLock::new();
+
+/// Sets the masks (once, at start); an invalid expression is an error naming it.
+pub fn set_masks(regexes: &[String]) -> Result<(), crate::BoxError> {
+    let compiled = regexes
+        .iter()
+        .map(|r| regex::Regex::new(r).map_err(|e| format!("--mask-regex {r:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let _ = MASKS.set(compiled);
+    Ok(())
+}
+
+/// `text` with every match of the masks replaced by `****` (borrowed when none matches).
+pub fn mask(text: &str) -> std::borrow::Cow<'_, str> {
+    let mut out = std::borrow::Cow::Borrowed(text);
+    for re in MASKS.get().map(Vec::as_slice).unwrap_or(&[]) {
+        if re.is_match(&out) {
+            out = std::borrow::Cow::Owned(re.replace_all(&out, "****").into_owned());
+        }
+    }
+    out
+}
+
 fn or_unknown(s: &str) -> String {
     if s.is_empty() {
         "unknown".into()
@@ -300,8 +324,8 @@ impl RequestRecord {
             src = %self.src.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             peer_identity = %self.source.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into()),
             method = %self.method,
-            authority = %self.authority,
-            path = %self.path,
+            authority = %mask(&self.authority),
+            path = %mask(&self.path),
             protocol = self.protocol,
             status = self.status,
             grpc_status = %self.grpc_status.as_deref().unwrap_or("-"),
@@ -313,7 +337,7 @@ impl RequestRecord {
             bytes_received = self.request_bytes,
             bytes_sent = self.response_bytes,
             duration_ms = self.duration.as_millis() as u64,
-            error = %self.error.as_deref().unwrap_or("-"),
+            error = %mask(self.error.as_deref().unwrap_or("-")),
             policy = %self.policy.as_deref().unwrap_or("-"),
             "request complete"
         );

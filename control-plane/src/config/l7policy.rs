@@ -27,6 +27,9 @@ use super::model::{MeshConfig, Model};
 
 type Key = (String, String);
 
+/// The name of the implicit policies of the mesh's secure default.
+pub const SECURE_DEFAULT: &str = "trellis-secure-default";
+
 /// The waypoint policies of the mesh, by resource name, with the waypoint each is for,
 /// and per policy (namespace, name) what its status should add.
 #[derive(Debug, Default)]
@@ -160,6 +163,41 @@ pub fn waypoint_policies(model: &Model, mesh: &MeshConfig) -> WaypointPolicies {
         );
         out.notes.insert((pns.clone(), pname.clone()), notes);
     }
+    // The secure default at waypoints: the Services a waypoint fronts in a namespace take
+    // calls from that namespace unless an ALLOW policy allows more.
+    if mesh.secure_default {
+        for (gw, services) in &fronted {
+            let mut by_ns: BTreeMap<&str, Vec<(String, String)>> = BTreeMap::new();
+            for (ns, name) in services {
+                by_ns
+                    .entry(ns.as_str())
+                    .or_default()
+                    .push((ns.clone(), name.clone()));
+            }
+            for (ns, list) in by_ns {
+                out.policies.insert(
+                    format!("{ns}/{SECURE_DEFAULT}@{}/{}", gw.0, gw.1),
+                    (
+                        gw.clone(),
+                        pb::L7Policy {
+                            name: format!("{ns}/{SECURE_DEFAULT}"),
+                            namespace: ns.to_string(),
+                            target: Some(policy_target(Some(list), mesh)),
+                            action: pb::l7_policy::Action::Allow as i32,
+                            rules: vec![pb::Rule {
+                                from: vec![pb::Source {
+                                    namespaces: vec![string_match(ns, false)],
+                                    ..Default::default()
+                                }],
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        },
+                    ),
+                );
+            }
+        }
+    }
     for ((rns, rname), ra) in model.request_authentications() {
         let spec = &ra.spec;
         let targets: Vec<_> = spec.target_ref.iter().chain(&spec.target_refs).collect();
@@ -191,6 +229,7 @@ pub fn waypoint_policies(model: &Model, mesh: &MeshConfig) -> WaypointPolicies {
                         namespace: rns.clone(),
                         target: Some(target),
                         providers: providers.clone(),
+                        require_token: mesh.secure_default,
                     },
                 ),
             );

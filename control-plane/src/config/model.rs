@@ -57,6 +57,21 @@ pub struct MeshConfig {
     pub domain_suffix: String,
     /// External authorizers CUSTOM AuthorizationPolicies name (`provider.name`).
     pub extension_providers: Vec<ExtensionProvider>,
+    /// The SP 800-204B secure default posture (a Trellis field; docs/security.md):
+    /// mutual TLS required unless a PeerAuthentication says otherwise, a token required
+    /// wherever a RequestAuthentication applies, and calls allowed only from the
+    /// destination's own namespace (and its waypoints) unless an ALLOW policy allows more.
+    pub secure_default: bool,
+    /// What the waypoints' access and audit logs must never show (a Trellis field).
+    pub access_log_masking: LogMasking,
+}
+
+/// `accessLogMasking`: values replaced by `****` in the waypoints' log lines.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LogMasking {
+    /// Regular expressions (RE2 syntax), e.g. card numbers `\\b[0-9]{13,16}\\b`.
+    pub regexes: Vec<String>,
 }
 
 /// An `extensionProviders` entry (Istio's MeshConfig): an external authorizer.
@@ -115,6 +130,8 @@ impl Default for MeshConfig {
             cluster_id: "Kubernetes".into(),
             domain_suffix: "cluster.local".into(),
             extension_providers: Vec::new(),
+            secure_default: false,
+            access_log_masking: LogMasking::default(),
         }
     }
 }
@@ -986,7 +1003,11 @@ impl Model {
                 .map(|m| m.mode)
                 .unwrap_or_default()
         };
-        let mut mode = MtlsMode::Permissive;
+        let mut mode = if mesh.secure_default {
+            MtlsMode::Strict
+        } else {
+            MtlsMode::Permissive
+        };
         for m in [
             mode_of(level(&mesh.root_namespace, false)),
             mode_of(level(ns, false)),

@@ -84,6 +84,7 @@ impl Snapshot {
             snap.add_namespace(model, mesh, &ns);
         }
         snap.add_peer_authentication(model, mesh);
+        snap.add_secure_default(model, mesh);
         snap.waypoints = waypoint_keys(model);
         snap.waypoint_views = waypoint_views(model, mesh, &snap.waypoints);
         snap.add_waypoint_routes(model, mesh);
@@ -258,14 +259,18 @@ impl Snapshot {
         // PeerAuthentication policies depend on pods everywhere: recomputed whole (cheap).
         if let Some(authz) = snap.resources.get_mut(&Authorization::type_url()) {
             let strict = format!("/{STATIC_STRICT}");
+            let secure = format!("/{}", super::l7policy::SECURE_DEFAULT);
             authz.retain(|name, _| {
-                !name.contains("/converted_peer_authentication_") && !name.ends_with(&strict)
+                !name.contains("/converted_peer_authentication_")
+                    && !name.ends_with(&strict)
+                    && !name.ends_with(&secure)
             });
         }
         for ns in dirty {
             snap.add_namespace(model, mesh, ns);
         }
         snap.add_peer_authentication(model, mesh);
+        snap.add_secure_default(model, mesh);
         snap.add_waypoint_routes(model, mesh);
         snap.add_waypoint_policies(model, mesh);
         snap
@@ -322,6 +327,53 @@ impl Snapshot {
         let authorizations = self.resources.entry(Authorization::type_url()).or_default();
         for a in model.peer_authentication_policies(mesh) {
             authorizations.insert(format!("{}/{}", a.namespace, a.name), resource(&a));
+        }
+    }
+
+    /// The mesh's secure default at ztunnel: each enrolled namespace takes connections from
+    /// its own namespace and from waypoints (which enforce their own policies) unless an
+    /// ALLOW policy allows more — an implicit ALLOW policy per namespace, recomputed whole.
+    fn add_secure_default(&mut self, model: &Model, mesh: &MeshConfig) {
+        if !mesh.secure_default {
+            return;
+        }
+        use trellis_proto::istio::security::{
+            self as sec, Clause, Match, StringMatch, string_match::MatchType,
+        };
+        let exact = |v: String| StringMatch {
+            match_type: Some(MatchType::Exact(v)),
+        };
+        let waypoints: Vec<StringMatch> = model
+            .gateways()
+            .filter(|(_, g)| g.is_waypoint())
+            .map(|((ns, name), _)| exact(format!("{}/ns/{ns}/sa/{name}", mesh.trust_domain)))
+            .collect();
+        let authorizations = self.resources.entry(Authorization::type_url()).or_default();
+        for ns in model.enrolled_namespaces() {
+            let mut matches = vec![Match {
+                namespaces: vec![exact(ns.clone())],
+                ..Default::default()
+            }];
+            if !waypoints.is_empty() {
+                matches.push(Match {
+                    principals: waypoints.clone(),
+                    ..Default::default()
+                });
+            }
+            let a = Authorization {
+                name: super::l7policy::SECURE_DEFAULT.to_string(),
+                namespace: ns.clone(),
+                scope: sec::Scope::Namespace as i32,
+                action: sec::Action::Allow as i32,
+                rules: vec![sec::Rule {
+                    clauses: vec![Clause { matches }],
+                }],
+                dry_run: false,
+            };
+            authorizations.insert(
+                format!("{ns}/{}", super::l7policy::SECURE_DEFAULT),
+                resource(&a),
+            );
         }
     }
 

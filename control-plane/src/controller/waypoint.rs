@@ -55,6 +55,10 @@ pub struct WaypointTemplate {
     /// Audience of the projected token waypoints authenticate with.
     #[serde(default = "token_audience")]
     pub token_audience: String,
+    /// Regular expressions masked in the waypoints' logs (from the mesh config's
+    /// `accessLogMasking.regexes`, filled in at start).
+    #[serde(default)]
+    pub mask_regexes: Vec<String>,
 }
 
 fn if_not_present() -> String {
@@ -163,22 +167,24 @@ pub fn objects(gw: &Gateway, t: &WaypointTemplate) -> Result<Vec<(Target, Value)
         v["name"] = Value::from(name);
         v
     };
+    let mut args = vec![
+        format!("--control-plane=https://{}:15012", t.control_plane),
+        format!("--control-plane-name={}", t.control_plane),
+        "--ca-roots=/var/run/secrets/trellis/root-cert.pem".to_string(),
+        "--credential-file=/var/run/secrets/tokens/trellis-token".to_string(),
+        format!("--trust-domain={}", t.trust_domain),
+        format!("--gateway={ns}/{name}"),
+        "--metrics-addr=0.0.0.0:15020".to_string(),
+        format!("--readiness-addr=0.0.0.0:{STATUS_PORT}"),
+        "--log-format=json".to_string(),
+    ];
+    args.extend(t.mask_regexes.iter().map(|r| format!("--mask-regex={r}")));
     let container = json!({
         "name": "waypoint",
         "image": t.image,
         "imagePullPolicy": t.image_pull_policy,
         "command": ["trellis-waypoint"],
-        "args": [
-            format!("--control-plane=https://{}:15012", t.control_plane),
-            format!("--control-plane-name={}", t.control_plane),
-            "--ca-roots=/var/run/secrets/trellis/root-cert.pem",
-            "--credential-file=/var/run/secrets/tokens/trellis-token",
-            format!("--trust-domain={}", t.trust_domain),
-            format!("--gateway={ns}/{name}"),
-            "--metrics-addr=0.0.0.0:15020",
-            format!("--readiness-addr=0.0.0.0:{STATUS_PORT}"),
-            "--log-format=json",
-        ],
+        "args": args,
         "env": [
             {"name": "RUST_LOG", "value": t.log_level},
             env("POD_NAME", field("metadata.name")),
