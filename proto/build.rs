@@ -10,6 +10,8 @@ const PROTOS: &[&str] = &[
     "ca.proto",
     "discovery.proto",
     "trellis/waypoint/v1/l7.proto",
+    "http_status.proto",
+    "ext_authz.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
