@@ -1198,7 +1198,7 @@ fn custom_policies_ask_the_external_authorizer() {
         let mesh = Mesh::start_with_mesh_config(
             c,
             Some(
-                "extensionProviders:\n- name: sample-ext-authz-http\n  envoyExtAuthzHttp:\n    service: ext-authz.shop.svc.cluster.local\n    port: 8000\n    timeout: 2s\n    includeRequestHeadersInCheck: [x-ext-authz]\n    headersToUpstreamOnAllow: [x-ext-authz-check-result]\n    headersToDownstreamOnDeny: [x-ext-authz-check-result]\n",
+                "extensionProviders:\n- name: sample-ext-authz-http\n  envoyExtAuthzHttp:\n    service: ext-authz.shop.svc.cluster.local\n    port: 8000\n    timeout: 2s\n    includeRequestHeadersInCheck: [x-ext-authz]\n    headersToUpstreamOnAllow: [x-ext-authz-check-result]\n    headersToDownstreamOnDeny: [x-ext-authz-check-result]\n- name: sample-ext-authz-grpc\n  envoyExtAuthzGrpc:\n    service: ext-authz.shop.svc.cluster.local\n    port: 9001\n    timeout: 2s\n",
             ),
         )?;
         let shop = shop(c, &mesh)?;
@@ -1213,12 +1213,22 @@ fn custom_policies_ask_the_external_authorizer() {
         mesh.register_pod(c, &authz)?;
         mesh.wait_captured(c, &authz, true)?;
         let mut cmd = testapp();
-        cmd.args(["ext-authz", "--http", "0.0.0.0:8000"]);
+        cmd.args([
+            "ext-authz",
+            "--http",
+            "0.0.0.0:8000",
+            "--grpc",
+            "0.0.0.0:9001",
+        ]);
         let mut authorizer = c.spawn(&authz, "ext-authz", cmd)?;
-        authorizer.wait_for_output("listening ext-authz", Duration::from_secs(10))?;
+        authorizer.wait_for_output("listening ext-authz-grpc", Duration::from_secs(10))?;
+        mesh.apply(
+            "ext-authz-grpc.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext-authz-grpc, namespace: shop}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: web}]\n  action: CUSTOM\n  provider: {name: sample-ext-authz-grpc}\n  rules: [{to: [{operation: {paths: [\"/grpc-guarded/*\"]}}]}]\n",
+        )?;
         mesh.apply(
             "ext-authz.yaml",
-            "apiVersion: v1\nkind: Service\nmetadata: {name: ext-authz, namespace: shop}\nspec:\n  clusterIP: 10.96.0.30\n  selector: {app: ext-authz}\n  ports: [{name: http, port: 8000, targetPort: 8000}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext-authz, namespace: shop}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: web}]\n  action: CUSTOM\n  provider: {name: sample-ext-authz-http}\n  rules: [{to: [{operation: {paths: [\"/protected/*\"]}}]}]\n",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: ext-authz, namespace: shop}\nspec:\n  clusterIP: 10.96.0.30\n  selector: {app: ext-authz}\n  ports: [{name: http, port: 8000, targetPort: 8000}, {name: grpc, port: 9001, targetPort: 9001}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext-authz, namespace: shop}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: web}]\n  action: CUSTOM\n  provider: {name: sample-ext-authz-http}\n  rules: [{to: [{operation: {paths: [\"/protected/*\"]}}]}]\n",
         )?;
         let get = |path: &str, allow: bool| -> Result<Value> {
             let mut extra = Vec::new();
@@ -1257,6 +1267,22 @@ fn custom_policies_ask_the_external_authorizer() {
         ensure!(
             allowed["last_body"]["headers"]["x-ext-authz-check-result"] == "allowed",
             "the authorizer's header goes upstream: {allowed}"
+        );
+        // The gRPC authorizer (Envoy's Check API) decides /grpc-guarded the same way.
+        let denied = get("/grpc-guarded/x", false)?;
+        ensure!(
+            status(&denied) == "403"
+                && denied["last_headers"]["x-ext-authz-check-result"] == "denied"
+                && denied["last_body"]
+                    .as_str()
+                    .is_some_and(|b| b.contains("denied by ext_authz (gRPC)")),
+            "the gRPC authorizer's denial reaches the client: {denied}"
+        );
+        let allowed = get("/grpc-guarded/x", true)?;
+        ensure!(
+            status(&allowed) == "200"
+                && allowed["last_body"]["headers"]["x-ext-authz-check-result"] == "allowed",
+            "the gRPC authorizer allows and its header goes upstream: {allowed}"
         );
         // Requests the policy's rules do not match are not checked.
         ensure!(status(&get("/open", false)?) == "200");

@@ -1043,7 +1043,7 @@ async fn authorize<B>(
     };
     // CUSTOM first: the external authorizer's answer, then DENY and ALLOW.
     if let Some((policy, cfg)) = &d.custom
-        && let Some(resp) = ext_authorize(wp, policy, cfg.as_deref(), req, rec).await
+        && let Some(resp) = ext_authorize(wp, down, policy, cfg.as_deref(), req, rec).await
     {
         return Some(resp);
     }
@@ -1068,6 +1068,7 @@ async fn authorize<B>(
 /// headers, or 403 when it cannot be asked and does not fail open.
 async fn ext_authorize<B>(
     wp: &Waypoint,
+    down: &Downstream,
     policy: &str,
     cfg: Option<&trellis_proto::trellis::waypoint::v1::ExtAuthz>,
     req: &mut Request<B>,
@@ -1086,15 +1087,12 @@ async fn ext_authorize<B>(
             format!("{policy}: its extension provider is not configured"),
         );
     };
-    if cfg.protocol() != Protocol::Http {
-        return denied(
-            rec,
-            format!("{policy}: gRPC ext_authz is not supported by this waypoint yet"),
-        );
-    }
     let Some(svc) = &cfg.service else {
         return denied(rec, format!("{policy}: no authorizer service"));
     };
+    if cfg.protocol() == Protocol::Grpc {
+        return grpc_ext_authorize(wp, down, policy, cfg, svc, req, rec).await;
+    }
     let timeout = cfg
         .timeout
         .as_ref()
@@ -1194,6 +1192,240 @@ async fn ext_authorize<B>(
                     rec,
                     format!("{policy}: external authorizer unavailable: {why}"),
                 )
+            }
+        }
+    }
+}
+
+/// [`ext_authorize`] with Envoy's gRPC `ext_authz` (`envoy.service.auth.v3.Authorization/
+/// Check` over HTTP/2 to the authorizer's endpoint, through the mesh): the request's
+/// attributes (peer addresses and principals, method, path, host, headers) in, an OK
+/// (headers to set and remove upstream) or a denial (status, headers, body) out.
+async fn grpc_ext_authorize<B>(
+    wp: &Waypoint,
+    down: &Downstream,
+    policy: &str,
+    cfg: &trellis_proto::trellis::waypoint::v1::ExtAuthz,
+    svc: &trellis_proto::trellis::waypoint::v1::ServiceRef,
+    req: &mut Request<B>,
+    rec: &mut RequestRecord,
+) -> Option<Response<Body>> {
+    use prost::Message;
+    use trellis_proto::envoy::config::core::v3 as core;
+    use trellis_proto::envoy::service::auth::v3 as authz;
+    let timeout = cfg
+        .timeout
+        .as_ref()
+        .and_then(|d| Duration::try_from(*d).ok())
+        .unwrap_or(Duration::from_secs(600));
+    let address = |a: SocketAddr| core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            protocol: 0,
+            address: a.ip().to_string(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(
+                a.port(),
+            ))),
+        })),
+    };
+    let mut headers: HashMap<String, String> = HashMap::new();
+    for (k, v) in req.headers() {
+        if let Ok(v) = v.to_str() {
+            headers
+                .entry(k.as_str().to_string())
+                .and_modify(|e| {
+                    e.push(',');
+                    e.push_str(v);
+                })
+                .or_insert_with(|| v.to_string());
+        }
+    }
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("")
+        .to_string();
+    headers.insert(":method".into(), req.method().to_string());
+    headers.insert(":path".into(), pq.clone());
+    headers.insert(":authority".into(), host.clone());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let check = authz::CheckRequest {
+        attributes: Some(authz::AttributeContext {
+            source: Some(authz::attribute_context::Peer {
+                address: Some(address(down.peer)),
+                principal: down
+                    .source
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                ..Default::default()
+            }),
+            destination: Some(authz::attribute_context::Peer {
+                address: Some(address(down.target)),
+                principal: wp.mesh.identity.to_string(),
+                ..Default::default()
+            }),
+            request: Some(authz::attribute_context::Request {
+                time: Some(prost_types::Timestamp {
+                    seconds: now.as_secs() as i64,
+                    nanos: now.subsec_nanos() as i32,
+                }),
+                http: Some(authz::attribute_context::HttpRequest {
+                    id: headers.get("x-request-id").cloned().unwrap_or_default(),
+                    method: req.method().to_string(),
+                    path: pq,
+                    host,
+                    scheme: "http".into(),
+                    protocol: if req.version() == Version::HTTP_2 {
+                        "HTTP/2".into()
+                    } else {
+                        "HTTP/1.1".into()
+                    },
+                    headers,
+                    ..Default::default()
+                }),
+            }),
+            context_extensions: HashMap::new(),
+        }),
+    };
+    let call = async {
+        let key = format!("{}/{}", svc.namespace, svc.hostname);
+        let dest = wp
+            .upstreams()
+            .choose(&key, u16::try_from(svc.port).unwrap_or(0), random_u64())
+            .map_err(|e| e.to_string())?;
+        let msg = check.encode_to_vec();
+        let mut framed = Vec::with_capacity(5 + msg.len());
+        framed.push(0);
+        framed.extend_from_slice(&u32::try_from(msg.len()).unwrap_or(u32::MAX).to_be_bytes());
+        framed.extend_from_slice(&msg);
+        let body: Body = http_body_util::Full::new(Bytes::from(framed))
+            .map_err(|e: Infallible| -> BoxError { match e {} })
+            .boxed_unsync();
+        let call = Request::builder()
+            .method(http::Method::POST)
+            .uri(format!(
+                "http://{}/envoy.service.auth.v3.Authorization/Check",
+                svc.hostname
+            ))
+            .version(Version::HTTP_2)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header(header::TE, "trailers")
+            .body(body)
+            .map_err(|e| e.to_string())?;
+        let resp = wp
+            .upstreams()
+            .send(&dest, true, call)
+            .await
+            .map_err(|e| e.to_string())?;
+        let head_status = resp.headers().get("grpc-status").cloned();
+        let collected = http_body_util::Limited::new(resp.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| format!("response: {e}"))?;
+        let status = collected
+            .trailers()
+            .and_then(|t| t.get("grpc-status").cloned())
+            .or(head_status);
+        let status = status.as_ref().map(|v| v.as_bytes()).unwrap_or(b"");
+        if status != b"0" {
+            return Err(format!("grpc-status {}", String::from_utf8_lossy(status)));
+        }
+        let bytes = collected.to_bytes();
+        if bytes.len() < 5 {
+            return Err("no CheckResponse".into());
+        }
+        authz::CheckResponse::decode(&bytes[5..]).map_err(|e| format!("CheckResponse: {e}"))
+    };
+    let set_headers = |target: &mut HeaderMap, options: &[core::HeaderValueOption]| {
+        for o in options {
+            let Some(h) = &o.header else { continue };
+            let value = if h.raw_value.is_empty() {
+                h.value.as_bytes()
+            } else {
+                &h.raw_value
+            };
+            let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(h.key.as_bytes()),
+                HeaderValue::from_bytes(value),
+            ) else {
+                continue;
+            };
+            use core::header_value_option::HeaderAppendAction as A;
+            let append = o.append.unwrap_or(false)
+                || (o.append.is_none() && o.append_action == A::AppendIfExistsOrAdd as i32);
+            match A::try_from(o.append_action).unwrap_or(A::AppendIfExistsOrAdd) {
+                A::AddIfAbsent if target.contains_key(&name) => {}
+                A::OverwriteIfExists if !target.contains_key(&name) => {}
+                A::OverwriteIfExistsOrAdd | A::OverwriteIfExists => {
+                    target.insert(name, value);
+                }
+                _ if append => {
+                    target.append(name, value);
+                }
+                _ => {
+                    target.insert(name, value);
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(answer)) if answer.status.as_ref().is_none_or(|s| s.code == 0) => {
+            if let Some(authz::check_response::HttpResponse::OkResponse(ok)) = &answer.http_response
+            {
+                set_headers(req.headers_mut(), &ok.headers);
+                for name in &ok.headers_to_remove {
+                    req.headers_mut().remove(name.as_str());
+                }
+            }
+            None
+        }
+        Ok(Ok(answer)) => {
+            let denied = match answer.http_response {
+                Some(authz::check_response::HttpResponse::DeniedResponse(d)) => d,
+                _ => authz::DeniedHttpResponse::default(),
+            };
+            let code = denied
+                .status
+                .as_ref()
+                .map(|s| s.code)
+                .filter(|c| *c != 0)
+                .and_then(|c| StatusCode::from_u16(u16::try_from(c).ok()?).ok())
+                .unwrap_or(StatusCode::FORBIDDEN);
+            rec.flags = "UAEX";
+            rec.error = Some(format!("denied by {policy} (external authorizer: {code})"));
+            rec.policy = Some(policy.to_string());
+            tracing::info!(target: "audit", decision = "deny", policy, custom = true, status = code.as_u16(), "request denied by the external authorizer");
+            let body = http_body_util::Full::new(Bytes::from(denied.body))
+                .map_err(|e: Infallible| -> BoxError { match e {} })
+                .boxed_unsync();
+            let mut resp = Response::new(body);
+            *resp.status_mut() = code;
+            set_headers(resp.headers_mut(), &denied.headers);
+            Some(resp)
+        }
+        result => {
+            let why = match result {
+                Ok(Err(e)) => e,
+                _ => format!("no answer within {timeout:?}"),
+            };
+            if cfg.fail_open {
+                tracing::warn!(policy, error = %why, "external authorizer unavailable: allowed (failOpen)");
+                None
+            } else {
+                tracing::info!(target: "audit", decision = "deny", policy, custom = true, error = %why, "external authorizer unavailable: denied");
+                rec.flags = "UAEX";
+                rec.error = Some(format!("{policy}: external authorizer unavailable: {why}"));
+                rec.policy = Some(policy.to_string());
+                Some(local(StatusCode::FORBIDDEN, "RBAC: access denied"))
             }
         }
     }

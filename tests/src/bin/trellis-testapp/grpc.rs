@@ -146,3 +146,93 @@ pub(crate) async fn call(url: Uri, method: &str, message: &str) -> Result<()> {
     );
     Ok(())
 }
+
+/// The gRPC external authorizer (`envoy.service.auth.v3.Authorization/Check`): allows a
+/// request whose headers carry `x-ext-authz: allow` (adding `x-ext-authz-check-result:
+/// allowed` upstream), denies the rest (403, `x-ext-authz-check-result: denied`, a body).
+pub(crate) async fn ext_authz_server(listener: tokio::net::TcpListener) -> Result<()> {
+    use prost::Message;
+    use trellis_proto::envoy::config::core::v3 as core;
+    use trellis_proto::envoy::service::auth::v3 as authz;
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                let path = req.uri().path().to_string();
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let check = (body.len() >= 5)
+                    .then(|| authz::CheckRequest::decode(&body[5..]).ok())
+                    .flatten()
+                    .unwrap_or_default();
+                let http = check
+                    .attributes
+                    .and_then(|a| a.request)
+                    .and_then(|r| r.http)
+                    .unwrap_or_default();
+                let allow = http.headers.get("x-ext-authz").map(String::as_str) == Some("allow");
+                println!(
+                    "grpc check {path} {} {} from {peer}: {}",
+                    http.method,
+                    http.path,
+                    if allow { "allowed" } else { "denied" }
+                );
+                let header = |v: &str| core::HeaderValueOption {
+                    header: Some(core::HeaderValue {
+                        key: "x-ext-authz-check-result".into(),
+                        value: v.into(),
+                        raw_value: Vec::new(),
+                    }),
+                    ..Default::default()
+                };
+                let answer = if allow {
+                    authz::CheckResponse {
+                        status: Some(trellis_proto::google::rpc::Status::default()),
+                        http_response: Some(authz::check_response::HttpResponse::OkResponse(
+                            authz::OkHttpResponse {
+                                headers: vec![header("allowed")],
+                                ..Default::default()
+                            },
+                        )),
+                    }
+                } else {
+                    authz::CheckResponse {
+                        status: Some(trellis_proto::google::rpc::Status {
+                            code: 7,
+                            ..Default::default()
+                        }),
+                        http_response: Some(authz::check_response::HttpResponse::DeniedResponse(
+                            authz::DeniedHttpResponse {
+                                status: Some(trellis_proto::envoy::r#type::v3::HttpStatus {
+                                    code: 403,
+                                }),
+                                headers: vec![header("denied")],
+                                body: "denied by ext_authz (gRPC): no `x-ext-authz: allow` header"
+                                    .into(),
+                            },
+                        )),
+                    }
+                };
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+                let frames = Frames(VecDeque::from([
+                    Frame::data(framed(&answer.encode_to_vec())),
+                    Frame::trailers(trailers),
+                ]));
+                let mut resp = Response::new(frames);
+                resp.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/grpc"),
+                );
+                Ok::<_, Infallible>(resp)
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -126,9 +126,12 @@ enum Cmd {
     /// carrying `x-ext-authz: allow` (200, `x-ext-authz-check-result: allowed`), denies
     /// the rest (403, `x-ext-authz-check-result: denied`).
     ExtAuthz {
-        /// Listen address.
+        /// Address of the HTTP authorizer (Envoy's HTTP ext_authz).
         #[arg(long)]
-        http: SocketAddr,
+        http: Option<SocketAddr>,
+        /// Address of the gRPC authorizer (`envoy.service.auth.v3.Authorization/Check`).
+        #[arg(long)]
+        grpc: Option<SocketAddr>,
     },
     /// Send HTTP requests over one connection.
     Http {
@@ -176,10 +179,22 @@ fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::ExtAuthz { http: addr } => {
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            println!("listening ext-authz {}", listener.local_addr()?);
-            http::ext_authz_server(listener).await
+        Cmd::ExtAuthz { http: h, grpc: g } => {
+            let mut tasks = tokio::task::JoinSet::new();
+            if let Some(addr) = h {
+                let listener = tokio::net::TcpListener::bind(addr).await?;
+                println!("listening ext-authz {}", listener.local_addr()?);
+                tasks.spawn(http::ext_authz_server(listener));
+            }
+            if let Some(addr) = g {
+                let listener = tokio::net::TcpListener::bind(addr).await?;
+                println!("listening ext-authz-grpc {}", listener.local_addr()?);
+                tasks.spawn(grpc::ext_authz_server(listener));
+            }
+            match tasks.join_next().await {
+                Some(r) => r?,
+                None => anyhow::bail!("give --http and/or --grpc"),
+            }
         }
         Cmd::Serve {
             name,
