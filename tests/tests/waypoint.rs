@@ -1041,23 +1041,33 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
+/// The identity provider: a pod outside the mesh serving the JWKS of `keys` (from a file
+/// the test may rewrite) at `http://<pod>:8080/keys`.
+fn identity_provider(
+    c: &Cluster,
+    mesh: &Mesh,
+    keys: &[&IdpKey],
+) -> Result<(Pod, Proc, std::path::PathBuf)> {
+    mesh.namespace("idp", false)?;
+    let idp = c.add_pod(&c.nodes()[1], "idp", "jwks", "jwks", &[])?;
+    mesh.register_pod(c, &idp)?;
+    let jwks_file = c.log_dir().join("jwks.json");
+    std::fs::write(&jwks_file, jwks_of(keys))?;
+    let mut cmd = testapp();
+    cmd.args(["serve", "--http", "0.0.0.0:8080", "--jwks"])
+        .arg(&jwks_file);
+    let mut server = c.spawn(&idp, "jwks-server", cmd)?;
+    server.wait_for_output("listening http", Duration::from_secs(10))?;
+    Ok((idp, server, jwks_file))
+}
+
 #[test]
 fn end_user_tokens_are_checked_at_the_waypoint() {
     with_cluster("waypoint_jwt", 2, |c| {
         let mesh = Mesh::start(c)?;
         let shop = shop(c, &mesh)?;
-        // The identity provider: a pod outside the mesh serving its JWKS.
-        mesh.namespace("idp", false)?;
-        let idp = c.add_pod(&c.nodes()[1], "idp", "jwks", "jwks", &[])?;
-        mesh.register_pod(c, &idp)?;
-        let jwks_file = c.log_dir().join("jwks.json");
         let (k1, k2) = (idp_key("k1"), idp_key("k2"));
-        std::fs::write(&jwks_file, jwks_of(&[&k1]))?;
-        let mut cmd = testapp();
-        cmd.args(["serve", "--http", "0.0.0.0:8080", "--jwks"])
-            .arg(&jwks_file);
-        let mut idp_server = c.spawn(&idp, "jwks-server", cmd)?;
-        idp_server.wait_for_output("listening http", Duration::from_secs(10))?;
+        let (idp, mut idp_server, jwks_file) = identity_provider(c, &mesh, &[&k1])?;
 
         // The seed articles' RequestAuthentication (a selector, jwksUri), pointing at the
         // cluster's identity provider.
@@ -1639,6 +1649,83 @@ fn masked_values_never_reach_the_waypoint_logs() {
             "a masked value reached the waypoint's log"
         );
         let _ = (&shop.s1, &shop.s2);
+        Ok(())
+    });
+}
+
+#[test]
+fn the_end_users_token_is_checked_again_at_the_next_hop() {
+    with_cluster("waypoint_jwt_hops", 2, |c| {
+        let mesh = Mesh::start(c)?;
+        let shop = shop(c, &mesh)?;
+        let k1 = idp_key("k1");
+        let (idp, _idp_server, _) = identity_provider(c, &mesh, &[&k1])?;
+        // A second Service bound to the waypoint: web's pods call it with the end user's
+        // token (`/forward/10.96.0.20:80/...`), so the request crosses the waypoint twice.
+        let rules = |forward: bool| {
+            format!(
+                "  jwtRules:\n  - issuer: \"https://issuer.example.com\"\n    jwksUri: \"http://{}:8080/keys\"\n    forwardOriginalToken: {forward}\n",
+                idp.ip
+            )
+        };
+        let ra_web = |forward: bool| {
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: web, namespace: shop}}\nspec:\n  targetRefs: [{{group: \"\", kind: Service, name: web}}]\n{}",
+                rules(forward)
+            )
+        };
+        mesh.apply("web-jwt.yaml", &ra_web(true))?;
+        mesh.apply(
+            "api.yaml",
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: shop, labels: {{istio.io/use-waypoint: waypoint}}}}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {{app: web, version: v2}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: api, namespace: shop}}\nspec:\n  targetRefs: [{{group: \"\", kind: Service, name: api}}]\n{}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: api-needs-a-user, namespace: shop}}\nspec:\n  targetRefs: [{{group: \"\", kind: Service, name: api}}]\n  action: ALLOW\n  rules: [{{from: [{{source: {{requestPrincipals: [\"https://issuer.example.com/*\"]}}}}]}}]\n",
+                rules(false)
+            ),
+        )?;
+        let claims = serde_json::json!({
+            "iss": "https://issuer.example.com", "sub": "alice", "exp": unix_now() + 600,
+        });
+        let token = sign(&k1, "k1", &claims);
+        let call = |token: Option<&str>| -> Result<String> {
+            let auth = token.map(|t| format!("authorization: Bearer {t}"));
+            let mut extra = Vec::new();
+            if let Some(a) = &auth {
+                extra.extend(["--header", a.as_str()]);
+            }
+            let r = http(
+                c,
+                &shop.client,
+                "http://10.96.0.10/forward/10.96.0.20:80/hello",
+                1,
+                &extra,
+            )?;
+            Ok(r["statuses"]
+                .as_object()
+                .and_then(|m| m.keys().next().cloned())
+                .unwrap_or_default())
+        };
+        eventually(
+            "the second hop to require the end user",
+            Duration::from_secs(20),
+            || Ok(call(None)? == "403"),
+        )?;
+        ensure!(
+            call(Some(&token))? == "200",
+            "the forwarded token passes both hops"
+        );
+        ensure!(
+            call(Some("not.a.token"))? == "401",
+            "an invalid token stops at the first hop"
+        );
+        // Without forwardOriginalToken the first waypoint strips the token: the next hop
+        // sees no end user.
+        mesh.apply("web-jwt.yaml", &ra_web(false))?;
+        eventually(
+            "the token to be stripped at the first hop",
+            Duration::from_secs(20),
+            || Ok(call(Some(&token))? == "403"),
+        )?;
+        let _ = (&shop.s1, &shop.s2, &shop.wp);
         Ok(())
     });
 }

@@ -54,6 +54,24 @@ async fn answer(
             .await
             .map(BodyExt::boxed_unsync));
     }
+    if let Some(rest) = req.uri().path().strip_prefix("/forward/") {
+        // `/forward/<host:port>/<path>`: calls `http://<host:port>/<path>` with this
+        // request's Authorization header (an app passing the end user's token on) and
+        // answers with what it got.
+        let (target, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let auth = req.headers().get(hyper::header::AUTHORIZATION).cloned();
+        println!("forward to {target}/{path} from {peer}");
+        let (status, body) = match forward(target, path, auth).await {
+            Ok(r) => r,
+            Err(e) => (
+                StatusCode::BAD_GATEWAY,
+                Bytes::from(format!("forward failed: {e:#}")),
+            ),
+        };
+        let mut resp = Response::new(Full::new(body).boxed_unsync());
+        *resp.status_mut() = status;
+        return Ok(resp);
+    }
     if req.uri().path() == "/keys"
         && let Some(path) = JWKS_FILE.get()
     {
@@ -468,4 +486,29 @@ pub(crate) async fn ext_authz_server(listener: TcpListener) -> Result<()> {
                 .await;
         });
     }
+}
+
+/// One HTTP/1.1 GET to `http://<target>/<path>`, with `auth` as its Authorization header.
+async fn forward(
+    target: &str,
+    path: &str,
+    auth: Option<hyper::header::HeaderValue>,
+) -> Result<(StatusCode, Bytes)> {
+    let stream = TcpStream::connect(target)
+        .await
+        .with_context(|| format!("connect {target}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut builder = Request::builder()
+        .uri(format!("/{path}"))
+        .header(hyper::header::HOST, target);
+    if let Some(a) = auth {
+        builder = builder.header(hyper::header::AUTHORIZATION, a);
+    }
+    let resp = sender
+        .send_request(builder.body(Full::new(Bytes::new()))?)
+        .await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, body))
 }
