@@ -21,6 +21,31 @@ use trellis_proto::trellis::waypoint::v1 as pb;
 use trellis_proto::trellis::waypoint::v1::l7_policy::Action;
 use trellis_proto::trellis::waypoint::v1::policy_target::Scope;
 
+/// The Services a policy target names: `Some(None)` for all of the waypoint's traffic,
+/// `Some(Some(list))` for these (namespace, hostname); `None` for a scope not known.
+pub fn target_services(t: &pb::PolicyTarget) -> Option<Option<Vec<(String, String)>>> {
+    match Scope::try_from(t.scope).ok()? {
+        Scope::Waypoint => Some(None),
+        Scope::Services => Some(Some(
+            t.services
+                .iter()
+                .map(|s| (s.namespace.clone(), s.hostname.clone()))
+                .collect(),
+        )),
+        Scope::Unspecified => None,
+    }
+}
+
+/// Whether a target's Services (`None`: all) cover the Service a request is addressed to
+/// (none for workload-addressed traffic).
+pub fn covers(services: Option<&[(String, String)]>, service: Option<(&str, &str)>) -> bool {
+    match (services, service) {
+        (None, _) => true,
+        (Some(list), Some((ns, host))) => list.iter().any(|(n, h)| n == ns && h == host),
+        (Some(_), None) => false,
+    }
+}
+
 /// What a request (or connection) is, for policy.
 #[derive(Debug, Clone, Copy)]
 pub struct Attrs<'a> {
@@ -404,18 +429,7 @@ impl Policies {
         let mut list: Vec<Policy> = policies
             .filter_map(|p| {
                 let action = Action::try_from(p.action).ok()?;
-                let target = p.target.as_ref()?;
-                let services = match Scope::try_from(target.scope).ok()? {
-                    Scope::Waypoint => None,
-                    Scope::Services => Some(
-                        target
-                            .services
-                            .iter()
-                            .map(|s| (s.namespace.clone(), s.hostname.clone()))
-                            .collect(),
-                    ),
-                    Scope::Unspecified => return None,
-                };
+                let services = target_services(p.target.as_ref()?)?;
                 let rules = p
                     .rules
                     .iter()
@@ -518,11 +532,7 @@ impl Policies {
     /// Decides `a`.
     pub fn decide(&self, a: &Attrs<'_>) -> Decision {
         let mut d = Decision::default();
-        let applies = |p: &Policy| match (&p.services, a.service) {
-            (None, _) => true,
-            (Some(list), Some((ns, host))) => list.iter().any(|(n, h)| n == ns && h == host),
-            (Some(_), None) => false,
-        };
+        let applies = |p: &Policy| covers(p.services.as_deref(), a.service);
         let mut any_allow = false;
         let bit = a.namespace.map_or(u64::MAX, ns_bit);
         let mut dry_allow: Option<bool> = None;

@@ -25,7 +25,6 @@ use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 use trellis_proto::trellis::waypoint::v1 as pb;
-use trellis_proto::trellis::waypoint::v1::policy_target::Scope;
 
 /// Clock skew allowed on `exp` and `nbf`.
 pub const SKEW: Duration = Duration::from_secs(60);
@@ -91,18 +90,7 @@ impl Rules {
     pub fn compile<'a>(list: impl Iterator<Item = &'a pb::RequestAuthentication>) -> Rules {
         let list = list
             .filter_map(|ra| {
-                let target = ra.target.as_ref()?;
-                let services = match Scope::try_from(target.scope).ok()? {
-                    Scope::Waypoint => None,
-                    Scope::Services => Some(
-                        target
-                            .services
-                            .iter()
-                            .map(|s| (s.namespace.clone(), s.hostname.clone()))
-                            .collect(),
-                    ),
-                    Scope::Unspecified => return None,
-                };
+                let services = crate::authz::target_services(ra.target.as_ref()?)?;
                 let providers = ra.providers.iter().map(provider).collect();
                 Some(Rule {
                     services,
@@ -412,11 +400,7 @@ impl Rules {
         let rules: Vec<&Rule> = self
             .list
             .iter()
-            .filter(|r| match (&r.services, service) {
-                (None, _) => true,
-                (Some(list), Some((ns, host))) => list.iter().any(|(n, h)| n == ns && h == host),
-                (Some(_), None) => false,
-            })
+            .filter(|r| crate::authz::covers(r.services.as_deref(), service))
             .collect();
         let providers: Vec<&Provider> = rules.iter().flat_map(|r| &r.providers).collect();
         let mut out = Outcome::default();
@@ -607,6 +591,7 @@ mod tests {
     use super::*;
     use jsonwebtoken::{EncodingKey, Header};
     use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    use trellis_proto::trellis::waypoint::v1::policy_target::Scope;
 
     const ISS: &str = "https://issuer.example.com";
 

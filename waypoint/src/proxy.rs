@@ -1093,11 +1093,7 @@ async fn ext_authorize<B>(
     if cfg.protocol() == Protocol::Grpc {
         return grpc_ext_authorize(wp, down, policy, cfg, svc, req, rec).await;
     }
-    let timeout = cfg
-        .timeout
-        .as_ref()
-        .and_then(|d| Duration::try_from(*d).ok())
-        .unwrap_or(Duration::from_secs(600));
+    let timeout = ext_authz_timeout(cfg);
     let check = async {
         let key = format!("{}/{}", svc.namespace, svc.hostname);
         let dest = wp
@@ -1178,23 +1174,35 @@ async fn ext_authorize<B>(
             }
             Some(resp)
         }
-        result => {
-            let why = match result {
-                Ok(Err(e)) => e,
-                _ => format!("no answer within {timeout:?}"),
-            };
-            if cfg.fail_open {
-                tracing::warn!(policy, error = %why, "external authorizer unavailable: allowed (failOpen)");
-                None
-            } else {
-                tracing::info!(target: "audit", decision = "deny", policy, custom = true, error = %why, "external authorizer unavailable: denied");
-                denied(
-                    rec,
-                    format!("{policy}: external authorizer unavailable: {why}"),
-                )
-            }
-        }
+        Ok(Err(why)) => ext_authz_unavailable(policy, cfg, why, rec),
+        Err(_) => ext_authz_unavailable(policy, cfg, format!("no answer within {timeout:?}"), rec),
     }
+}
+
+/// How long a check may take (Istio's default: 600 s).
+fn ext_authz_timeout(cfg: &trellis_proto::trellis::waypoint::v1::ExtAuthz) -> Duration {
+    cfg.timeout
+        .as_ref()
+        .and_then(|d| Duration::try_from(*d).ok())
+        .unwrap_or(Duration::from_secs(600))
+}
+
+/// The authorizer could not be asked (`why`): allowed with `failOpen`, else 403.
+fn ext_authz_unavailable(
+    policy: &str,
+    cfg: &trellis_proto::trellis::waypoint::v1::ExtAuthz,
+    why: String,
+    rec: &mut RequestRecord,
+) -> Option<Response<Body>> {
+    if cfg.fail_open {
+        tracing::warn!(policy, error = %why, "external authorizer unavailable: allowed (failOpen)");
+        return None;
+    }
+    tracing::info!(target: "audit", decision = "deny", policy, custom = true, error = %why, "external authorizer unavailable: denied");
+    rec.flags = "UAEX";
+    rec.error = Some(format!("{policy}: external authorizer unavailable: {why}"));
+    rec.policy = Some(policy.to_string());
+    Some(local(StatusCode::FORBIDDEN, "RBAC: access denied"))
 }
 
 /// [`ext_authorize`] with Envoy's gRPC `ext_authz` (`envoy.service.auth.v3.Authorization/
@@ -1213,11 +1221,7 @@ async fn grpc_ext_authorize<B>(
     use prost::Message;
     use trellis_proto::envoy::config::core::v3 as core;
     use trellis_proto::envoy::service::auth::v3 as authz;
-    let timeout = cfg
-        .timeout
-        .as_ref()
-        .and_then(|d| Duration::try_from(*d).ok())
-        .unwrap_or(Duration::from_secs(600));
+    let timeout = ext_authz_timeout(cfg);
     let address = |a: SocketAddr| core::Address {
         address: Some(core::address::Address::SocketAddress(core::SocketAddress {
             protocol: 0,
@@ -1412,22 +1416,8 @@ async fn grpc_ext_authorize<B>(
             set_headers(resp.headers_mut(), &denied.headers);
             Some(resp)
         }
-        result => {
-            let why = match result {
-                Ok(Err(e)) => e,
-                _ => format!("no answer within {timeout:?}"),
-            };
-            if cfg.fail_open {
-                tracing::warn!(policy, error = %why, "external authorizer unavailable: allowed (failOpen)");
-                None
-            } else {
-                tracing::info!(target: "audit", decision = "deny", policy, custom = true, error = %why, "external authorizer unavailable: denied");
-                rec.flags = "UAEX";
-                rec.error = Some(format!("{policy}: external authorizer unavailable: {why}"));
-                rec.policy = Some(policy.to_string());
-                Some(local(StatusCode::FORBIDDEN, "RBAC: access denied"))
-            }
-        }
+        Ok(Err(why)) => ext_authz_unavailable(policy, cfg, why, rec),
+        Err(_) => ext_authz_unavailable(policy, cfg, format!("no answer within {timeout:?}"), rec),
     }
 }
 

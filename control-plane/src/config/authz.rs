@@ -314,6 +314,11 @@ fn cidrs(values: &[String], at: &str, errors: &mut Vec<String>) -> Vec<pb::Addre
 }
 
 fn cidr(v: &str) -> Option<pb::Address> {
+    parse_cidr(v).map(|(address, length)| pb::Address { address, length })
+}
+
+/// An IP address or CIDR as (address bytes, prefix length); `None` when it is neither.
+pub(super) fn parse_cidr(v: &str) -> Option<(Vec<u8>, u32)> {
     let (ip, len) = match v.split_once('/') {
         Some((ip, len)) => (ip.parse::<IpAddr>().ok()?, Some(len.parse::<u32>().ok()?)),
         None => (v.parse::<IpAddr>().ok()?, None),
@@ -323,10 +328,7 @@ fn cidr(v: &str) -> Option<pb::Address> {
         IpAddr::V6(a) => (a.octets().to_vec(), 128),
     };
     let length = len.unwrap_or(max);
-    (length <= max).then_some(pb::Address {
-        address: bytes,
-        length,
-    })
+    (length <= max).then_some((bytes, length))
 }
 
 fn ports(values: &[String], at: &str, errors: &mut Vec<String>) -> Vec<u32> {

@@ -18,7 +18,6 @@
 //! says so.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
 use trellis_proto::trellis::waypoint::v1 as pb;
 
@@ -674,17 +673,8 @@ fn cidrs(values: &[String], at: &str, errors: &mut Vec<String>) -> Vec<pb::CidrR
 }
 
 fn cidr(v: &str) -> Option<pb::CidrRange> {
-    let (ip, len) = match v.split_once('/') {
-        Some((ip, len)) => (ip.parse::<IpAddr>().ok()?, Some(len.parse::<u32>().ok()?)),
-        None => (v.parse::<IpAddr>().ok()?, None),
-    };
-    let (bytes, max) = match ip {
-        IpAddr::V4(a) => (a.octets().to_vec(), 32),
-        IpAddr::V6(a) => (a.octets().to_vec(), 128),
-    };
-    let prefix_len = len.unwrap_or(max);
-    (prefix_len <= max).then_some(pb::CidrRange {
-        address: bytes,
+    super::authz::parse_cidr(v).map(|(address, prefix_len)| pb::CidrRange {
+        address,
         prefix_len,
     })
 }
