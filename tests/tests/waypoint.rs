@@ -1202,6 +1202,31 @@ fn end_user_tokens_are_checked_at_the_waypoint() {
     });
 }
 
+/// The external authorizer (HTTP on 8000, gRPC on 9001): a pod of `shop` in the mesh
+/// labelled `app: ext-authz`, running until the test stops it.
+fn external_authorizer(c: &Cluster, mesh: &Mesh) -> Result<Proc> {
+    let pod = c.add_pod(
+        &c.nodes()[1],
+        "shop",
+        "ext-authz",
+        "ext-authz",
+        &[("app", "ext-authz")],
+    )?;
+    mesh.register_pod(c, &pod)?;
+    mesh.wait_captured(c, &pod, true)?;
+    let mut cmd = testapp();
+    cmd.args([
+        "ext-authz",
+        "--http",
+        "0.0.0.0:8000",
+        "--grpc",
+        "0.0.0.0:9001",
+    ]);
+    let mut p = c.spawn(&pod, "ext-authz", cmd)?;
+    p.wait_for_output("listening ext-authz-grpc", Duration::from_secs(10))?;
+    Ok(p)
+}
+
 #[test]
 fn custom_policies_ask_the_external_authorizer() {
     with_cluster("waypoint_ext_authz", 2, |c| {
@@ -1213,25 +1238,7 @@ fn custom_policies_ask_the_external_authorizer() {
         )?;
         let shop = shop(c, &mesh)?;
         // The external authorizer: a pod of the mesh behind its Service.
-        let authz = c.add_pod(
-            &c.nodes()[1],
-            "shop",
-            "ext-authz",
-            "ext-authz",
-            &[("app", "ext-authz")],
-        )?;
-        mesh.register_pod(c, &authz)?;
-        mesh.wait_captured(c, &authz, true)?;
-        let mut cmd = testapp();
-        cmd.args([
-            "ext-authz",
-            "--http",
-            "0.0.0.0:8000",
-            "--grpc",
-            "0.0.0.0:9001",
-        ]);
-        let mut authorizer = c.spawn(&authz, "ext-authz", cmd)?;
-        authorizer.wait_for_output("listening ext-authz-grpc", Duration::from_secs(10))?;
+        let mut authorizer = external_authorizer(c, &mesh)?;
         mesh.apply(
             "ext-authz-grpc.yaml",
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext-authz-grpc, namespace: shop}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: web}]\n  action: CUSTOM\n  provider: {name: sample-ext-authz-grpc}\n  rules: [{to: [{operation: {paths: [\"/grpc-guarded/*\"]}}]}]\n",
@@ -1342,19 +1349,7 @@ fn an_authorization_matrix_of_sources_operations_conditions_and_actions() {
             mesh.wait_captured(c, &p, true)?;
             clients.insert(ns, p);
         }
-        let authz = c.add_pod(
-            &c.nodes()[1],
-            "shop",
-            "ext-authz",
-            "ext-authz",
-            &[("app", "ext-authz")],
-        )?;
-        mesh.register_pod(c, &authz)?;
-        mesh.wait_captured(c, &authz, true)?;
-        let mut cmd = testapp();
-        cmd.args(["ext-authz", "--http", "0.0.0.0:8000"]);
-        let mut authorizer = c.spawn(&authz, "ext-authz", cmd)?;
-        authorizer.wait_for_output("listening ext-authz", Duration::from_secs(10))?;
+        let mut authorizer = external_authorizer(c, &mesh)?;
         let policy = |name: &str, body: &str| {
             format!(
                 "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n{body}---\n"
