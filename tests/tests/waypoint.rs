@@ -1074,13 +1074,13 @@ fn end_user_tokens_are_checked_at_the_waypoint() {
         mesh.apply(
             "jwt.yaml",
             &format!(
-                "apiVersion: security.istio.io/v1beta1\nkind: RequestAuthentication\nmetadata: {{name: jwt-example, namespace: shop}}\nspec:\n  selector:\n    matchLabels: {{app: web}}\n  jwtRules:\n  - issuer: \"https://issuer.example.com\"\n    jwksUri: \"http://{}:8080/keys\"\n    outputClaimToHeaders: [{{header: x-user, claim: sub}}]\n",
+                "apiVersion: security.istio.io/v1beta1\nkind: RequestAuthentication\nmetadata: {{name: jwt-example, namespace: shop}}\nspec:\n  selector:\n    matchLabels: {{app: web}}\n  jwtRules:\n  - issuer: \"https://issuer.example.com\"\n    jwksUri: \"http://{}:8080/keys\"\n    audiences: [shop]\n    outputClaimToHeaders: [{{header: x-user, claim: sub}}]\n",
                 idp.ip
             ),
         )?;
         let claims = |extra: Value| {
             let mut c = serde_json::json!({
-                "iss": "https://issuer.example.com", "sub": "alice",
+                "iss": "https://issuer.example.com", "sub": "alice", "aud": "shop",
                 "exp": unix_now() + 600, "groups": ["admins"],
             });
             for (k, v) in extra.as_object().unwrap() {
@@ -1146,6 +1146,10 @@ fn end_user_tokens_are_checked_at_the_waypoint() {
             (
                 "bad signature",
                 sign(&idp_key("k1"), "k1", &claims(serde_json::json!({}))),
+            ),
+            (
+                "wrong audience",
+                sign(&k1, "k1", &claims(serde_json::json!({"aud": "billing"}))),
             ),
         ] {
             let (code, body) = get(Some(&token))?;
@@ -1233,12 +1237,16 @@ fn custom_policies_ask_the_external_authorizer() {
         let mesh = Mesh::start_with_mesh_config(
             c,
             Some(
-                "extensionProviders:\n- name: sample-ext-authz-http\n  envoyExtAuthzHttp:\n    service: ext-authz.shop.svc.cluster.local\n    port: 8000\n    timeout: 2s\n    includeRequestHeadersInCheck: [x-ext-authz]\n    headersToUpstreamOnAllow: [x-ext-authz-check-result]\n    headersToDownstreamOnDeny: [x-ext-authz-check-result]\n- name: sample-ext-authz-grpc\n  envoyExtAuthzGrpc:\n    service: ext-authz.shop.svc.cluster.local\n    port: 9001\n    timeout: 2s\n",
+                "extensionProviders:\n- name: sample-ext-authz-http\n  envoyExtAuthzHttp:\n    service: ext-authz.shop.svc.cluster.local\n    port: 8000\n    timeout: 2s\n    includeRequestHeadersInCheck: [x-ext-authz]\n    headersToUpstreamOnAllow: [x-ext-authz-check-result]\n    headersToDownstreamOnDeny: [x-ext-authz-check-result]\n- name: sample-ext-authz-grpc\n  envoyExtAuthzGrpc:\n    service: ext-authz.shop.svc.cluster.local\n    port: 9001\n    timeout: 2s\n- name: lenient\n  envoyExtAuthzHttp:\n    service: ext-authz.shop.svc.cluster.local\n    port: 8000\n    timeout: 2s\n    failOpen: true\n    includeRequestHeadersInCheck: [x-ext-authz]\n",
             ),
         )?;
         let shop = shop(c, &mesh)?;
         // The external authorizer: a pod of the mesh behind its Service.
         let mut authorizer = external_authorizer(c, &mesh)?;
+        mesh.apply(
+            "ext-authz-lenient.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext-authz-lenient, namespace: shop}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: web}]\n  action: CUSTOM\n  provider: {name: lenient}\n  rules: [{to: [{operation: {paths: [\"/lenient/*\"]}}]}]\n",
+        )?;
         mesh.apply(
             "ext-authz-grpc.yaml",
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext-authz-grpc, namespace: shop}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: web}]\n  action: CUSTOM\n  provider: {name: sample-ext-authz-grpc}\n  rules: [{to: [{operation: {paths: [\"/grpc-guarded/*\"]}}]}]\n",
@@ -1307,12 +1315,22 @@ fn custom_policies_ask_the_external_authorizer() {
             let out = authorizer.output();
             Ok(out.contains("check GET /protected/x") && !out.contains("/open"))
         })?;
-        // The authorizer stopped: fail closed (failOpen is false).
+        ensure!(
+            status(&get("/lenient/x", false)?) == "403",
+            "the lenient provider's authorizer still decides while it answers"
+        );
+        // The authorizer stopped: fail closed (failOpen is false), except for the provider
+        // with failOpen.
         authorizer.stop(Duration::from_secs(2))?;
         let r = get("/protected/x", true)?;
         ensure!(
             status(&r) == "403",
             "an unreachable authorizer fails closed: {r}"
+        );
+        let r = get("/lenient/x", false)?;
+        ensure!(
+            status(&r) == "200",
+            "failOpen lets the request through: {r}"
         );
         ensure!(status(&get("/open", false)?) == "200");
         let _ = (&shop.s1, &shop.s2, &shop.wp);
