@@ -867,8 +867,9 @@ fn a_workload_bound_to_the_waypoint_is_reached_through_it() {
     });
 }
 
-/// L7 policy at the waypoint is issue 15; until then an AuthorizationPolicy attached to the
-/// waypoint is not silently unenforced: the waypoint refuses the traffic it covers.
+/// AuthorizationPolicies at the waypoint, per request: the seed's namespace-wide DENY, an
+/// ALLOW attached to the Service (normalized paths), a dry-run DENY; the denial in the
+/// access log and metrics; removed, they stop applying.
 #[test]
 fn authorization_policies_are_enforced_per_request_at_the_waypoint() {
     with_cluster("waypoint_authz", 2, |c| {

@@ -233,20 +233,13 @@ impl Upstreams {
             load: &load,
         };
         let store = self.mesh.xds.store();
-        match trellis_core::routing::to_endpoint(&store, &self.mesh.trust_domain, key, port, &pick)
-        {
-            Route::Hbone {
-                target,
-                via,
-                identity,
-            } => Ok(Dest::Hbone {
-                target,
-                via,
-                identity,
-            }),
-            Route::Passthrough(addr) => Ok(Dest::Plain(addr)),
-            Route::Refuse(why) => Err(UpstreamError::NoHealthy(why)),
-        }
+        dest(trellis_core::routing::to_endpoint(
+            &store,
+            &self.mesh.trust_domain,
+            key,
+            port,
+            &pick,
+        ))
     }
 
     /// Workload `uid` itself at `target` (workload-addressed traffic).
@@ -257,19 +250,11 @@ impl Upstreams {
                 "workload {uid} is not known"
             )));
         };
-        match trellis_core::routing::workload_route(&self.mesh.trust_domain, w, target) {
-            Route::Hbone {
-                target,
-                via,
-                identity,
-            } => Ok(Dest::Hbone {
-                target,
-                via,
-                identity,
-            }),
-            Route::Passthrough(addr) => Ok(Dest::Plain(addr)),
-            Route::Refuse(why) => Err(UpstreamError::NoHealthy(why)),
-        }
+        dest(trellis_core::routing::workload_route(
+            &self.mesh.trust_domain,
+            w,
+            target,
+        ))
     }
 
     /// Sends `req` to `dest` over HTTP/2 (`h2`) or HTTP/1.1, reusing a connection when one
@@ -446,6 +431,23 @@ impl Upstreams {
             }
         };
         Ok(TokioIo::new(io))
+    }
+}
+
+/// Where a routing decision sends a request, or why nowhere (`UH`).
+fn dest(route: Route) -> Result<Dest, UpstreamError> {
+    match route {
+        Route::Hbone {
+            target,
+            via,
+            identity,
+        } => Ok(Dest::Hbone {
+            target,
+            via,
+            identity,
+        }),
+        Route::Passthrough(addr) => Ok(Dest::Plain(addr)),
+        Route::Refuse(why) => Err(UpstreamError::NoHealthy(why)),
     }
 }
 
