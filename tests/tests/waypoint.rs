@@ -21,6 +21,14 @@ fn http(c: &Cluster, from: &Pod, url: &str, requests: usize, extra: &[&str]) -> 
     serde_json::from_str(out.trim()).with_context(|| format!("not JSON: {out}"))
 }
 
+/// The status of a one-request summary (`""` when there was none).
+fn first_status(summary: &Value) -> String {
+    summary["statuses"]
+        .as_object()
+        .and_then(|m| m.keys().next().cloned())
+        .unwrap_or_default()
+}
+
 fn count(summary: &Value, what: &str, key: &str) -> u64 {
     summary[what][key].as_u64().unwrap_or(0)
 }
@@ -894,10 +902,7 @@ fn authorization_policies_are_enforced_per_request_at_the_waypoint() {
                 1,
                 &["--method", method],
             )?;
-            let code = r["statuses"]
-                .as_object()
-                .and_then(|m| m.keys().next().cloned())
-                .unwrap_or_default();
+            let code = first_status(&r);
             if code == "403" {
                 ensure!(
                     r["last_body"] == "RBAC: access denied\n",
@@ -1096,10 +1101,7 @@ fn end_user_tokens_are_checked_at_the_waypoint() {
                 extra.extend(["--header", a.as_str()]);
             }
             let r = http(c, &shop.client, "http://10.96.0.10/", 1, &extra)?;
-            let code = r["statuses"]
-                .as_object()
-                .and_then(|m| m.keys().next().cloned())
-                .unwrap_or_default();
+            let code = first_status(&r);
             Ok((code, r["last_body"].clone()))
         };
         eventually(
@@ -1269,12 +1271,7 @@ fn custom_policies_ask_the_external_authorizer() {
                 &extra,
             )
         };
-        let status = |r: &Value| {
-            r["statuses"]
-                .as_object()
-                .and_then(|m| m.keys().next().cloned())
-                .unwrap_or_default()
-        };
+        let status = |r: &Value| first_status(r);
         eventually(
             "the authorizer to deny /protected without its header",
             Duration::from_secs(20),
@@ -1432,10 +1429,7 @@ fn an_authorization_matrix_of_sources_operations_conditions_and_actions() {
                 1,
                 &extra,
             )?;
-            Ok(r["statuses"]
-                .as_object()
-                .and_then(|m| m.keys().next().cloned())
-                .unwrap_or_default())
+            Ok(first_status(&r))
         };
         let case = |from, method, path, headers, want| Case {
             from,
@@ -1579,10 +1573,7 @@ fn the_secure_default_keeps_calls_within_the_namespace_unless_allowed() {
         // comes (the connection refused by ztunnel's policy).
         let status = |from: &Pod, url: &str, extra: &[&str]| -> String {
             match http(c, from, url, 1, extra) {
-                Ok(r) => r["statuses"]
-                    .as_object()
-                    .and_then(|m| m.keys().next().cloned())
-                    .unwrap_or_default(),
+                Ok(r) => first_status(&r),
                 Err(_) => "refused".into(),
             }
         };
@@ -1713,10 +1704,7 @@ fn the_end_users_token_is_checked_again_at_the_next_hop() {
                 1,
                 &extra,
             )?;
-            Ok(r["statuses"]
-                .as_object()
-                .and_then(|m| m.keys().next().cloned())
-                .unwrap_or_default())
+            Ok(first_status(&r))
         };
         eventually(
             "the second hop to require the end user",
