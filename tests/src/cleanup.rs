@@ -206,6 +206,15 @@ pub(crate) fn destroy(id: &str) -> Result<()> {
         // fine; the check below is what counts.
         let _ = ip(&["netns", "delete", ns]);
     }
+    // The pods' /etc files (hosts), whether or not their namespace is still there.
+    let prefix = format!("{id}-");
+    if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let dir = state_dir(id);
     if dir.exists() {
         std::fs::remove_dir_all(&dir)

@@ -535,8 +535,31 @@ impl Cluster {
             bail!("CNI ADD result of {namespace}/{name} has no IPv6 address: {result}");
         }
         pod.cni_result = result;
+        // The pod's /etc/hosts, managed as the kubelet does: `ip netns exec` binds
+        // /etc/netns/<netns>/hosts over /etc/hosts for every process started in the pod.
+        let hosts = format!(
+            "# managed by the test cluster (as the kubelet manages a pod's /etc/hosts)\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{name}\n",
+            pod.ip
+        );
+        let dir = pod_etc(&pod.netns);
+        std::fs::create_dir_all(&dir)
+            .and_then(|_| std::fs::write(dir.join("hosts"), hosts))
+            .with_context(|| format!("cannot write {}/hosts", dir.display()))?;
         self.lock_pods().insert(key, pod.clone());
         Ok(pod)
+    }
+
+    /// Adds `host` resolving to `ip` to the pod's /etc/hosts, as a pod spec's
+    /// `hostAliases` does (the test cluster has no DNS server: this is its name service).
+    /// Processes of the pod see it at their next lookup.
+    pub fn add_host_alias(&self, pod: &Pod, host: &str, ip: std::net::IpAddr) -> Result<()> {
+        use std::io::Write;
+        let path = pod_etc(&pod.netns).join("hosts");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        writeln!(file, "{ip}\t{host}").with_context(|| format!("cannot write {}", path.display()))
     }
 
     /// Removes a pod as a runtime does: its processes are stopped, then CNI DEL releases its
@@ -550,6 +573,7 @@ impl Cluster {
             .del(&pod.attachment())
             .with_context(|| format!("CNI DEL of pod {}/{}", pod.namespace, pod.name))?;
         ip(&["netns", "delete", &pod.netns])?;
+        let _ = std::fs::remove_dir_all(pod_etc(&pod.netns));
         self.lock_pods()
             .remove(&(pod.namespace.clone(), pod.name.clone()));
         Ok(())
@@ -732,6 +756,11 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// The directory whose files `ip netns exec` binds over /etc for processes in `netns`.
+pub(crate) fn pod_etc(netns: &str) -> std::path::PathBuf {
+    std::path::Path::new("/etc/netns").join(netns)
 }
 
 /// `ip netns exec NS PROGRAM ARGS...` with `cmd`'s environment and working directory.

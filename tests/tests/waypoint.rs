@@ -1048,11 +1048,13 @@ fn unix_now() -> i64 {
 }
 
 /// The identity provider: a pod outside the mesh serving the JWKS of `keys` (from a file
-/// the test may rewrite) at `http://<pod>:8080/keys`.
+/// the test may rewrite) at `http://<pod>:8080/keys`, or, with `tls` (certificate chain
+/// and key files), at `https://<pod>:443/keys`.
 fn identity_provider(
     c: &Cluster,
     mesh: &Mesh,
     keys: &[&IdpKey],
+    tls: Option<(&std::path::Path, &std::path::Path)>,
 ) -> Result<(Pod, Proc, std::path::PathBuf)> {
     mesh.namespace("idp", false)?;
     let idp = c.add_pod(&c.nodes()[1], "idp", "jwks", "jwks", &[])?;
@@ -1060,11 +1062,36 @@ fn identity_provider(
     let jwks_file = c.log_dir().join("jwks.json");
     std::fs::write(&jwks_file, jwks_of(keys))?;
     let mut cmd = testapp();
-    cmd.args(["serve", "--http", "0.0.0.0:8080", "--jwks"])
-        .arg(&jwks_file);
+    cmd.args(["serve", "--jwks"]).arg(&jwks_file);
+    let listening = match tls {
+        None => {
+            cmd.args(["--http", "0.0.0.0:8080"]);
+            "listening http"
+        }
+        Some((cert, key)) => {
+            cmd.args(["--https", "0.0.0.0:443", "--tls-cert"])
+                .arg(cert)
+                .arg("--tls-key")
+                .arg(key);
+            "listening https"
+        }
+    };
     let mut server = c.spawn(&idp, "jwks-server", cmd)?;
-    server.wait_for_output("listening http", Duration::from_secs(10))?;
+    server.wait_for_output(listening, Duration::from_secs(10))?;
     Ok((idp, server, jwks_file))
+}
+
+/// PEM of one DER item (`label`: `CERTIFICATE`, `PRIVATE KEY`).
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }
 
 #[test]
@@ -1073,7 +1100,7 @@ fn end_user_tokens_are_checked_at_the_waypoint() {
         let mesh = Mesh::start(c)?;
         let shop = shop(c, &mesh)?;
         let (k1, k2) = (idp_key("k1"), idp_key("k2"));
-        let (idp, mut idp_server, jwks_file) = identity_provider(c, &mesh, &[&k1])?;
+        let (idp, mut idp_server, jwks_file) = identity_provider(c, &mesh, &[&k1], None)?;
 
         // The seed articles' RequestAuthentication (a selector, jwksUri), pointing at the
         // cluster's identity provider.
@@ -1664,7 +1691,7 @@ fn the_end_users_token_is_checked_again_at_the_next_hop() {
         let mesh = Mesh::start(c)?;
         let shop = shop(c, &mesh)?;
         let k1 = idp_key("k1");
-        let (idp, _idp_server, _) = identity_provider(c, &mesh, &[&k1])?;
+        let (idp, _idp_server, _) = identity_provider(c, &mesh, &[&k1], None)?;
         // A second Service bound to the waypoint: web's pods call it with the end user's
         // token (`/forward/10.96.0.20:80/...`), so the request crosses the waypoint twice.
         let rules = |forward: bool| {
@@ -1728,6 +1755,149 @@ fn the_end_users_token_is_checked_again_at_the_next_hop() {
             || Ok(call(Some(&token))? == "403"),
         )?;
         let _ = (&shop.s1, &shop.s2, &shop.wp);
+        Ok(())
+    });
+}
+
+/// The seed articles' policies, applied unchanged (`examples/seed-policies.yaml`): in `foo`
+/// behind a waypoint, the DENY of `POST` from `dev` denies exactly that, and the
+/// RequestAuthentication's `jwksUri` (`https://issuer.example.com/keys`) is fetched over
+/// HTTPS from an identity provider pod. The cluster has no DNS server: the waypoint pod's
+/// /etc/hosts names the provider (a pod's `hostAliases`), and the waypoint trusts the
+/// provider's CA through `--jwks-ca-file` (`SSL_CERT_FILE`), as a Deployment mounting a CA
+/// bundle would.
+#[test]
+fn the_seed_articles_policies_work_as_written_at_the_waypoint() {
+    with_cluster("waypoint_seed", 2, |c| {
+        let (n1, n2) = (&c.nodes()[0], &c.nodes()[1]);
+        let mesh = Mesh::start(c)?;
+        // The identity provider's web PKI: a CA of its own and a certificate for its name.
+        let ca = trellis_core::testing::TestCa::named("example.com", "Example issuer CA");
+        let (chain, key) = ca.issue_dns("issuer.example.com");
+        let dir = c.log_dir();
+        let (cert_file, key_file, ca_file) = (
+            dir.join("issuer.crt"),
+            dir.join("issuer.key"),
+            dir.join("issuer-ca.crt"),
+        );
+        std::fs::write(&cert_file, pem("CERTIFICATE", &chain[0]))?;
+        std::fs::write(&key_file, pem("PRIVATE KEY", key.secret_der()))?;
+        std::fs::write(&ca_file, ca.root_pem())?;
+        let k1 = idp_key("k1");
+        let (idp, _idp_server, _) =
+            identity_provider(c, &mesh, &[&k1], Some((&cert_file, &key_file)))?;
+
+        mesh.namespace("foo", true)?;
+        mesh.namespace("dev", true)?;
+        let app = c.add_pod(n2, "foo", "my-app", "my-app", &[("app", "my-app")])?;
+        let foo_client = c.add_pod(n1, "foo", "client", "client", &[])?;
+        let dev = c.add_pod(n1, "dev", "client", "client", &[])?;
+        for p in [&app, &foo_client, &dev] {
+            mesh.register_pod(c, p)?;
+            mesh.wait_captured(c, p, true)?;
+        }
+        let _app_server = serve(c, &app)?;
+        let ca_path = ca_file.to_str().context("CA file path")?;
+        let (waypoint, _wp) = mesh.start_waypoint(
+            c,
+            n1,
+            "foo",
+            "waypoint",
+            "10.96.0.51",
+            &["--jwks-ca-file", ca_path],
+        )?;
+        c.add_host_alias(&waypoint, "issuer.example.com", idp.ip.into())?;
+        mesh.apply(
+            "my-app.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: my-app, namespace: foo, labels: {istio.io/use-waypoint: waypoint}}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {app: my-app}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+        )?;
+        mesh.apply(
+            "seed.yaml",
+            include_str!("../../examples/seed-policies.yaml"),
+        )?;
+        wait_route(
+            &mesh,
+            c,
+            &waypoint,
+            "foo/my-app.foo.svc.cluster.local:80",
+            0,
+        )?;
+
+        let call = |from: &Pod, method: &str, token: Option<&str>| -> Result<(String, Value)> {
+            let auth = token.map(|t| format!("authorization: Bearer {t}"));
+            let mut extra = vec!["--method", method];
+            if let Some(a) = &auth {
+                extra.extend(["--header", a.as_str()]);
+            }
+            let r = http(c, from, "http://10.96.0.20/", 1, &extra)?;
+            Ok((first_status(&r), r["last_body"].clone()))
+        };
+        let claims = |extra: Value| {
+            let mut v = serde_json::json!({
+                "iss": "https://issuer.example.com", "sub": "alice", "exp": unix_now() + 600,
+            });
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            v
+        };
+        let valid = sign(&k1, "k1", &claims(serde_json::json!({})));
+        // The keys come from https://issuer.example.com/keys: a valid token is accepted
+        // once they are fetched (the policies are in place by then).
+        eventually(
+            "a valid token to be accepted",
+            Duration::from_secs(20),
+            || Ok(call(&foo_client, "GET", Some(&valid)).is_ok_and(|(s, _)| s == "200")),
+        )?;
+        let (code, body) = call(&dev, "POST", None)?;
+        ensure!(code == "403", "POST from dev: {code} {body}");
+        ensure!(body == "RBAC: access denied\n", "the denial's body: {body}");
+        for (what, from, method) in [
+            ("GET from dev", &dev, "GET"),
+            ("POST from foo", &foo_client, "POST"),
+            ("GET from foo", &foo_client, "GET"),
+        ] {
+            let (code, body) = call(from, method, None)?;
+            ensure!(code == "200", "{what}: {code} {body}");
+        }
+        ensure!(
+            call(&dev, "POST", Some(&valid))?.0 == "403",
+            "a valid token does not lift the DENY of POST from dev"
+        );
+        ensure!(
+            call(&dev, "GET", Some(&valid))?.0 == "200",
+            "GET from dev with a valid token"
+        );
+        for (what, token) in [
+            (
+                "expired",
+                sign(
+                    &k1,
+                    "k1",
+                    &claims(serde_json::json!({"exp": unix_now() - 600})),
+                ),
+            ),
+            (
+                "wrong issuer",
+                sign(
+                    &k1,
+                    "k1",
+                    &claims(serde_json::json!({"iss": "https://evil.example"})),
+                ),
+            ),
+            (
+                "bad signature",
+                sign(&idp_key("k1"), "k1", &claims(serde_json::json!({}))),
+            ),
+            (
+                "unknown key",
+                sign(&idp_key("k9"), "k9", &claims(serde_json::json!({}))),
+            ),
+            ("malformed", "not.a.token".to_string()),
+        ] {
+            let (code, body) = call(&foo_client, "GET", Some(&token))?;
+            ensure!(code == "401", "{what}: {code} {body}");
+        }
         Ok(())
     });
 }

@@ -215,8 +215,10 @@ pub struct KeyCache {
     entries: Mutex<HashMap<String, CacheEntry>>,
     /// Least time between fetches of one URI for an unknown `kid` ([`REFETCH_EVERY`]).
     refetch_every: Duration,
-    /// CA roots for `https` JWKS servers (the system's).
-    roots: std::sync::OnceLock<Option<Arc<rustls::ClientConfig>>>,
+    /// CA bundle for `https` JWKS servers; `None`: the system's.
+    roots_file: Option<std::path::PathBuf>,
+    /// The client configuration with those roots, loaded on first use.
+    roots: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
 }
 
 impl Default for KeyCache {
@@ -231,8 +233,16 @@ impl KeyCache {
         KeyCache {
             entries: Mutex::default(),
             refetch_every: every,
+            roots_file: None,
             roots: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The cache trusting the CA bundle in `file` (PEM) for `https` JWKS servers instead
+    /// of the system's.
+    pub fn with_roots_file(mut self, file: Option<std::path::PathBuf>) -> KeyCache {
+        self.roots_file = file;
+        self
     }
 }
 
@@ -315,9 +325,8 @@ impl KeyCache {
         let body = if https {
             let config = self
                 .roots
-                .get_or_init(system_client_config)
-                .clone()
-                .ok_or("no CA roots for https (the system bundle did not load)")?;
+                .get_or_init(|| client_config(self.roots_file.as_deref()))
+                .clone()?;
             let name = rustls::pki_types::ServerName::try_from(host.clone())
                 .map_err(|e| format!("{host}: {e}"))?;
             let tls = tokio_rustls::TlsConnector::from(config)
@@ -356,24 +365,39 @@ where
 }
 
 /// A TLS client configuration trusting the system's CA bundle.
-fn system_client_config() -> Option<Arc<rustls::ClientConfig>> {
-    let pem = [
+/// The TLS client configuration for JWKS servers: the roots of `file`, or of the system's
+/// bundle. An error (kept: every fetch reports it) names the file and what is wrong.
+fn client_config(file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    const SYSTEM: [&str; 2] = [
         "/etc/ssl/certs/ca-certificates.crt",
         "/etc/pki/tls/certs/ca-bundle.crt",
-    ]
-    .iter()
-    .find_map(|p| std::fs::read_to_string(p).ok())?;
+    ];
+    let (path, pem) = match file {
+        Some(f) => (
+            f.display().to_string(),
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("JWKS CA bundle {}: {e}", f.display()))?,
+        ),
+        None => SYSTEM
+            .iter()
+            .find_map(|p| Some((p.to_string(), std::fs::read_to_string(p).ok()?)))
+            .ok_or("no CA roots for https: the system bundle did not load")?,
+    };
     let mut roots = rustls::RootCertStore::empty();
-    for c in trellis_core::tls::parse_pem_certs(&pem, "system CA bundle").ok()? {
-        let _ = roots.add(c);
+    for c in
+        trellis_core::tls::parse_pem_certs(&pem, "CA bundle").map_err(|e| format!("{path}: {e}"))?
+    {
+        roots
+            .add(c)
+            .map_err(|e| format!("{path}: a certificate is not a CA root: {e}"))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .ok()?
+        .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Some(Arc::new(config))
+    Ok(Arc::new(config))
 }
 
 /// What authentication decided for one request.

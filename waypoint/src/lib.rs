@@ -84,6 +84,8 @@ pub struct Config {
     pub trusted_proxies: usize,
     /// Regular expressions masked in access and audit log lines.
     pub mask_regexes: Vec<String>,
+    /// CA bundle (PEM) trusted for `https` JWKS servers; `None`: the system's bundle.
+    pub jwks_roots_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -110,6 +112,7 @@ impl Default for Config {
             workers: 2,
             trusted_proxies: 0,
             mask_regexes: Vec::new(),
+            jwks_roots_file: None,
         }
     }
 }

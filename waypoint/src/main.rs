@@ -76,6 +76,10 @@ struct Cli {
     /// address policy sees is the entry this many from the right; 0: the peer's address).
     #[arg(long, default_value_t = 0)]
     trusted_proxies: usize,
+    /// CA bundle (PEM) trusted for `https` JWKS servers (`jwksUri`) instead of the
+    /// system's, as OpenSSL and Go read `SSL_CERT_FILE`.
+    #[arg(long, env = "SSL_CERT_FILE")]
+    jwks_ca_file: Option<std::path::PathBuf>,
     /// Worker threads serving connections (each connection stays on one).
     #[arg(long, env = "WAYPOINT_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
@@ -150,6 +154,7 @@ fn main() -> std::process::ExitCode {
         workers: cli.worker_threads.max(1),
         trusted_proxies: cli.trusted_proxies,
         mask_regexes: cli.mask_regex,
+        jwks_roots_file: cli.jwks_ca_file,
         ..Config::default()
     };
     // This runtime runs the control side (xDS, certificates, admin, metrics upkeep); the

@@ -69,6 +69,7 @@ impl std::fmt::Debug for Waypoint {
 impl Waypoint {
     /// The waypoint of `mesh`; `draining` turns true at shutdown.
     pub fn new(config: Arc<Config>, mesh: Arc<Mesh>, draining: watch::Receiver<bool>) -> Waypoint {
+        let jwks_roots = config.jwks_roots_file.clone();
         Waypoint {
             upstreams: {
                 let loads = Arc::default();
@@ -83,7 +84,7 @@ impl Waypoint {
             tables: Mutex::new((u64::MAX, HashMap::new())),
             policies: crate::authz::Cache::default(),
             jwt: crate::jwt::Cache::default(),
-            jwks: crate::jwt::KeyCache::default(),
+            jwks: crate::jwt::KeyCache::default().with_roots_file(jwks_roots),
             draining,
             active: Arc::default(),
         }

@@ -16,20 +16,56 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Serves every connection with HTTP/1.1 or HTTP/2, whichever the client speaks (HTTP/2 is
-/// recognised by its connection preface).
-pub(crate) async fn server(listener: TcpListener, name: String) -> Result<()> {
+/// recognised by its connection preface), over TLS when `tls` is given.
+pub(crate) async fn server(
+    listener: TcpListener,
+    name: String,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Result<()> {
     loop {
         let (stream, peer) = listener.accept().await?;
         let local = stream.local_addr()?;
         let name = name.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| answer(req, name.clone(), peer, local));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+            let served = match tls {
+                None => builder.serve_connection(TokioIo::new(stream), svc).await,
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(s) => builder.serve_connection(TokioIo::new(s), svc).await,
+                    Err(e) => {
+                        println!("tls handshake from {peer}: {e}");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = served {
                 println!("http connection from {peer}: {e}");
             }
         });
     }
+}
+
+/// A TLS acceptor with the PEM certificate chain in `cert` and the PEM key in `key`.
+pub(crate) fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("{}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("{}", key.display()))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }
 
 type AnyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;

@@ -51,6 +51,16 @@ enum Cmd {
         /// identity provider.
         #[arg(long)]
         jwks: Option<std::path::PathBuf>,
+        /// Address of an HTTPS listener (HTTP/1.1 + HTTP/2 over TLS; repeatable) with the
+        /// certificate chain of `--tls-cert` and the key of `--tls-key`.
+        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+        https: Vec<SocketAddr>,
+        /// PEM certificate chain of the HTTPS listeners.
+        #[arg(long)]
+        tls_cert: Option<std::path::PathBuf>,
+        /// PEM private key of the HTTPS listeners.
+        #[arg(long)]
+        tls_key: Option<std::path::PathBuf>,
     },
     /// Talk to a TCP echo server.
     Tcp {
@@ -201,11 +211,18 @@ async fn run(cli: Cli) -> Result<()> {
             tcp_echo,
             http,
             jwks,
+            https,
+            tls_cert,
+            tls_key,
         } => {
             if let Some(path) = jwks {
                 let _ = http::JWKS_FILE.set(path);
             }
-            serve(name, tcp_echo, http).await
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(http::tls_acceptor(&cert, &key)?),
+                _ => None,
+            };
+            serve(name, tcp_echo, http, https, tls).await
         }
         Cmd::Tcp {
             addr,
@@ -273,9 +290,15 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn serve(name: String, tcp_echo: Vec<SocketAddr>, http: Vec<SocketAddr>) -> Result<()> {
-    if tcp_echo.is_empty() && http.is_empty() {
-        anyhow::bail!("nothing to serve: give --tcp-echo and/or --http");
+async fn serve(
+    name: String,
+    tcp_echo: Vec<SocketAddr>,
+    http: Vec<SocketAddr>,
+    https: Vec<SocketAddr>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Result<()> {
+    if tcp_echo.is_empty() && http.is_empty() && https.is_empty() {
+        anyhow::bail!("nothing to serve: give --tcp-echo, --http and/or --https");
     }
     let mut tasks = tokio::task::JoinSet::new();
     for addr in tcp_echo {
@@ -286,7 +309,12 @@ async fn serve(name: String, tcp_echo: Vec<SocketAddr>, http: Vec<SocketAddr>) -
     for addr in http {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         println!("listening http {}", listener.local_addr()?);
-        tasks.spawn(http::server(listener, name.clone()));
+        tasks.spawn(http::server(listener, name.clone(), None));
+    }
+    for addr in https {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        println!("listening https {}", listener.local_addr()?);
+        tasks.spawn(http::server(listener, name.clone(), tls.clone()));
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
