@@ -2,9 +2,9 @@
 //! control plane sends, compiled once per configuration generation and evaluated for every
 //! request (and, with connection attributes only, for every TCP connection).
 //!
-//! Istio's order: CUSTOM (external authorization — not available yet, so a request a
-//! CUSTOM policy's rules match is denied, fail closed), then DENY (any match denies), then
-//! ALLOW (when any ALLOW policy applies, one must match, else denied). AUDIT matches are
+//! Istio's order: CUSTOM (a match is reported in [`Decision::custom`]: the proxy asks the
+//! policy's external authorizer, and denies when its provider is unknown), then DENY (any
+//! match denies), then ALLOW (when any ALLOW policy applies, one must match, else denied). AUDIT matches are
 //! logged. A dry-run policy (`istio.io/dry-run`) is evaluated and its would-be decision
 //! logged, never enforced.
 //!
@@ -104,6 +104,131 @@ pub struct Decision {
 #[derive(Debug, Default)]
 pub struct Policies {
     list: Vec<Policy>,
+    /// Which rules a request's path can let match (see [`PathIndex`]).
+    paths: PathIndex,
+}
+
+/// An index of the rules by the literal text their `paths` start with. A rule whose every
+/// operation names paths that each begin with a known literal (an exact path, a prefix,
+/// a regular expression's or template's literal start) can match only a path beginning
+/// with one of them; a request walks the trie of those literals once along its path and
+/// evaluates only the rules it reached, plus those the index cannot restrict.
+#[derive(Debug, Default)]
+struct PathIndex {
+    /// Trie nodes; the root is node 0 (when there is any).
+    nodes: Vec<PathNode>,
+    /// The rules (bit per rule id) any path may let match.
+    always: Vec<u64>,
+}
+
+#[derive(Debug, Default)]
+struct PathNode {
+    /// Children by next byte, sorted.
+    children: Vec<(u8, u32)>,
+    /// Rules whose literal ends here.
+    rules: Vec<u32>,
+}
+
+impl PathIndex {
+    /// The literals a rule's paths all begin with, or `None` when some path of it can
+    /// match without one (no `to`, an operation without paths, suffixes, case folding,
+    /// presence, an expression without a literal start).
+    fn literals(rule: &Rule) -> Option<Vec<&str>> {
+        if rule.to.is_empty() {
+            return None;
+        }
+        let mut out = Vec::new();
+        for op in &rule.to {
+            if op.paths.is_empty() {
+                return None;
+            }
+            for p in &op.paths {
+                match p {
+                    Str::Exact(s, false) | Str::Prefix(s, false) if !s.is_empty() => {
+                        out.push(s.as_str())
+                    }
+                    Str::Regex(_, lit) if !lit.is_empty() => out.push(lit.as_str()),
+                    _ => return None,
+                }
+            }
+        }
+        Some(out)
+    }
+
+    fn build(list: &[Policy]) -> PathIndex {
+        let total = list.iter().map(|p| p.rules.len()).sum::<usize>();
+        let mut ix = PathIndex {
+            nodes: vec![PathNode::default()],
+            always: vec![0; total.div_ceil(64)],
+        };
+        for r in list.iter().flat_map(|p| &p.rules) {
+            match PathIndex::literals(r) {
+                None => ix.always[r.id as usize / 64] |= 1 << (r.id % 64),
+                Some(lits) => {
+                    for lit in lits {
+                        let mut at = 0usize;
+                        for b in lit.bytes() {
+                            let children = &ix.nodes[at].children;
+                            at = match children.binary_search_by_key(&b, |c| c.0) {
+                                Ok(i) => children[i].1 as usize,
+                                Err(i) => {
+                                    let next = ix.nodes.len();
+                                    ix.nodes[at].children.insert(i, (b, next as u32));
+                                    ix.nodes.push(PathNode::default());
+                                    next
+                                }
+                            };
+                        }
+                        if ix.nodes[at].rules.last() != Some(&r.id) {
+                            ix.nodes[at].rules.push(r.id);
+                        }
+                    }
+                }
+            }
+        }
+        ix
+    }
+
+    /// Sets in `out` the bits of the rules `path` may let match.
+    fn candidates(&self, path: &str, out: &mut Vec<u64>) {
+        out.clear();
+        out.extend_from_slice(&self.always);
+        let mut at = 0usize;
+        for b in path.bytes() {
+            let node = &self.nodes[at];
+            match node.children.binary_search_by_key(&b, |c| c.0) {
+                Ok(i) => at = node.children[i].1 as usize,
+                Err(_) => return,
+            }
+            for &id in &self.nodes[at].rules {
+                out[id as usize / 64] |= 1 << (id % 64);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The candidate rules of the request being decided (reused: no allocation per request).
+    static CANDIDATES: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether any bit of `[start, end)` is set in `bits`.
+fn any_in(bits: &[u64], start: u32, end: u32) -> bool {
+    let (mut i, end) = (start as usize, end as usize);
+    while i < end {
+        let (w, off) = (i / 64, i % 64);
+        let n = (64 - off).min(end - i);
+        let mask = if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << off
+        };
+        if bits[w] & mask != 0 {
+            return true;
+        }
+        i += n;
+    }
+    false
 }
 
 #[derive(Debug)]
@@ -118,10 +243,14 @@ struct Policy {
     ext_authz: Option<std::sync::Arc<pb::ExtAuthz>>,
     /// The union of its rules' [`Rule::ns_mask`].
     ns_mask: u64,
+    /// The id of its first rule (its rules' ids are consecutive).
+    first_rule: u32,
 }
 
 #[derive(Debug, Default)]
 struct Rule {
+    /// Its position among all the rules of all the policies (for [`PathIndex`]).
+    id: u32,
     from: Vec<Source>,
     to: Vec<Operation>,
     when: Vec<Condition>,
@@ -434,6 +563,7 @@ impl Policies {
                     .rules
                     .iter()
                     .map(|r| Rule {
+                        id: 0,
                         ns_mask: 0,
                         from: r
                             .from
@@ -517,11 +647,21 @@ impl Policies {
                     rules,
                     ext_authz: p.ext_authz.clone().map(std::sync::Arc::new),
                     ns_mask,
+                    first_rule: 0,
                 })
             })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
-        Policies { list }
+        let mut id = 0u32;
+        for p in &mut list {
+            p.first_rule = id;
+            for r in &mut p.rules {
+                r.id = id;
+                id += 1;
+            }
+        }
+        let paths = PathIndex::build(&list);
+        Policies { list, paths }
     }
 
     /// Whether no policy applies to anything (the common case: nothing to evaluate).
@@ -531,6 +671,23 @@ impl Policies {
 
     /// Decides `a`.
     pub fn decide(&self, a: &Attrs<'_>) -> Decision {
+        match a.http {
+            // A request: only the rules its path may let match are evaluated.
+            Some(h) if !self.list.is_empty() => CANDIDATES.with(|c| match c.try_borrow_mut() {
+                Ok(mut bits) => {
+                    self.paths.candidates(h.path, &mut bits);
+                    self.decide_among(a, Some(&bits))
+                }
+                Err(_) => self.decide_among(a, None),
+            }),
+            // A connection: HTTP fields are conservative per action, so every rule is.
+            _ => self.decide_among(a, None),
+        }
+    }
+
+    /// Decides `a`, evaluating only the rules set in `candidates` (all when `None`).
+    fn decide_among(&self, a: &Attrs<'_>, candidates: Option<&[u64]>) -> Decision {
+        let may = |id: u32| candidates.is_none_or(|c| c[id as usize / 64] & (1 << (id % 64)) != 0);
         let mut d = Decision::default();
         let applies = |p: &Policy| covers(p.services.as_deref(), a.service);
         let mut any_allow = false;
@@ -540,9 +697,11 @@ impl Policies {
             // Rules (and whole policies) that cannot match the peer's namespace are skipped
             // by their masks; without a peer identity every rule is evaluated.
             let matched = p.ns_mask & bit != 0
+                && candidates
+                    .is_none_or(|c| any_in(c, p.first_rule, p.first_rule + p.rules.len() as u32))
                 && p.rules
                     .iter()
-                    .any(|r| r.ns_mask & bit != 0 && r.matches(a, p.action));
+                    .any(|r| r.ns_mask & bit != 0 && may(r.id) && r.matches(a, p.action));
             if p.dry_run {
                 match p.action {
                     Action::Allow => {
