@@ -265,6 +265,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                             let mut t =
                                 WaypointTemplate::parse(&path.display().to_string(), &text)?;
                             t.mask_regexes = opts.mesh.access_log_masking.regexes.clone();
+                            t.audit_allows = opts.mesh.audit_log.allows;
                             Some(t)
                         }
                         None => None,
@@ -383,6 +384,7 @@ fn render(
         Some(path) => {
             let mut t = WaypointTemplate::parse(&path.display().to_string(), &read(path)?)?;
             t.mask_regexes = mesh.access_log_masking.regexes.clone();
+            t.audit_allows = mesh.audit_log.allows;
             Some(t)
         }
         None => None,

@@ -1643,8 +1643,13 @@ fn the_secure_default_keeps_calls_within_the_namespace_unless_allowed() {
 fn masked_values_never_reach_the_waypoint_logs() {
     with_cluster("waypoint_masking", 2, |c| {
         let mesh = Mesh::start(c)?;
-        // As the controller passes the mesh config's accessLogMasking.regexes.
-        let shop = shop_with(c, &mesh, &["--mask-regex", r"\b[0-9]{13,16}\b"])?;
+        // As the controller passes the mesh config's accessLogMasking.regexes and
+        // auditLog.allows.
+        let shop = shop_with(
+            c,
+            &mesh,
+            &["--mask-regex", r"\b[0-9]{13,16}\b", "--audit-allows"],
+        )?;
         mesh.apply(
             "deny-pay.yaml",
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-refunds, namespace: shop}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: web}]\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/refund/*\"]}}]}]\n",
@@ -1676,6 +1681,20 @@ fn masked_values_never_reach_the_waypoint_logs() {
                 Ok(out.contains("/pay?card=****") && out.contains("/refund/****"))
             },
         )?;
+        // The audit trail: the deny and (auditLog.allows) the allow, each one line naming
+        // who, what and the decision.
+        eventually("both decisions audited", Duration::from_secs(5), || {
+            let out = shop.wp.output();
+            let line = |what: &str| {
+                out.lines().any(|l| {
+                    l.contains(what)
+                        && l.contains(r#""principal":"cluster.local/ns/shop/sa/client""#)
+                        && l.contains(r#""method":"GET""#)
+                        && l.contains(r#""target":"audit""#)
+                })
+            };
+            Ok(line("request denied by policy") && line("request allowed by policy"))
+        })?;
         ensure!(
             !shop.wp.output().contains(card),
             "a masked value reached the waypoint's log"

@@ -86,6 +86,9 @@ pub struct Config {
     pub mask_regexes: Vec<String>,
     /// CA bundle (PEM) trusted for `https` JWKS servers; `None`: the system's bundle.
     pub jwks_roots_file: Option<std::path::PathBuf>,
+    /// Write an audit line for every allowed request and connection too (not only denies,
+    /// AUDIT matches and dry-run decisions).
+    pub audit_allows: bool,
 }
 
 impl Default for Config {
@@ -113,6 +116,7 @@ impl Default for Config {
             trusted_proxies: 0,
             mask_regexes: Vec::new(),
             jwks_roots_file: None,
+            audit_allows: false,
         }
     }
 }

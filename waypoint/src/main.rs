@@ -80,6 +80,10 @@ struct Cli {
     /// system's, as OpenSSL and Go read `SSL_CERT_FILE`.
     #[arg(long, env = "SSL_CERT_FILE")]
     jwks_ca_file: Option<std::path::PathBuf>,
+    /// Write an audit line for every allowed request too (the mesh config's
+    /// `auditLog.allows`); denies, AUDIT matches and dry-run decisions always have one.
+    #[arg(long)]
+    audit_allows: bool,
     /// Worker threads serving connections (each connection stays on one).
     #[arg(long, env = "WAYPOINT_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
@@ -155,6 +159,7 @@ fn main() -> std::process::ExitCode {
         trusted_proxies: cli.trusted_proxies,
         mask_regexes: cli.mask_regex,
         jwks_roots_file: cli.jwks_ca_file,
+        audit_allows: cli.audit_allows,
         ..Config::default()
     };
     // This runtime runs the control side (xDS, certificates, admin, metrics upkeep); the

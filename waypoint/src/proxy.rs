@@ -629,12 +629,10 @@ async fn tcp_forward<T: AsyncRead + AsyncWrite + Unpin>(
         // L4 only: the policies with connection attributes (their HTTP fields count as
         // matching in DENY rules and not in ALLOW ones).
         let policies = wp.policies();
-        if !policies.is_empty() {
+        if !policies.is_empty() || wp.config.audit_allows {
             let a = attrs(&wp, &down, None, None);
             let d = policies.decide(&a);
-            if !d.audited.is_empty() || !d.dry_run.is_empty() || d.denied.is_some() {
-                audit(&d, &a);
-            }
+            audit(&d, &a, wp.config.audit_allows);
             if let Some((policy, _)) = d.denied.or(d.custom.map(|(p, _)| (p, true))) {
                 // (A CUSTOM match on a TCP port: no request to ask about; denied.)
                 return Err(format!("denied by {policy}"));
@@ -934,8 +932,14 @@ fn attrs<'a>(
 }
 
 /// Logs what policy decided when it is worth an audit line: a deny, an AUDIT match, a
-/// dry-run decision.
-fn audit(d: &crate::authz::Decision, a: &crate::authz::Attrs<'_>) {
+/// dry-run decision, and with `allows` (the mesh config's `auditLog.allows`) every allow.
+/// Each line says who (peer principal, end user), what (method, host, path, port), which
+/// policy, and the decision; the log line's timestamp says when.
+fn audit(d: &crate::authz::Decision, a: &crate::authz::Attrs<'_>, allows: bool) {
+    let allowed = d.denied.is_none() && d.custom.is_none();
+    if d.audited.is_empty() && d.dry_run.is_empty() && !(allows && allowed) && d.denied.is_none() {
+        return;
+    }
     let (method, host, path) = a
         .http
         .as_ref()
@@ -943,14 +947,19 @@ fn audit(d: &crate::authz::Decision, a: &crate::authz::Attrs<'_>) {
     let (host, path) = (crate::telemetry::mask(host), crate::telemetry::mask(path));
     let (host, path) = (host.as_ref(), path.as_ref());
     let who = a.principal.unwrap_or("-");
+    let user = a.request_auth.map_or("-", |(p, _)| p);
     if let Some((policy, custom)) = &d.denied {
-        tracing::info!(target: "audit", decision = "deny", policy = %policy, custom = *custom, principal = %who, source_ip = %a.source_ip, method, host, path, port = a.destination_port, "request denied by policy");
+        tracing::info!(target: "audit", decision = "deny", policy = %policy, custom = *custom, principal = %who, request_principal = %user, source_ip = %a.source_ip, method, host, path, port = a.destination_port, "request denied by policy");
     }
     for policy in &d.audited {
-        tracing::info!(target: "audit", decision = if d.denied.is_some() { "deny" } else { "allow" }, policy = %policy, principal = %who, source_ip = %a.source_ip, method, host, path, port = a.destination_port, "AUDIT policy matched");
+        tracing::info!(target: "audit", decision = if d.denied.is_some() { "deny" } else { "allow" }, policy = %policy, principal = %who, request_principal = %user, source_ip = %a.source_ip, method, host, path, port = a.destination_port, "AUDIT policy matched");
     }
     for (policy, deny) in &d.dry_run {
-        tracing::info!(target: "audit", decision = if *deny { "would-deny" } else { "would-allow" }, policy = %policy, dry_run = true, principal = %who, source_ip = %a.source_ip, method, host, path, port = a.destination_port, "dry-run policy evaluated");
+        tracing::info!(target: "audit", decision = if *deny { "would-deny" } else { "would-allow" }, policy = %policy, dry_run = true, principal = %who, request_principal = %user, source_ip = %a.source_ip, method, host, path, port = a.destination_port, "dry-run policy evaluated");
+    }
+    if allows && allowed {
+        let policy = d.allowed_by.as_deref().unwrap_or("-");
+        tracing::info!(target: "audit", decision = "allow", policy = %policy, principal = %who, request_principal = %user, source_ip = %a.source_ip, method, host, path, port = a.destination_port, "request allowed by policy");
     }
 }
 
@@ -1017,7 +1026,7 @@ async fn authorize<B>(
     rec: &mut RequestRecord,
 ) -> Option<Response<Body>> {
     let policies = wp.policies();
-    if policies.is_empty() {
+    if policies.is_empty() && !wp.config.audit_allows {
         return None;
     }
     let d = {
@@ -1037,9 +1046,7 @@ async fn authorize<B>(
         };
         let a = attrs(wp, down, Some(http), verified);
         let d = policies.decide(&a);
-        if !d.audited.is_empty() || !d.dry_run.is_empty() || d.denied.is_some() {
-            audit(&d, &a);
-        }
+        audit(&d, &a, wp.config.audit_allows);
         d
     };
     // CUSTOM first: the external authorizer's answer, then DENY and ALLOW.

@@ -64,6 +64,17 @@ pub struct MeshConfig {
     pub secure_default: bool,
     /// What the waypoints' access and audit logs must never show (a Trellis field).
     pub access_log_masking: LogMasking,
+    /// The waypoints' audit log (a Trellis field).
+    pub audit_log: AuditLog,
+}
+
+/// `auditLog`: what the waypoints' audit lines cover beyond denies, AUDIT-policy matches
+/// and dry-run decisions (always logged).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuditLog {
+    /// A line for every allowed request and connection too.
+    pub allows: bool,
 }
 
 /// `accessLogMasking`: values replaced by `****` in the waypoints' log lines.
@@ -132,6 +143,7 @@ impl Default for MeshConfig {
             extension_providers: Vec::new(),
             secure_default: false,
             access_log_masking: LogMasking::default(),
+            audit_log: AuditLog::default(),
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct WaypointTemplate {
     /// `accessLogMasking.regexes`, filled in at start).
     #[serde(default)]
     pub mask_regexes: Vec<String>,
+    /// Audit every allow too (the mesh config's `auditLog.allows`, filled in at start).
+    #[serde(default)]
+    pub audit_allows: bool,
 }
 
 fn if_not_present() -> String {
@@ -179,6 +182,9 @@ pub fn objects(gw: &Gateway, t: &WaypointTemplate) -> Result<Vec<(Target, Value)
         "--log-format=json".to_string(),
     ];
     args.extend(t.mask_regexes.iter().map(|r| format!("--mask-regex={r}")));
+    if t.audit_allows {
+        args.push("--audit-allows".to_string());
+    }
     let container = json!({
         "name": "waypoint",
         "image": t.image,
