@@ -1011,6 +1011,9 @@ fn a_policy_status_keeps_other_conditions_and_an_unchanged_conditions_time() {
         name: "allow-frontend".into(),
     };
     let observed = json!({"conditions": [
+        {"type": "example.com/Reviewed", "status": "True", "reason": "Reviewed",
+         "lastTransitionTime": "2026-11-01T00:00:00Z"},
+        // Ours from when the policy was attached to a waypoint: replaced.
         {"type": "WaypointAccepted", "status": "True", "reason": "Accepted",
          "lastTransitionTime": "2026-11-01T00:00:00Z"},
         {"type": "ZtunnelAccepted", "status": "True", "reason": "Accepted",
@@ -1018,9 +1021,9 @@ fn a_policy_status_keeps_other_conditions_and_an_unchanged_conditions_time() {
     ]});
     let body = status::policy_status(&id, &snap.statuses[&id], Some(3), Some(&observed));
     let conditions = body["status"]["conditions"].as_array().unwrap();
-    assert_eq!(conditions.len(), 2);
+    assert_eq!(conditions.len(), 2, "{conditions:?}");
     assert_eq!(
-        conditions[0]["type"], "WaypointAccepted",
+        conditions[0]["type"], "example.com/Reviewed",
         "another controller's, kept"
     );
     assert_eq!(conditions[1]["type"], "ZtunnelAccepted");

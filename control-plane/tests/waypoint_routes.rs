@@ -344,6 +344,42 @@ fn policies_attached_to_the_waypoint_or_its_services_become_its_l7_policies() {
         "{}",
         status("on-nothing")
     );
+    // In Kubernetes: Istio's WaypointAccepted condition (`kubectl wait
+    // --for=condition=WaypointAccepted`), not ZtunnelAccepted, for targetRefs policies.
+    use trellis_control_plane::controller::status::policy_status;
+    let condition = |name: &str| {
+        let id = ObjectRef {
+            kind: "AuthorizationPolicy".into(),
+            namespace: "shop".into(),
+            name: name.into(),
+        };
+        let body = policy_status(&id, &snap.statuses[&id], None, None);
+        let c = &body["status"]["conditions"];
+        assert_eq!(c.as_array().map(Vec::len), Some(1), "{body}");
+        (
+            c[0]["type"].as_str().unwrap().to_string(),
+            c[0]["status"].as_str().unwrap().to_string(),
+            c[0]["reason"].as_str().unwrap().to_string(),
+            c[0]["message"].as_str().unwrap().to_string(),
+        )
+    };
+    let (kind, state, reason, message) = condition("on-gateway");
+    assert_eq!(
+        (kind.as_str(), state.as_str(), reason.as_str(), message.as_str()),
+        ("WaypointAccepted", "True", "Accepted", "bound to shop/waypoint")
+    );
+    let (kind, state, reason, message) = condition("on-nothing");
+    assert_eq!(
+        (kind.as_str(), state.as_str(), reason.as_str()),
+        ("WaypointAccepted", "False", "TargetNotFound"),
+        "{message}"
+    );
+    assert!(message.contains("web-v1 has no waypoint"), "{message}");
+    assert_eq!(
+        condition("selected").0,
+        "ZtunnelAccepted",
+        "a selector policy is ztunnel's"
+    );
     // A value that does not parse rejects the policy for the waypoint too.
     let bad = policy(
         "bad",

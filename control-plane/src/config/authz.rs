@@ -40,6 +40,9 @@ pub struct PolicyStatus {
     pub state: PolicyState,
     /// Warnings or rejection reasons, each naming the field.
     pub reasons: Vec<String>,
+    /// Attached to waypoints (`targetRefs`): the waypoints enforce it, and its condition
+    /// is Istio's `WaypointAccepted` rather than `ZtunnelAccepted`.
+    pub waypoint: bool,
 }
 
 /// The result of translating one policy for ztunnel.
@@ -175,6 +178,7 @@ pub fn for_ztunnel(policy: &AuthorizationPolicy, root_namespace: &str) -> Ztunne
                 PolicyState::AcceptedWithWarnings
             },
             reasons: warnings,
+            waypoint: false,
         },
     }
 }
@@ -185,6 +189,7 @@ fn rejected(reasons: Vec<String>) -> ZtunnelPolicy {
         status: PolicyStatus {
             state: PolicyState::Rejected,
             reasons,
+            waypoint: false,
         },
     }
 }
@@ -195,6 +200,7 @@ fn not_for_ztunnel(reason: &str) -> ZtunnelPolicy {
         status: PolicyStatus {
             state: PolicyState::AcceptedWithWarnings,
             reasons: vec![reason.to_string()],
+            waypoint: false,
         },
     }
 }
@@ -230,6 +236,7 @@ pub fn with_load_errors(
                     PolicyStatus {
                         state: PolicyState::Rejected,
                         reasons: vec![reason],
+                        waypoint: false,
                     },
                 );
             }
@@ -460,6 +467,7 @@ pub fn request_authentication_status(ra: &super::istio::RequestAuthentication) -
         return PolicyStatus {
             state: PolicyState::Rejected,
             reasons: vec!["spec: selector and targetRefs cannot both be set".into()],
+            waypoint: false,
         };
     }
     if ra.spec.selector.is_some() {
@@ -478,5 +486,6 @@ fn status_from(reasons: Vec<String>) -> PolicyStatus {
             PolicyState::AcceptedWithWarnings
         },
         reasons,
+        waypoint: false,
     }
 }

@@ -199,6 +199,7 @@ impl Snapshot {
                     PolicyStatus {
                         state: PolicyState::Rejected,
                         reasons: errors.clone(),
+                        waypoint: true,
                     },
                 );
             }
@@ -223,6 +224,7 @@ impl Snapshot {
                     PolicyStatus {
                         state,
                         reasons: notes,
+                        waypoint: true,
                     },
                 );
             } else if let Some(status) = self.statuses.get_mut(&id(key)) {

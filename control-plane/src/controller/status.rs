@@ -8,6 +8,13 @@
 //!   that were ignored) — the policy is in effect as the message says;
 //! - `False`, reason `Invalid`, why it was rejected.
 //!
+//! A policy attached to waypoints with `targetRefs` gets Istio's `WaypointAccepted`
+//! instead: `True`, reason `Accepted`, "bound to <ns>/<waypoint>" (reason
+//! `UnsupportedValue` and the caveats after it when there are some); `False`, reason
+//! `TargetNotFound`, when no waypoint serves what it targets; `False`, `Invalid`, when
+//! rejected. (`ZtunnelAccepted` and `WaypointAccepted` are both ours: writing one removes
+//! the other.)
+//!
 //! `RequestAuthentication` is enforced by waypoints, not ztunnel: it gets `Accepted` with
 //! the same reasons. Conditions of other types on the same object (other controllers')
 //! are written back as observed: with Istio's CRDs the list is one value, which a
@@ -22,6 +29,34 @@ use crate::config::load::ObjectRef;
 
 /// The condition type ztunnel-enforced policies get (Istio's name).
 pub const ZTUNNEL_ACCEPTED: &str = "ZtunnelAccepted";
+
+/// The condition type of policies attached to waypoints (Istio's name).
+pub const WAYPOINT_ACCEPTED: &str = "WaypointAccepted";
+
+/// The `WaypointAccepted` condition's status, reason and message.
+fn waypoint_condition(status: &PolicyStatus) -> (&'static str, &'static str, String) {
+    let notes: Vec<&str> = status
+        .reasons
+        .iter()
+        .map(|r| r.strip_prefix("waypoint: ").unwrap_or(r))
+        .collect();
+    if status.state == PolicyState::Rejected {
+        return ("False", "Invalid", notes.join("; "));
+    }
+    let bound = notes.first().and_then(|n| {
+        n.strip_prefix("enforced with its L7 rules by the waypoints ")
+            .or_else(|| n.strip_prefix("enforced with its L7 rules by the waypoint "))
+    });
+    match bound {
+        Some(gws) if notes.len() == 1 => ("True", "Accepted", format!("bound to {gws}")),
+        Some(gws) => (
+            "True",
+            "UnsupportedValue",
+            format!("bound to {gws}; {}", notes[1..].join("; ")),
+        ),
+        None => ("False", "TargetNotFound", notes.join("; ")),
+    }
+}
 
 /// Where a policy's status is written; `None` for kinds without one.
 pub fn target(id: &ObjectRef) -> Option<Target> {
@@ -51,10 +86,13 @@ pub fn policy_status(
 ) -> Value {
     let kind = if id.kind == "RequestAuthentication" {
         "Accepted"
+    } else if status.waypoint {
+        WAYPOINT_ACCEPTED
     } else {
         ZTUNNEL_ACCEPTED
     };
     let (state, reason, message) = match status.state {
+        _ if kind == WAYPOINT_ACCEPTED => waypoint_condition(status),
         PolicyState::Accepted if kind == ZTUNNEL_ACCEPTED && status.reasons.is_empty() => {
             ("True", "Accepted", "attached to ztunnel".to_string())
         }
@@ -88,7 +126,11 @@ pub fn policy_status(
         .unwrap_or_default();
     let mut conditions: Vec<Value> = observed
         .iter()
-        .filter(|c| c.get("type").and_then(Value::as_str) != Some(kind))
+        .filter(|c| {
+            let t = c.get("type").and_then(Value::as_str);
+            t != Some(kind)
+                && !(kind != "Accepted" && matches!(t, Some(ZTUNNEL_ACCEPTED | WAYPOINT_ACCEPTED)))
+        })
         .cloned()
         .collect();
     conditions.push(condition);
