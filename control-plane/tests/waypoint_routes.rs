@@ -365,8 +365,18 @@ fn policies_attached_to_the_waypoint_or_its_services_become_its_l7_policies() {
     };
     let (kind, state, reason, message) = condition("on-gateway");
     assert_eq!(
-        (kind.as_str(), state.as_str(), reason.as_str(), message.as_str()),
-        ("WaypointAccepted", "True", "Accepted", "bound to shop/waypoint")
+        (
+            kind.as_str(),
+            state.as_str(),
+            reason.as_str(),
+            message.as_str()
+        ),
+        (
+            "WaypointAccepted",
+            "True",
+            "Accepted",
+            "bound to shop/waypoint"
+        )
     );
     let (kind, state, reason, message) = condition("on-nothing");
     assert_eq!(

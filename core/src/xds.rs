@@ -261,6 +261,11 @@ impl Store {
         if let Some(v) = self.versions.get_mut(type_url) {
             v.remove(name);
         }
+        // Only a resource of the same type: names of different types may be equal.
+        if type_url != Address::type_url() {
+            self.remove_other(type_url, name);
+            return;
+        }
         if let Some(w) = self.workloads.remove(name) {
             for ip in w.addresses.iter().filter_map(|b| ip_of(b)) {
                 if self.workload_by_ip.get(&ip).is_some_and(|n| n == name) {
@@ -283,6 +288,10 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// [`Store::remove`] of a resource that is not an `Address`.
+    fn remove_other(&mut self, type_url: &str, name: &str) {
         if type_url == Authorization::type_url() {
             self.policies.remove(name);
         }
@@ -607,6 +616,22 @@ mod tests {
         assert!(s.workload_by_ip(IpAddr::from([10, 0, 0, 2])).is_some());
         s.apply(&response(vec![], vec!["w1".into()])).unwrap();
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_removal_removes_only_the_resource_of_its_type() {
+        let mut s = Store::default();
+        s.apply(&response(
+            vec![workload_resource("same", [10, 0, 0, 1])],
+            vec![],
+        ))
+        .unwrap();
+        // A policy removed under the name a workload has: the workload stays.
+        let mut removal = response(vec![], vec!["same".into()]);
+        removal.type_url = Authorization::type_url();
+        s.apply(&removal).unwrap();
+        assert!(s.workload("same").is_some());
+        assert!(s.workload_by_ip(IpAddr::from([10, 0, 0, 1])).is_some());
     }
 
     #[test]
