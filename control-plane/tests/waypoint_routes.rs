@@ -692,3 +692,58 @@ fn the_secure_default_allows_only_the_namespace_and_its_waypoints() {
             .contains_key("shop/trellis-secure-default")
     );
 }
+
+#[test]
+fn an_http_route_rules_retry_reaches_the_waypoint_as_istio_reads_it() {
+    let route = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: retrying, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /a}}]
+      retry: {codes: [500, 502], attempts: 4, backoff: 100ms}
+      backendRefs: [{name: web-v1, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /b}}]
+      retry: {}
+      backendRefs: [{name: web-v1, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /c}}]
+      retry: {attempts: 0}
+      backendRefs: [{name: web-v1, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /d}}]
+      backendRefs: [{name: web-v1, port: 80}]
+"#;
+    let snap = Snapshot::build(&model(&[CLUSTER, route]), &MeshConfig::default());
+    let r = &routes(&snap)["shop/web.shop.svc.cluster.local:80"];
+    let retry = |prefix: &str| {
+        r.rules
+            .iter()
+            .find(|rule| {
+                rule.matches[0].path.as_ref().and_then(|p| p.kind.clone())
+                    == Some(pb::route_match::path::Kind::Prefix(prefix.into()))
+            })
+            .unwrap()
+            .retry
+            .clone()
+    };
+    use pb::retry_policy::RetryOn;
+    let a = retry("/a").unwrap();
+    assert_eq!(a.attempts, 4);
+    assert_eq!(a.retry_on_status_codes, [500, 502]);
+    assert_eq!(
+        a.retry_on,
+        [RetryOn::ConnectFailure as i32, RetryOn::RefusedStream as i32]
+    );
+    assert_eq!(a.backoff_base_interval.unwrap().nanos, 100_000_000);
+    let b = retry("/b").unwrap();
+    assert_eq!(
+        (b.attempts, b.retry_on_status_codes),
+        (2, vec![503]),
+        "Istio's defaults"
+    );
+    assert_eq!(retry("/c").unwrap().attempts, 0, "attempts 0: no retries");
+    assert!(
+        retry("/d").is_none(),
+        "no retry: the waypoint's default applies"
+    );
+}

@@ -1920,3 +1920,85 @@ fn the_seed_articles_policies_work_as_written_at_the_waypoint() {
         Ok(())
     });
 }
+
+/// Retries (issue 16): an HTTPRoute rule's `retry` masks a backend that fails half its
+/// requests, and the retry budget keeps a backend that fails everything from being
+/// hammered (the attempts its server counts stay close to what the client sent).
+#[test]
+fn retries_mask_a_flaky_backend_and_the_budget_spares_a_failing_one() {
+    with_cluster("waypoint_retries", 2, |c| {
+        let mesh = Mesh::start(c)?;
+        let shop = shop(c, &mesh)?;
+        mesh.apply(
+            "retry-route.yaml",
+            r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /flaky}}]
+      retry: {codes: [503], attempts: 10, backoff: 1ms}
+      backendRefs: [{name: web-v1, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /status}}]
+      retry: {codes: [503], attempts: 5, backoff: 1ms}
+      backendRefs: [{name: web-v2, port: 80}]
+"#,
+        )?;
+        wait_route(
+            &mesh,
+            c,
+            &shop.waypoint,
+            "shop/web.shop.svc.cluster.local:80",
+            2,
+        )?;
+        let requests = |out: &str, what: &str| {
+            out.lines()
+                .filter(|l| l.starts_with(&format!("request GET {what}")))
+                .count()
+        };
+        // Half of web-v1's answers are 503: the client sees (nearly) only 200s.
+        let r = http(c, &shop.client, "http://10.96.0.10/flaky/50", 1000, &[])?;
+        let ok = count(&r, "statuses", "200");
+        ensure!(ok >= 990, "{ok} of 1000 succeeded: {r}");
+        let served = requests(&shop.s1.output(), "/flaky/50");
+        ensure!(
+            served > 1200,
+            "web-v1 saw {served} requests: the failures were not retried"
+        );
+
+        // web-v2 answers 503 to everything: each request would be tried 6 times without
+        // a budget; with it, about once.
+        let sent = 300;
+        let r = http(c, &shop.client, "http://10.96.0.10/status/503", sent, &[])?;
+        ensure!(
+            count(&r, "statuses", "503") == sent as u64,
+            "a failing backend's status reaches the client: {r}"
+        );
+        eventually(
+            "web-v2's server to have logged every attempt",
+            Duration::from_secs(5),
+            || Ok(requests(&shop.s2.output(), "/status/503") >= sent),
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+        let attempts = requests(&shop.s2.output(), "/status/503");
+        ensure!(
+            // (The budget's allowance, `trellis_waypoint::retry::ALLOWANCE`, is 10 retries
+            // per 10 s window; the run spans at most two windows.)
+            attempts <= sent + 2 * 10,
+            "web-v2 got {attempts} attempts for {sent} requests: retries amplified the outage"
+        );
+        eventually(
+            "the access log to flag the spent retries",
+            Duration::from_secs(5),
+            || {
+                Ok(shop
+                    .wp
+                    .output()
+                    .lines()
+                    .any(|l| l.contains("/status/503") && l.contains("URX")))
+            },
+        )?;
+        Ok(())
+    });
+}

@@ -1516,8 +1516,14 @@ async fn route(
         host: authority.to_string(),
         new_path: None,
     };
-    let (target, request_timeout, backend_timeout) = match found {
-        None => ((table.service.clone(), table.port), None, None),
+    let (target, request_timeout, backend_timeout, retry, budget) = match found {
+        None => (
+            (table.service.clone(), table.port),
+            None,
+            None,
+            table.default_retry.as_ref(),
+            &*table.budget,
+        ),
         Some((rule, prefix)) => {
             rec.rule = rule.name.clone();
             // Rule filters first (a redirect answers here); the backend's after the pick.
@@ -1569,9 +1575,17 @@ async fn route(
             for f in &backend.filters {
                 let _ = edits.apply(f, &mut parts.headers, &path, prefix);
             }
-            (target, rule.request_timeout, rule.backend_timeout)
+            (
+                target,
+                rule.request_timeout,
+                rule.backend_timeout,
+                rule.retry.as_ref(),
+                &*backend.budget,
+            )
         }
     };
+    // Retried: a request without a body (nothing to buffer), by a policy for its method.
+    let retry = retry.filter(|r| body.is_end_stream() && r.allows_method(&parts.method));
     let Edits {
         response_mods,
         mirrors,
@@ -1699,41 +1713,139 @@ async fn route(
             Err(e) => tracing::debug!(mirror = %m.0, error = %e, "mirror has no endpoint"),
         }
     }
-    let body: Body = RequestBody {
-        inner: body,
-        count: request_bytes.clone(),
-        mirrors: mirror_txs,
-    }
-    .boxed_unsync();
-    let up_req = Request::from_parts(parts, body);
-    let deadline = match (request_timeout, backend_timeout) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    let send = wp.upstreams().send(&dest, h2, up_req);
-    let deadline = deadline.map(|d| (d, tokio::time::Instant::now() + d));
-    let result = match deadline {
-        Some((d, at)) => match tokio::time::timeout_at(at, send).await {
-            Ok(r) => r,
+    let mut body: Option<Body> = Some(
+        RequestBody {
+            inner: body,
+            count: request_bytes.clone(),
+            mirrors: mirror_txs,
+        }
+        .boxed_unsync(),
+    );
+    let now = tokio::time::Instant::now();
+    // The request timeout covers every attempt; the backend timeout (or the retry
+    // policy's per-try timeout) each one.
+    let overall = request_timeout.map(|d| (d, now + d));
+    let per_try = retry.and_then(|r| r.per_try_timeout).or(backend_timeout);
+    let mut dest = dest;
+    let mut attempt = 0u32;
+    let (resp, deadline) = loop {
+        let head = {
+            let mut h = Request::new(()).into_parts().0;
+            h.method = parts.method.clone();
+            h.uri = parts.uri.clone();
+            h.version = parts.version;
+            h.headers = parts.headers.clone();
+            h
+        };
+        // The first attempt sends the body (and feeds the mirrors); a retried request has
+        // none.
+        let b = body.take().unwrap_or_else(|| {
+            http_body_util::Empty::new()
+                .map_err(|e| -> BoxError { match e {} })
+                .boxed_unsync()
+        });
+        let up_req = Request::from_parts(head, b);
+        let start = tokio::time::Instant::now();
+        let deadline = match (overall, per_try.map(|d| (d, start + d))) {
+            (Some(a), Some(b)) => Some(if a.1 <= b.1 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        budget.attempt();
+        let send = wp.upstreams().send(&dest, h2, up_req);
+        let result = match deadline {
+            Some((d, at)) => match tokio::time::timeout_at(at, send).await {
+                Ok(r) => Ok(r),
+                Err(_) => Err(d),
+            },
+            None => Ok(send.await),
+        };
+        // What this attempt came to, and whether the policy retries it.
+        let retryable = match &result {
+            Ok(Ok(resp)) => retry.is_some_and(|r| r.on_status(resp.status().as_u16())),
+            Ok(Err(UpstreamError::Connect(_))) => retry.is_some_and(|r| r.connect_failure),
+            Ok(Err(UpstreamError::Reset(_))) => retry.is_some_and(|r| r.reset),
+            Ok(Err(UpstreamError::NoHealthy(_))) => false,
+            // A per-try timeout counts as a 504.
             Err(_) => {
-                rec.flags = "UT";
-                rec.error = Some(format!("no response within {d:?}"));
+                overall.is_none_or(|(_, at)| tokio::time::Instant::now() < at)
+                    && retry.is_some_and(|r| r.on_status(504) || r.reset)
+            }
+        };
+        if let Ok(Ok(resp)) = &result
+            && resp.status().as_u16() < 500
+        {
+            budget.success();
+        }
+        let more = retry.is_some_and(|r| attempt < r.attempts);
+        let exhausted = retryable && !more;
+        let refused_by_budget = retryable && more && !budget.allow_retry();
+        if !retryable || exhausted || refused_by_budget {
+            if attempt > 0 || refused_by_budget {
+                rec.retries = attempt;
+            }
+            if exhausted || refused_by_budget {
+                // Envoy's flag: the upstream retry limit was reached.
+                rec.flags = "URX";
+                rec.error = Some(if refused_by_budget {
+                    format!("retry budget spent after {} attempts", attempt + 1)
+                } else {
+                    format!("{} attempts failed", attempt + 1)
+                });
+            }
+            match result {
+                Ok(Ok(resp)) => break (resp, deadline),
+                Ok(Err(e)) => {
+                    if !(exhausted || refused_by_budget) {
+                        rec.flags = e.flag();
+                        rec.error = Some(e.to_string());
+                    }
+                    return Err(local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream connect error or disconnect/reset before headers",
+                    ));
+                }
+                Err(d) => {
+                    if !(exhausted || refused_by_budget) {
+                        rec.flags = "UT";
+                        rec.error = Some(format!("no response within {d:?}"));
+                    }
+                    return Err(local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream request timeout",
+                    ));
+                }
+            }
+        }
+        // Retry: the failed response goes (its stream reset), a pause, another endpoint.
+        drop(result);
+        attempt += 1;
+        if let Some(r) = retry {
+            let pause = r.backoff(attempt, random_u64());
+            let until = tokio::time::Instant::now() + pause;
+            tokio::time::sleep_until(overall.map_or(until, |(_, at)| until.min(at))).await;
+        }
+        let next = if found.is_none() {
+            down.default_dest(wp, random_u64())
+        } else {
+            wp.upstreams().choose(&target.0, target.1, random_u64())
+        };
+        match next {
+            Ok(d) => {
+                *load = Some(wp.upstreams().loads.hold(d.target().ip()));
+                rec.upstream = Some(d.target());
+                dest = d;
+            }
+            Err(e) => {
+                rec.retries = attempt;
+                rec.flags = e.flag();
+                rec.error = Some(e.to_string());
                 return Err(local(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream request timeout",
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy upstream",
                 ));
             }
-        },
-        None => send.await,
+        }
     };
-    let resp = result.map_err(|e: UpstreamError| {
-        rec.flags = e.flag();
-        rec.error = Some(e.to_string());
-        local(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "upstream connect error or disconnect/reset before headers",
-        )
-    })?;
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
     for m in &response_mods {

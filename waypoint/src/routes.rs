@@ -32,6 +32,11 @@ pub struct Table {
     /// Why every connection to this port is refused (403): a policy attached here that
     /// this waypoint cannot enforce yet.
     pub refused: Option<String>,
+    /// The retry budget of requests to this service port itself (no rule, or a rule's
+    /// backend that is this service).
+    pub budget: std::sync::Arc<crate::retry::Budget>,
+    /// Retries of requests no rule matched (Istio's default).
+    pub default_retry: Option<crate::retry::Retry>,
 }
 
 /// One rule (one match).
@@ -49,6 +54,8 @@ pub struct Rule {
     pub request_timeout: Option<Duration>,
     /// Per-attempt deadline.
     pub backend_timeout: Option<Duration>,
+    /// Retries (the rule's, or Istio's default when it sets none; `None`: off).
+    pub retry: Option<crate::retry::Retry>,
 }
 
 #[derive(Debug)]
@@ -170,6 +177,9 @@ pub struct Backend {
     pub weight: u32,
     /// Filters when this backend is picked.
     pub filters: Vec<Filter>,
+    /// The retry budget of requests to this backend (one per backend service and port
+    /// in a route).
+    pub budget: std::sync::Arc<crate::retry::Budget>,
 }
 
 /// What a request is matched on.
@@ -206,10 +216,27 @@ impl Table {
             rules: Vec::with_capacity(route.rules.len()),
             error: None,
             refused: (!route.refused.is_empty()).then(|| route.refused.clone()),
+            budget: std::sync::Arc::default(),
+            default_retry: Some(crate::retry::Retry::istio_default()),
         };
+        // One budget per backend service and port.
+        let mut budgets = std::collections::HashMap::new();
+        budgets.insert(
+            (table.service.clone(), table.port),
+            std::sync::Arc::clone(&table.budget),
+        );
         for r in &route.rules {
             match compile_rule(r) {
-                Ok(rule) => table.rules.push(rule),
+                Ok(mut rule) => {
+                    for b in &mut rule.backends {
+                        if let Some(t) = &b.target {
+                            b.budget = std::sync::Arc::clone(
+                                budgets.entry(t.clone()).or_insert_with(|| b.budget.clone()),
+                            );
+                        }
+                    }
+                    table.rules.push(rule)
+                }
                 Err(e) => {
                     table.error = Some(format!("rule {}: {e}", r.name));
                     table.rules.clear();
@@ -569,6 +596,7 @@ fn compile_rule(r: &pb::RouteRule) -> Result<Rule, String> {
                     .map(compile_filter)
                     .filter_map(Result::transpose)
                     .collect::<Result<Vec<_>, String>>()?,
+                budget: std::sync::Arc::default(),
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -593,6 +621,10 @@ fn compile_rule(r: &pb::RouteRule) -> Result<Rule, String> {
             .timeouts
             .as_ref()
             .and_then(|t| duration(t.backend_request.as_ref())),
+        retry: match &r.retry {
+            None => Some(crate::retry::Retry::istio_default()),
+            Some(p) => crate::retry::Retry::compile(p),
+        },
     })
 }
 

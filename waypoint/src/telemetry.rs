@@ -90,6 +90,8 @@ pub struct RequestRecord {
     pub flags: &'static str,
     /// The rule that routed it (`namespace/route/index`), or `default`.
     pub rule: String,
+    /// Retries sent after the first attempt.
+    pub retries: u32,
     /// Request bytes (headers and body).
     pub request_bytes: u64,
     /// Response bytes (headers and body).
@@ -339,6 +341,7 @@ impl RequestRecord {
             duration_ms = self.duration.as_millis() as u64,
             error = %mask(self.error.as_deref().unwrap_or("-")),
             policy = %self.policy.as_deref().unwrap_or("-"),
+            retries = self.retries,
             "request complete"
         );
     }

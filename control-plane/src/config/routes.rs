@@ -90,6 +90,7 @@ struct RuleIn<'a> {
     backends: &'a [HttpBackendRef],
     request_timeout: Option<&'a str>,
     backend_timeout: Option<&'a str>,
+    retry: Option<&'a super::gateway::HttpRouteRetry>,
 }
 
 /// Every waypoint Route resource, by name: one per port of each Service some waypoint
@@ -389,6 +390,7 @@ fn rules_for(
                 .timeouts
                 .as_ref()
                 .and_then(|t| t.backend_request.as_deref()),
+            retry: rule.retry.as_ref(),
         });
         let age = route.metadata.creation_timestamp.as_ref().map(|t| t.0);
         collect(
@@ -426,6 +428,7 @@ fn rules_for(
             backends: &rule.backend_refs,
             request_timeout: None,
             backend_timeout: None,
+            retry: None,
         });
         let age = route.metadata.creation_timestamp.as_ref().map(|t| t.0);
         collect(
@@ -499,6 +502,7 @@ fn collect<'a>(
                 idle: None,
             }),
         };
+        let retry = rule.retry.map(retry_policy);
         for (m, matched) in rule.matches.into_iter().enumerate() {
             let path_rank = match matched.path.as_ref().and_then(|p| p.kind.as_ref()) {
                 Some(pb::route_match::path::Kind::Exact(p)) => (0, p.len()),
@@ -525,12 +529,40 @@ fn collect<'a>(
                     filters: filters.clone(),
                     backends: backends.clone(),
                     timeouts,
-                    retry: None,
+                    retry: retry.clone(),
                     fault: None,
                     rate_limit: None,
                 },
             });
         }
+    }
+}
+
+/// An HTTPRoute rule's `retry` (Gateway API, experimental channel) as Istio reads it:
+/// `attempts` retries after the first try (unset: 2, Istio's default; 0: none), on the
+/// `codes` given (none: 503), and always on connect failures and refused streams;
+/// `backoff` the base of the jittered exponential pause.
+fn retry_policy(r: &super::gateway::HttpRouteRetry) -> pb::RetryPolicy {
+    use pb::retry_policy::RetryOn;
+    pb::RetryPolicy {
+        attempts: r.attempts.unwrap_or(2),
+        per_try_timeout: None,
+        retry_on: vec![
+            RetryOn::ConnectFailure as i32,
+            RetryOn::RefusedStream as i32,
+        ],
+        retry_on_status_codes: if r.codes.is_empty() {
+            vec![503]
+        } else {
+            r.codes.iter().map(|c| u32::from(*c)).collect()
+        },
+        retry_on_grpc_codes: Vec::new(),
+        backoff_base_interval: r
+            .backoff
+            .as_deref()
+            .and_then(parse_duration)
+            .map(proto_duration),
+        backoff_max_interval: None,
     }
 }
 

@@ -216,6 +216,16 @@ async fn answer_http(
                 status = s;
             }
         }
+        ["", "flaky", percent] => {
+            // 503 for `percent`% of the requests, at random (a backend failing a share).
+            use std::hash::{BuildHasher, Hasher};
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            if h.finish() % 100 < percent.parse::<u64>().unwrap_or(0) {
+                status = StatusCode::SERVICE_UNAVAILABLE;
+            }
+        }
         ["", "delay", ms] => {
             if let Ok(ms) = ms.parse::<u64>() {
                 tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
