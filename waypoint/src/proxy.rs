@@ -1729,13 +1729,16 @@ async fn route(
     let mut dest = dest;
     let mut attempt = 0u32;
     let (resp, deadline) = loop {
-        let head = {
+        // Kept for a retry only when one may follow (a copy of the head per request).
+        let head = if retry.is_some() {
             let mut h = Request::new(()).into_parts().0;
             h.method = parts.method.clone();
             h.uri = parts.uri.clone();
             h.version = parts.version;
             h.headers = parts.headers.clone();
             h
+        } else {
+            std::mem::replace(&mut parts, Request::new(()).into_parts().0)
         };
         // The first attempt sends the body (and feeds the mirrors); a retried request has
         // none.
