@@ -2,6 +2,7 @@
 //! their source (a directory of YAML manifests, later the Kubernetes API).
 
 pub mod authz;
+pub mod destination;
 pub mod dir;
 pub mod gateway;
 pub mod istio;

@@ -732,7 +732,10 @@ spec:
     assert_eq!(a.retry_on_status_codes, [500, 502]);
     assert_eq!(
         a.retry_on,
-        [RetryOn::ConnectFailure as i32, RetryOn::RefusedStream as i32]
+        [
+            RetryOn::ConnectFailure as i32,
+            RetryOn::RefusedStream as i32
+        ]
     );
     assert_eq!(a.backoff_base_interval.unwrap().nanos, 100_000_000);
     let b = retry("/b").unwrap();
@@ -746,4 +749,93 @@ spec:
         retry("/d").is_none(),
         "no retry: the waypoint's default applies"
     );
+}
+
+#[test]
+fn a_destination_rule_becomes_the_traffic_policy_of_its_service_at_the_waypoint() {
+    use trellis_control_plane::config::authz::PolicyState;
+    use trellis_control_plane::config::load::ObjectRef;
+    let rules = r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 4}
+      http: {http1MaxPendingRequests: 2, http2MaxRequests: 8, maxRequestsPerConnection: 10}
+    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 5s, maxEjectionPercent: 50}
+    loadBalancer: {simple: ROUND_ROBIN}
+    portLevelSettings:
+      - port: {number: 9000}
+        connectionPool: {http: {http2MaxRequests: 1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: everything, namespace: istio-system}
+spec:
+  host: "*.shop.svc.cluster.local"
+  trafficPolicy:
+    outlierDetection: {consecutiveGatewayErrors: 2}
+"#;
+    let route = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-v1, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+    - backendRefs: [{name: web-v1, port: 80}]
+"#;
+    let snap = Snapshot::build(&model(&[CLUSTER, rules, route]), &MeshConfig::default());
+    let all = routes(&snap);
+    // The Service's own rule (its namespace beats the root namespace's wildcard).
+    let tp = all["shop/web.shop.svc.cluster.local:80"]
+        .traffic_policy
+        .unwrap();
+    let cb = tp.circuit_breaker.unwrap();
+    assert_eq!(
+        (cb.max_connections, cb.max_pending_requests, cb.max_requests),
+        (Some(4), Some(2), Some(8))
+    );
+    let od = tp.outlier_detection.unwrap();
+    assert_eq!(od.consecutive_5xx, Some(3));
+    assert_eq!(od.base_ejection_time.unwrap().seconds, 5);
+    assert_eq!(od.max_ejection_percent, Some(50));
+    // portLevelSettings replace the section for their port.
+    let at_9000 = all["shop/web.shop.svc.cluster.local:9000"]
+        .traffic_policy
+        .unwrap();
+    assert_eq!(at_9000.circuit_breaker.unwrap().max_requests, Some(1));
+    // A route's backend gets its own Service's rule: web-v1 only matches the wildcard.
+    let backend = &all["shop/web.shop.svc.cluster.local:80"].rules[0].backends[0];
+    let od = backend
+        .traffic_policy
+        .as_ref()
+        .and_then(|t| t.outlier_detection)
+        .unwrap();
+    assert_eq!(
+        (od.consecutive_gateway_errors, od.consecutive_5xx),
+        (Some(2), Some(5)),
+        "Istio's default of 5 consecutive 5xx"
+    );
+    // What waypoints do not apply is named in the status.
+    let status = &snap.statuses[&ObjectRef {
+        kind: "DestinationRule".into(),
+        namespace: "shop".into(),
+        name: "web".into(),
+    }];
+    assert_eq!(status.state, PolicyState::AcceptedWithWarnings);
+    let text = status.reasons.join("; ");
+    for field in [
+        "spec.trafficPolicy.loadBalancer",
+        "spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection",
+    ] {
+        assert!(text.contains(field), "{field} not named: {text}");
+    }
+    let clean = &snap.statuses[&ObjectRef {
+        kind: "DestinationRule".into(),
+        namespace: "istio-system".into(),
+        name: "everything".into(),
+    }];
+    assert_eq!(clean.state, PolicyState::Accepted, "{:?}", clean.reasons);
 }

@@ -46,6 +46,8 @@ pub struct Pick<'a> {
     pub random: u64,
     /// Open connections from this ztunnel to an address.
     pub load: &'a dyn Fn(IpAddr) -> usize,
+    /// Endpoints to pass over while others are ready (a waypoint's outlier ejections).
+    pub skip: Option<&'a dyn Fn(IpAddr) -> bool>,
 }
 
 impl Pick<'_> {
@@ -179,9 +181,20 @@ fn pick_endpoint<'a>(
     let Some(sp) = svc.ports.iter().find(|p| p.service_port == u32::from(port)) else {
         return Err(format!("service {key} has no port {port}"));
     };
-    let endpoints = endpoints(store, &key);
+    let mut endpoints = endpoints(store, &key);
     if endpoints.is_empty() {
         return Err(format!("service {key} has no ready endpoint"));
+    }
+    if let Some(skip) = pick.skip {
+        // Passed over only while another endpoint is left (never none at all).
+        let kept: Vec<&Workload> = endpoints
+            .iter()
+            .copied()
+            .filter(|w| !first_ip(w).is_some_and(skip))
+            .collect();
+        if !kept.is_empty() {
+            endpoints = kept;
+        }
     }
     let w = pick.choose(&endpoints);
     let target_port = w
@@ -456,6 +469,7 @@ mod tests {
         Pick {
             random: r,
             load: &no_load,
+            skip: None,
         }
     }
 
@@ -673,6 +687,7 @@ mod pick_tests {
             let pick = Pick {
                 random: r,
                 load: &busy,
+                skip: None,
             };
             assert_eq!(pick.choose(&[&a, &b]).addresses, b.addresses, "random {r}");
         }
@@ -685,6 +700,7 @@ mod pick_tests {
             let pick = Pick {
                 random: r.wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 load: &idle,
+                skip: None,
             };
             seen.insert(pick.choose(&refs).addresses.clone());
         }

@@ -15,6 +15,7 @@ pub mod framing;
 pub mod jwt;
 pub mod logbuf;
 pub mod proxy;
+pub mod resilience;
 pub mod retry;
 pub mod routes;
 pub mod telemetry;

@@ -816,7 +816,7 @@ async fn handle(
         let store = wp.mesh.xds.store();
         rec.source_workload = store.workload_by_ip(down.peer.ip()).map(|w| w.uid.clone());
     }
-    let mut load = None;
+    let mut load = Held::default();
     let response = match smuggling(&req, ambiguous) {
         Some(why) => {
             // Framing two parsers could read differently: refused, and the connection
@@ -1464,7 +1464,7 @@ async fn route(
     authority: &str,
     rec: &mut RequestRecord,
     request_bytes: &Arc<AtomicU64>,
-    load: &mut Option<trellis_core::routing::LoadGuard>,
+    held: &mut Held,
 ) -> Result<Response<Body>, Response<Body>> {
     // Workload-addressed traffic has no routes: an empty table sends it to the workload.
     static NO_ROUTES: std::sync::LazyLock<Arc<Table>> =
@@ -1516,13 +1516,13 @@ async fn route(
         host: authority.to_string(),
         new_path: None,
     };
-    let (target, request_timeout, backend_timeout, retry, budget) = match found {
+    let (target, request_timeout, backend_timeout, retry, state) = match found {
         None => (
             (table.service.clone(), table.port),
             None,
             None,
             table.default_retry.as_ref(),
-            &*table.budget,
+            &table.state,
         ),
         Some((rule, prefix)) => {
             rec.rule = rule.name.clone();
@@ -1580,7 +1580,7 @@ async fn route(
                 rule.request_timeout,
                 rule.backend_timeout,
                 rule.retry.as_ref(),
-                &*backend.budget,
+                &backend.state,
             )
         }
     };
@@ -1592,12 +1592,22 @@ async fn route(
         host,
         new_path,
     } = edits;
-    let dest = if found.is_none() {
-        down.default_dest(wp, random)
-    } else {
-        wp.upstreams().choose(&target.0, target.1, random)
+    // Endpoints ejected by outlier detection are passed over while others are ready.
+    let ejected = |ip: std::net::IpAddr| state.outlier.as_ref().is_some_and(|o| o.ejected(ip));
+    let skip: Option<&(dyn Fn(std::net::IpAddr) -> bool + Sync)> =
+        state.outlier.is_some().then_some(&ejected);
+    let pick_dest = |random: u64| {
+        if found.is_none() && (down.workload.is_some() || skip.is_none()) {
+            down.default_dest(wp, random)
+        } else if found.is_none() {
+            wp.upstreams()
+                .choose_skipping(&down.service_key(), down.target.port(), random, skip)
+        } else {
+            wp.upstreams()
+                .choose_skipping(&target.0, target.1, random, skip)
+        }
     };
-    let dest = dest.map_err(|e| {
+    let dest = pick_dest(random).map_err(|e| {
         rec.flags = e.flag();
         rec.error = Some(e.to_string());
         local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
@@ -1616,7 +1626,7 @@ async fn route(
     if !target.0.is_empty() && rec.service.as_deref() != Some(target.0.as_str()) {
         rec.service = Some(target.0.clone());
     }
-    *load = Some(wp.upstreams().loads.hold(dest.target().ip()));
+    held.load = Some(wp.upstreams().loads.hold(dest.target().ip()));
 
     // The request as it goes upstream.
     let h2 = match table.protocol {
@@ -1721,6 +1731,16 @@ async fn route(
         }
         .boxed_unsync(),
     );
+    // Connection-pool limits (a DestinationRule's): overflow answers 503, flag UO.
+    let admission = match crate::resilience::admit(state, !h2).await {
+        Ok(a) => a,
+        Err(crate::resilience::Overflow(what)) => {
+            rec.flags = "UO";
+            rec.error = Some(format!("circuit breaker open: {what}"));
+            return Err(local(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow"));
+        }
+    };
+    held.admission = admission;
     let now = tokio::time::Instant::now();
     // The request timeout covers every attempt; the backend timeout (or the retry
     // policy's per-try timeout) each one.
@@ -1753,7 +1773,7 @@ async fn route(
             (Some(a), Some(b)) => Some(if a.1 <= b.1 { a } else { b }),
             (a, b) => a.or(b),
         };
-        budget.attempt();
+        state.budget.attempt();
         let send = wp.upstreams().send(&dest, h2, up_req);
         let result = match deadline {
             Some((d, at)) => match tokio::time::timeout_at(at, send).await {
@@ -1777,11 +1797,23 @@ async fn route(
         if let Ok(Ok(resp)) = &result
             && resp.status().as_u16() < 500
         {
-            budget.success();
+            state.budget.success();
+        }
+        if let Some(o) = &state.outlier {
+            use crate::resilience::Outcome;
+            let outcome = match &result {
+                Ok(Ok(resp)) => Some(Outcome::Status(resp.status().as_u16())),
+                Ok(Err(UpstreamError::NoHealthy(_))) => None,
+                Ok(Err(_)) => Some(Outcome::Failed),
+                Err(_) => Some(Outcome::Status(504)),
+            };
+            if let Some(outcome) = outcome {
+                o.record(dest.target().ip(), outcome);
+            }
         }
         let more = retry.is_some_and(|r| attempt < r.attempts);
         let exhausted = retryable && !more;
-        let refused_by_budget = retryable && more && !budget.allow_retry();
+        let refused_by_budget = retryable && more && !state.budget.allow_retry();
         if !retryable || exhausted || refused_by_budget {
             if attempt > 0 || refused_by_budget {
                 rec.retries = attempt;
@@ -1827,14 +1859,10 @@ async fn route(
             let until = tokio::time::Instant::now() + pause;
             tokio::time::sleep_until(overall.map_or(until, |(_, at)| until.min(at))).await;
         }
-        let next = if found.is_none() {
-            down.default_dest(wp, random_u64())
-        } else {
-            wp.upstreams().choose(&target.0, target.1, random_u64())
-        };
+        let next = pick_dest(random_u64());
         match next {
             Ok(d) => {
-                *load = Some(wp.upstreams().loads.hold(d.target().ip()));
+                held.load = Some(wp.upstreams().loads.hold(d.target().ip()));
                 rec.upstream = Some(d.target());
                 dest = d;
             }
@@ -1867,6 +1895,14 @@ async fn route(
         None => rbody.boxed_unsync(),
     };
     Ok(Response::from_parts(rparts, rbody))
+}
+
+/// What a request holds until its response ends: its count in the endpoint's load, and
+/// its place under the backend's connection-pool limits.
+#[derive(Debug, Default)]
+struct Held {
+    load: Option<trellis_core::routing::LoadGuard>,
+    admission: Option<crate::resilience::Admission>,
 }
 
 /// The response did not end within the route's timeout.
@@ -2098,7 +2134,7 @@ struct Measured {
     sent: u64,
     request_bytes: Arc<AtomicU64>,
     ended: bool,
-    _load: Option<trellis_core::routing::LoadGuard>,
+    _load: Held,
 }
 
 impl HttpBody for Measured {

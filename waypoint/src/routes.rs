@@ -32,9 +32,9 @@ pub struct Table {
     /// Why every connection to this port is refused (403): a policy attached here that
     /// this waypoint cannot enforce yet.
     pub refused: Option<String>,
-    /// The retry budget of requests to this service port itself (no rule, or a rule's
-    /// backend that is this service).
-    pub budget: std::sync::Arc<crate::retry::Budget>,
+    /// Retry budget, limits and outlier detection of requests to this service port itself
+    /// (no rule, or a rule's backend that is this service).
+    pub state: std::sync::Arc<crate::resilience::BackendState>,
     /// Retries of requests no rule matched (Istio's default).
     pub default_retry: Option<crate::retry::Retry>,
 }
@@ -177,9 +177,9 @@ pub struct Backend {
     pub weight: u32,
     /// Filters when this backend is picked.
     pub filters: Vec<Filter>,
-    /// The retry budget of requests to this backend (one per backend service and port
-    /// in a route).
-    pub budget: std::sync::Arc<crate::retry::Budget>,
+    /// Retry budget, limits and outlier detection of this backend (one per backend
+    /// service and port in a route).
+    pub state: std::sync::Arc<crate::resilience::BackendState>,
 }
 
 /// What a request is matched on.
@@ -216,22 +216,24 @@ impl Table {
             rules: Vec::with_capacity(route.rules.len()),
             error: None,
             refused: (!route.refused.is_empty()).then(|| route.refused.clone()),
-            budget: std::sync::Arc::default(),
+            state: std::sync::Arc::new(crate::resilience::BackendState::new(
+                route.traffic_policy.as_ref(),
+            )),
             default_retry: Some(crate::retry::Retry::istio_default()),
         };
-        // One budget per backend service and port.
+        // One state per backend service and port.
         let mut budgets = std::collections::HashMap::new();
         budgets.insert(
             (table.service.clone(), table.port),
-            std::sync::Arc::clone(&table.budget),
+            std::sync::Arc::clone(&table.state),
         );
         for r in &route.rules {
             match compile_rule(r) {
                 Ok(mut rule) => {
                     for b in &mut rule.backends {
                         if let Some(t) = &b.target {
-                            b.budget = std::sync::Arc::clone(
-                                budgets.entry(t.clone()).or_insert_with(|| b.budget.clone()),
+                            b.state = std::sync::Arc::clone(
+                                budgets.entry(t.clone()).or_insert_with(|| b.state.clone()),
                             );
                         }
                     }
@@ -596,7 +598,9 @@ fn compile_rule(r: &pb::RouteRule) -> Result<Rule, String> {
                     .map(compile_filter)
                     .filter_map(Result::transpose)
                     .collect::<Result<Vec<_>, String>>()?,
-                budget: std::sync::Arc::default(),
+                state: std::sync::Arc::new(crate::resilience::BackendState::new(
+                    b.traffic_policy.as_ref(),
+                )),
             })
         })
         .collect::<Result<Vec<_>, String>>()?;

@@ -227,10 +227,23 @@ impl Upstreams {
 
     /// An endpoint of service `key` (`namespace/hostname`) for its port `port`.
     pub fn choose(&self, key: &str, port: u16, random: u64) -> Result<Dest, UpstreamError> {
+        self.choose_skipping(key, port, random, None)
+    }
+
+    /// [`Upstreams::choose`], passing over the endpoints `skip` names while others are
+    /// ready (outlier ejections).
+    pub fn choose_skipping(
+        &self,
+        key: &str,
+        port: u16,
+        random: u64,
+        skip: Option<&(dyn Fn(IpAddr) -> bool + Sync)>,
+    ) -> Result<Dest, UpstreamError> {
         let load = |ip: IpAddr| self.loads.get(ip);
         let pick = Pick {
             random,
             load: &load,
+            skip: skip.map(|f| f as &dyn Fn(IpAddr) -> bool),
         };
         let store = self.mesh.xds.store();
         dest(trellis_core::routing::to_endpoint(

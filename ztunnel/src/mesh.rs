@@ -45,6 +45,7 @@ impl Mesh {
         let pick = Pick {
             random,
             load: &load,
+            skip: None,
         };
         decide(&self.xds.store(), &self.trust_domain, dst, &pick)
     }

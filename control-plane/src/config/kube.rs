@@ -147,6 +147,13 @@ pub const KINDS: &[Kind] = &[
         plural: "referencegrants",
         metadata_only: false,
     },
+    Kind {
+        group: "networking.istio.io",
+        version: "v1",
+        kind: "DestinationRule",
+        plural: "destinationrules",
+        metadata_only: false,
+    },
 ];
 
 /// What a watcher saw.

@@ -34,6 +34,7 @@ pub enum Object {
     HttpRoute(Box<HttpRoute>),
     GrpcRoute(Box<GrpcRoute>),
     ReferenceGrant(Box<ReferenceGrant>),
+    DestinationRule(Box<super::destination::DestinationRule>),
     /// A Node: only its labels are kept (locality); its spec and status are large and
     /// change often.
     Node(Box<NodeLabels>),
@@ -288,6 +289,15 @@ fn parse_document(file: &str, position: &str, mut value: Value) -> Document {
                 _ => typed::<GrpcRoute>(value, &mut warnings)
                     .and_then(|r| r.validate().map(|()| Object::GrpcRoute(Box::new(r)))),
             }
+        }
+        ("networking.istio.io", "v1" | "v1beta1" | "v1alpha3", "DestinationRule") => {
+            if let Some(m) = value.as_mapping_mut() {
+                m.remove("apiVersion");
+                m.remove("kind");
+                m.remove("status");
+            }
+            typed::<super::destination::DestinationRule>(value, &mut warnings)
+                .map(|d| Object::DestinationRule(Box::new(d)))
         }
         _ => {
             return Document::Skipped(format!(

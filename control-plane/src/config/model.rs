@@ -164,6 +164,7 @@ pub struct Model {
     http_routes: BTreeMap<Key, HttpRoute>,
     grpc_routes: BTreeMap<Key, GrpcRoute>,
     reference_grants: BTreeMap<Key, ReferenceGrant>,
+    destination_rules: BTreeMap<Key, super::destination::DestinationRule>,
     /// Node labels by node name (workloads' locality).
     nodes: BTreeMap<String, BTreeMap<String, String>>,
     /// EndpointSlices: endpoints of Services not backed by pods.
@@ -229,6 +230,9 @@ impl Model {
             Object::ReferenceGrant(o) => {
                 self.reference_grants.insert(k, *o);
             }
+            Object::DestinationRule(o) => {
+                self.destination_rules.insert(k, *o);
+            }
         }
     }
 
@@ -248,6 +252,7 @@ impl Model {
             Object::HttpRoute(o) => self.http_routes.get(&k) == Some(o),
             Object::GrpcRoute(o) => self.grpc_routes.get(&k) == Some(o),
             Object::ReferenceGrant(o) => self.reference_grants.get(&k) == Some(o),
+            Object::DestinationRule(o) => self.destination_rules.get(&k) == Some(o),
             Object::Node(n) => self.nodes.get(&n.name) == Some(&n.labels),
             Object::EndpointSlice(o) => self.endpoint_slices.get(&k) == Some(o),
         }
@@ -299,6 +304,9 @@ impl Model {
             }
             "ReferenceGrant" => {
                 self.reference_grants.remove(&k);
+            }
+            "DestinationRule" => {
+                self.destination_rules.remove(&k);
             }
             _ => {}
         }
@@ -525,6 +533,7 @@ impl Model {
             "PeerAuthentication" => Some(&self.peer_authentications.get(&k)?.metadata),
             "RequestAuthentication" => Some(&self.request_authentications.get(&k)?.metadata),
             "Gateway" => Some(&self.gateways.get(&k)?.metadata),
+            "DestinationRule" => Some(&self.destination_rules.get(&k)?.metadata),
             _ => None,
         }
     }
@@ -564,6 +573,7 @@ impl Model {
             .chain(self.authorization_policies.keys())
             .chain(self.peer_authentications.keys())
             .chain(self.request_authentications.keys())
+            .chain(self.destination_rules.keys())
             .map(|(ns, _)| ns.clone())
             .collect()
     }
@@ -582,6 +592,13 @@ impl Model {
         ns: &str,
     ) -> impl Iterator<Item = (&'a Key, &'a PeerAuthentication)> + 'a {
         in_namespace(&self.peer_authentications, ns)
+    }
+
+    /// Every DestinationRule.
+    pub fn destination_rules(
+        &self,
+    ) -> impl Iterator<Item = (&Key, &super::destination::DestinationRule)> {
+        self.destination_rules.iter()
     }
 
     /// The RequestAuthentications of namespace `ns`.

@@ -111,10 +111,10 @@ pub fn waypoint_routes(model: &Model, mesh: &MeshConfig) -> BTreeMap<String, pb:
             let rules = rules_for(model, mesh, ns, name, number);
             let route = pb::Route {
                 name: format!("{}/{}:{number}", service.namespace, service.hostname),
+                traffic_policy: traffic_policy_of(model, mesh, &service),
                 service: Some(service),
                 protocol: port_protocol(port) as i32,
                 rules,
-                traffic_policy: None,
                 refused: String::new(),
             };
             out.insert(route.name.clone(), route);
@@ -471,6 +471,7 @@ fn collect<'a>(
             .backends
             .iter()
             .map(|b| pb::WeightedBackend {
+                traffic_policy: None,
                 backend: Some(backend(
                     b.namespace.as_deref(),
                     &b.name,
@@ -488,7 +489,14 @@ fn collect<'a>(
                     .iter()
                     .filter_map(|f| filter(f, kind, rns, model, mesh))
                     .collect(),
-                traffic_policy: None,
+            })
+            .map(|mut b| {
+                // The DestinationRule of the backend's Service.
+                b.traffic_policy = b
+                    .backend
+                    .as_ref()
+                    .and_then(|s| traffic_policy_of(model, mesh, s));
+                b
             })
             .collect();
         let timeouts = match (
@@ -536,6 +544,19 @@ fn collect<'a>(
             });
         }
     }
+}
+
+/// The waypoint's traffic policy for Service port `s` from its DestinationRule, if any.
+fn traffic_policy_of(
+    model: &Model,
+    mesh: &MeshConfig,
+    s: &pb::ServiceRef,
+) -> Option<pb::TrafficPolicy> {
+    if s.hostname.is_empty() {
+        return None;
+    }
+    let (_, dr) = super::destination::rule_for(model, mesh, &s.namespace, &s.hostname)?;
+    super::destination::traffic_policy(dr, s.port)
 }
 
 /// An HTTPRoute rule's `retry` (Gateway API, experimental channel) as Istio reads it:
@@ -771,7 +792,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(total)
 }
 
-fn proto_duration(d: Duration) -> prost_types::Duration {
+pub fn proto_duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),

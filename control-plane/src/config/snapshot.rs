@@ -323,6 +323,27 @@ impl Snapshot {
             };
             self.statuses.insert(id, request_authentication_status(ra));
         }
+        for ((dns, name), dr) in model.destination_rules().filter(|((n, _), _)| n == ns) {
+            let id = ObjectRef {
+                kind: "DestinationRule".into(),
+                namespace: dns.clone(),
+                name: name.clone(),
+            };
+            let notes = super::destination::notes(dr);
+            let state = if notes.is_empty() {
+                PolicyState::Accepted
+            } else {
+                PolicyState::AcceptedWithWarnings
+            };
+            self.statuses.insert(
+                id,
+                PolicyStatus {
+                    state,
+                    reasons: notes,
+                    waypoint: false,
+                },
+            );
+        }
     }
 
     fn add_peer_authentication(&mut self, model: &Model, mesh: &MeshConfig) {

@@ -16,7 +16,8 @@
 //! the other.)
 //!
 //! `RequestAuthentication` is enforced by waypoints, not ztunnel: it gets `Accepted` with
-//! the same reasons. Conditions of other types on the same object (other controllers')
+//! the same reasons. So does a `DestinationRule` (`networking.istio.io`), with what the
+//! waypoints do not apply of it as `UnsupportedValue`. Conditions of other types on the same object (other controllers')
 //! are written back as observed: with Istio's CRDs the list is one value, which a
 //! server-side apply replaces whole. A condition whose status did not change keeps its
 //! `lastTransitionTime`.
@@ -60,14 +61,31 @@ fn waypoint_condition(status: &PolicyStatus) -> (&'static str, &'static str, Str
 
 /// Where a policy's status is written; `None` for kinds without one.
 pub fn target(id: &ObjectRef) -> Option<Target> {
-    let (kind, plural) = match id.kind.as_str() {
-        "AuthorizationPolicy" => ("AuthorizationPolicy", "authorizationpolicies"),
-        "PeerAuthentication" => ("PeerAuthentication", "peerauthentications"),
-        "RequestAuthentication" => ("RequestAuthentication", "requestauthentications"),
+    let (api_version, kind, plural) = match id.kind.as_str() {
+        "AuthorizationPolicy" => (
+            "security.istio.io/v1",
+            "AuthorizationPolicy",
+            "authorizationpolicies",
+        ),
+        "PeerAuthentication" => (
+            "security.istio.io/v1",
+            "PeerAuthentication",
+            "peerauthentications",
+        ),
+        "RequestAuthentication" => (
+            "security.istio.io/v1",
+            "RequestAuthentication",
+            "requestauthentications",
+        ),
+        "DestinationRule" => (
+            "networking.istio.io/v1",
+            "DestinationRule",
+            "destinationrules",
+        ),
         _ => return None,
     };
     Some(Target {
-        api_version: "security.istio.io/v1",
+        api_version,
         kind,
         plural,
         namespace: id.namespace.clone(),
@@ -84,7 +102,7 @@ pub fn policy_status(
     generation: Option<i64>,
     observed: Option<&Value>,
 ) -> Value {
-    let kind = if id.kind == "RequestAuthentication" {
+    let kind = if id.kind == "RequestAuthentication" || id.kind == "DestinationRule" {
         "Accepted"
     } else if status.waypoint {
         WAYPOINT_ACCEPTED
@@ -136,7 +154,7 @@ pub fn policy_status(
     conditions.push(condition);
     super::apply::carry_times(&mut conditions, &observed);
     json!({
-        "apiVersion": "security.istio.io/v1",
+        "apiVersion": if id.kind == "DestinationRule" { "networking.istio.io/v1" } else { "security.istio.io/v1" },
         "kind": id.kind,
         "metadata": {"name": id.name, "namespace": id.namespace},
         "status": {"conditions": conditions},
