@@ -2002,3 +2002,122 @@ spec:
         Ok(())
     });
 }
+
+/// A DestinationRule (issue 16) at the waypoint: its connection-pool limits answer 503
+/// `UO` past the configured concurrency (against a backend that holds requests), and its
+/// outlier detection ejects the endpoint that keeps failing, then lets it back after the
+/// ejection time.
+#[test]
+fn a_destination_rule_breaks_the_circuit_and_ejects_a_failing_endpoint() {
+    with_cluster("waypoint_dr", 2, |c| {
+        let mesh = Mesh::start(c)?;
+        let shop = shop(c, &mesh)?;
+        mesh.apply(
+            "dr.yaml",
+            r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web.shop.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 4s, maxEjectionPercent: 50}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-v1, namespace: shop}
+spec:
+  host: web-v1
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 2}
+      http: {http1MaxPendingRequests: 1, http2MaxRequests: 3}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /delay}}]
+      backendRefs: [{name: web-v1, port: 80}]
+"#,
+        )?;
+        eventually(
+            "the waypoint to have the traffic policies",
+            Duration::from_secs(20),
+            || {
+                let dump = mesh.waypoint_config(c, &shop.waypoint)?;
+                Ok(dump["routes"].as_array().is_some_and(|rs| {
+                    rs.iter().any(|r| {
+                        r["name"] == "shop/web.shop.svc.cluster.local:80"
+                            && !r["traffic_policy"].is_null()
+                            && r["rules"].as_array().is_some_and(|x| x.len() == 1)
+                    })
+                }))
+            },
+        )?;
+
+        // Six at once to a backend that holds each for 1.5 s: three are let through
+        // (two on connections, one waiting for one), three overflow.
+        let statuses: Vec<String> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..6)
+                .map(|_| {
+                    s.spawn(|| {
+                        http(c, &shop.client, "http://10.96.0.10/delay/1500", 1, &[])
+                            .map(|r| first_status(&r))
+                            .unwrap_or_else(|e| format!("error {e:#}"))
+                    })
+                })
+                .collect();
+            calls.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let overflowed = statuses.iter().filter(|s| *s == "503").count();
+        let served = statuses.iter().filter(|s| *s == "200").count();
+        ensure!(
+            (overflowed, served) == (3, 3),
+            "the circuit breaker: {statuses:?}"
+        );
+        eventually("UO in the access log", Duration::from_secs(5), || {
+            Ok(shop
+                .wp
+                .output()
+                .lines()
+                .any(|l| l.contains("/delay/1500") && l.contains("\"UO\"")))
+        })?;
+
+        // web-v1 fails every request to /fail-on/web-v1: after three in a row it is
+        // ejected, and web-v2 takes everything.
+        let hits = |p: &Proc| {
+            p.output()
+                .lines()
+                .filter(|l| l.starts_with("request GET /fail-on/web-v1"))
+                .count()
+        };
+        let r = http(c, &shop.client, "http://10.96.0.10/fail-on/web-v1", 20, &[])?;
+        ensure!(
+            count(&r, "statuses", "200") == 20,
+            "retries and ejection keep the failing endpoint from the client: {r}"
+        );
+        let before = hits(&shop.s1);
+        let r = http(c, &shop.client, "http://10.96.0.10/fail-on/web-v1", 40, &[])?;
+        ensure!(count(&r, "statuses", "200") == 40, "{r}");
+        let during = hits(&shop.s1) - before;
+        ensure!(
+            during == 0,
+            "the ejected endpoint got {during} of 40 requests"
+        );
+        ensure!(
+            (1..=3).contains(&before),
+            "ejected after three failures (web-v1 saw {before})"
+        );
+        // After the ejection time it is tried again.
+        std::thread::sleep(Duration::from_millis(4500));
+        let again = hits(&shop.s1);
+        http(c, &shop.client, "http://10.96.0.10/fail-on/web-v1", 20, &[])?;
+        ensure!(
+            hits(&shop.s1) > again,
+            "the endpoint did not come back after its ejection time"
+        );
+        Ok(())
+    });
+}

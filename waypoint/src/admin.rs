@@ -117,6 +117,11 @@ fn config_dump(wp: &Waypoint) -> String {
                 "name": name,
                 "protocol": r.protocol().as_str_name(),
                 "rules": r.rules.iter().map(|rule| rule.name.clone()).collect::<Vec<_>>(),
+                // What a DestinationRule of the Service sets (backends' own are per rule).
+                "traffic_policy": r.traffic_policy.as_ref().map(|t| json!({
+                    "circuit_breaker": t.circuit_breaker.is_some(),
+                    "outlier_detection": t.outlier_detection.is_some(),
+                })),
             })
         })
         .collect();
