@@ -216,11 +216,9 @@ async fn answer_http(
                 status = s;
             }
         }
-        ["", "fail-on", pod] => {
-            // 503 from the named pod only (one endpoint of a service failing).
-            if *pod == name {
-                status = StatusCode::SERVICE_UNAVAILABLE;
-            }
+        // 503 from the named pod only (one endpoint of a service failing).
+        ["", "fail-on", pod] if *pod == name => {
+            status = StatusCode::SERVICE_UNAVAILABLE;
         }
         ["", "flaky", percent] => {
             // 503 for `percent`% of the requests, at random (a backend failing a share).
