@@ -177,14 +177,7 @@ struct Health {
 
 impl Outlier {
     fn new(o: &pb::OutlierDetection) -> Option<Outlier> {
-        let d = |d: Option<&prost_types::Duration>| {
-            d.and_then(|d| {
-                Some(Duration::new(
-                    u64::try_from(d.seconds).ok()?,
-                    u32::try_from(d.nanos).ok()?,
-                ))
-            })
-        };
+        let d = crate::routes::duration;
         Some(Outlier {
             // Istio's defaults: 5 consecutive 5xx, gateway errors off, 30 s, 10%.
             consecutive_5xx: o.consecutive_5xx.unwrap_or(5),

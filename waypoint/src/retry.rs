@@ -127,12 +127,7 @@ impl Retry {
     }
 }
 
-fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
-    let d = d?;
-    let secs = u64::try_from(d.seconds).ok()?;
-    let nanos = u32::try_from(d.nanos).ok()?;
-    Some(Duration::new(secs, nanos)).filter(|d| !d.is_zero())
-}
+use crate::routes::duration;
 
 /// The retry budget of one service port (see the module's documentation).
 #[derive(Debug)]

@@ -520,7 +520,8 @@ fn compile_filter(f: &pb::Filter) -> Result<Option<Filter>, String> {
     }))
 }
 
-fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
+/// A proto duration as a `Duration`; zero, negative or absent: `None`.
+pub(crate) fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
     let d = d?;
     let secs = u64::try_from(d.seconds).ok()?;
     let nanos = u32::try_from(d.nanos).ok()?;
