@@ -9,6 +9,7 @@ pub mod istio;
 pub mod kube;
 pub mod l7policy;
 pub mod load;
+pub mod local_traffic;
 pub mod model;
 pub mod routes;
 pub mod snapshot;

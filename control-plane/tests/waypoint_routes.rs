@@ -839,3 +839,114 @@ spec:
     }];
     assert_eq!(clean.state, PolicyState::Accepted, "{:?}", clean.reasons);
 }
+
+#[test]
+fn local_traffic_policies_reach_the_service_and_the_route_rules_they_target() {
+    use trellis_control_plane::config::authz::PolicyState;
+    use trellis_control_plane::config::load::ObjectRef;
+    let policies = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: named, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+    - name: slow
+      matches: [{path: {type: PathPrefix, value: /slow}}]
+      backendRefs: [{name: web-v1, port: 80}]
+    - name: other
+      matches: [{path: {type: PathPrefix, value: /other}}]
+      backendRefs: [{name: web-v1, port: 80}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: LocalTrafficPolicy
+metadata: {name: service-wide, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec:
+  targetRefs: [{group: "", kind: Service, name: web, sectionName: http}]
+  rateLimit: {tokens: 100, tokensPerFill: 10, fillInterval: 1s}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: LocalTrafficPolicy
+metadata: {name: slow-rule, namespace: shop, creationTimestamp: "2026-01-02T00:00:00Z"}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: named, sectionName: slow}]
+  fault: {delay: {fixedDelay: 20ms, percentage: 50}, abort: {httpStatus: 503, percentage: 10}}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: LocalTrafficPolicy
+metadata: {name: younger, namespace: shop, creationTimestamp: "2026-01-03T00:00:00Z"}
+spec:
+  targetRefs:
+    - {group: "", kind: Service, name: web, sectionName: http}
+    - {group: "", kind: Service, name: nowhere}
+  rateLimit: {tokens: 1, fillInterval: 1m}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: LocalTrafficPolicy
+metadata: {name: lost, namespace: shop}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: named, sectionName: nope}]
+  rateLimit: {tokens: 1, fillInterval: 1s}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: LocalTrafficPolicy
+metadata: {name: broken, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: web}]
+  fault: {abort: {percentage: 10}}
+"#;
+    let snap = Snapshot::build(&model(&[CLUSTER, policies]), &MeshConfig::default());
+    let all = routes(&snap);
+    let http = &all["shop/web.shop.svc.cluster.local:80"];
+    // The Service's port named `http`: the older policy's bucket, not the younger's.
+    let rl = http.rate_limit.clone().expect("the Service's rate limit");
+    assert_eq!((rl.max_tokens, rl.tokens_per_fill), (100, 10));
+    assert!(http.fault.is_none(), "the invalid policy is not applied");
+    // Another port of the Service is not targeted.
+    assert!(
+        all["shop/web.shop.svc.cluster.local:9000"]
+            .rate_limit
+            .is_none()
+    );
+    // The rule named `slow` has the fault; the rule named `other` nothing of its own.
+    let rule = |name: &str| {
+        http.rules
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("no rule {name}"))
+    };
+    let fault = rule("shop/named/0").fault.expect("the rule's fault");
+    assert_eq!(fault.delay.unwrap().percent, 50.0);
+    assert_eq!(
+        fault.abort.unwrap().error,
+        Some(pb::fault_injection::abort::Error::HttpStatus(503))
+    );
+    assert!(rule("shop/named/1").fault.is_none());
+    assert!(rule("shop/named/1").rate_limit.is_none());
+
+    let status = |name: &str| {
+        snap.statuses[&ObjectRef {
+            kind: "LocalTrafficPolicy".into(),
+            namespace: "shop".into(),
+            name: name.into(),
+        }]
+            .clone()
+    };
+    assert_eq!(status("service-wide").state, PolicyState::Accepted);
+    assert_eq!(status("slow-rule").state, PolicyState::Accepted);
+    let younger = status("younger");
+    assert_eq!(younger.state, PolicyState::Rejected, "{younger:?}");
+    let text = younger.reasons.join("; ");
+    assert!(
+        text.contains("held by the older policy service-wide") && text.contains("nowhere"),
+        "{text}"
+    );
+    let lost = status("lost");
+    assert_eq!(lost.state, PolicyState::Rejected);
+    assert!(lost.reasons[0].starts_with("target not found"), "{lost:?}");
+    let broken = status("broken");
+    assert_eq!(broken.state, PolicyState::Rejected);
+    assert!(
+        broken.reasons[0].contains("spec.fault.abort: set exactly one"),
+        "{broken:?}"
+    );
+}

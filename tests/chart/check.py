@@ -299,6 +299,7 @@ def main():
             crds = sorted(d["metadata"]["name"] for d in by_kind.get("CustomResourceDefinition", []))
             if crds != ["authorizationpolicies.security.istio.io",
                         "destinationrules.networking.istio.io",
+                        "localtrafficpolicies.trellis.dev",
                         "peerauthentications.security.istio.io",
                         "requestauthentications.security.istio.io"]:
                 fail(f"defaults: the Istio CRDs Trellis reads are not all rendered: {crds}")
@@ -315,8 +316,10 @@ def main():
             if mesh:
                 waypoint_template = mesh[0]["data"].get("waypoint.yaml")
         if name == "with-istio-base":
-            if "CustomResourceDefinition" in by_kind or "GatewayClass" in by_kind:
-                fail("with-istio-base: CRDs or GatewayClass rendered although disabled")
+            # Istio's base chart has Istio's CRDs, not Trellis's own.
+            own = [d["metadata"]["name"] for d in by_kind.get("CustomResourceDefinition", [])]
+            if own != ["localtrafficpolicies.trellis.dev"] or "GatewayClass" in by_kind:
+                fail(f"with-istio-base: Istio CRDs or GatewayClass rendered although disabled: {own}")
             agent = [d for d in by_kind["DaemonSet"] if d["metadata"]["name"] == "trellis-node-agent"][0]
             if "--fail-open" not in agent["spec"]["template"]["spec"]["containers"][0]["args"]:
                 fail("with-istio-base: failOpen does not reach the node agent")
@@ -364,7 +367,7 @@ def main():
     examples = []
     for f in sorted((ROOT / "examples").glob("**/*.yaml")):
         for doc in load_all(f.read_text()):
-            if doc and doc.get("apiVersion", "").startswith("security.istio.io/"):
+            if doc and doc.get("apiVersion", "").startswith(("security.istio.io/", "trellis.dev/")):
                 examples.append((f.name, doc))
     if not examples:
         fail("no security.istio.io examples found under examples/")
@@ -402,6 +405,21 @@ def main():
     for fname, doc in examples:
         for err in validate(doc, schemas):
             fail(f"examples/{fname}: {doc['kind']}/{doc['metadata']['name']}: {err}")
+    # The LocalTrafficPolicy CRD's rules are live: an abort with two statuses, a target of
+    # another kind and a policy that does nothing are refused.
+    ltp = [d for _, d in examples if d["kind"] == "LocalTrafficPolicy"]
+    if not ltp:
+        fail("no LocalTrafficPolicy example under examples/")
+    else:
+        for what, change in [
+            ("two abort statuses", lambda s: s.update(fault={"abort": {"httpStatus": 503, "grpcStatus": 14, "percentage": 1}})),
+            ("a Deployment target", lambda s: s["targetRefs"][0].update(group="apps", kind="Deployment")),
+            ("neither rateLimit nor fault", lambda s: (s.pop("rateLimit", None), s.pop("fault", None))),
+        ]:
+            bad = copy.deepcopy(ltp[0])
+            change(bad["spec"])
+            if not validate(bad, schemas):
+                fail(f"LocalTrafficPolicy with {what} was accepted by its CRD")
     check_manifests_and_writes(schemas, waypoint_template)
     # A CEL rule of the Gateway API CRDs is live: two listeners of one name are refused.
     twice = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",

@@ -2121,3 +2121,177 @@ spec:
         Ok(())
     });
 }
+
+/// A LocalTrafficPolicy (issue 16) at the waypoint: a token bucket on the Service answers
+/// 429 with `retry-after` past its budget and recovers after a fill; fault injection on
+/// one HTTPRoute rule delays and aborts its share of 1,000 requests (±3 points) and
+/// leaves the other rules alone.
+#[test]
+fn a_local_traffic_policy_limits_the_rate_and_injects_faults() {
+    with_cluster("waypoint_local", 2, |c| {
+        let mesh = Mesh::start(c)?;
+        let shop = shop(c, &mesh)?;
+        mesh.apply(
+            "route.yaml",
+            r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+    - name: faulty
+      matches: [{path: {type: PathPrefix, value: /faulty}}]
+      backendRefs: [{name: web-v1, port: 80}]
+    - name: calm
+      matches: [{path: {type: PathPrefix, value: /calm}}]
+      backendRefs: [{name: web-v1, port: 80}]
+"#,
+        )?;
+        mesh.apply(
+            "local.yaml",
+            r#"apiVersion: trellis.dev/v1alpha1
+kind: LocalTrafficPolicy
+metadata: {name: limit, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: web, sectionName: http}]
+  rateLimit: {tokens: 10, tokensPerFill: 5, fillInterval: 2s}
+"#,
+        )?;
+        let dump_route = || -> Result<Value> {
+            let dump = mesh.waypoint_config(c, &shop.waypoint)?;
+            Ok(dump["routes"]
+                .as_array()
+                .and_then(|rs| {
+                    rs.iter()
+                        .find(|r| r["name"] == "shop/web.shop.svc.cluster.local:80")
+                })
+                .cloned()
+                .unwrap_or(Value::Null))
+        };
+        eventually(
+            "the waypoint to have the Service's rate limit",
+            Duration::from_secs(20),
+            || {
+                let r = dump_route()?;
+                Ok(r["rate_limit"] == true && r["rules"].as_array().is_some_and(|x| x.len() == 2))
+            },
+        )?;
+
+        // 30 requests in well under a fill interval: the bucket's 10 (15 if a fill falls
+        // inside), the rest 429 with retry-after.
+        let r = http(c, &shop.client, "http://10.96.0.10/anything", 30, &[])?;
+        let ok = count(&r, "statuses", "200");
+        let limited = count(&r, "statuses", "429");
+        ensure!(
+            (ok == 10 || ok == 15) && ok + limited == 30,
+            "the bucket let {ok} through and limited {limited}: {r}"
+        );
+        let retry_after = r["last_headers"]["retry-after"]
+            .as_str()
+            .unwrap_or_default();
+        ensure!(
+            retry_after == "1" || retry_after == "2",
+            "a limited response's retry-after: {r}"
+        );
+        // The bucket is the port's: a rule's requests draw from it too.
+        let r = http(c, &shop.client, "http://10.96.0.10/calm/x", 1, &[])?;
+        ensure!(first_status(&r) == "429", "{r}");
+        // After a fill, requests pass again.
+        std::thread::sleep(Duration::from_millis(2200));
+        let r = http(c, &shop.client, "http://10.96.0.10/anything", 5, &[])?;
+        ensure!(
+            count(&r, "statuses", "200") == 5,
+            "the bucket did not refill: {r}"
+        );
+        eventually("RL in the access log", Duration::from_secs(5), || {
+            Ok(shop
+                .wp
+                .output()
+                .lines()
+                .any(|l| l.contains("/anything") && l.contains("\"RL\"")))
+        })?;
+
+        // The policy replaced by fault injection on the rule named `faulty`.
+        mesh.apply(
+            "local.yaml",
+            r#"apiVersion: trellis.dev/v1alpha1
+kind: LocalTrafficPolicy
+metadata: {name: chaos, namespace: shop}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: web, sectionName: faulty}]
+  fault:
+    delay: {fixedDelay: 30ms, percentage: 10}
+    abort: {httpStatus: 503, percentage: 5}
+"#,
+        )?;
+        eventually(
+            "the waypoint to have the rule's fault",
+            Duration::from_secs(20),
+            || {
+                let r = dump_route()?;
+                Ok(r["rate_limit"] == false
+                    && r["rules_with_local_policy"] == serde_json::json!(["shop/web/0"]))
+            },
+        )?;
+        let sent = 1000;
+        let r = http(
+            c,
+            &shop.client,
+            "http://10.96.0.10/faulty/x",
+            sent,
+            &["--slow-ms", "30", "--timeout", "120"],
+        )?;
+        let aborted = count(&r, "statuses", "503");
+        let ok = count(&r, "statuses", "200");
+        let slow = r["slow"].as_u64().unwrap_or(0);
+        ensure!(
+            aborted + ok == sent as u64,
+            "only 200s and injected 503s: {r}"
+        );
+        ensure!(
+            (20..=80).contains(&aborted),
+            "{aborted} of {sent} aborted, not 5% ± 3 points: {r}"
+        );
+        ensure!(
+            (70..=130).contains(&slow),
+            "{slow} of {sent} delayed by 30 ms or more, not 10% ± 3 points: {r}"
+        );
+        // The injected 503s are the waypoint's own: the backend never saw them.
+        let served = shop
+            .s1
+            .output()
+            .lines()
+            .filter(|l| l.starts_with("request GET /faulty/x"))
+            .count() as u64;
+        ensure!(
+            served == ok,
+            "web-v1 served {served} requests, the client got {ok} 200s"
+        );
+        // Another rule of the route is not touched.
+        let r = http(
+            c,
+            &shop.client,
+            "http://10.96.0.10/calm/x",
+            200,
+            &["--slow-ms", "30"],
+        )?;
+        ensure!(
+            count(&r, "statuses", "200") == 200 && r["slow"].as_u64() < Some(10),
+            "{r}"
+        );
+        eventually(
+            "FI and DI in the access log",
+            Duration::from_secs(5),
+            || {
+                let log = shop.wp.output();
+                Ok(log
+                    .lines()
+                    .any(|l| l.contains("/faulty/x") && l.contains("FI\""))
+                    && log
+                        .lines()
+                        .any(|l| l.contains("/faulty/x") && l.contains("\"DI")))
+            },
+        )?;
+        Ok(())
+    });
+}

@@ -122,6 +122,13 @@ fn config_dump(wp: &Waypoint) -> String {
                     "circuit_breaker": t.circuit_breaker.is_some(),
                     "outlier_detection": t.outlier_detection.is_some(),
                 })),
+                // LocalTrafficPolicies: the Service port's, and the rules that have one.
+                "rate_limit": r.rate_limit.is_some(),
+                "fault": r.fault.is_some(),
+                "rules_with_local_policy": r.rules.iter()
+                    .filter(|rule| rule.rate_limit.is_some() || rule.fault.is_some())
+                    .map(|rule| rule.name.clone())
+                    .collect::<std::collections::BTreeSet<_>>(),
             })
         })
         .collect();

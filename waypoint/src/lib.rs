@@ -13,6 +13,7 @@ pub mod admin;
 pub mod authz;
 pub mod framing;
 pub mod jwt;
+pub mod local;
 pub mod logbuf;
 pub mod proxy;
 pub mod resilience;

@@ -45,8 +45,14 @@ pub struct Waypoint {
     pub mesh: Arc<Mesh>,
     /// Endpoint connections, one set per worker (see [`Waypoint::upstreams`]).
     upstreams: Vec<Arc<Upstreams>>,
-    /// Compiled routes, by name, for one configuration generation.
-    tables: Mutex<(u64, HashMap<String, Arc<Table>>)>,
+    /// Compiled routes, by name, for one configuration generation; then the tables of
+    /// earlier generations not compiled again yet (whose state the next version takes).
+    #[allow(clippy::type_complexity)]
+    tables: Mutex<(
+        u64,
+        HashMap<String, Arc<Table>>,
+        HashMap<String, Arc<Table>>,
+    )>,
     /// Compiled authorization policies, for one configuration generation.
     policies: crate::authz::Cache,
     /// Compiled end-user authentication rules, for one configuration generation.
@@ -81,7 +87,7 @@ impl Waypoint {
             },
             config,
             mesh,
-            tables: Mutex::new((u64::MAX, HashMap::new())),
+            tables: Mutex::new((u64::MAX, HashMap::new(), HashMap::new())),
             policies: crate::authz::Cache::default(),
             jwt: crate::jwt::Cache::default(),
             jwks: crate::jwt::KeyCache::default().with_roots_file(jwks_roots),
@@ -120,12 +126,20 @@ impl Waypoint {
         let generation = *self.mesh.xds.changes().borrow();
         let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         if tables.0 != generation {
-            *tables = (generation, HashMap::new());
+            // The previous version's tables give their lasting state to the new ones.
+            let previous = std::mem::take(&mut tables.2);
+            let current = std::mem::take(&mut tables.1);
+            tables.2 = previous.into_iter().chain(current).collect();
+            tables.0 = generation;
         }
         if let Some(t) = tables.1.get(name) {
             return Some(t.clone());
         }
-        let table = Arc::new(Table::compile(self.mesh.xds.store().route(name)?));
+        let table = Arc::new(Table::compile_after(
+            self.mesh.xds.store().route(name)?,
+            tables.2.get(name).map(|t| &**t),
+        ));
+        tables.2.remove(name);
         if let Some(e) = &table.error {
             tracing::error!(route = name, error = %e, "route does not compile: its port answers 500");
         }
@@ -1509,6 +1523,61 @@ async fn route(
         query: query.as_deref(),
         headers: &parts.headers,
     });
+    // A LocalTrafficPolicy: the rule's, else the Service port's, field by field.
+    let (bucket, fault) = match found {
+        Some((rule, _)) => (
+            rule.rate_limit.as_ref().or(table.rate_limit.as_ref()),
+            rule.fault.as_ref().or(table.fault.as_ref()),
+        ),
+        None => (table.rate_limit.as_ref(), table.fault.as_ref()),
+    };
+    if let Some((rule, _)) = found {
+        rec.rule = rule.name.clone();
+    }
+    if let Some(b) = bucket
+        && let Err(wait) = b.take(std::time::Instant::now())
+    {
+        rec.flags = "RL";
+        let mut resp = local(b.status(), "local_rate_limited");
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(crate::local::retry_after(wait)),
+        );
+        return Err(resp);
+    }
+    if let Some(f) = fault {
+        let delayed = f.delay(random_u64());
+        if let Some(d) = delayed {
+            rec.flags = "DI";
+            tokio::time::sleep(d).await;
+        }
+        if let Some(abort) = f.abort(random_u64()) {
+            rec.flags = if delayed.is_some() { "DI,FI" } else { "FI" };
+            return Err(match abort {
+                crate::local::AbortWith::Http(s) => local(
+                    StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                    "fault filter abort",
+                ),
+                crate::local::AbortWith::Grpc(code) => {
+                    let mut resp = local(StatusCode::OK, "");
+                    let h = resp.headers_mut();
+                    h.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/grpc"),
+                    );
+                    h.insert("grpc-status", HeaderValue::from(code));
+                    h.insert(
+                        "grpc-message",
+                        HeaderValue::from_static("fault filter abort"),
+                    );
+                    *resp.body_mut() = http_body_util::Empty::new()
+                        .map_err(|e: Infallible| -> BoxError { match e {} })
+                        .boxed_unsync();
+                    resp
+                }
+            });
+        }
+    }
     let random = random_u64();
     let mut edits = Edits {
         response_mods: Vec::new(),

@@ -25,6 +25,8 @@ use trellis_proto::trellis::waypoint::v1 as pb;
 /// The state of one backend (service and port) of a route.
 #[derive(Debug, Default)]
 pub struct BackendState {
+    /// The traffic policy it was made from (a push with the same one keeps the state).
+    pub policy: Option<pb::TrafficPolicy>,
     /// Retries.
     pub budget: crate::retry::Budget,
     /// Connection-pool limits, when a DestinationRule sets some.
@@ -37,6 +39,7 @@ impl BackendState {
     /// The state for `policy` (none: no limits, no ejection).
     pub fn new(policy: Option<&pb::TrafficPolicy>) -> BackendState {
         BackendState {
+            policy: policy.cloned(),
             budget: crate::retry::Budget::default(),
             limits: policy
                 .and_then(|p| p.circuit_breaker.as_ref())

@@ -37,6 +37,10 @@ pub struct Table {
     pub state: std::sync::Arc<crate::resilience::BackendState>,
     /// Retries of requests no rule matched (Istio's default).
     pub default_retry: Option<crate::retry::Retry>,
+    /// The Service port's token bucket (a LocalTrafficPolicy on the Service).
+    pub rate_limit: Option<std::sync::Arc<crate::local::Bucket>>,
+    /// The Service port's delays and aborts.
+    pub fault: Option<crate::local::Fault>,
 }
 
 /// One rule (one match).
@@ -56,6 +60,10 @@ pub struct Rule {
     pub backend_timeout: Option<Duration>,
     /// Retries (the rule's, or Istio's default when it sets none; `None`: off).
     pub retry: Option<crate::retry::Retry>,
+    /// The rule's own token bucket (shared by every match of the rule).
+    pub rate_limit: Option<std::sync::Arc<crate::local::Bucket>>,
+    /// The rule's own delays and aborts.
+    pub fault: Option<crate::local::Fault>,
 }
 
 #[derive(Debug)]
@@ -198,6 +206,13 @@ pub struct RequestView<'a> {
 impl Table {
     /// Compiles `route`.
     pub fn compile(route: &pb::Route) -> Table {
+        Table::compile_after(route, None)
+    }
+
+    /// Compiles `route`, the new version of `previous`: the state that outlives a push —
+    /// token buckets (by rule name), retry budgets, limits and ejections (by backend
+    /// service and port) — is carried over where its settings did not change.
+    pub fn compile_after(route: &pb::Route, previous: Option<&Table>) -> Table {
         let service = route
             .service
             .as_ref()
@@ -220,7 +235,46 @@ impl Table {
                 route.traffic_policy.as_ref(),
             )),
             default_retry: Some(crate::retry::Retry::istio_default()),
+            rate_limit: None,
+            fault: route.fault.as_ref().and_then(crate::local::Fault::new),
         };
+        let old_bucket = |name: &str, config: &pb::LocalRateLimit| {
+            let p = previous?;
+            std::iter::once((p.name.as_str(), p.rate_limit.as_ref()))
+                .chain(
+                    p.rules
+                        .iter()
+                        .map(|r| (r.name.as_str(), r.rate_limit.as_ref())),
+                )
+                .find_map(|(n, b)| b.filter(|b| n == name && b.config == *config))
+                .cloned()
+        };
+        let bucket = |name: &str, config: Option<&pb::LocalRateLimit>| {
+            let config = config?;
+            old_bucket(name, config)
+                .or_else(|| crate::local::Bucket::new(config).map(std::sync::Arc::new))
+        };
+        table.rate_limit = bucket(&table.name, route.rate_limit.as_ref());
+        // States of the previous version, by backend service and port.
+        let mut old_states = std::collections::HashMap::new();
+        if let Some(p) = previous {
+            old_states.insert((p.service.clone(), p.port), p.state.clone());
+            for r in &p.rules {
+                for b in &r.backends {
+                    if let Some(t) = &b.target {
+                        old_states.insert(t.clone(), b.state.clone());
+                    }
+                }
+            }
+        }
+        let carry = |key: &(String, u16),
+                     state: std::sync::Arc<crate::resilience::BackendState>| {
+            match old_states.get(key) {
+                Some(old) if old.policy == state.policy => old.clone(),
+                _ => state,
+            }
+        };
+        table.state = carry(&(table.service.clone(), table.port), table.state.clone());
         // One state per backend service and port.
         let mut budgets = std::collections::HashMap::new();
         budgets.insert(
@@ -233,10 +287,20 @@ impl Table {
                     for b in &mut rule.backends {
                         if let Some(t) = &b.target {
                             b.state = std::sync::Arc::clone(
-                                budgets.entry(t.clone()).or_insert_with(|| b.state.clone()),
+                                budgets
+                                    .entry(t.clone())
+                                    .or_insert_with(|| carry(t, b.state.clone())),
                             );
                         }
                     }
+                    // Every match of a rule shares its bucket.
+                    rule.rate_limit = table
+                        .rules
+                        .iter()
+                        .find(|o| o.name == rule.name)
+                        .and_then(|o| o.rate_limit.clone())
+                        .filter(|b| r.rate_limit.as_ref() == Some(&b.config))
+                        .or_else(|| bucket(&rule.name, r.rate_limit.as_ref()));
                     table.rules.push(rule)
                 }
                 Err(e) => {
@@ -630,6 +694,8 @@ fn compile_rule(r: &pb::RouteRule) -> Result<Rule, String> {
             None => Some(crate::retry::Retry::istio_default()),
             Some(p) => crate::retry::Retry::compile(p),
         },
+        rate_limit: None,
+        fault: r.fault.as_ref().and_then(crate::local::Fault::new),
     })
 }
 
@@ -838,5 +904,62 @@ mod tests {
         assert_eq!(query_value(Some("a"), "a").as_deref(), Some(""));
         assert_eq!(query_value(None, "a"), None);
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn buckets_and_backend_state_outlive_a_push_that_keeps_their_settings() {
+        let limit = |tokens| pb::LocalRateLimit {
+            max_tokens: tokens,
+            tokens_per_fill: tokens,
+            fill_interval: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            status_code: 429,
+            response_headers: Vec::new(),
+        };
+        let route = |tokens| {
+            let mut a = rule("a", pb::RouteMatch::default());
+            a.rate_limit = Some(limit(tokens));
+            let mut a2 = a.clone();
+            a2.matches = vec![pb::RouteMatch {
+                method: "POST".into(),
+                ..Default::default()
+            }];
+            pb::Route {
+                name: "shop/web.shop.svc.cluster.local:80".into(),
+                rules: vec![a, a2],
+                rate_limit: Some(limit(5)),
+                ..Default::default()
+            }
+        };
+        let first = Table::compile(&route(1));
+        let (a, a2) = (&first.rules[0], &first.rules[1]);
+        let bucket = a.rate_limit.as_ref().unwrap();
+        assert!(
+            std::sync::Arc::ptr_eq(bucket, a2.rate_limit.as_ref().unwrap()),
+            "the matches of one rule share its bucket"
+        );
+        bucket.take(std::time::Instant::now()).unwrap();
+        // The next version with the same settings: the spent token stays spent.
+        let second = Table::compile_after(&route(1), Some(&first));
+        assert!(std::sync::Arc::ptr_eq(
+            bucket,
+            second.rules[0].rate_limit.as_ref().unwrap()
+        ));
+        assert!(std::sync::Arc::ptr_eq(
+            first.rate_limit.as_ref().unwrap(),
+            second.rate_limit.as_ref().unwrap()
+        ));
+        assert!(std::sync::Arc::ptr_eq(
+            &first.rules[0].backends[0].state,
+            &second.rules[0].backends[0].state
+        ));
+        // New settings: a new, full bucket.
+        let third = Table::compile_after(&route(2), Some(&second));
+        let fresh = third.rules[0].rate_limit.as_ref().unwrap();
+        assert!(!std::sync::Arc::ptr_eq(bucket, fresh));
+        fresh.take(std::time::Instant::now()).unwrap();
+        fresh.take(std::time::Instant::now()).unwrap();
     }
 }

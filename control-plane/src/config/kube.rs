@@ -154,6 +154,13 @@ pub const KINDS: &[Kind] = &[
         plural: "destinationrules",
         metadata_only: false,
     },
+    Kind {
+        group: "trellis.dev",
+        version: "v1alpha1",
+        kind: "LocalTrafficPolicy",
+        plural: "localtrafficpolicies",
+        metadata_only: false,
+    },
 ];
 
 /// What a watcher saw.

@@ -35,6 +35,7 @@ pub enum Object {
     GrpcRoute(Box<GrpcRoute>),
     ReferenceGrant(Box<ReferenceGrant>),
     DestinationRule(Box<super::destination::DestinationRule>),
+    LocalTrafficPolicy(Box<super::local_traffic::LocalTrafficPolicy>),
     /// A Node: only its labels are kept (locality); its spec and status are large and
     /// change often.
     Node(Box<NodeLabels>),
@@ -298,6 +299,15 @@ fn parse_document(file: &str, position: &str, mut value: Value) -> Document {
             }
             typed::<super::destination::DestinationRule>(value, &mut warnings)
                 .map(|d| Object::DestinationRule(Box::new(d)))
+        }
+        ("trellis.dev", "v1alpha1", "LocalTrafficPolicy") => {
+            if let Some(m) = value.as_mapping_mut() {
+                m.remove("apiVersion");
+                m.remove("kind");
+                m.remove("status");
+            }
+            typed::<super::local_traffic::LocalTrafficPolicy>(value, &mut warnings)
+                .map(|d| Object::LocalTrafficPolicy(Box::new(d)))
         }
         _ => {
             return Document::Skipped(format!(

@@ -165,6 +165,7 @@ pub struct Model {
     grpc_routes: BTreeMap<Key, GrpcRoute>,
     reference_grants: BTreeMap<Key, ReferenceGrant>,
     destination_rules: BTreeMap<Key, super::destination::DestinationRule>,
+    local_traffic_policies: BTreeMap<Key, super::local_traffic::LocalTrafficPolicy>,
     /// Node labels by node name (workloads' locality).
     nodes: BTreeMap<String, BTreeMap<String, String>>,
     /// EndpointSlices: endpoints of Services not backed by pods.
@@ -233,6 +234,9 @@ impl Model {
             Object::DestinationRule(o) => {
                 self.destination_rules.insert(k, *o);
             }
+            Object::LocalTrafficPolicy(o) => {
+                self.local_traffic_policies.insert(k, *o);
+            }
         }
     }
 
@@ -253,6 +257,7 @@ impl Model {
             Object::GrpcRoute(o) => self.grpc_routes.get(&k) == Some(o),
             Object::ReferenceGrant(o) => self.reference_grants.get(&k) == Some(o),
             Object::DestinationRule(o) => self.destination_rules.get(&k) == Some(o),
+            Object::LocalTrafficPolicy(o) => self.local_traffic_policies.get(&k) == Some(o),
             Object::Node(n) => self.nodes.get(&n.name) == Some(&n.labels),
             Object::EndpointSlice(o) => self.endpoint_slices.get(&k) == Some(o),
         }
@@ -307,6 +312,9 @@ impl Model {
             }
             "DestinationRule" => {
                 self.destination_rules.remove(&k);
+            }
+            "LocalTrafficPolicy" => {
+                self.local_traffic_policies.remove(&k);
             }
             _ => {}
         }
@@ -534,6 +542,7 @@ impl Model {
             "RequestAuthentication" => Some(&self.request_authentications.get(&k)?.metadata),
             "Gateway" => Some(&self.gateways.get(&k)?.metadata),
             "DestinationRule" => Some(&self.destination_rules.get(&k)?.metadata),
+            "LocalTrafficPolicy" => Some(&self.local_traffic_policies.get(&k)?.metadata),
             _ => None,
         }
     }
@@ -574,6 +583,7 @@ impl Model {
             .chain(self.peer_authentications.keys())
             .chain(self.request_authentications.keys())
             .chain(self.destination_rules.keys())
+            .chain(self.local_traffic_policies.keys())
             .map(|(ns, _)| ns.clone())
             .collect()
     }
@@ -599,6 +609,13 @@ impl Model {
         &self,
     ) -> impl Iterator<Item = (&Key, &super::destination::DestinationRule)> {
         self.destination_rules.iter()
+    }
+
+    /// Every LocalTrafficPolicy.
+    pub fn local_traffic_policies(
+        &self,
+    ) -> impl Iterator<Item = (&Key, &super::local_traffic::LocalTrafficPolicy)> {
+        self.local_traffic_policies.iter()
     }
 
     /// The RequestAuthentications of namespace `ns`.

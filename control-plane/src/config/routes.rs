@@ -91,6 +91,8 @@ struct RuleIn<'a> {
     request_timeout: Option<&'a str>,
     backend_timeout: Option<&'a str>,
     retry: Option<&'a super::gateway::HttpRouteRetry>,
+    /// The rule's `name` (what a policy's `sectionName` names).
+    section: Option<&'a str>,
 }
 
 /// Every waypoint Route resource, by name: one per port of each Service some waypoint
@@ -109,6 +111,7 @@ pub fn waypoint_routes(model: &Model, mesh: &MeshConfig) -> BTreeMap<String, pb:
             };
             let service = service_ref(ns, name, number, mesh);
             let rules = rules_for(model, mesh, ns, name, number);
+            let local = super::local_traffic::for_service(model, ns, name, port.name.as_deref());
             let route = pb::Route {
                 name: format!("{}/{}:{number}", service.namespace, service.hostname),
                 traffic_policy: traffic_policy_of(model, mesh, &service),
@@ -116,6 +119,8 @@ pub fn waypoint_routes(model: &Model, mesh: &MeshConfig) -> BTreeMap<String, pb:
                 protocol: port_protocol(port) as i32,
                 rules,
                 refused: String::new(),
+                fault: local.fault,
+                rate_limit: local.rate_limit,
             };
             out.insert(route.name.clone(), route);
         }
@@ -391,6 +396,7 @@ fn rules_for(
                 .as_ref()
                 .and_then(|t| t.backend_request.as_deref()),
             retry: rule.retry.as_ref(),
+            section: rule.name.as_deref(),
         });
         let age = route.metadata.creation_timestamp.as_ref().map(|t| t.0);
         collect(
@@ -429,6 +435,7 @@ fn rules_for(
             request_timeout: None,
             backend_timeout: None,
             retry: None,
+            section: rule.name.as_deref(),
         });
         let age = route.metadata.creation_timestamp.as_ref().map(|t| t.0);
         collect(
@@ -511,6 +518,7 @@ fn collect<'a>(
             }),
         };
         let retry = rule.retry.map(retry_policy);
+        let local = super::local_traffic::for_rule(model, kind, rns, rname, rule.section);
         for (m, matched) in rule.matches.into_iter().enumerate() {
             let path_rank = match matched.path.as_ref().and_then(|p| p.kind.as_ref()) {
                 Some(pb::route_match::path::Kind::Exact(p)) => (0, p.len()),
@@ -538,8 +546,8 @@ fn collect<'a>(
                     backends: backends.clone(),
                     timeouts,
                     retry: retry.clone(),
-                    fault: None,
-                    rate_limit: None,
+                    fault: local.fault,
+                    rate_limit: local.rate_limit.clone(),
                 },
             });
         }

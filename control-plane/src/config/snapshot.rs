@@ -344,6 +344,15 @@ impl Snapshot {
                 },
             );
         }
+        for ((pns, name), p) in model.local_traffic_policies().filter(|((n, _), _)| n == ns) {
+            let id = ObjectRef {
+                kind: "LocalTrafficPolicy".into(),
+                namespace: pns.clone(),
+                name: name.clone(),
+            };
+            self.statuses
+                .insert(id, super::local_traffic::status(model, pns, name, p));
+        }
     }
 
     fn add_peer_authentication(&mut self, model: &Model, mesh: &MeshConfig) {

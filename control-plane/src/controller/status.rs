@@ -17,7 +17,10 @@
 //!
 //! `RequestAuthentication` is enforced by waypoints, not ztunnel: it gets `Accepted` with
 //! the same reasons. So does a `DestinationRule` (`networking.istio.io`), with what the
-//! waypoints do not apply of it as `UnsupportedValue`. Conditions of other types on the same object (other controllers')
+//! waypoints do not apply of it as `UnsupportedValue`. A `LocalTrafficPolicy` (ours) gets
+//! the Gateway API's policy reasons: `Accepted` (its message naming the targets that are
+//! missing or held by an older policy, if some are), `False` with `TargetNotFound` or
+//! `Conflicted` when none is in effect, `Invalid` when it does not validate. Conditions of other types on the same object (other controllers')
 //! are written back as observed: with Istio's CRDs the list is one value, which a
 //! server-side apply replaces whole. A condition whose status did not change keeps its
 //! `lastTransitionTime`.
@@ -82,6 +85,11 @@ pub fn target(id: &ObjectRef) -> Option<Target> {
             "DestinationRule",
             "destinationrules",
         ),
+        "LocalTrafficPolicy" => (
+            "trellis.dev/v1alpha1",
+            "LocalTrafficPolicy",
+            "localtrafficpolicies",
+        ),
         _ => return None,
     };
     Some(Target {
@@ -102,7 +110,10 @@ pub fn policy_status(
     generation: Option<i64>,
     observed: Option<&Value>,
 ) -> Value {
-    let kind = if id.kind == "RequestAuthentication" || id.kind == "DestinationRule" {
+    let kind = if matches!(
+        id.kind.as_str(),
+        "RequestAuthentication" | "DestinationRule" | "LocalTrafficPolicy"
+    ) {
         "Accepted"
     } else if status.waypoint {
         WAYPOINT_ACCEPTED
@@ -122,8 +133,31 @@ pub fn policy_status(
             ("True", "Accepted", "accepted".to_string())
         }
         PolicyState::Accepted => ("True", "Accepted", status.reasons.join("; ")),
+        PolicyState::AcceptedWithWarnings if id.kind == "LocalTrafficPolicy" => {
+            ("True", "Accepted", status.reasons.join("; "))
+        }
         PolicyState::AcceptedWithWarnings => {
             ("True", "UnsupportedValue", status.reasons.join("; "))
+        }
+        // A Trellis policy's targets that do not exist, or that older policies hold
+        // (Gateway API policy reasons).
+        PolicyState::Rejected
+            if id.kind == "LocalTrafficPolicy"
+                && status.reasons.iter().all(|r| {
+                    r.starts_with(crate::config::local_traffic::TARGET_NOT_FOUND)
+                        || r.starts_with(crate::config::local_traffic::CONFLICTED)
+                }) =>
+        {
+            let reason = if status
+                .reasons
+                .iter()
+                .any(|r| r.starts_with(crate::config::local_traffic::TARGET_NOT_FOUND))
+            {
+                "TargetNotFound"
+            } else {
+                "Conflicted"
+            };
+            ("False", reason, status.reasons.join("; "))
         }
         PolicyState::Rejected => ("False", "Invalid", status.reasons.join("; ")),
     };
@@ -154,7 +188,11 @@ pub fn policy_status(
     conditions.push(condition);
     super::apply::carry_times(&mut conditions, &observed);
     json!({
-        "apiVersion": if id.kind == "DestinationRule" { "networking.istio.io/v1" } else { "security.istio.io/v1" },
+        "apiVersion": match id.kind.as_str() {
+            "DestinationRule" => "networking.istio.io/v1",
+            "LocalTrafficPolicy" => "trellis.dev/v1alpha1",
+            _ => "security.istio.io/v1",
+        },
         "kind": id.kind,
         "metadata": {"name": id.name, "namespace": id.namespace},
         "status": {"conditions": conditions},

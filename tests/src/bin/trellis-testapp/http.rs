@@ -263,6 +263,8 @@ pub(crate) struct ClientOptions {
     pub(crate) method: Method,
     pub(crate) headers: Vec<String>,
     pub(crate) expect_status: Option<u16>,
+    /// Responses that took at least this long are counted (`slow`).
+    pub(crate) slow: Option<Duration>,
 }
 
 enum Sender {
@@ -369,6 +371,7 @@ pub(crate) async fn client(opts: ClientOptions) -> Result<()> {
             "pods": pods.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "latency_ms": {"min": ms(latencies[0]), "p50": pct(0.5), "p90": pct(0.9),
                            "p99": pct(0.99), "max": ms(latencies[latencies.len() - 1]), "mean": mean},
+            "slow": opts.slow.map(|t| latencies.iter().filter(|l| **l >= t).count()),
             "last_body": last_body,
             "last_headers": last_headers,
         })

@@ -162,6 +162,9 @@ enum Cmd {
         /// Fail (exit 1) unless every response has this status.
         #[arg(long)]
         expect_status: Option<u16>,
+        /// Count the responses that took at least this many milliseconds (`slow`).
+        #[arg(long)]
+        slow_ms: Option<u64>,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
@@ -273,6 +276,7 @@ async fn run(cli: Cli) -> Result<()> {
             method,
             headers,
             expect_status,
+            slow_ms,
             timeout,
         } => {
             let opts = http::ClientOptions {
@@ -282,6 +286,7 @@ async fn run(cli: Cli) -> Result<()> {
                 method,
                 headers,
                 expect_status,
+                slow: slow_ms.map(Duration::from_millis),
             };
             tokio::time::timeout(Duration::from_secs(timeout), http::client(opts))
                 .await
