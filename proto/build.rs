@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "trellis/waypoint/v1/l7.proto",
     "http_status.proto",
     "ext_authz.proto",
+    "otlp_trace.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

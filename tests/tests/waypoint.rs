@@ -21,6 +21,20 @@ fn http(c: &Cluster, from: &Pod, url: &str, requests: usize, extra: &[&str]) -> 
     serde_json::from_str(out.trim()).with_context(|| format!("not JSON: {out}"))
 }
 
+/// Waits until `check` gives a value, and returns it.
+fn eventually_value<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let mut found = None;
+    eventually(what, timeout, || {
+        found = check()?;
+        Ok(found.is_some())
+    })?;
+    found.ok_or_else(|| anyhow::anyhow!("{what}: gone"))
+}
+
 /// The status of a one-request summary (`""` when there was none).
 fn first_status(summary: &Value) -> String {
     summary["statuses"]
@@ -2292,6 +2306,156 @@ spec:
                         .any(|l| l.contains("/faulty/x") && l.contains("\"DI")))
             },
         )?;
+        Ok(())
+    });
+}
+
+/// Tracing (issue 16): the waypoint exports a span per request over OTLP/gRPC to a
+/// collector the test runs; the span continues the client's trace (its parent is the
+/// client's span), and the backend receives the waypoint's span as its parent — the links
+/// across the waypoint. New traces are sampled at the configured rate (100% here); an
+/// unsampled parent is honoured (no span, header passed on unchanged).
+#[test]
+fn spans_reach_an_otlp_collector_with_links_across_the_waypoint() {
+    with_cluster("waypoint_tracing", 2, |c| {
+        let mesh = Mesh::start(c)?;
+        // The collector: a pod outside the mesh, as an OpenTelemetry Collector would be.
+        let otel = c.add_pod(&c.nodes()[1], "observability", "otel", "otel", &[])?;
+        let mut cmd = testapp();
+        cmd.args(["otlp-collector", "--listen", "0.0.0.0:4317"]);
+        let mut collector = c.spawn(&otel, "otel", cmd)?;
+        collector.wait_for_output("listening otlp", Duration::from_secs(10))?;
+        let endpoint = format!("http://{}:4317", otel.ip);
+        let shop = shop_with(
+            c,
+            &mesh,
+            &["--tracing-endpoint", &endpoint, "--tracing-sampling", "100"],
+        )?;
+        wait_route(
+            &mesh,
+            c,
+            &shop.waypoint,
+            "shop/web.shop.svc.cluster.local:80",
+            0,
+        )?;
+        let spans = |collector: &Proc| -> Vec<Value> {
+            collector
+                .output()
+                .lines()
+                .filter_map(|l| l.strip_prefix("span "))
+                .filter_map(|j| serde_json::from_str(j).ok())
+                .collect()
+        };
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let client_span = "00f067aa0ba902b7";
+        let r = eventually_value(
+            "a traced request to be served",
+            Duration::from_secs(20),
+            || {
+                let r = http(
+                    c,
+                    &shop.client,
+                    "http://10.96.0.10/traced",
+                    1,
+                    &[
+                        "--header",
+                        &format!("traceparent: 00-{trace}-{client_span}-01"),
+                    ],
+                )?;
+                Ok((first_status(&r) == "200").then_some(r))
+            },
+        )?;
+        // What the backend got: the same trace, a new parent (the waypoint's span).
+        let upstream = r["last_body"]["headers"]["traceparent"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let parts: Vec<&str> = upstream.split('-').collect();
+        ensure!(
+            parts.len() == 4 && parts[1] == trace && parts[2] != client_span && parts[3] == "01",
+            "the backend's traceparent: {upstream:?}"
+        );
+        let waypoint_span = parts[2].to_string();
+        let span = eventually_value(
+            "the waypoint's span at the collector",
+            Duration::from_secs(10),
+            || {
+                Ok(spans(&collector)
+                    .into_iter()
+                    .find(|s| s["trace_id"] == trace && s["attributes"]["url.path"] == "/traced"))
+            },
+        )?;
+        ensure!(
+            span["span_id"] == waypoint_span.as_str()
+                && span["parent_span_id"] == client_span
+                && span["service"] == "waypoint.shop"
+                && span["kind"] == 2
+                && span["attributes"]["http.response.status_code"] == 200
+                && span["attributes"]["http.request.method"] == "GET"
+                && span["attributes"]["upstream_cluster"] == "web.shop.svc.cluster.local",
+            "the waypoint's span links the client's to the backend's: {span}"
+        );
+        ensure!(
+            span["end"].as_u64() >= span["start"].as_u64() && span["start"].as_u64() > Some(0),
+            "{span}"
+        );
+
+        // No traceparent: a new trace, sampled (100%), a root span.
+        let r = http(c, &shop.client, "http://10.96.0.10/fresh", 3, &[])?;
+        ensure!(count(&r, "statuses", "200") == 3, "{r}");
+        let fresh = eventually_value("three root spans", Duration::from_secs(10), || {
+            let roots: Vec<Value> = spans(&collector)
+                .into_iter()
+                .filter(|s| s["attributes"]["url.path"] == "/fresh")
+                .collect();
+            Ok((roots.len() == 3).then_some(roots))
+        })?;
+        ensure!(
+            fresh
+                .iter()
+                .all(|s| s["parent_span_id"] == "" && s["trace_id"] != trace),
+            "{fresh:?}"
+        );
+        let last = r["last_body"]["headers"]["traceparent"]
+            .as_str()
+            .unwrap_or_default();
+        ensure!(
+            fresh.iter().any(|s| {
+                last == format!(
+                    "00-{}-{}-01",
+                    s["trace_id"].as_str().unwrap_or(""),
+                    s["span_id"].as_str().unwrap_or("")
+                )
+            }),
+            "the backend's parent is the waypoint's root span: {last} vs {fresh:?}"
+        );
+
+        // An unsampled parent is honoured: no span, the header goes on as it was.
+        let unsampled = format!("00-{trace}-{client_span}-00");
+        let r = http(
+            c,
+            &shop.client,
+            "http://10.96.0.10/unsampled",
+            1,
+            &["--header", &format!("traceparent: {unsampled}")],
+        )?;
+        ensure!(
+            r["last_body"]["headers"]["traceparent"] == unsampled.as_str(),
+            "{r}"
+        );
+        // A span for a later request arrives; none for the unsampled one.
+        http(c, &shop.client, "http://10.96.0.10/after", 1, &[])?;
+        eventually_value("the later span", Duration::from_secs(10), || {
+            Ok(spans(&collector)
+                .into_iter()
+                .find(|s| s["attributes"]["url.path"] == "/after"))
+        })?;
+        ensure!(
+            !spans(&collector)
+                .iter()
+                .any(|s| s["attributes"]["url.path"] == "/unsampled"),
+            "a span for an unsampled request"
+        );
         Ok(())
     });
 }

@@ -20,6 +20,7 @@ pub mod resilience;
 pub mod retry;
 pub mod routes;
 pub mod telemetry;
+pub mod trace;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -92,6 +93,10 @@ pub struct Config {
     /// Write an audit line for every allowed request and connection too (not only denies,
     /// AUDIT matches and dry-run decisions).
     pub audit_allows: bool,
+    /// The OTLP/gRPC collector spans are exported to; `None`: no tracing.
+    pub tracing_endpoint: Option<String>,
+    /// Share of new traces sampled, percent.
+    pub tracing_sampling: f64,
 }
 
 impl Default for Config {
@@ -118,6 +123,8 @@ impl Default for Config {
             workers: 2,
             trusted_proxies: 0,
             mask_regexes: Vec::new(),
+            tracing_endpoint: None,
+            tracing_sampling: 1.0,
             jwks_roots_file: None,
             audit_allows: false,
         }
@@ -182,6 +189,14 @@ pub fn connect_mesh(config: &Config) -> Result<Mesh, BoxError> {
 pub async fn run(config: Config) -> Result<(), BoxError> {
     let config = Arc::new(config);
     telemetry::set_masks(&config.mask_regexes)?;
+    if let Some(endpoint) = &config.tracing_endpoint {
+        trace::install(trace::TraceConfig {
+            endpoint: endpoint.clone(),
+            sampling: config.tracing_sampling,
+            service_name: format!("{}.{}", config.gateway.1, config.gateway.0),
+        })?;
+        tracing::info!(collector = %endpoint, sampling = config.tracing_sampling, "tracing to OTLP");
+    }
     let metrics = telemetry::install_metrics()?;
     {
         // Histogram samples wait in the recorder until drained: drained here every few

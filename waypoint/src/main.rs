@@ -84,6 +84,14 @@ struct Cli {
     /// `auditLog.allows`); denies, AUDIT matches and dry-run decisions always have one.
     #[arg(long)]
     audit_allows: bool,
+    /// The OTLP/gRPC collector (`host:port` or `http://host:port`) request spans are
+    /// exported to; unset: no tracing.
+    #[arg(long, env = "TRELLIS_TRACING_ENDPOINT")]
+    tracing_endpoint: Option<String>,
+    /// Share of new traces sampled, percent (requests with a sampled `traceparent` are
+    /// always traced). Istio's default is 1.
+    #[arg(long, default_value_t = 1.0)]
+    tracing_sampling: f64,
     /// Worker threads serving connections (each connection stays on one).
     #[arg(long, env = "WAYPOINT_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
@@ -160,6 +168,8 @@ fn main() -> std::process::ExitCode {
         mask_regexes: cli.mask_regex,
         jwks_roots_file: cli.jwks_ca_file,
         audit_allows: cli.audit_allows,
+        tracing_endpoint: cli.tracing_endpoint.filter(|e| !e.is_empty()),
+        tracing_sampling: cli.tracing_sampling,
         ..Config::default()
     };
     // This runtime runs the control side (xDS, certificates, admin, metrics upkeep); the

@@ -805,6 +805,9 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
     let downstream_h1 = req.version() != Version::HTTP_2;
+    let mut req = req;
+    // Its span (tracing on and sampled); the upstream gets the waypoint as the parent.
+    let span = crate::trace::begin(req.headers_mut());
     let request_bytes = Arc::new(AtomicU64::new(head_size(req.headers())));
     let mut rec = RequestRecord {
         src: Some(down.peer),
@@ -824,6 +827,7 @@ async fn handle(
         grpc,
         flags: "-",
         rule: "default".into(),
+        span,
         ..RequestRecord::default()
     };
     {
@@ -1708,6 +1712,13 @@ async fn route(
         if let Ok(v) = HeaderValue::from_str(&id) {
             parts.headers.insert("x-request-id", v);
         }
+    }
+    if rec.span.is_some() {
+        rec.request_id = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
     }
     if !parts.headers.contains_key("traceparent") {
         let tp = format!(

@@ -103,6 +103,10 @@ pub struct RequestRecord {
     /// The authorization policy that decided it (denied it, or allowed it when ALLOW
     /// policies applied).
     pub policy: Option<String>,
+    /// Its span, when traced.
+    pub span: Option<crate::trace::Span>,
+    /// `x-request-id` (kept only when traced).
+    pub request_id: Option<String>,
 }
 
 /// The regular expressions whose matches log lines never show (`--mask-regex`).
@@ -309,8 +313,28 @@ impl RequestRecord {
         h
     }
 
-    /// Counts the request and writes its access-log line.
+    /// Counts the request, writes its access-log line and ends its span.
     pub fn finish(&self) {
+        if let Some(span) = &self.span {
+            let peer = self.source.as_ref().map(ToString::to_string);
+            crate::trace::finish(
+                span.clone(),
+                &crate::trace::Outcome {
+                    method: &self.method,
+                    authority: &self.authority,
+                    path: &mask(&self.path),
+                    protocol: self.protocol,
+                    status: self.status,
+                    flags: self.flags,
+                    service: self.service.as_deref(),
+                    upstream: self.upstream,
+                    peer: peer.as_deref(),
+                    route: &self.rule,
+                    request_id: self.request_id.as_deref(),
+                    retries: self.retries,
+                },
+            );
+        }
         let h = self.handles();
         h.requests.increment(1);
         h.duration.record(self.duration.as_secs_f64() * 1000.0);

@@ -236,3 +236,100 @@ pub(crate) async fn ext_authz_server(listener: tokio::net::TcpListener) -> Resul
         });
     }
 }
+
+/// An OTLP/gRPC trace receiver (`opentelemetry.proto.collector.trace.v1.TraceService/
+/// Export`, as an OpenTelemetry Collector serves it on 4317): prints one line
+/// `span {json}` per span received (ids in hex, the resource's `service.name`, the
+/// attributes) and acknowledges the batch.
+pub(crate) async fn otlp_collector(listener: tokio::net::TcpListener) -> Result<()> {
+    use prost::Message;
+    use trellis_proto::opentelemetry::proto::collector::trace::v1 as otlp;
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+    fn value(v: &Option<otlp::AnyValue>) -> serde_json::Value {
+        use otlp::any_value::Value as V;
+        match v.as_ref().and_then(|v| v.value.as_ref()) {
+            Some(V::StringValue(s)) => json!(s),
+            Some(V::BoolValue(b)) => json!(b),
+            Some(V::IntValue(i)) => json!(i),
+            Some(V::DoubleValue(d)) => json!(d),
+            None => serde_json::Value::Null,
+        }
+    }
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                let path = req.uri().path().to_string();
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let status =
+                    if path != "/opentelemetry.proto.collector.trace.v1.TraceService/Export" {
+                        "12"
+                    } else if let Some(export) = (body.len() >= 5)
+                        .then(|| otlp::ExportTraceServiceRequest::decode(&body[5..]).ok())
+                        .flatten()
+                    {
+                        for rs in &export.resource_spans {
+                            let service = rs
+                                .resource
+                                .as_ref()
+                                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                                .map(|a| value(&a.value))
+                                .unwrap_or_default();
+                            for ss in &rs.scope_spans {
+                                for s in &ss.spans {
+                                    let attributes: serde_json::Map<String, serde_json::Value> = s
+                                        .attributes
+                                        .iter()
+                                        .map(|a| (a.key.clone(), value(&a.value)))
+                                        .collect();
+                                    println!(
+                                        "span {}",
+                                        json!({
+                                            "service": service,
+                                            "scope": ss.scope.as_ref().map(|s| s.name.clone()),
+                                            "trace_id": hex(&s.trace_id),
+                                            "span_id": hex(&s.span_id),
+                                            "parent_span_id": hex(&s.parent_span_id),
+                                            "name": s.name,
+                                            "kind": s.kind,
+                                            "start": s.start_time_unix_nano,
+                                            "end": s.end_time_unix_nano,
+                                            "status": s.status.as_ref().map(|st| st.code),
+                                            "attributes": attributes,
+                                        })
+                                    );
+                                }
+                            }
+                        }
+                        "0"
+                    } else {
+                        "3"
+                    };
+                let mut frames = VecDeque::new();
+                if status == "0" {
+                    let ack = otlp::ExportTraceServiceResponse::default().encode_to_vec();
+                    frames.push_back(Frame::data(framed(&ack)));
+                }
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", status.parse().expect("status"));
+                frames.push_back(Frame::trailers(trailers));
+                let mut resp = Response::new(Frames(frames));
+                resp.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    "application/grpc".parse().expect("ct"),
+                );
+                Ok::<_, Infallible>(resp)
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

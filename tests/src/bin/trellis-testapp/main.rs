@@ -143,6 +143,12 @@ enum Cmd {
         #[arg(long)]
         grpc: Option<SocketAddr>,
     },
+    /// An OTLP/gRPC trace receiver: prints `span {json}` per span exported to it.
+    OtlpCollector {
+        /// Listen address (an OpenTelemetry Collector's OTLP/gRPC port is 4317).
+        #[arg(long, default_value = "0.0.0.0:4317")]
+        listen: SocketAddr,
+    },
     /// Send HTTP requests over one connection.
     Http {
         /// `http://IP:PORT/path?query`.
@@ -192,6 +198,11 @@ fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Cmd::OtlpCollector { listen } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            println!("listening otlp {}", listener.local_addr()?);
+            grpc::otlp_collector(listener).await
+        }
         Cmd::ExtAuthz { http: h, grpc: g } => {
             let mut tasks = tokio::task::JoinSet::new();
             if let Some(addr) = h {
