@@ -266,6 +266,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                                 WaypointTemplate::parse(&path.display().to_string(), &text)?;
                             t.mask_regexes = opts.mesh.access_log_masking.regexes.clone();
                             t.audit_allows = opts.mesh.audit_log.allows;
+                            t.tracing = opts.mesh.tracing().ok().flatten();
                             Some(t)
                         }
                         None => None,
@@ -385,6 +386,7 @@ fn render(
             let mut t = WaypointTemplate::parse(&path.display().to_string(), &read(path)?)?;
             t.mask_regexes = mesh.access_log_masking.regexes.clone();
             t.audit_allows = mesh.audit_log.allows;
+            t.tracing = mesh.tracing().ok().flatten();
             Some(t)
         }
         None => None,

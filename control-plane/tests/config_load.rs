@@ -555,7 +555,7 @@ fn the_mesh_config_file_sets_trust_domain_and_root_namespace() {
     use trellis_control_plane::config::load::parse_mesh_config;
     let (mesh, warnings) = parse_mesh_config(
         Path::new("mesh.yaml"),
-        "trustDomain: example.org\nrootNamespace: trellis-system\ndefaultConfig: {}\n",
+        "trustDomain: example.org\nrootNamespace: trellis-system\noutboundTrafficPolicy: {}\n",
     )
     .unwrap();
     assert_eq!(mesh.trust_domain, "example.org");
@@ -563,7 +563,12 @@ fn the_mesh_config_file_sets_trust_domain_and_root_namespace() {
     assert_eq!(mesh.cluster_id, "Kubernetes", "default kept");
     assert_eq!(
         warnings,
-        ["mesh.yaml: mesh config: defaultConfig: unknown field, ignored"]
+        ["mesh.yaml: mesh config: outboundTrafficPolicy: unknown field, ignored"]
+    );
+    assert_eq!(
+        empty_tracing(&mesh),
+        None,
+        "no tracing unless a provider is named"
     );
     let (empty, _) = parse_mesh_config(Path::new("mesh.yaml"), "").unwrap();
     assert_eq!(empty.trust_domain, "cluster.local");
@@ -581,10 +586,51 @@ fn the_mesh_config_file_sets_trust_domain_and_root_namespace() {
             "trustDomain: [x]\n",
             "mesh.yaml: mesh config: trustDomain: invalid type",
         ),
+        (
+            "defaultProviders: {tracing: [otel]}\n",
+            "mesh.yaml: mesh config: defaultProviders.tracing: \"otel\" is not one of extensionProviders",
+        ),
+        (
+            "extensionProviders: [{name: x, envoyExtAuthzHttp: {service: a, port: 1}}]\ndefaultProviders: {tracing: [x]}\n",
+            "mesh.yaml: mesh config: defaultProviders.tracing: \"x\" is not an opentelemetry provider",
+        ),
+        (
+            "extensionProviders: [{name: otel, opentelemetry: {service: c, port: 4317}}]\ndefaultProviders: {tracing: [otel]}\ndefaultConfig: {tracing: {sampling: 101}}\n",
+            "mesh.yaml: mesh config: defaultConfig.tracing.sampling: 101 is not a percentage",
+        ),
     ] {
         let e = parse_mesh_config(Path::new("mesh.yaml"), text)
             .unwrap_err()
             .to_string();
         assert!(e.starts_with(want), "want {want}\ngot {e}");
     }
+}
+
+fn empty_tracing(mesh: &trellis_control_plane::config::model::MeshConfig) -> Option<(String, f64)> {
+    mesh.tracing().unwrap()
+}
+
+#[test]
+fn the_mesh_config_names_the_waypoints_trace_collector_as_istio_does() {
+    use trellis_control_plane::config::load::parse_mesh_config;
+    let (mesh, warnings) = parse_mesh_config(
+        Path::new("mesh.yaml"),
+        "extensionProviders:\n- name: otel\n  opentelemetry: {service: opentelemetry-collector.observability.svc.cluster.local, port: 4317}\ndefaultProviders: {tracing: [otel]}\ndefaultConfig: {tracing: {sampling: 12.5}}\n",
+    )
+    .unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(
+        empty_tracing(&mesh),
+        Some((
+            "opentelemetry-collector.observability.svc.cluster.local:4317".to_string(),
+            12.5
+        ))
+    );
+    // Istio's default sampling is 1%.
+    let (mesh, _) = parse_mesh_config(
+        Path::new("mesh.yaml"),
+        "extensionProviders: [{name: otel, opentelemetry: {service: c.o.svc.cluster.local, port: 4317}}]\ndefaultProviders: {tracing: [otel]}\n",
+    )
+    .unwrap();
+    assert_eq!(empty_tracing(&mesh).unwrap().1, 1.0);
 }

@@ -192,6 +192,24 @@ fn a_waypoint_gateway_gets_an_owned_deployment_service_and_service_account() {
         "{args:?}"
     );
     assert!(args.contains(&"--gateway=shop/waypoint"), "{args:?}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--tracing")),
+        "no tracing unless the mesh config names a provider: {args:?}"
+    );
+    // The mesh config's tracing provider reaches the waypoints' flags.
+    let mut traced = template();
+    traced.tracing = Some(("otel.observability.svc.cluster.local:4317".into(), 10.0));
+    let objects = waypoint::objects(&waypoint_gateway("waypoint"), &traced).unwrap();
+    let args = objects[2].1["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    assert!(
+        args.as_array().unwrap().contains(&json!(
+            "--tracing-endpoint=otel.observability.svc.cluster.local:4317"
+        )) && args
+            .as_array()
+            .unwrap()
+            .contains(&json!("--tracing-sampling=10")),
+        "{args}"
+    );
     let audience =
         &pod["spec"]["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]["audience"];
     assert_eq!(audience, "trellis-ca");

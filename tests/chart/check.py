@@ -74,6 +74,8 @@ VALUE_SETS = {
         "ztunnel": {"workerThreads": 4, "drainSeconds": 30, "logFormat": "text"},
         "nodeAgent": {"cniBinDir": "/usr/libexec/cni", "cniConfDir": "/etc/cni/conf.d"},
         "imagePullSecrets": [{"name": "registry"}],
+        "mesh": {"trustDomain": "cluster.local", "clusterId": "Kubernetes",
+                 "tracing": {"service": "otel.observability.svc.cluster.local", "sampling": 0}},
     },
 }
 
@@ -350,6 +352,21 @@ def main():
                     for arg in c.get("args", []):
                         if arg.startswith("--admin-addr=") and not arg.startswith("--admin-addr=127.0.0.1:"):
                             fail(f"{name}: {kind} {d['metadata']['name']}: {arg} is not on localhost")
+        # Tracing: an opentelemetry provider in the mesh config only when a collector is set
+        # (sampling 0 stays 0, not Helm's "empty" default).
+        mesh_cm = [d for d in by_kind.get("ConfigMap", []) if d["metadata"]["name"] == "trellis-mesh"]
+        if mesh_cm:
+            mesh_yaml = yaml.safe_load(mesh_cm[0]["data"]["mesh.yaml"])
+            if name == "lab":
+                want = {"extensionProviders": [{"name": "otel", "opentelemetry": {
+                            "service": "otel.observability.svc.cluster.local", "port": 4317}}],
+                        "defaultProviders": {"tracing": ["otel"]},
+                        "defaultConfig": {"tracing": {"sampling": 0}}}
+                got = {k: mesh_yaml.get(k) for k in want}
+                if got != want:
+                    fail(f"lab: the mesh config's tracing: {got}")
+            elif "extensionProviders" in mesh_yaml or "defaultProviders" in mesh_yaml:
+                fail(f"{name}: tracing rendered without a collector: {mesh_yaml}")
         if name == "lab" and "PodDisruptionBudget" in by_kind:
             fail("lab: PodDisruptionBudget rendered although disabled")
 

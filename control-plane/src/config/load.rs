@@ -402,6 +402,8 @@ pub fn parse_mesh_config(
             format!("{:?} must be non-empty and contain no '/'", mesh.cluster_id),
         ));
     }
+    mesh.tracing()
+        .map_err(|(field, reason)| err(&field, reason))?;
     let warnings = warnings
         .into_iter()
         .map(|field| format!("{file_name}: mesh config: {field}: unknown field, ignored"))

@@ -66,6 +66,94 @@ pub struct MeshConfig {
     pub access_log_masking: LogMasking,
     /// The waypoints' audit log (a Trellis field).
     pub audit_log: AuditLog,
+    /// Providers used when no Telemetry resource says otherwise (Istio's field; Trellis
+    /// reads `tracing`).
+    pub default_providers: DefaultProviders,
+    /// Proxy defaults (Istio's `defaultConfig`; Trellis reads `tracing.sampling`).
+    pub default_config: ProxyDefaults,
+}
+
+/// `defaultProviders`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DefaultProviders {
+    /// The tracing providers (`extensionProviders` names; the first is used).
+    pub tracing: Vec<String>,
+}
+
+/// `defaultConfig` (Istio's ProxyConfig), the part Trellis reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProxyDefaults {
+    /// Tracing.
+    pub tracing: TracingDefaults,
+}
+
+/// `defaultConfig.tracing`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TracingDefaults {
+    /// Share of new traces sampled, percent (Istio's default 1).
+    pub sampling: Option<serde_json::Number>,
+}
+
+/// An `opentelemetry` extension provider: an OTLP/gRPC collector.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OpenTelemetryProvider {
+    /// The collector's Service (`name.namespace.svc.<suffix>`).
+    pub service: String,
+    /// Its OTLP/gRPC port (4317).
+    pub port: u16,
+}
+
+impl MeshConfig {
+    /// Where the waypoints export spans (`host:port`) and the sampling percentage, from
+    /// `defaultProviders.tracing` and `defaultConfig.tracing.sampling`; `None` when no
+    /// tracing provider is set. A provider that is not an `opentelemetry` one, or a
+    /// sampling outside 0–100, is an error naming the field.
+    pub fn tracing(&self) -> Result<Option<(String, f64)>, (String, String)> {
+        let Some(name) = self.default_providers.tracing.first() else {
+            return Ok(None);
+        };
+        let provider = self
+            .extension_providers
+            .iter()
+            .find(|p| &p.name == name)
+            .ok_or_else(|| {
+                (
+                    "defaultProviders.tracing".to_string(),
+                    format!("{name:?} is not one of extensionProviders"),
+                )
+            })?;
+        let otel = provider.opentelemetry.as_ref().ok_or_else(|| {
+            (
+                "defaultProviders.tracing".to_string(),
+                format!(
+                    "{name:?} is not an opentelemetry provider (the only kind waypoints export to)"
+                ),
+            )
+        })?;
+        if otel.service.is_empty() || otel.port == 0 {
+            return Err((
+                format!("extensionProviders[{name}].opentelemetry"),
+                "service and port are required".to_string(),
+            ));
+        }
+        let sampling = match &self.default_config.tracing.sampling {
+            None => 1.0,
+            Some(n) => n
+                .as_f64()
+                .filter(|p| (0.0..=100.0).contains(p))
+                .ok_or_else(|| {
+                    (
+                        "defaultConfig.tracing.sampling".to_string(),
+                        format!("{n} is not a percentage (0 to 100)"),
+                    )
+                })?,
+        };
+        Ok(Some((format!("{}:{}", otel.service, otel.port), sampling)))
+    }
 }
 
 /// `auditLog`: what the waypoints' audit lines cover beyond denies, AUDIT-policy matches
@@ -95,6 +183,8 @@ pub struct ExtensionProvider {
     pub envoy_ext_authz_http: Option<ExtAuthzHttp>,
     /// Envoy's gRPC `ext_authz` (`envoy.service.auth.v3.Authorization/Check`).
     pub envoy_ext_authz_grpc: Option<ExtAuthzGrpc>,
+    /// An OTLP/gRPC trace collector.
+    pub opentelemetry: Option<OpenTelemetryProvider>,
 }
 
 /// `envoyExtAuthzHttp`.
@@ -144,6 +234,8 @@ impl Default for MeshConfig {
             secure_default: false,
             access_log_masking: LogMasking::default(),
             audit_log: AuditLog::default(),
+            default_providers: DefaultProviders::default(),
+            default_config: ProxyDefaults::default(),
         }
     }
 }

@@ -62,6 +62,10 @@ pub struct WaypointTemplate {
     /// Audit every allow too (the mesh config's `auditLog.allows`, filled in at start).
     #[serde(default)]
     pub audit_allows: bool,
+    /// The OTLP collector (`host:port`) and sampling percentage (the mesh config's
+    /// `defaultProviders.tracing`, filled in at start).
+    #[serde(skip)]
+    pub tracing: Option<(String, f64)>,
 }
 
 fn if_not_present() -> String {
@@ -184,6 +188,10 @@ pub fn objects(gw: &Gateway, t: &WaypointTemplate) -> Result<Vec<(Target, Value)
     args.extend(t.mask_regexes.iter().map(|r| format!("--mask-regex={r}")));
     if t.audit_allows {
         args.push("--audit-allows".to_string());
+    }
+    if let Some((endpoint, sampling)) = &t.tracing {
+        args.push(format!("--tracing-endpoint={endpoint}"));
+        args.push(format!("--tracing-sampling={sampling}"));
     }
     let container = json!({
         "name": "waypoint",
