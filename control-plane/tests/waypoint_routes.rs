@@ -765,10 +765,12 @@ spec:
       tcp: {maxConnections: 4}
       http: {http1MaxPendingRequests: 2, http2MaxRequests: 8, maxRequestsPerConnection: 10}
     outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 5s, maxEjectionPercent: 50}
-    loadBalancer: {simple: ROUND_ROBIN}
+    loadBalancer: {simple: ROUND_ROBIN, localityLbSetting: {enabled: true}}
     portLevelSettings:
       - port: {number: 9000}
         connectionPool: {http: {http2MaxRequests: 1}}
+        loadBalancer:
+          consistentHash: {httpHeaderName: X-User, ringHash: {minimumRingSize: 1024}}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -791,6 +793,7 @@ spec:
     // The Service's own rule (its namespace beats the root namespace's wildcard).
     let tp = all["shop/web.shop.svc.cluster.local:80"]
         .traffic_policy
+        .clone()
         .unwrap();
     let cb = tp.circuit_breaker.unwrap();
     assert_eq!(
@@ -804,8 +807,24 @@ spec:
     // portLevelSettings replace the section for their port.
     let at_9000 = all["shop/web.shop.svc.cluster.local:9000"]
         .traffic_policy
+        .clone()
         .unwrap();
     assert_eq!(at_9000.circuit_breaker.unwrap().max_requests, Some(1));
+    // Load balancing: ROUND_ROBIN for the Service; the port's consistent hash on a header.
+    assert_eq!(
+        tp.load_balancer.as_ref().unwrap().simple(),
+        pb::load_balancer::Simple::RoundRobin
+    );
+    assert_eq!(
+        at_9000
+            .load_balancer
+            .as_ref()
+            .and_then(|l| l.consistent_hash.as_ref())
+            .and_then(|c| c.key.clone()),
+        Some(pb::load_balancer::consistent_hash::Key::Header(
+            "x-user".into()
+        ))
+    );
     // A route's backend gets its own Service's rule: web-v1 only matches the wildcard.
     let backend = &all["shop/web.shop.svc.cluster.local:80"].rules[0].backends[0];
     let od = backend
@@ -827,7 +846,8 @@ spec:
     assert_eq!(status.state, PolicyState::AcceptedWithWarnings);
     let text = status.reasons.join("; ");
     for field in [
-        "spec.trafficPolicy.loadBalancer",
+        "spec.trafficPolicy.loadBalancer.localityLbSetting",
+        "spec.trafficPolicy.portLevelSettings[0].loadBalancer.consistentHash.ringHash",
         "spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection",
     ] {
         assert!(text.contains(field), "{field} not named: {text}");

@@ -38,9 +38,10 @@ pub enum Route {
     Refuse(String),
 }
 
-/// How an endpoint is chosen among several: two at random, the one with fewer open
-/// connections from this ztunnel ("power of two choices": close to least-loaded, without
-/// every ztunnel herding onto the same idle endpoint).
+/// How an endpoint is chosen among several: by default two at random, the one with fewer
+/// open connections from this proxy ("power of two choices": close to least-loaded, without
+/// every proxy herding onto the same idle endpoint — Envoy's LEAST_REQUEST); a waypoint's
+/// DestinationRule may ask for another [`Mode`].
 pub struct Pick<'a> {
     /// A fresh random number for this connection.
     pub random: u64,
@@ -48,6 +49,41 @@ pub struct Pick<'a> {
     pub load: &'a dyn Fn(IpAddr) -> usize,
     /// Endpoints to pass over while others are ready (a waypoint's outlier ejections).
     pub skip: Option<&'a dyn Fn(IpAddr) -> bool>,
+    /// The policy.
+    pub mode: Mode<'a>,
+}
+
+/// A load-balancing policy (a DestinationRule's `loadBalancer`).
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Mode<'a> {
+    /// The less loaded of two random endpoints (LEAST_REQUEST).
+    #[default]
+    TwoChoices,
+    /// One at random (RANDOM).
+    Random,
+    /// In turn, by uid order, from this counter (ROUND_ROBIN).
+    RoundRobin(&'a std::sync::atomic::AtomicUsize),
+    /// Rendezvous hashing of this key over the endpoints' uids (consistentHash): the
+    /// same key goes to the same endpoint while it is there, and when endpoints come or
+    /// go only the keys of those endpoints move.
+    Hash(u64),
+}
+
+/// A 64-bit mix (SplitMix64's finaliser).
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A stable 64-bit hash of `bytes` (FNV-1a, then mixed): the same on every proxy and run.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    mix(h)
 }
 
 impl Pick<'_> {
@@ -56,6 +92,23 @@ impl Pick<'_> {
         let a = (self.random % n) as usize;
         if n < 2 {
             return among[a];
+        }
+        match self.mode {
+            Mode::TwoChoices => {}
+            Mode::Random => return among[a],
+            Mode::RoundRobin(counter) => {
+                let mut sorted: Vec<&'w Workload> = among.to_vec();
+                sorted.sort_by(|x, y| x.uid.cmp(&y.uid));
+                let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return sorted[i % sorted.len()];
+            }
+            Mode::Hash(key) => {
+                return among
+                    .iter()
+                    .copied()
+                    .max_by_key(|w| (mix(key ^ stable_hash(w.uid.as_bytes())), &w.uid))
+                    .unwrap_or(among[a]);
+            }
         }
         // A second, different candidate from the other half of the random bits.
         let b = ((a as u64 + 1 + (self.random >> 32) % (n - 1)) % n) as usize;
@@ -470,6 +523,7 @@ mod tests {
             random: r,
             load: &no_load,
             skip: None,
+            mode: Mode::TwoChoices,
         }
     }
 
@@ -688,6 +742,7 @@ mod pick_tests {
                 random: r,
                 load: &busy,
                 skip: None,
+                mode: Mode::TwoChoices,
             };
             assert_eq!(pick.choose(&[&a, &b]).addresses, b.addresses, "random {r}");
         }
@@ -701,9 +756,86 @@ mod pick_tests {
                 random: r.wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 load: &idle,
                 skip: None,
+                mode: Mode::TwoChoices,
             };
             seen.insert(pick.choose(&refs).addresses.clone());
         }
+        assert_eq!(seen.len(), 4);
+    }
+
+    #[test]
+    fn round_robin_takes_turns_and_hashing_keeps_a_key_on_its_endpoint() {
+        let all: Vec<Workload> = (1..=4)
+            .map(|i| {
+                let mut x = w([10, 0, 0, i]);
+                x.uid = format!("uid-{i}");
+                x
+            })
+            .collect();
+        let refs: Vec<&Workload> = all.iter().collect();
+        let idle = |_: IpAddr| 0;
+        let counter = std::sync::atomic::AtomicUsize::new(0);
+        let turns: Vec<String> = (0..8u64)
+            .map(|r| {
+                Pick {
+                    random: r * 7,
+                    load: &idle,
+                    skip: None,
+                    mode: Mode::RoundRobin(&counter),
+                }
+                .choose(&refs)
+                .uid
+                .clone()
+            })
+            .collect();
+        assert_eq!(
+            turns,
+            [
+                "uid-1", "uid-2", "uid-3", "uid-4", "uid-1", "uid-2", "uid-3", "uid-4"
+            ]
+        );
+        let hashed = |key: &str, among: &[&Workload], random: u64| {
+            Pick {
+                random,
+                load: &idle,
+                skip: None,
+                mode: Mode::Hash(stable_hash(key.as_bytes())),
+            }
+            .choose(among)
+            .uid
+            .clone()
+        };
+        // The same key, whatever the random number: the same endpoint.
+        for key in ["alice", "bob", "carol"] {
+            let first = hashed(key, &refs, 1);
+            assert!((0..20).all(|r| hashed(key, &refs, r) == first), "{key}");
+        }
+        // Keys spread; removing an endpoint moves only its own keys.
+        let keys: Vec<String> = (0..400).map(|i| format!("user-{i}")).collect();
+        let before: Vec<String> = keys.iter().map(|k| hashed(k, &refs, 0)).collect();
+        let spread: std::collections::BTreeSet<&String> = before.iter().collect();
+        assert_eq!(spread.len(), 4);
+        let three: Vec<&Workload> = refs.iter().copied().filter(|w| w.uid != "uid-2").collect();
+        for (k, b) in keys.iter().zip(&before) {
+            let after = hashed(k, &three, 0);
+            if b != "uid-2" {
+                assert_eq!(&after, b, "{k} moved although its endpoint stayed");
+            }
+        }
+        // RANDOM: any endpoint, by the random number.
+        let seen: std::collections::BTreeSet<String> = (0..64u64)
+            .map(|r| {
+                Pick {
+                    random: r.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    load: &idle,
+                    skip: None,
+                    mode: Mode::Random,
+                }
+                .choose(&refs)
+                .uid
+                .clone()
+            })
+            .collect();
         assert_eq!(seen.len(), 4);
     }
 }

@@ -2459,3 +2459,81 @@ fn spans_reach_an_otlp_collector_with_links_across_the_waypoint() {
         Ok(())
     });
 }
+
+/// A DestinationRule's `loadBalancer` (issue 16) at the waypoint: a consistent hash on a
+/// header keeps each user on one endpoint while users spread over both; ROUND_ROBIN takes
+/// the endpoints in turn.
+#[test]
+fn a_destination_rules_load_balancer_picks_the_endpoint() {
+    with_cluster("waypoint_lb", 2, |c| {
+        let mesh = Mesh::start(c)?;
+        let shop = shop(c, &mesh)?;
+        let rule = |lb: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: shop}}\nspec:\n  host: web\n  trafficPolicy:\n    loadBalancer: {lb}\n"
+            )
+        };
+        let has_balancer = |want: &str| -> Result<bool> {
+            let dump = mesh.waypoint_config(c, &shop.waypoint)?;
+            Ok(dump["routes"].as_array().is_some_and(|rs| {
+                rs.iter().any(|r| {
+                    r["name"] == "shop/web.shop.svc.cluster.local:80"
+                        && r["traffic_policy"]["load_balancer"] == want
+                })
+            }))
+        };
+        mesh.apply(
+            "dr.yaml",
+            &rule("{consistentHash: {httpHeaderName: x-user}}"),
+        )?;
+        eventually("the waypoint to hash", Duration::from_secs(20), || {
+            has_balancer("CONSISTENT_HASH")
+        })?;
+        let pods = |r: &Value| -> Vec<(String, u64)> {
+            r["pods"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut endpoints_seen = std::collections::BTreeSet::new();
+        for user in [
+            "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
+        ] {
+            let r = http(
+                c,
+                &shop.client,
+                "http://10.96.0.10/hashed",
+                20,
+                &["--header", &format!("x-user: {user}")],
+            )?;
+            let p = pods(&r);
+            ensure!(
+                p.len() == 1 && p[0].1 == 20,
+                "user {user} was spread over endpoints: {p:?}"
+            );
+            endpoints_seen.insert(p[0].0.clone());
+        }
+        ensure!(
+            endpoints_seen.len() == 2,
+            "eight users all hashed to one endpoint: {endpoints_seen:?}"
+        );
+
+        mesh.apply("dr.yaml", &rule("{simple: ROUND_ROBIN}"))?;
+        eventually(
+            "the waypoint to take turns",
+            Duration::from_secs(20),
+            || has_balancer("ROUND_ROBIN"),
+        )?;
+        let r = http(c, &shop.client, "http://10.96.0.10/turns", 40, &[])?;
+        ensure!(
+            pods(&r).iter().map(|(_, n)| *n).collect::<Vec<_>>() == [20, 20],
+            "round robin over two endpoints: {:?}",
+            pods(&r)
+        );
+        Ok(())
+    });
+}

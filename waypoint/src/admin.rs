@@ -121,6 +121,13 @@ fn config_dump(wp: &Waypoint) -> String {
                 "traffic_policy": r.traffic_policy.as_ref().map(|t| json!({
                     "circuit_breaker": t.circuit_breaker.is_some(),
                     "outlier_detection": t.outlier_detection.is_some(),
+                    "load_balancer": t.load_balancer.as_ref().map(|l| {
+                        if l.consistent_hash.is_some() {
+                            "CONSISTENT_HASH"
+                        } else {
+                            l.simple().as_str_name()
+                        }
+                    }),
                 })),
                 // LocalTrafficPolicies: the Service port's, and the rules that have one.
                 "rate_limit": r.rate_limit.is_some(),

@@ -1669,15 +1669,26 @@ async fn route(
     let ejected = |ip: std::net::IpAddr| state.outlier.as_ref().is_some_and(|o| o.ejected(ip));
     let skip: Option<&(dyn Fn(std::net::IpAddr) -> bool + Sync)> =
         state.outlier.is_some().then_some(&ejected);
+    // The DestinationRule's load balancer (the default: two choices).
+    let mode = state.balancer.as_ref().map_or(Default::default(), |b| {
+        b.mode(&parts.headers, down.peer.ip(), query.as_deref())
+    });
     let pick_dest = |random: u64| {
-        if found.is_none() && (down.workload.is_some() || skip.is_none()) {
+        if found.is_none()
+            && (down.workload.is_some() || (skip.is_none() && state.balancer.is_none()))
+        {
             down.default_dest(wp, random)
         } else if found.is_none() {
-            wp.upstreams()
-                .choose_skipping(&down.service_key(), down.target.port(), random, skip)
+            wp.upstreams().choose_skipping(
+                &down.service_key(),
+                down.target.port(),
+                random,
+                skip,
+                mode,
+            )
         } else {
             wp.upstreams()
-                .choose_skipping(&target.0, target.1, random, skip)
+                .choose_skipping(&target.0, target.1, random, skip, mode)
         }
     };
     let dest = pick_dest(random).map_err(|e| {

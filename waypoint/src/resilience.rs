@@ -33,6 +33,92 @@ pub struct BackendState {
     pub limits: Option<Limits>,
     /// Outlier detection, when a DestinationRule sets it.
     pub outlier: Option<Outlier>,
+    /// The load balancer, when a DestinationRule sets one.
+    pub balancer: Option<Balancer>,
+}
+
+/// A DestinationRule's `loadBalancer`: ROUND_ROBIN, RANDOM or LEAST_REQUEST (the
+/// default: the less loaded of two random endpoints), or a consistent hash of a request
+/// attribute (rendezvous hashing; a request without the attribute is balanced by
+/// `simple`).
+#[derive(Debug)]
+pub struct Balancer {
+    simple: pb::load_balancer::Simple,
+    hash: Option<HashKey>,
+    turn: std::sync::atomic::AtomicUsize,
+}
+
+/// What a consistent hash hashes.
+#[derive(Debug)]
+enum HashKey {
+    Header(http::HeaderName),
+    Cookie(String),
+    SourceIp,
+    Query(String),
+}
+
+impl Balancer {
+    /// The balancer for `lb`; `None` when it is the default (LEAST_REQUEST, no hash).
+    pub fn new(lb: &pb::LoadBalancer) -> Option<Balancer> {
+        use pb::load_balancer::consistent_hash::Key;
+        let hash = lb
+            .consistent_hash
+            .as_ref()
+            .and_then(|c| c.key.as_ref())
+            .and_then(|k| match k {
+                Key::Header(h) => http::HeaderName::from_bytes(h.as_bytes())
+                    .ok()
+                    .map(HashKey::Header),
+                Key::Cookie(c) => Some(HashKey::Cookie(c.clone())),
+                Key::SourceIp(true) => Some(HashKey::SourceIp),
+                Key::SourceIp(false) => None,
+                Key::QueryParameter(q) => Some(HashKey::Query(q.clone())),
+            });
+        let simple = lb.simple();
+        if hash.is_none() && simple == pb::load_balancer::Simple::LeastRequest {
+            return None;
+        }
+        Some(Balancer {
+            simple,
+            hash,
+            turn: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// How to pick the endpoint of a request with `headers`, from `client`, with `query`.
+    pub fn mode(
+        &self,
+        headers: &http::HeaderMap,
+        client: IpAddr,
+        query: Option<&str>,
+    ) -> trellis_core::routing::Mode<'_> {
+        use trellis_core::routing::{Mode, stable_hash};
+        let key: Option<u64> = match &self.hash {
+            None => None,
+            Some(HashKey::Header(h)) => headers.get(h).map(|v| stable_hash(v.as_bytes())),
+            Some(HashKey::SourceIp) => Some(stable_hash(client.to_string().as_bytes())),
+            Some(HashKey::Cookie(name)) => headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|kv| kv.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| stable_hash(v.as_bytes())),
+            Some(HashKey::Query(name)) => {
+                query.into_iter().flat_map(|q| q.split('&')).find_map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (k == name).then(|| stable_hash(v.as_bytes()))
+                })
+            }
+        };
+        match (key, self.simple) {
+            (Some(k), _) => Mode::Hash(k),
+            (None, pb::load_balancer::Simple::RoundRobin) => Mode::RoundRobin(&self.turn),
+            (None, pb::load_balancer::Simple::Random) => Mode::Random,
+            (None, _) => Mode::TwoChoices,
+        }
+    }
 }
 
 impl BackendState {
@@ -47,6 +133,9 @@ impl BackendState {
             outlier: policy
                 .and_then(|p| p.outlier_detection.as_ref())
                 .and_then(Outlier::new),
+            balancer: policy
+                .and_then(|p| p.load_balancer.as_ref())
+                .and_then(Balancer::new),
         }
     }
 }

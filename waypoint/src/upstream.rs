@@ -227,23 +227,25 @@ impl Upstreams {
 
     /// An endpoint of service `key` (`namespace/hostname`) for its port `port`.
     pub fn choose(&self, key: &str, port: u16, random: u64) -> Result<Dest, UpstreamError> {
-        self.choose_skipping(key, port, random, None)
+        self.choose_skipping(key, port, random, None, Default::default())
     }
 
     /// [`Upstreams::choose`], passing over the endpoints `skip` names while others are
-    /// ready (outlier ejections).
+    /// ready (outlier ejections), by the load balancer's `mode`.
     pub fn choose_skipping(
         &self,
         key: &str,
         port: u16,
         random: u64,
         skip: Option<&(dyn Fn(IpAddr) -> bool + Sync)>,
+        mode: trellis_core::routing::Mode<'_>,
     ) -> Result<Dest, UpstreamError> {
         let load = |ip: IpAddr| self.loads.get(ip);
         let pick = Pick {
             random,
             load: &load,
             skip: skip.map(|f| f as &dyn Fn(IpAddr) -> bool),
+            mode,
         };
         let store = self.mesh.xds.store();
         dest(trellis_core::routing::to_endpoint(

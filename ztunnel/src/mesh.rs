@@ -46,6 +46,7 @@ impl Mesh {
             random,
             load: &load,
             skip: None,
+            mode: trellis_core::routing::Mode::TwoChoices,
         };
         decide(&self.xds.store(), &self.trust_domain, dst, &pick)
     }

@@ -61,7 +61,7 @@ pub struct TrafficPolicy {
     pub outlier_detection: Option<OutlierDetection>,
     /// Load balancing.
     #[serde(default)]
-    pub load_balancer: Option<Value>,
+    pub load_balancer: Option<LoadBalancerSettings>,
     /// TLS to the endpoints.
     #[serde(default)]
     pub tls: Option<Value>,
@@ -91,10 +91,155 @@ pub struct PortTrafficPolicy {
     pub outlier_detection: Option<OutlierDetection>,
     /// Load balancing for the port.
     #[serde(default)]
-    pub load_balancer: Option<Value>,
+    pub load_balancer: Option<LoadBalancerSettings>,
     /// TLS for the port.
     #[serde(default)]
     pub tls: Option<Value>,
+}
+
+/// `loadBalancer`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerSettings {
+    /// `ROUND_ROBIN`, `LEAST_REQUEST` (`LEAST_CONN`), `RANDOM`, `PASSTHROUGH`.
+    #[serde(default)]
+    pub simple: Option<String>,
+    /// Session affinity by a request attribute.
+    #[serde(default)]
+    pub consistent_hash: Option<ConsistentHashSettings>,
+    /// Locality-weighted load balancing.
+    #[serde(default)]
+    pub locality_lb_setting: Option<Value>,
+    /// Slow start.
+    #[serde(default)]
+    pub warmup_duration_secs: Option<Value>,
+    /// Slow start (newer form).
+    #[serde(default)]
+    pub warmup: Option<Value>,
+}
+
+/// `loadBalancer.consistentHash`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistentHashSettings {
+    /// Hash a request header.
+    #[serde(default)]
+    pub http_header_name: Option<String>,
+    /// Hash a cookie.
+    #[serde(default)]
+    pub http_cookie: Option<HttpCookie>,
+    /// Hash the client's address.
+    #[serde(default)]
+    pub use_source_ip: Option<bool>,
+    /// Hash a query parameter.
+    #[serde(default)]
+    pub http_query_parameter_name: Option<String>,
+    /// Ring hash parameters.
+    #[serde(default)]
+    pub ring_hash: Option<Value>,
+    /// Maglev parameters.
+    #[serde(default)]
+    pub maglev: Option<Value>,
+    /// Deprecated ring size.
+    #[serde(default)]
+    pub minimum_ring_size: Option<Value>,
+}
+
+/// `consistentHash.httpCookie`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCookie {
+    /// The cookie's name.
+    pub name: String,
+    /// Its path (when generated).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Generate it with this lifetime when absent.
+    #[serde(default)]
+    pub ttl: Option<String>,
+    /// Its attributes (when generated).
+    #[serde(default)]
+    pub attributes: Option<Value>,
+}
+
+/// The waypoint's load balancer for `lb`, or what of it cannot be applied.
+fn load_balancer(lb: &LoadBalancerSettings) -> Option<pb::LoadBalancer> {
+    use pb::load_balancer::{ConsistentHash, Simple, consistent_hash::Key};
+    let simple = match lb.simple.as_deref() {
+        Some("ROUND_ROBIN") => Simple::RoundRobin,
+        Some("RANDOM") => Simple::Random,
+        _ => Simple::LeastRequest,
+    };
+    let key = lb.consistent_hash.as_ref().and_then(|c| {
+        if let Some(h) = &c.http_header_name {
+            Some(Key::Header(h.to_ascii_lowercase()))
+        } else if let Some(k) = &c.http_cookie {
+            Some(Key::Cookie(k.name.clone()))
+        } else if c.use_source_ip == Some(true) {
+            Some(Key::SourceIp(true))
+        } else {
+            c.http_query_parameter_name.clone().map(Key::QueryParameter)
+        }
+    });
+    Some(pb::LoadBalancer {
+        simple: simple as i32,
+        consistent_hash: key.map(|k| ConsistentHash { key: Some(k) }),
+    })
+}
+
+/// What of `lb` (at `at`) the waypoint does not apply.
+fn load_balancer_notes(at: &str, lb: &LoadBalancerSettings, out: &mut Vec<String>) {
+    match lb.simple.as_deref() {
+        None | Some("ROUND_ROBIN" | "RANDOM" | "LEAST_REQUEST" | "LEAST_CONN" | "UNSPECIFIED") => {}
+        Some("PASSTHROUGH") => out.push(format!(
+            "{at}.loadBalancer.simple: PASSTHROUGH is not applied: the waypoint picks a ready endpoint (LEAST_REQUEST)"
+        )),
+        Some(other) => out.push(format!(
+            "{at}.loadBalancer.simple: {other:?} is not a load balancer (ROUND_ROBIN, LEAST_REQUEST, RANDOM); LEAST_REQUEST applies"
+        )),
+    }
+    for (f, v) in [
+        ("localityLbSetting", lb.locality_lb_setting.is_some()),
+        ("warmupDurationSecs", lb.warmup_duration_secs.is_some()),
+        ("warmup", lb.warmup.is_some()),
+    ] {
+        if v {
+            out.push(format!(
+                "{at}.loadBalancer.{f}: not applied by waypoints yet"
+            ));
+        }
+    }
+    if let Some(c) = &lb.consistent_hash {
+        let keys = [
+            c.http_header_name.is_some(),
+            c.http_cookie.is_some(),
+            c.use_source_ip == Some(true),
+            c.http_query_parameter_name.is_some(),
+        ];
+        if keys.iter().filter(|k| **k).count() != 1 {
+            out.push(format!(
+                "{at}.loadBalancer.consistentHash: set exactly one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName (the first set applies)"
+            ));
+        }
+        for (f, v) in [
+            ("ringHash", c.ring_hash.is_some()),
+            ("maglev", c.maglev.is_some()),
+            ("minimumRingSize", c.minimum_ring_size.is_some()),
+        ] {
+            if v {
+                out.push(format!(
+                    "{at}.loadBalancer.consistentHash.{f}: not applied: the waypoint uses rendezvous hashing (same affinity, no ring to size)"
+                ));
+            }
+        }
+        if let Some(k) = &c.http_cookie
+            && k.ttl.is_some()
+        {
+            out.push(format!(
+                "{at}.loadBalancer.consistentHash.httpCookie.ttl: not applied: the waypoint hashes the cookie when the client sends it, and does not set it"
+            ));
+        }
+    }
 }
 
 /// `port: {number: N}`.
@@ -279,6 +424,10 @@ pub fn traffic_policy(dr: &DestinationRule, port: u32) -> Option<pb::TrafficPoli
     let outlier = at_port
         .and_then(|p| p.outlier_detection.as_ref())
         .or(top.outlier_detection.as_ref());
+    let lb = at_port
+        .and_then(|p| p.load_balancer.as_ref())
+        .or(top.load_balancer.as_ref())
+        .and_then(load_balancer);
     let circuit_breaker = pool.map(|p| {
         let tcp = p.tcp.clone().unwrap_or_default();
         let http = p.http.clone().unwrap_or_default();
@@ -310,13 +459,14 @@ pub fn traffic_policy(dr: &DestinationRule, port: u32) -> Option<pb::TrafficPoli
         )),
         max_ejection_percent: Some(o.max_ejection_percent.unwrap_or(10)),
     });
-    if circuit_breaker.is_none() && outlier_detection.is_none() {
+    if circuit_breaker.is_none() && outlier_detection.is_none() && lb.is_none() {
         return None;
     }
     Some(pb::TrafficPolicy {
         circuit_breaker,
         outlier_detection,
         connect_timeout: None,
+        load_balancer: lb,
     })
 }
 
@@ -324,6 +474,7 @@ pub fn traffic_policy(dr: &DestinationRule, port: u32) -> Option<pb::TrafficPoli
 /// is enforced. A duration that does not parse is named too.
 pub fn notes(dr: &DestinationRule) -> Vec<String> {
     let mut out = Vec::new();
+    let mut lb_notes = Vec::new();
     let mut unsupported = |field: String, why: &str| out.push(format!("{field}: {why}"));
     if !dr.spec.subsets.is_empty() {
         unsupported(
@@ -351,10 +502,11 @@ pub fn notes(dr: &DestinationRule) -> Vec<String> {
             p.connection_pool.as_ref(),
             p.outlier_detection.as_ref(),
         ));
-        if p.load_balancer.is_some() {
-            unsupported(
-                format!("spec.trafficPolicy.portLevelSettings[{i}].loadBalancer"),
-                "not applied yet: the waypoint picks the less loaded of two random endpoints",
+        if let Some(lb) = &p.load_balancer {
+            load_balancer_notes(
+                &format!("spec.trafficPolicy.portLevelSettings[{i}]"),
+                lb,
+                &mut lb_notes,
             );
         }
         if p.tls.is_some() {
@@ -364,11 +516,8 @@ pub fn notes(dr: &DestinationRule) -> Vec<String> {
             );
         }
     }
-    if tp.load_balancer.is_some() {
-        unsupported(
-            "spec.trafficPolicy.loadBalancer".into(),
-            "not applied yet: the waypoint picks the less loaded of two random endpoints",
-        );
+    if let Some(lb) = &tp.load_balancer {
+        load_balancer_notes("spec.trafficPolicy", lb, &mut lb_notes);
     }
     if tp.tls.is_some() {
         unsupported(
@@ -463,5 +612,6 @@ pub fn notes(dr: &DestinationRule) -> Vec<String> {
             }
         }
     }
+    out.extend(lb_notes);
     out
 }
