@@ -762,8 +762,8 @@ spec:
   host: web
   trafficPolicy:
     connectionPool:
-      tcp: {maxConnections: 4}
-      http: {http1MaxPendingRequests: 2, http2MaxRequests: 8, maxRequestsPerConnection: 10}
+      tcp: {maxConnections: 4, connectTimeout: 250ms, tcpKeepalive: {time: 10s}}
+      http: {http1MaxPendingRequests: 2, http2MaxRequests: 8, maxRequestsPerConnection: 10, idleTimeout: 5s}
     outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 5s, maxEjectionPercent: 50}
     loadBalancer: {simple: ROUND_ROBIN, localityLbSetting: {enabled: true}}
     portLevelSettings:
@@ -800,6 +800,9 @@ spec:
         (cb.max_connections, cb.max_pending_requests, cb.max_requests),
         (Some(4), Some(2), Some(8))
     );
+    assert_eq!(cb.max_requests_per_connection, Some(10));
+    assert_eq!(tp.connect_timeout.unwrap().nanos, 250_000_000);
+    assert_eq!(tp.idle_timeout.unwrap().seconds, 5);
     let od = tp.outlier_detection.unwrap();
     assert_eq!(od.consecutive_5xx, Some(3));
     assert_eq!(od.base_ejection_time.unwrap().seconds, 5);
@@ -848,7 +851,7 @@ spec:
     for field in [
         "spec.trafficPolicy.loadBalancer.localityLbSetting",
         "spec.trafficPolicy.portLevelSettings[0].loadBalancer.consistentHash.ringHash",
-        "spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection",
+        "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
     ] {
         assert!(text.contains(field), "{field} not named: {text}");
     }

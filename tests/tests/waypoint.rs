@@ -2534,6 +2534,61 @@ fn a_destination_rules_load_balancer_picks_the_endpoint() {
             "round robin over two endpoints: {:?}",
             pods(&r)
         );
+
+        // connectionPool.http.maxRequestsPerConnection: 2 — each endpoint's connection is
+        // retired after two requests, so its ten requests arrive on five connections
+        // (without the limit, on one).
+        let ports = |p: &Proc, path: &str| -> std::collections::BTreeSet<String> {
+            p.output()
+                .lines()
+                .filter(|l| l.starts_with(&format!("request GET {path} from ")))
+                .filter_map(|l| l.rsplit(' ').next().map(str::to_string))
+                .collect()
+        };
+        let r = http(c, &shop.client, "http://10.96.0.10/reused", 20, &[])?;
+        ensure!(count(&r, "statuses", "200") == 20, "{r}");
+        ensure!(
+            (
+                ports(&shop.s1, "/reused").len(),
+                ports(&shop.s2, "/reused").len()
+            ) == (1, 1),
+            "without a limit, one connection per endpoint: {:?} {:?}",
+            ports(&shop.s1, "/reused"),
+            ports(&shop.s2, "/reused")
+        );
+        mesh.apply(
+            "dr.yaml",
+            &rule(
+                "{simple: ROUND_ROBIN}\n    connectionPool: {http: {maxRequestsPerConnection: 2}}",
+            ),
+        )?;
+        eventually(
+            "the waypoint to limit requests per connection",
+            Duration::from_secs(20),
+            || {
+                let dump = mesh.waypoint_config(c, &shop.waypoint)?;
+                Ok(dump["routes"].as_array().is_some_and(|rs| {
+                    rs.iter().any(|r| {
+                        r["name"] == "shop/web.shop.svc.cluster.local:80"
+                            && r["traffic_policy"]["circuit_breaker"] == true
+                    })
+                }))
+            },
+        )?;
+        let r = http(c, &shop.client, "http://10.96.0.10/retired", 20, &[])?;
+        ensure!(count(&r, "statuses", "200") == 20, "{r}");
+        eventually("both servers to log", Duration::from_secs(5), || {
+            Ok(ports(&shop.s1, "/retired").len() + ports(&shop.s2, "/retired").len() >= 10)
+        })?;
+        ensure!(
+            (
+                ports(&shop.s1, "/retired").len(),
+                ports(&shop.s2, "/retired").len()
+            ) == (5, 5),
+            "two requests per connection: {:?} {:?}",
+            ports(&shop.s1, "/retired"),
+            ports(&shop.s2, "/retired")
+        );
         Ok(())
     });
 }

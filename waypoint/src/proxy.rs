@@ -1865,7 +1865,7 @@ async fn route(
             (a, b) => a.or(b),
         };
         state.budget.attempt();
-        let send = wp.upstreams().send(&dest, h2, up_req);
+        let send = wp.upstreams().send_with(&dest, h2, up_req, state.conn);
         let result = match deadline {
             Some((d, at)) => match tokio::time::timeout_at(at, send).await {
                 Ok(r) => Ok(r),

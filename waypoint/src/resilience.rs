@@ -35,6 +35,8 @@ pub struct BackendState {
     pub outlier: Option<Outlier>,
     /// The load balancer, when a DestinationRule sets one.
     pub balancer: Option<Balancer>,
+    /// Connection settings (connect and idle timeouts, requests per connection).
+    pub conn: crate::upstream::ConnOpts,
 }
 
 /// A DestinationRule's `loadBalancer`: ROUND_ROBIN, RANDOM or LEAST_REQUEST (the
@@ -136,6 +138,14 @@ impl BackendState {
             balancer: policy
                 .and_then(|p| p.load_balancer.as_ref())
                 .and_then(Balancer::new),
+            conn: crate::upstream::ConnOpts {
+                connect_timeout: policy
+                    .and_then(|p| crate::routes::duration(p.connect_timeout.as_ref())),
+                idle_timeout: policy.and_then(|p| crate::routes::duration(p.idle_timeout.as_ref())),
+                max_requests: policy
+                    .and_then(|p| p.circuit_breaker.as_ref())
+                    .and_then(|c| c.max_requests_per_connection),
+            },
         }
     }
 }

@@ -96,13 +96,38 @@ struct ConnKey {
     h2: bool,
 }
 
-/// Idle HTTP/1.1 connections of one endpoint, each with when it went idle.
-type IdleList = Vec<(std::time::Instant, http1::SendRequest<Body>)>;
+/// Idle HTTP/1.1 connections of one endpoint, each with when it went idle, the requests it
+/// carried and how long it may stay idle.
+type IdleList = Vec<(std::time::Instant, u32, Duration, http1::SendRequest<Body>)>;
+
+/// A backend's connection settings (a DestinationRule's `connectionPool`): unset fields
+/// take the waypoint's defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnOpts {
+    /// `tcp.connectTimeout`: the deadline of a new connection (TCP, TLS, CONNECT).
+    pub connect_timeout: Option<Duration>,
+    /// `http.idleTimeout`: how long a connection may stay unused (default 60 s).
+    pub idle_timeout: Option<Duration>,
+    /// `http.maxRequestsPerConnection`: requests a connection carries before it is
+    /// retired (the next request opens a new one).
+    pub max_requests: Option<u32>,
+}
+
+impl ConnOpts {
+    fn idle(&self) -> Duration {
+        self.idle_timeout.unwrap_or(IDLE_TIMEOUT)
+    }
+
+    fn spent(&self, used: u32) -> bool {
+        self.max_requests.is_some_and(|m| used >= m.max(1))
+    }
+}
 
 /// An endpoint's HTTP/2 connection, its dial in progress (waiters are woken when it
 /// ends), or why the last dial failed (for its waiters; a new request dials again).
 enum H2Slot {
-    Ready(http2::SendRequest<Body>),
+    /// The connection, the requests it took, when it was last used, its settings.
+    Ready(http2::SendRequest<Body>, u32, std::time::Instant, ConnOpts),
     Dialing(Arc<tokio::sync::Notify>),
     Failed(String),
 }
@@ -111,7 +136,9 @@ impl H2Slot {
     /// Still of use: an open connection or a dial in progress.
     fn alive(&self) -> bool {
         match self {
-            H2Slot::Ready(s) => !s.is_closed(),
+            H2Slot::Ready(s, used, last, opts) => {
+                !s.is_closed() && !opts.spent(*used) && last.elapsed() < opts.idle()
+            }
             H2Slot::Dialing(_) => true,
             H2Slot::Failed(_) => false,
         }
@@ -209,14 +236,17 @@ impl Upstreams {
         up
     }
 
-    /// Drops idle HTTP/1.1 connections older than `idle` and closed connections.
+    /// Drops idle connections older than `idle` (or their backend's idle timeout) and
+    /// closed ones.
     pub fn sweep(&self, idle: Duration) {
         let now = std::time::Instant::now();
         self.idle
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, list| {
-                list.retain(|(since, s)| now.duration_since(*since) < idle && !s.is_closed());
+                list.retain(|(since, _, limit, s)| {
+                    now.duration_since(*since) < idle.min(*limit) && !s.is_closed()
+                });
                 !list.is_empty()
             });
         self.h2
@@ -280,12 +310,23 @@ impl Upstreams {
         h2: bool,
         req: http::Request<Body>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
+        self.send_with(dest, h2, req, ConnOpts::default()).await
+    }
+
+    /// [`Upstreams::send`] with a backend's connection settings.
+    pub async fn send_with(
+        self: &Arc<Self>,
+        dest: &Dest,
+        h2: bool,
+        req: http::Request<Body>,
+        opts: ConnOpts,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
         let key = ConnKey {
             dest: dest.clone(),
             h2,
         };
         if h2 {
-            let mut sender = self.h2_sender(&key).await?;
+            let mut sender = self.h2_sender(&key, opts).await?;
             return sender.send_request(req).await.map_err(|e| {
                 // A connection that died is not reused; one stream's failure (a reset, a
                 // body error) leaves the shared connection to the others.
@@ -298,7 +339,7 @@ impl Upstreams {
                 UpstreamError::Reset(format!("{}: {e}", dest.target()))
             });
         }
-        let mut sender = self.h1_sender(&key).await?;
+        let (mut sender, used) = self.h1_sender(&key, opts).await?;
         let resp = sender
             .send_request(req)
             .await
@@ -307,11 +348,12 @@ impl Upstreams {
         // ready for the next request); a connection that closes is dropped.
         let me = self.clone();
         tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
+            // A connection that carried its most requests is dropped (closed) instead.
+            if !opts.spent(used) && sender.ready().await.is_ok() {
                 let mut idle = me.idle.lock().unwrap_or_else(|p| p.into_inner());
                 let list = idle.entry(key).or_default();
                 if list.len() < MAX_IDLE_PER_ENDPOINT {
-                    list.push((std::time::Instant::now(), sender));
+                    list.push((std::time::Instant::now(), used, opts.idle(), sender));
                 }
             }
         });
@@ -320,13 +362,29 @@ impl Upstreams {
 
     /// The endpoint's HTTP/2 connection: the open one, the one being dialed (waited for),
     /// or a new dial.
-    async fn h2_sender(&self, key: &ConnKey) -> Result<http2::SendRequest<Body>, UpstreamError> {
+    async fn h2_sender(
+        &self,
+        key: &ConnKey,
+        opts: ConnOpts,
+    ) -> Result<http2::SendRequest<Body>, UpstreamError> {
         let mut waited = false;
         loop {
             let next = {
                 let mut slots = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-                match slots.get(key) {
-                    Some(H2Slot::Ready(s)) if !s.is_closed() => return Ok(s.clone()),
+                // A connection past its request count or idle time is retired: replaced
+                // here, it closes once its streams in flight end.
+                if slots
+                    .get(key)
+                    .is_some_and(|s| matches!(s, H2Slot::Ready(..)) && !s.alive())
+                {
+                    slots.remove(key);
+                }
+                match slots.get_mut(key) {
+                    Some(H2Slot::Ready(s, used, last, _)) => {
+                        *used += 1;
+                        *last = std::time::Instant::now();
+                        return Ok(s.clone());
+                    }
                     Some(H2Slot::Failed(e)) if waited => {
                         return Err(UpstreamError::Connect(e.clone()));
                     }
@@ -340,7 +398,7 @@ impl Upstreams {
                 }
             };
             match next {
-                Ok(notify) => return self.dial_h2(key, notify).await,
+                Ok(notify) => return self.dial_h2(key, notify, opts).await,
                 Err(woken) => woken.await,
             }
             waited = true;
@@ -352,6 +410,7 @@ impl Upstreams {
         &self,
         key: &ConnKey,
         notify: Arc<tokio::sync::Notify>,
+        opts: ConnOpts,
     ) -> Result<http2::SendRequest<Body>, UpstreamError> {
         let _done = DialDone {
             slots: &self.h2,
@@ -359,7 +418,7 @@ impl Upstreams {
             notify: notify.clone(),
         };
         let dialed = async {
-            let io = self.open(&key.dest).await?;
+            let io = self.open_with(&key.dest, opts.connect_timeout).await?;
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(io)
@@ -376,7 +435,7 @@ impl Upstreams {
         }
         .await;
         let slot = match &dialed {
-            Ok(sender) => H2Slot::Ready(sender.clone()),
+            Ok(sender) => H2Slot::Ready(sender.clone(), 1, std::time::Instant::now(), opts),
             Err(e) => H2Slot::Failed(e.to_string()),
         };
         self.h2
@@ -386,19 +445,31 @@ impl Upstreams {
         dialed
     }
 
-    async fn h1_sender(&self, key: &ConnKey) -> Result<http1::SendRequest<Body>, UpstreamError> {
+    /// An idle connection to reuse (with the requests it carried, this one included), or a
+    /// new one.
+    async fn h1_sender(
+        &self,
+        key: &ConnKey,
+        opts: ConnOpts,
+    ) -> Result<(http1::SendRequest<Body>, u32), UpstreamError> {
         loop {
             let reused = {
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                idle.get_mut(key).and_then(Vec::pop).map(|(_, s)| s)
+                idle.get_mut(key).and_then(Vec::pop)
             };
             match reused {
-                Some(s) if s.is_ready() => return Ok(s),
+                Some((since, used, limit, s))
+                    if s.is_ready()
+                        && since.elapsed() < limit.min(opts.idle())
+                        && !opts.spent(used) =>
+                {
+                    return Ok((s, used + 1));
+                }
                 Some(_) => continue,
                 None => break,
             }
         }
-        let io = self.open(&key.dest).await?;
+        let io = self.open_with(&key.dest, opts.connect_timeout).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -408,11 +479,21 @@ impl Upstreams {
                 tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
             }
         });
-        Ok(sender)
+        Ok((sender, 1))
     }
 
     /// A byte stream to the endpoint: an HBONE stream, or TCP.
     pub async fn open(&self, dest: &Dest) -> Result<TokioIo<Box<dyn Io>>, UpstreamError> {
+        self.open_with(dest, None).await
+    }
+
+    /// [`Upstreams::open`] within `timeout` (default: the waypoint's connect timeout).
+    pub async fn open_with(
+        &self,
+        dest: &Dest,
+        timeout: Option<Duration>,
+    ) -> Result<TokioIo<Box<dyn Io>>, UpstreamError> {
+        let connect_timeout = timeout.unwrap_or(self.connect_timeout);
         let io: Box<dyn Io> = match dest {
             Dest::Hbone {
                 target,
@@ -426,7 +507,7 @@ impl Upstreams {
                 };
                 let stream = self
                     .hbone
-                    .connect(key, *target, &[], self.connect_timeout)
+                    .connect(key, *target, &[], connect_timeout)
                     .await
                     .map_err(|e| {
                         UpstreamError::Connect(format!("HBONE to {target} via {via}: {e}"))
@@ -434,13 +515,13 @@ impl Upstreams {
                 Box::new(stream)
             }
             Dest::Plain(addr) => {
-                let tcp = tokio::time::timeout(
-                    self.connect_timeout,
-                    tokio::net::TcpStream::connect(addr),
-                )
-                .await
-                .map_err(|_| UpstreamError::Connect(format!("connect to {addr} timed out")))?
-                .map_err(|e| UpstreamError::Connect(format!("connect to {addr}: {e}")))?;
+                let tcp =
+                    tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(addr))
+                        .await
+                        .map_err(|_| {
+                            UpstreamError::Connect(format!("connect to {addr} timed out"))
+                        })?
+                        .map_err(|e| UpstreamError::Connect(format!("connect to {addr}: {e}")))?;
                 let _ = tcp.set_nodelay(true);
                 Box::new(tcp)
             }

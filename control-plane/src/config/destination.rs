@@ -436,9 +436,15 @@ pub fn traffic_policy(dr: &DestinationRule, port: u32) -> Option<pb::TrafficPoli
             max_pending_requests: http.http1_max_pending_requests,
             max_requests: http.http2_max_requests,
             max_retries: None,
-            max_requests_per_connection: None,
+            max_requests_per_connection: http.max_requests_per_connection,
         }
     });
+    let duration = |d: Option<&String>| {
+        d.and_then(|d| super::routes::parse_duration(d))
+            .map(super::routes::proto_duration)
+    };
+    let connect_timeout = duration(pool.and_then(|p| p.tcp.as_ref()?.connect_timeout.as_ref()));
+    let idle_timeout = duration(pool.and_then(|p| p.http.as_ref()?.idle_timeout.as_ref()));
     let outlier_detection = outlier.map(|o| pb::OutlierDetection {
         consecutive_5xx: o
             .consecutive_5xx_errors
@@ -465,8 +471,9 @@ pub fn traffic_policy(dr: &DestinationRule, port: u32) -> Option<pb::TrafficPoli
     Some(pb::TrafficPolicy {
         circuit_breaker,
         outlier_detection,
-        connect_timeout: None,
+        connect_timeout,
         load_balancer: lb,
+        idle_timeout,
     })
 }
 
@@ -539,8 +546,19 @@ pub fn notes(dr: &DestinationRule) -> Vec<String> {
     for (at, pool, outlier) in sections {
         if let Some(p) = pool {
             if let Some(t) = &p.tcp {
+                for (f, d) in [("connectTimeout", &t.connect_timeout)] {
+                    if let Some(d) = d
+                        && super::routes::parse_duration(d).is_none()
+                    {
+                        unsupported(
+                            format!("{at}.connectionPool.tcp.{f}"),
+                            &format!(
+                                "{d:?} is not a duration (e.g. 30s, 500ms); the default applies"
+                            ),
+                        );
+                    }
+                }
                 for (f, v) in [
-                    ("connectTimeout", t.connect_timeout.is_some()),
                     ("tcpKeepalive", t.tcp_keepalive.is_some()),
                     ("maxConnectionDuration", t.max_connection_duration.is_some()),
                     ("idleTimeout", t.idle_timeout.is_some()),
@@ -554,13 +572,16 @@ pub fn notes(dr: &DestinationRule) -> Vec<String> {
                 }
             }
             if let Some(h) = &p.http {
+                if let Some(d) = &h.idle_timeout
+                    && super::routes::parse_duration(d).is_none()
+                {
+                    unsupported(
+                        format!("{at}.connectionPool.http.idleTimeout"),
+                        &format!("{d:?} is not a duration (e.g. 30s, 500ms); the default applies"),
+                    );
+                }
                 for (f, v) in [
-                    (
-                        "maxRequestsPerConnection",
-                        h.max_requests_per_connection.is_some(),
-                    ),
                     ("maxRetries", h.max_retries.is_some()),
-                    ("idleTimeout", h.idle_timeout.is_some()),
                     ("h2UpgradePolicy", h.h2_upgrade_policy.is_some()),
                     ("useClientProtocol", h.use_client_protocol.is_some()),
                     ("maxConcurrentStreams", h.max_concurrent_streams.is_some()),
