@@ -266,6 +266,36 @@ fn measure(
     Ok((v, cpu1 - cpu0))
 }
 
+/// A waypoint of the bench's control plane, its ports from `base` (admin `base`, HBONE
+/// `base`+8, metrics `base`+20, readiness `base`+21); listeners are the caller's.
+fn waypoint_cmd(bin: &Path, roots: &Path, credential: &Path, base: u16) -> Command {
+    let mut wp = Command::new(bin);
+    wp.args([
+        "--control-plane",
+        &format!("https://{CP}"),
+        "--control-plane-name",
+        "127.0.0.1",
+        "--gateway",
+        "bench/waypoint",
+        "--hbone-addr",
+        &format!("127.0.0.1:{}", base + 8),
+        "--admin-addr",
+        &format!("127.0.0.1:{base}"),
+        "--metrics-addr",
+        &format!("127.0.0.1:{}", base + 20),
+        "--readiness-addr",
+        &format!("127.0.0.1:{}", base + 21),
+        "--log-format",
+        "json",
+    ])
+    .arg("--ca-roots")
+    .arg(roots)
+    .arg("--credential-file")
+    .arg(credential)
+    .env("RUST_LOG", "info");
+    wp
+}
+
 /// Issue 16's figure: requests per CPU-second of the waypoint with a DestinationRule in
 /// place (limits and outlier detection checked per request), and of waypoints exporting
 /// spans (1% and 100% sampled) to an OTLP collector, each as a ratio to the plain route —
@@ -282,36 +312,15 @@ fn resilience(
     collector.args(["otlp-collector", "--listen", COLLECTOR]);
     let _collector = spawn("collector", collector, &dir.join("collector.log"))?;
     let traced = |n: u16, listen: &str, sampling: &str| -> Result<Proc> {
-        let mut wp = Command::new(bin);
+        let mut wp = waypoint_cmd(bin, roots, credential, 25100 + n * 100);
         wp.args([
-            "--control-plane",
-            &format!("https://{CP}"),
-            "--control-plane-name",
-            "127.0.0.1",
-            "--gateway",
-            "bench/waypoint",
-            "--hbone-addr",
-            &format!("127.0.0.1:{}", 25108 + n * 100),
-            "--admin-addr",
-            &format!("127.0.0.1:{}", 25100 + n * 100),
-            "--metrics-addr",
-            &format!("127.0.0.1:{}", 25120 + n * 100),
-            "--readiness-addr",
-            &format!("127.0.0.1:{}", 25121 + n * 100),
             "--plaintext-listener",
             &format!("{listen}=10.96.0.10:80"),
-            "--log-format",
-            "json",
             "--tracing-endpoint",
             COLLECTOR,
             "--tracing-sampling",
             sampling,
-        ])
-        .arg("--ca-roots")
-        .arg(roots)
-        .arg("--credential-file")
-        .arg(credential)
-        .env("RUST_LOG", "info");
+        ]);
         let p = spawn(
             "traced waypoint",
             wp,
@@ -463,32 +472,11 @@ fn run() -> Result<()> {
     }
     let credential = dir.join("waypoint.credential");
     std::fs::write(&credential, &cred.stdout)?;
-    let mut wp = Command::new(&bin);
+    let mut wp = waypoint_cmd(&bin, &roots, &credential, 25000);
     wp.args([
-        "--control-plane",
-        &format!("https://{CP}"),
-        "--control-plane-name",
-        "127.0.0.1",
-        "--gateway",
-        "bench/waypoint",
-        "--hbone-addr",
-        "127.0.0.1:25008",
-        "--admin-addr",
-        "127.0.0.1:25000",
-        "--metrics-addr",
-        "127.0.0.1:25020",
-        "--readiness-addr",
-        "127.0.0.1:25021",
         "--plaintext-listener",
         &format!("{WAYPOINT_PLAIN}=10.96.0.10:80"),
-        "--log-format",
-        "json",
-    ])
-    .arg("--ca-roots")
-    .arg(&roots)
-    .arg("--credential-file")
-    .arg(&credential)
-    .env("RUST_LOG", "info");
+    ]);
     if let Ok(w) = std::env::var("WAYPOINT_BENCH_WORKERS") {
         wp.args(["--worker-threads", &w]);
     }

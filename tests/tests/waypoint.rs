@@ -126,6 +126,19 @@ fn shop_with(c: &Cluster, mesh: &Mesh, waypoint_flags: &[&str]) -> Result<Shop> 
     })
 }
 
+/// The route of `web`'s HTTP port.
+const WEB_80: &str = "shop/web.shop.svc.cluster.local:80";
+
+/// Route `name` as the waypoint's config dump shows it (`null` when it has none).
+fn dumped_route(mesh: &Mesh, c: &Cluster, waypoint: &Pod, name: &str) -> Result<Value> {
+    let dump = mesh.waypoint_config(c, waypoint)?;
+    Ok(dump["routes"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["name"] == name))
+        .cloned()
+        .unwrap_or(Value::Null))
+}
+
 /// Waits until the waypoint has route `name` with `rules` rules.
 fn wait_route(mesh: &Mesh, c: &Cluster, waypoint: &Pod, name: &str, rules: usize) -> Result<()> {
     eventually(
@@ -2060,14 +2073,9 @@ spec:
             "the waypoint to have the traffic policies",
             Duration::from_secs(20),
             || {
-                let dump = mesh.waypoint_config(c, &shop.waypoint)?;
-                Ok(dump["routes"].as_array().is_some_and(|rs| {
-                    rs.iter().any(|r| {
-                        r["name"] == "shop/web.shop.svc.cluster.local:80"
-                            && !r["traffic_policy"].is_null()
-                            && r["rules"].as_array().is_some_and(|x| x.len() == 1)
-                    })
-                }))
+                let r = dumped_route(&mesh, c, &shop.waypoint, WEB_80)?;
+                Ok(!r["traffic_policy"].is_null()
+                    && r["rules"].as_array().is_some_and(|x| x.len() == 1))
             },
         )?;
 
@@ -2171,17 +2179,7 @@ spec:
   rateLimit: {tokens: 10, tokensPerFill: 5, fillInterval: 2s}
 "#,
         )?;
-        let dump_route = || -> Result<Value> {
-            let dump = mesh.waypoint_config(c, &shop.waypoint)?;
-            Ok(dump["routes"]
-                .as_array()
-                .and_then(|rs| {
-                    rs.iter()
-                        .find(|r| r["name"] == "shop/web.shop.svc.cluster.local:80")
-                })
-                .cloned()
-                .unwrap_or(Value::Null))
-        };
+        let dump_route = || dumped_route(&mesh, c, &shop.waypoint, WEB_80);
         eventually(
             "the waypoint to have the Service's rate limit",
             Duration::from_secs(20),
@@ -2474,13 +2472,10 @@ fn a_destination_rules_load_balancer_picks_the_endpoint() {
             )
         };
         let has_balancer = |want: &str| -> Result<bool> {
-            let dump = mesh.waypoint_config(c, &shop.waypoint)?;
-            Ok(dump["routes"].as_array().is_some_and(|rs| {
-                rs.iter().any(|r| {
-                    r["name"] == "shop/web.shop.svc.cluster.local:80"
-                        && r["traffic_policy"]["load_balancer"] == want
-                })
-            }))
+            Ok(
+                dumped_route(&mesh, c, &shop.waypoint, WEB_80)?["traffic_policy"]["load_balancer"]
+                    == want,
+            )
         };
         mesh.apply(
             "dr.yaml",
@@ -2566,13 +2561,10 @@ fn a_destination_rules_load_balancer_picks_the_endpoint() {
             "the waypoint to limit requests per connection",
             Duration::from_secs(20),
             || {
-                let dump = mesh.waypoint_config(c, &shop.waypoint)?;
-                Ok(dump["routes"].as_array().is_some_and(|rs| {
-                    rs.iter().any(|r| {
-                        r["name"] == "shop/web.shop.svc.cluster.local:80"
-                            && r["traffic_policy"]["circuit_breaker"] == true
-                    })
-                }))
+                Ok(
+                    dumped_route(&mesh, c, &shop.waypoint, WEB_80)?["traffic_policy"]["circuit_breaker"]
+                        == true,
+                )
             },
         )?;
         let r = http(c, &shop.client, "http://10.96.0.10/retired", 20, &[])?;
