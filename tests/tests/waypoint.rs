@@ -2232,7 +2232,7 @@ metadata: {name: chaos, namespace: shop}
 spec:
   targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: web, sectionName: faulty}]
   fault:
-    delay: {fixedDelay: 30ms, percentage: 10}
+    delay: {fixedDelay: 50ms, percentage: 10}
     abort: {httpStatus: 503, percentage: 5}
 "#,
         )?;
@@ -2251,7 +2251,7 @@ spec:
             &shop.client,
             "http://10.96.0.10/faulty/x",
             sent,
-            &["--slow-ms", "30", "--timeout", "120"],
+            &["--slow-ms", "50", "--timeout", "120"],
         )?;
         let aborted = count(&r, "statuses", "503");
         let ok = count(&r, "statuses", "200");
@@ -2266,7 +2266,7 @@ spec:
         );
         ensure!(
             (70..=130).contains(&slow),
-            "{slow} of {sent} delayed by 30 ms or more, not 10% ± 3 points: {r}"
+            "{slow} of {sent} took 50 ms or more, not 10% ± 3 points: {r}"
         );
         // The injected 503s are the waypoint's own: the backend never saw them.
         let served = shop
@@ -2285,7 +2285,7 @@ spec:
             &shop.client,
             "http://10.96.0.10/calm/x",
             200,
-            &["--slow-ms", "30"],
+            &["--slow-ms", "50"],
         )?;
         ensure!(
             count(&r, "statuses", "200") == 200 && r["slow"].as_u64() < Some(10),
