@@ -127,9 +127,15 @@ impl Waypoint {
         let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         if tables.0 != generation {
             // The previous version's tables give their lasting state to the new ones.
+            // (Only routes that still exist: a deleted route's state goes with it.)
             let previous = std::mem::take(&mut tables.2);
             let current = std::mem::take(&mut tables.1);
-            tables.2 = previous.into_iter().chain(current).collect();
+            let store = self.mesh.xds.store();
+            tables.2 = previous
+                .into_iter()
+                .chain(current)
+                .filter(|(name, _)| store.route(name).is_some())
+                .collect();
             tables.0 = generation;
         }
         if let Some(t) = tables.1.get(name) {
