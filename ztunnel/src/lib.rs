@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod config;
 pub mod inpod;
+pub mod limits;
 pub mod memory;
 pub mod mesh;
 pub mod proxy;

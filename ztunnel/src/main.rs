@@ -77,6 +77,18 @@ fn main() -> std::process::ExitCode {
             let f = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
             reload.reload(f).map_err(|e| e.to_string())
         });
+    // Descriptors: one per socket on each side of every connection (docs/reliability.md).
+    match trellis_ztunnel::limits::raise_nofile() {
+        Ok((before, now, hard)) => {
+            tracing::info!(
+                soft_before = before,
+                soft = now,
+                hard,
+                "open-files limit (RLIMIT_NOFILE)"
+            )
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise RLIMIT_NOFILE"),
+    }
     let read =
         |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
     // The credential file is read again for each request (a projected token rotates); it
