@@ -126,6 +126,20 @@ fn shop_with(c: &Cluster, mesh: &Mesh, waypoint_flags: &[&str]) -> Result<Shop> 
     })
 }
 
+/// Waits until the waypoint's log has a line holding every one of `parts`.
+fn wait_logged(wp: &Proc, parts: &[&str]) -> Result<()> {
+    eventually(
+        &format!("the waypoint to log a line with {parts:?}"),
+        Duration::from_secs(10),
+        || {
+            Ok(wp
+                .output()
+                .lines()
+                .any(|l| parts.iter().all(|p| l.contains(p))))
+        },
+    )
+}
+
 /// The route of `web`'s HTTP port.
 const WEB_80: &str = "shop/web.shop.svc.cluster.local:80";
 
@@ -528,17 +542,7 @@ fn a_tcp_port_is_forwarded_and_a_stopped_waypoint_is_never_bypassed() {
         cmd.args(["tcp", "10.96.0.10:9000", "--bytes", "200000"]);
         let out: Value = serde_json::from_str(c.run(&shop.client, "echo", cmd)?.trim())?;
         ensure!(out["intact"] == true, "TCP through the waypoint: {out}");
-        eventually(
-            "the waypoint to log the TCP connection",
-            Duration::from_secs(10),
-            || {
-                Ok(shop
-                    .wp
-                    .output()
-                    .lines()
-                    .any(|l| l.contains("\"protocol\":\"tcp\"") && l.contains("\"result\":\"ok\"")))
-            },
-        )?;
+        wait_logged(&shop.wp, &["\"protocol\":\"tcp\"", "\"result\":\"ok\""])?;
 
         // The waypoint stops: ztunnel refuses the service rather than go around it.
         shop.wp.stop(Duration::from_secs(5))?;
@@ -2015,17 +2019,7 @@ spec:
             attempts <= sent + 2 * 10,
             "web-v2 got {attempts} attempts for {sent} requests: retries amplified the outage"
         );
-        eventually(
-            "the access log to flag the spent retries",
-            Duration::from_secs(5),
-            || {
-                Ok(shop
-                    .wp
-                    .output()
-                    .lines()
-                    .any(|l| l.contains("/status/503") && l.contains("URX")))
-            },
-        )?;
+        wait_logged(&shop.wp, &["/status/503", "URX"])?;
         Ok(())
     });
 }
@@ -2099,13 +2093,7 @@ spec:
             (overflowed, served) == (3, 3),
             "the circuit breaker: {statuses:?}"
         );
-        eventually("UO in the access log", Duration::from_secs(5), || {
-            Ok(shop
-                .wp
-                .output()
-                .lines()
-                .any(|l| l.contains("/delay/1500") && l.contains("\"UO\"")))
-        })?;
+        wait_logged(&shop.wp, &["/delay/1500", "\"UO\""])?;
 
         // web-v1 fails every request to /fail-on/web-v1: after three in a row it is
         // ejected, and web-v2 takes everything.
@@ -2215,13 +2203,7 @@ spec:
             count(&r, "statuses", "200") == 5,
             "the bucket did not refill: {r}"
         );
-        eventually("RL in the access log", Duration::from_secs(5), || {
-            Ok(shop
-                .wp
-                .output()
-                .lines()
-                .any(|l| l.contains("/anything") && l.contains("\"RL\"")))
-        })?;
+        wait_logged(&shop.wp, &["/anything", "\"RL\""])?;
 
         // The policy replaced by fault injection on the rule named `faulty`.
         mesh.apply(
@@ -2291,19 +2273,8 @@ spec:
             count(&r, "statuses", "200") == 200 && r["slow"].as_u64() < Some(10),
             "{r}"
         );
-        eventually(
-            "FI and DI in the access log",
-            Duration::from_secs(5),
-            || {
-                let log = shop.wp.output();
-                Ok(log
-                    .lines()
-                    .any(|l| l.contains("/faulty/x") && l.contains("FI\""))
-                    && log
-                        .lines()
-                        .any(|l| l.contains("/faulty/x") && l.contains("\"DI")))
-            },
-        )?;
+        wait_logged(&shop.wp, &["/faulty/x", "FI\""])?;
+        wait_logged(&shop.wp, &["/faulty/x", "\"DI"])?;
         Ok(())
     });
 }
