@@ -41,6 +41,10 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "test-all: installing cargo-nextest"
   cargo install cargo-nextest --locked
 fi
+if ! cargo deny --version >/dev/null 2>&1; then
+  echo "test-all: installing cargo-deny"
+  cargo install cargo-deny --locked
+fi
 for c in clippy rustfmt; do
   if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then
     rustup component add "$c" || fail "cargo $c is missing and could not be installed"
@@ -74,6 +78,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== binaries (the end-to-end tests and the demo test run them)"
 # cargo builds a package's binaries for its own integration tests only; trellisctl has none.
 cargo build --workspace --bins --locked
+echo "== supply chain: cargo deny (licenses, bans, sources; offline — deny.toml)"
+cargo deny --offline check licenses bans sources
 echo "== tests (unit, integration, end-to-end)"
 cargo nextest run --workspace --all-targets --locked --no-fail-fast
 echo "== doc tests"
