@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod authz;
 pub mod framing;
+pub mod grpc;
 pub mod jwt;
 pub mod local;
 pub mod logbuf;

@@ -132,8 +132,9 @@ impl Fault {
     }
 }
 
-/// Whether `random` (uniform over `u64`) falls in the first `p` (0 to 1) of the range.
-fn chance(random: u64, p: f64) -> bool {
+/// Whether `random` (uniform over `u64`) falls in the first `p` (0 to 1) of the range
+/// (fault shares, trace sampling).
+pub(crate) fn chance(random: u64, p: f64) -> bool {
     if p >= 1.0 {
         return true;
     }

@@ -1338,12 +1338,7 @@ async fn grpc_ext_authorize<B>(
             .upstreams()
             .choose(&key, u16::try_from(svc.port).unwrap_or(0), random_u64())
             .map_err(|e| e.to_string())?;
-        let msg = check.encode_to_vec();
-        let mut framed = Vec::with_capacity(5 + msg.len());
-        framed.push(0);
-        framed.extend_from_slice(&u32::try_from(msg.len()).unwrap_or(u32::MAX).to_be_bytes());
-        framed.extend_from_slice(&msg);
-        let body: Body = http_body_util::Full::new(Bytes::from(framed))
+        let body: Body = http_body_util::Full::new(crate::grpc::frame(&check.encode_to_vec()))
             .map_err(|e: Infallible| -> BoxError { match e {} })
             .boxed_unsync();
         let call = Request::builder()
@@ -1362,24 +1357,11 @@ async fn grpc_ext_authorize<B>(
             .send(&dest, true, call)
             .await
             .map_err(|e| e.to_string())?;
-        let head_status = resp.headers().get("grpc-status").cloned();
-        let collected = http_body_util::Limited::new(resp.into_body(), 1 << 20)
-            .collect()
-            .await
-            .map_err(|e| format!("response: {e}"))?;
-        let status = collected
-            .trailers()
-            .and_then(|t| t.get("grpc-status").cloned())
-            .or(head_status);
-        let status = status.as_ref().map(|v| v.as_bytes()).unwrap_or(b"");
-        if status != b"0" {
-            return Err(format!("grpc-status {}", String::from_utf8_lossy(status)));
-        }
-        let bytes = collected.to_bytes();
-        if bytes.len() < 5 {
+        let message = crate::grpc::unary_reply(resp).await?;
+        if message.is_empty() {
             return Err("no CheckResponse".into());
         }
-        authz::CheckResponse::decode(&bytes[5..]).map_err(|e| format!("CheckResponse: {e}"))
+        authz::CheckResponse::decode(message).map_err(|e| format!("CheckResponse: {e}"))
     };
     let set_headers = |target: &mut HeaderMap, options: &[core::HeaderValueOption]| {
         for o in options {

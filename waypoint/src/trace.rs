@@ -23,7 +23,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
-use http_body_util::BodyExt;
 use prost::Message;
 use trellis_proto::opentelemetry::proto::collector::trace::v1 as otlp;
 
@@ -156,11 +155,7 @@ fn begin_with(sampling: f64, headers: &mut HeaderMap) -> Option<Span> {
         Some((t, p, f)) if f & 1 == 1 => (t, Some(p), f),
         Some(_) => return None,
         None => {
-            let draw = trellis_core::routing::random_u64();
-            if sampling <= 0.0
-                || (sampling < 100.0
-                    && ((draw >> 11) as f64 / (1u64 << 53) as f64) * 100.0 >= sampling)
-            {
+            if !crate::local::chance(trellis_core::routing::random_u64(), sampling / 100.0) {
                 return None;
             }
             let mut t = [0u8; 16];
@@ -355,11 +350,6 @@ async fn send(
     authority: &str,
     request: &otlp::ExportTraceServiceRequest,
 ) -> Result<(), crate::BoxError> {
-    let msg = request.encode_to_vec();
-    let mut framed = Vec::with_capacity(5 + msg.len());
-    framed.push(0);
-    framed.extend_from_slice(&u32::try_from(msg.len())?.to_be_bytes());
-    framed.extend_from_slice(&msg);
     let req = http::Request::builder()
         .method(http::Method::POST)
         .uri(format!(
@@ -367,25 +357,15 @@ async fn send(
         ))
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
-        .body(http_body_util::Full::new(Bytes::from(framed)))?;
+        .body(http_body_util::Full::new(crate::grpc::frame(
+            &request.encode_to_vec(),
+        )))?;
     sender.ready().await?;
     let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
         .await
         .map_err(|_| "the collector did not answer within 10s")??;
-    let head = resp.headers().get("grpc-status").cloned();
-    let body = http_body_util::Limited::new(resp.into_body(), 1 << 20)
-        .collect()
-        .await
-        .map_err(|e| format!("response: {e}"))?;
-    let status = body
-        .trailers()
-        .and_then(|t| t.get("grpc-status").cloned())
-        .or(head);
-    match status.as_ref().map(HeaderValue::as_bytes) {
-        Some(b"0") => Ok(()),
-        Some(s) => Err(format!("grpc-status {}", String::from_utf8_lossy(s)).into()),
-        None => Err("no grpc-status".into()),
-    }
+    crate::grpc::unary_reply(resp).await?;
+    Ok(())
 }
 
 async fn export(
