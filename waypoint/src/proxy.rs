@@ -1586,7 +1586,6 @@ async fn route(
             &table.state,
         ),
         Some((rule, prefix)) => {
-            rec.rule = rule.name.clone();
             // Rule filters first (a redirect answers here); the backend's after the pick.
             for f in &rule.filters {
                 if let Some(Filter::Redirect {
